@@ -1,0 +1,376 @@
+"""Steering the residual stream during any forward pass, with per-token trait read-out.
+
+``steer(model, vectors, layers, coef)`` is a context manager: inside it every forward pass (``model(...)``,
+``model.generate``, a training step) adds ``coef * v`` at the chosen layers, ablates ``v``, or caps the
+projection on ``v``. The edit and the monitor read-out happen in one fused op
+(``steerlib.kernels.fused_steer_project``: Triton/CUDA on GPU, torch on CPU).
+
+Positions are absolute: a forward pass that starts with an empty KV cache is the prefill and its tokens
+are the prompt; tokens fed later (decoding with a cache) are the response. So ``positions="response"``
+steers exactly the generated tokens, with or without caching.
+
+Steering at layer ``L`` (1..n_layers) edits the output of block ``L - 1``, i.e. ``output_hidden_states[L]``
+(for the last layer, before the final norm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .arch import Layout, get_layout
+from .kernels import fused_steer_project
+from .vectors import TraitVectors, check_vector, resolve_vector
+
+Mode = Literal["add", "ablate", "cap"]
+Positions = Literal["all", "prompt", "response"]
+VectorSource = TraitVectors | Tensor | str | Path
+
+MODES = ("add", "ablate", "cap")
+POSITIONS = ("all", "prompt", "response")
+
+
+@dataclass(frozen=True)
+class SteerOp:
+    """One edit at one layer.
+
+    Attributes:
+        layer: residual-stream layer, 1..n_layers.
+        vector: [d_model] direction (any norm; ``add`` uses it as given, ``ablate``/``cap`` its unit version).
+        mode: "add" (h + coef * v), "ablate" (remove the component along v), "cap" (clamp <h, v/|v|>).
+        coef: scale for ``add``.
+        cap_min: lower bound of the projection for ``cap`` (None: unbounded).
+        cap_max: upper bound of the projection for ``cap`` (None: unbounded).
+        positions: which tokens the edit touches.
+    """
+
+    layer: int
+    vector: Tensor
+    mode: Mode = "add"
+    coef: float = 1.0
+    cap_min: float | None = None
+    cap_max: float | None = None
+    positions: Positions = "all"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown steering mode {self.mode!r}; choose from {MODES}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"unknown positions {self.positions!r}; choose from {POSITIONS}")
+        if self.mode == "cap" and self.cap_min is None and self.cap_max is None:
+            raise ValueError("mode 'cap' needs cap_min and/or cap_max")
+        check_vector(self.vector, name=f"steering vector at layer {self.layer}")
+
+
+class _PositionTracker:
+    """Knows, for the current forward pass, where each token sits relative to the prompt.
+
+    A forward pre-hook on the decoder body reads the KV cache length before any block runs: an empty cache
+    means a prefill (its length is the prompt length), a non-empty one means decoding.
+    """
+
+    def __init__(self) -> None:
+        self.past_len = 0
+        self.seq_len = 0
+        self.prompt_len = 0
+
+    def pre_hook(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("past_key_values")
+        past = 0
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            past = int(cache.get_seq_length())
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None and args:
+            x = args[0]
+        self.seq_len = int(x.shape[1]) if x is not None else 0
+        self.past_len = past
+        if past == 0:
+            self.prompt_len = self.seq_len
+
+    def row_mask(self, positions: str, batch: int, device: torch.device) -> Tensor | None | bool:
+        """None = every row, False = no row, else a [batch * seq] float mask (prefill with explicit split)."""
+        if positions == "all":
+            return None
+        in_prompt = self.past_len == 0  # the prefill is all prompt
+        if positions == "prompt":
+            return None if in_prompt else False
+        return False if in_prompt else None
+
+
+@dataclass
+class Monitor:
+    """Per-token projections recorded during the context, on unit trait directions.
+
+    ``records[layer]`` is a list with one tensor [batch, seq, K] per forward pass (K = len(names)).
+    """
+
+    names: list[str]
+    layers: list[int]
+    directions: dict[int, Tensor]  # layer -> [K, d_model] unit rows
+    records: dict[int, list[Tensor]] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.records = {layer: [] for layer in self.layers}
+
+    def stacked(self, layer: int) -> Tensor:
+        """All positions seen so far at ``layer``, concatenated over forward passes: [batch, seq_total, K]."""
+        recs = self.records.get(layer) or []
+        if not recs:
+            raise ValueError(f"nothing recorded at layer {layer} yet")
+        return torch.cat([r.float().cpu() for r in recs], dim=1)
+
+
+def _unit_rows(vectors: Sequence[Tensor]) -> Tensor:
+    stacked = torch.stack([v.float() for v in vectors])
+    return stacked / stacked.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class ResidualEditor:
+    """Installs steering ops and monitors as hooks; use as a context manager.
+
+    All hooks are registered before the body runs, or none are; they are removed in reverse order when
+    the context exits, also when the body raises.
+    """
+
+    def __init__(self, model: nn.Module, ops: Sequence[SteerOp] = (), monitor: Monitor | None = None):
+        self.model = model
+        self.layout: Layout = get_layout(model)
+        self.ops = list(ops)
+        self.monitor = monitor
+        self.positions = _PositionTracker()
+        self._handles: list = []
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        self._plans: dict[int, list[dict]] = {}
+        for op in self.ops:
+            layer = self.layout.check_layer(op.layer, allow_embeddings=False)
+            check_vector(op.vector, self.layout.d_model, name=f"steering vector at layer {layer}")
+            vec = op.vector.detach().to(device=device, dtype=torch.float32)
+            unit = vec / vec.norm()
+            # Precompute everything a hook needs, so nothing is allocated on the decode path.
+            if op.mode == "add":
+                plan = {"steer_vec": vec, "alpha": float(op.coef)}
+            elif op.mode == "ablate":
+                plan = {"cap_dir": unit, "cap_min": 0.0, "cap_max": 0.0}
+            else:
+                plan = {"cap_dir": unit, "cap_min": op.cap_min, "cap_max": op.cap_max}
+            plan["positions"] = op.positions
+            self._plans.setdefault(layer, []).append(plan)
+        self._monitor_dirs: dict[int, Tensor] = {}
+        if monitor is not None:
+            for layer in monitor.layers:
+                layer = self.layout.check_layer(layer, allow_embeddings=False)
+                self._monitor_dirs[layer] = monitor.directions[layer].to(device=device, dtype=torch.float32)
+        del dtype
+
+    def _make_hook(self, layer: int):
+        plans = self._plans.get(layer, [])
+        monitor_dirs = self._monitor_dirs.get(layer)
+        tracker = self.positions
+
+        def hook(_module: nn.Module, _args: tuple, output: object):
+            hidden = output[0] if isinstance(output, tuple) else output
+            batch, seq, width = hidden.shape
+            # In-place edits would corrupt autograd's saved tensors during training.
+            inplace = not (torch.is_grad_enabled() and hidden.requires_grad)
+            flat = hidden.reshape(batch * seq, width)
+            if not flat.is_contiguous():
+                flat = flat.contiguous()
+                inplace = False
+            projections = None
+            active = [(p, tracker.row_mask(p["positions"], batch, hidden.device)) for p in plans]
+            active = [(p, m) for p, m in active if m is not False]
+            for i, (plan, mask) in enumerate(active):
+                last = i == len(active) - 1
+                flat, proj = fused_steer_project(
+                    flat,
+                    steer_vec=plan.get("steer_vec"),
+                    alpha=plan.get("alpha", 0.0),
+                    row_mask=mask,
+                    cap_dir=plan.get("cap_dir"),
+                    cap_min=plan.get("cap_min"),
+                    cap_max=plan.get("cap_max"),
+                    monitor=monitor_dirs if last else None,
+                    inplace=inplace,
+                )
+                if last:
+                    projections = proj
+            if monitor_dirs is not None:
+                if projections is None:  # nothing steered here: read out only
+                    projections = flat.float() @ monitor_dirs.T
+                self.monitor.records[layer].append(projections.detach().view(batch, seq, -1))
+            if inplace:
+                return None
+            new_hidden = flat.view(batch, seq, width)
+            return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
+
+        return hook
+
+    def __enter__(self) -> ResidualEditor:
+        if self.monitor is not None:
+            self.monitor.clear()
+        layers = sorted(set(self._plans) | set(self._monitor_dirs))
+        try:
+            self._handles.append(
+                self.layout.body.register_forward_pre_hook(self.positions.pre_hook, with_kwargs=True)
+            )
+            for layer in layers:
+                block = self.layout.blocks[layer - 1]
+                self._handles.append(block.register_forward_hook(self._make_hook(layer)))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def _remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+
+
+def _as_list(value, n: int, what: str) -> list:
+    if isinstance(value, list | tuple):
+        if len(value) != n:
+            raise ValueError(f"got {len(value)} {what} for {n} vectors")
+        return list(value)
+    return [value] * n
+
+
+def build_ops(
+    model: nn.Module,
+    vectors: VectorSource | Sequence[VectorSource],
+    layers: int | Sequence[int] | None = None,
+    coef: float | Sequence[float] = 1.0,
+    *,
+    mode: Mode = "add",
+    positions: Positions = "all",
+    cap: tuple[float | None, float | None] | None = None,
+    relative: bool = False,
+    kind: str | None = None,
+) -> list[SteerOp]:
+    """Expand a user's steering request into one ``SteerOp`` per (vector, layer)."""
+    layout = get_layout(model)
+    sources = list(vectors) if isinstance(vectors, list | tuple) else [vectors]
+    if not sources:
+        raise ValueError("no steering vectors given")
+    coefs = _as_list(coef, len(sources), "coefficients")
+    ops = []
+    for source, c in zip(sources, coefs, strict=True):
+        if isinstance(source, str | Path) and Path(source).suffix != ".pt":
+            source = TraitVectors.load(source, model=model)
+        if layers is None:
+            if isinstance(source, TraitVectors) and source.recommended_layer is not None:
+                chosen = [source.recommended_layer]
+            else:
+                raise ValueError("no layers given and the vector has no recommended layer")
+        else:
+            chosen = [layers] if isinstance(layers, int) else list(layers)
+        for layer in chosen:
+            layer = layout.check_layer(layer, allow_embeddings=False)
+            vec = resolve_vector(source, layer, kind=kind, d_model=layout.d_model)
+            scale = float(c)
+            if relative and mode == "add":
+                scale *= _typical_norm(model, source, layer) / float(vec.norm())
+            lo, hi = cap if cap is not None else (None, None)
+            ops.append(SteerOp(layer=layer, vector=vec, mode=mode, coef=scale, cap_min=lo, cap_max=hi,
+                               positions=positions))
+    return ops
+
+
+def _typical_norm(model: nn.Module, source: VectorSource, layer: int) -> float:
+    if isinstance(source, TraitVectors) and source.layer_norm(layer) is not None:
+        return float(source.layer_norm(layer))
+    raise ValueError(
+        "relative coefficients need the typical residual norm at this layer: use TraitVectors extracted by "
+        "steerlib (they record it) or pass raw coefficients"
+    )
+
+
+def build_monitor(
+    model: nn.Module,
+    traits: Mapping[str, VectorSource] | TraitVectors,
+    layers: int | Sequence[int] | None = None,
+    kind: str | None = None,
+) -> Monitor:
+    """A monitor reading the projection of every token on each trait's unit direction at ``layers``."""
+    layout = get_layout(model)
+    if isinstance(traits, TraitVectors):
+        traits = {traits.trait: traits}
+    if not traits:
+        raise ValueError("no trait vectors to monitor")
+    if len(traits) > 16:
+        raise ValueError(f"at most 16 traits can be monitored at once, got {len(traits)}")
+    loaded = {
+        name: TraitVectors.load(src, model=model) if isinstance(src, str | Path) and Path(src).suffix != ".pt"
+        else src
+        for name, src in traits.items()
+    }
+    if layers is None:
+        recs = {tv.recommended_layer for tv in loaded.values() if isinstance(tv, TraitVectors)}
+        if len(recs) != 1 or None in recs:
+            raise ValueError("pass monitor layers explicitly (the vectors do not share one recommended layer)")
+        layers = [recs.pop()]
+    layers = [layout.check_layer(x, allow_embeddings=False) for x in ([layers] if isinstance(layers, int) else layers)]
+    directions = {
+        layer: _unit_rows([resolve_vector(src, layer, kind=kind, d_model=layout.d_model) for src in loaded.values()])
+        for layer in layers
+    }
+    return Monitor(names=list(loaded), layers=layers, directions=directions)
+
+
+@contextlib.contextmanager
+def steer(
+    model: nn.Module,
+    vectors: VectorSource | Sequence[VectorSource],
+    layers: int | Sequence[int] | None = None,
+    coef: float | Sequence[float] = 1.0,
+    *,
+    mode: Mode = "add",
+    positions: Positions = "all",
+    cap: tuple[float | None, float | None] | None = None,
+    relative: bool = False,
+    kind: str | None = None,
+    monitor: Monitor | None = None,
+) -> Iterator[ResidualEditor]:
+    """Steer every forward pass inside the ``with`` block.
+
+    Args:
+        model: HF causal LM.
+        vectors: a TraitVectors, a [d_model] or [n_layers + 1, d_model] tensor, a saved vectors path, or a list
+            of these (each is applied at every layer in ``layers``).
+        layers: residual layers 1..n_layers to edit (default: the vectors' recommended layer).
+        coef: scale of the added vector (one per vector, or one for all). With ``relative=True`` it is a
+            fraction of the typical residual norm at that layer: the added vector has norm
+            ``coef * typical_norm`` whatever the norm of ``v``.
+        mode: "add", "ablate" or "cap".
+        positions: "all", "prompt" (prefill only) or "response" (generated tokens only).
+        cap: (min, max) projection bounds for ``mode="cap"``.
+        relative: interpret ``coef`` relative to the typical residual norm (see above).
+        kind: pooling kind of TraitVectors to use (default response_mean).
+        monitor: a ``Monitor`` (see ``build_monitor``) to fill with per-token projections.
+
+    Example:
+        >>> with steer(model, vectors, layers=16, coef=4.0):
+        ...     out = model.generate(**inputs, max_new_tokens=40)
+    """
+    ops = build_ops(model, vectors, layers, coef, mode=mode, positions=positions, cap=cap, relative=relative,
+                    kind=kind)
+    with ResidualEditor(model, ops, monitor) as editor:
+        yield editor
+
+
+@contextlib.contextmanager
+def monitoring(model: nn.Module, monitor: Monitor) -> Iterator[Monitor]:
+    """Record per-token projections without steering."""
+    with ResidualEditor(model, (), monitor):
+        yield monitor
