@@ -38,6 +38,7 @@ class Activations:
     pooled: dict[str, Tensor]
     prompt_lengths: list[int]
     response_lengths: list[int]
+    token_norms: Tensor | None = None  # [N, len(layers)]: mean L2 norm of single-token activations
     tokens: list[Tensor] | None = None
     meta: dict = field(default_factory=dict)
 
@@ -144,6 +145,7 @@ def capture_activations(
     n, n_sel, d = len(encoded), len(layers), layout.d_model
     pooled = {kind: torch.full((n, n_sel, d), float("nan")) for kind in POOLINGS}
     tokens: list[Tensor | None] = [None] * n
+    token_norms = torch.zeros(n, n_sel)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     order = sorted(range(n), key=lambda i: len(encoded[i][0]), reverse=True)
@@ -159,6 +161,7 @@ def capture_activations(
             acts = stacked[row, :, off : off + seq_len]  # [n_sel, seq, D]
             pooled["prompt_mean"][i] = acts[:, :p_len].mean(dim=1)
             pooled["prompt_last"][i] = acts[:, p_len - 1]
+            token_norms[i] = acts.norm(dim=-1).mean(dim=1)
             if seq_len > p_len:
                 pooled["response_mean"][i] = acts[:, p_len:].mean(dim=1)
             if keep_tokens:
@@ -170,6 +173,7 @@ def capture_activations(
         pooled=pooled,
         prompt_lengths=[e[1] for e in encoded],
         response_lengths=[len(e[0]) - e[1] for e in encoded],
+        token_norms=token_norms,
         tokens=tokens if keep_tokens else None,  # type: ignore[arg-type]
         meta={"backend": backend},
     )
