@@ -15,11 +15,12 @@ from .dose import DoseResponse, dose_response
 from .extract import ExtractionConfig, ExtractionResult, extract_trait
 from .generation import Generation, generate, stream
 from .hooks import StopForward, record_residual
-from .judges import CallableJudge, LexiconJudge, LLMJudge, SelfJudge, make_judge
+from .judges import CallableJudge, Judge, JudgeError, LexiconJudge, LLMJudge, SelfJudge, make_judge
 from .models import LoadedModel, load_model
 from .steer import Monitor, ResidualEditor, SteerOp, build_monitor, build_ops, monitoring, steer
 from .sweep import LayerSweep, layer_sweep
-from .traits import Trait, TraitError, list_traits, load_trait
+from .trait_gen import generate_trait
+from .traits import InstructionPair, Trait, TraitError, list_traits, load_trait
 from .vectors import TraitVectors
 
 __all__ = [
@@ -29,6 +30,9 @@ __all__ = [
     "ExtractionConfig",
     "ExtractionResult",
     "Generation",
+    "InstructionPair",
+    "Judge",
+    "JudgeError",
     "LLMJudge",
     "LayerSweep",
     "Layout",
@@ -50,6 +54,7 @@ __all__ = [
     "format_messages",
     "format_prompt",
     "generate",
+    "generate_trait",
     "get_layout",
     "layer_sweep",
     "list_traits",

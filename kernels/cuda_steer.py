@@ -1,0 +1,117 @@
+"""JIT loader and launcher for the CUDA C++ kernel (``steer_cuda.cu`` + ``steer_binding.cpp``).
+
+The extension is built with ``torch.utils.cpp_extension.load`` the first time it is needed,
+and only where a CUDA GPU and nvcc both exist; torch caches the build across processes. A
+failed build is remembered (and warned about once) so callers fall back without retrying.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from .reference import SteerSpec
+
+KERNEL_DIR = Path(__file__).resolve().parent
+CUDA_SOURCE = KERNEL_DIR / "steer_cuda.cu"
+BINDING_SOURCE = KERNEL_DIR / "steer_binding.cpp"
+_EXTENSION_NAME = "steerlib_steer_cuda"
+
+_lock = threading.Lock()
+_extension: ModuleType | None = None
+_build_error: str | None = None
+
+
+def find_nvcc() -> str | None:
+    """Path of nvcc: ``$CUDA_HOME/bin/nvcc`` (as torch resolves it), else the one on PATH."""
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME
+    except Exception:  # pragma: no cover - torch builds without cpp_extension support
+        CUDA_HOME = None
+    if CUDA_HOME:
+        candidate = Path(CUDA_HOME) / "bin" / "nvcc"
+        if candidate.exists():
+            return str(candidate)
+    return shutil.which("nvcc")
+
+
+def toolchain_available() -> bool:
+    """Whether the extension could be built here: a CUDA GPU, a CUDA torch and nvcc."""
+    return torch.cuda.is_available() and torch.version.cuda is not None and find_nvcc() is not None
+
+
+def build_error() -> str | None:
+    """The error from the last failed build attempt, if any."""
+    return _build_error
+
+
+def load_extension() -> ModuleType | None:
+    """Build (or fetch from torch's cache) and import the extension.
+
+    Returns:
+        The extension module, or None when there is no toolchain or the build failed.
+    """
+    global _extension, _build_error
+    if _extension is not None or _build_error is not None:
+        return _extension
+    with _lock:
+        if _extension is not None or _build_error is not None:
+            return _extension
+        if not toolchain_available():
+            _build_error = "no CUDA GPU, CUDA build of torch or nvcc"
+            return None
+        try:
+            from torch.utils.cpp_extension import load
+
+            _extension = load(
+                name=_EXTENSION_NAME,
+                sources=[str(BINDING_SOURCE), str(CUDA_SOURCE)],
+                extra_cflags=["-O3"],
+                # No --use_fast_math: the clamp and projections should match the reference.
+                extra_cuda_cflags=["-O3", "-lineinfo"],
+                verbose=os.environ.get("STEERLIB_VERBOSE_BUILD", "0") == "1",
+            )
+        except Exception as exc:  # a broken toolchain must not take the caller down
+            _build_error = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"steerlib: building the CUDA steer kernel failed, falling back ({_build_error})",
+                          RuntimeWarning, stacklevel=2)
+    return _extension
+
+
+def steer_project_cuda(hidden: torch.Tensor, spec: SteerSpec,
+                       inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the fused op with the CUDA extension.
+
+    Args:
+        hidden: ``[N, D]`` CUDA hidden states.
+        spec: Output of ``prepare_inputs`` for this ``hidden``.
+        inplace: Write the result into ``hidden`` instead of a new tensor.
+
+    Returns:
+        ``(updated hidden [N, D], projections [N, K] fp32 or None)``.
+
+    Raises:
+        RuntimeError: if the extension is unavailable (see ``build_error()``).
+    """
+    ext = load_extension()
+    if ext is None:
+        raise RuntimeError(f"CUDA steer kernel unavailable: {_build_error}")
+    n, d = hidden.shape
+    k = spec.num_monitors
+    out = hidden if inplace else torch.empty((n, d), dtype=hidden.dtype, device=hidden.device)
+    proj = torch.empty((n, k), dtype=torch.float32, device=hidden.device) if k else None
+    if n == 0 or d == 0:
+        if proj is not None:
+            proj.zero_()
+        return out, proj
+    steer = spec.steer if spec.alpha != 0.0 else None
+    cap_dir = spec.cap_dir if spec.has_cap else None
+    ext.steer_project(hidden, out, steer, spec.alpha, spec.mask, cap_dir, spec.cap_min, spec.cap_max,
+                      spec.monitor, proj)
+    return out, proj

@@ -1,0 +1,327 @@
+"""Input contract and plain-torch implementation of the fused steer/cap/monitor op.
+
+This module is both the numerical reference the Triton and CUDA kernels are tested against
+and the production path for CPU tensors, so it is written to be fast: vectorised, in-place
+where the caller allows it, and with no allocations beyond the fp32 working copy that
+half-precision inputs need.
+
+Math per row ``h`` with mask ``m`` (1 = steer this row)::
+
+    h1   = h + m * alpha * v
+    p    = <h1, u>
+    h2   = h1 + m * (clamp(p, lo, hi) - p) * u
+    proj = h2 @ monitor.T
+
+Everything is accumulated in fp32. ``hidden`` is written back in its own dtype, while the
+projections are taken from the fp32 ``h2`` *before* it is rounded to that dtype: the read-out
+then reflects the exact update rather than bf16 rounding noise (the difference is at most one
+ulp of the stored dtype per element), and the kernels can compute it without re-reading memory.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+MAX_MONITOR_DIRS = 16
+HIDDEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# fp16/bf16 vectors normalised in fp32 then rounded still have norms within ~1e-3 of one.
+_UNIT_NORM_TOL = 1e-2
+
+
+@dataclass(frozen=True)
+class SteerSpec:
+    """Validated, backend-ready arguments: every tensor fp32, contiguous, on ``hidden``'s device.
+
+    Attributes:
+        steer: ``[D]`` steering vector or None (no add).
+        alpha: Steering coefficient; 0.0 when ``steer`` is None.
+        mask: ``[N]`` fp32 row mask or None (every row is steered and capped).
+        cap_dir: ``[D]`` unit direction or None (no cap).
+        cap_min: Lower clamp bound or None (unbounded).
+        cap_max: Upper clamp bound or None (unbounded).
+        monitor: ``[K, D]`` read-out directions or None.
+    """
+
+    steer: torch.Tensor | None
+    alpha: float
+    mask: torch.Tensor | None
+    cap_dir: torch.Tensor | None
+    cap_min: float | None
+    cap_max: float | None
+    monitor: torch.Tensor | None
+
+    @property
+    def has_cap(self) -> bool:
+        """Whether the clamp step does anything (a direction and at least one bound)."""
+        return self.cap_dir is not None and (self.cap_min is not None or self.cap_max is not None)
+
+    @property
+    def num_monitors(self) -> int:
+        """Number of monitor directions K (0 when there is no monitor)."""
+        return 0 if self.monitor is None else int(self.monitor.shape[0])
+
+
+def _version_of(t: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter, or None for inference tensors (which have none)."""
+    return None if t.is_inference() else t._version
+
+
+class _VectorCache:
+    """Remembers vectors already checked (finite, unit norm) and their fp32 copies.
+
+    Steering and monitor vectors are reused for every token and layer, and the checks need
+    a device->host sync on GPU. Entries are keyed by ``id`` and guarded by a weak reference
+    plus the tensor's version counter, so in-place edits or a recycled id force a re-check,
+    and an entry disappears with its tensor. Inference-mode tensors have no version counter;
+    they are checked once, so an in-place edit made to one inside ``torch.inference_mode``
+    is not re-checked (re-checking every call would put a GPU sync in every decode step).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, int | None, bool, torch.Tensor | None]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, t: torch.Tensor, unit: bool) -> torch.Tensor | None:
+        """Return the cached fp32 copy of ``t`` (``t`` itself if it needed none), or None.
+
+        Args:
+            t: The user's tensor.
+            unit: The caller needs the unit-norm check to have passed too.
+        """
+        entry = self._entries.get(id(t))
+        if entry is None:
+            return None
+        ref, version, unit_ok, converted = entry
+        if ref() is not t or version != _version_of(t) or (unit and not unit_ok):
+            return None
+        return t if converted is None else converted
+
+    def put(self, t: torch.Tensor, converted: torch.Tensor, unit: bool) -> None:
+        """Record that ``t`` passed its checks and that ``converted`` is its fp32 form.
+
+        Args:
+            t: The user's tensor.
+            converted: Its contiguous fp32 form.
+            unit: Whether the unit-norm check was run (and passed).
+        """
+        key = id(t)
+
+        def _drop(_ref: weakref.ref, key: int = key) -> None:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None and entry[0] is _ref:
+                    del self._entries[key]
+
+        # Storing ``t`` itself would keep it alive forever, so "no conversion" is None.
+        stored = None if converted is t else converted
+        with self._lock:
+            self._entries[key] = (weakref.ref(t, _drop), _version_of(t), unit, stored)
+
+
+_VECTORS = _VectorCache()
+
+
+def _prepare_vector(name: str, t: torch.Tensor, shape: tuple[int, ...], device: torch.device,
+                    unit: bool = False) -> torch.Tensor:
+    """Check one steering/cap/monitor tensor and return it as contiguous fp32.
+
+    Args:
+        name: Argument name used in error messages.
+        t: The user's tensor.
+        shape: Expected shape.
+        device: ``hidden``'s device.
+        unit: Also require every row to have unit L2 norm.
+
+    Returns:
+        ``t`` as a contiguous fp32 tensor (``t`` itself when it already is one).
+    """
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but hidden is on {device}")
+    if tuple(t.shape) != shape:
+        if t.dim() == len(shape) and t.shape[-1] != shape[-1]:
+            raise ValueError(f"{name} has width {t.shape[-1]} but hidden has width {shape[-1]}")
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    cached = _VECTORS.get(t, unit)
+    if cached is not None:
+        return cached
+    converted = t.to(torch.float32).contiguous()
+    if not bool(torch.isfinite(converted).all()):
+        raise ValueError(f"{name} contains NaN or inf values")
+    if unit:
+        norms = torch.linalg.vector_norm(converted, dim=-1).flatten()
+        worst = int((norms - 1.0).abs().argmax())
+        if abs(float(norms[worst]) - 1.0) > _UNIT_NORM_TOL:
+            raise ValueError(f"{name} must have unit L2 norm, got norm {float(norms[worst]):.4g} "
+                             f"(normalise it first: v / v.norm())")
+    _VECTORS.put(t, converted, unit)
+    return converted
+
+
+def _check_bound(name: str, value: float | None) -> float | None:
+    """Reject NaN bounds; infinite bounds are the same as None."""
+    if value is None:
+        return None
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name} is NaN")
+    return None if math.isinf(value) else value
+
+
+def prepare_inputs(hidden: torch.Tensor, steer_vec: torch.Tensor | None = None, alpha: float = 0.0,
+                   row_mask: torch.Tensor | None = None, cap_dir: torch.Tensor | None = None,
+                   cap_min: float | None = None, cap_max: float | None = None,
+                   monitor: torch.Tensor | None = None) -> SteerSpec:
+    """Validate the arguments of ``fused_steer_project`` and normalise them for any backend.
+
+    Args:
+        hidden: ``[N, D]`` fp32/fp16/bf16 hidden states with unit stride along D.
+        steer_vec: ``[D]`` vector added as ``alpha * v`` to masked rows, or None.
+        alpha: Steering coefficient (ignored when ``steer_vec`` is None).
+        row_mask: ``[N]`` bool or numeric row mask, or None for every row.
+        cap_dir: ``[D]`` unit direction whose projection is clamped, or None.
+        cap_min: Lower bound on the projection, or None.
+        cap_max: Upper bound on the projection, or None.
+        monitor: ``[K, D]`` directions (K <= 16) read out after the update, or None.
+
+    Returns:
+        A ``SteerSpec`` with fp32 contiguous tensors on ``hidden``'s device.
+
+    Raises:
+        ValueError: naming the offending argument and what is wrong with it.
+    """
+    if not isinstance(hidden, torch.Tensor):
+        raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D [N, D] (flatten [B, T, D] with .view(-1, D)), "
+                         f"got shape {list(hidden.shape)}")
+    if hidden.dtype not in HIDDEN_DTYPES:
+        raise ValueError(f"hidden must be float32, float16 or bfloat16, got {hidden.dtype}")
+    n, d = hidden.shape
+    if d > 1 and hidden.stride(1) != 1:
+        raise ValueError("hidden rows must be contiguous (stride 1 along D); call .contiguous() first")
+    device = hidden.device
+
+    alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha}")
+    steer = None
+    if steer_vec is not None:
+        steer = _prepare_vector("steer_vec", steer_vec, (d,), device)
+    else:
+        alpha = 0.0
+
+    mask = None
+    if row_mask is not None:
+        if not isinstance(row_mask, torch.Tensor):
+            raise ValueError(f"row_mask must be a torch.Tensor, got {type(row_mask).__name__}")
+        if row_mask.device != device:
+            raise ValueError(f"row_mask is on {row_mask.device} but hidden is on {device}")
+        if tuple(row_mask.shape) != (n,):
+            raise ValueError(f"row_mask must have shape [{n}] (one entry per row of hidden), "
+                             f"got {list(row_mask.shape)}")
+        if row_mask.is_complex():
+            raise ValueError(f"row_mask must be bool or real, got {row_mask.dtype}")
+        mask = row_mask.to(torch.float32).contiguous()
+
+    cap_min = _check_bound("cap_min", cap_min)
+    cap_max = _check_bound("cap_max", cap_max)
+    if cap_min is not None and cap_max is not None and cap_min > cap_max:
+        raise ValueError(f"cap_min ({cap_min}) must be <= cap_max ({cap_max})")
+    u = None
+    if cap_dir is not None:
+        u = _prepare_vector("cap_dir", cap_dir, (d,), device, unit=True)
+    elif cap_min is not None or cap_max is not None:
+        raise ValueError("cap_min/cap_max were given but cap_dir is None")
+
+    mon = None
+    if monitor is not None:
+        if not isinstance(monitor, torch.Tensor):
+            raise ValueError(f"monitor must be a torch.Tensor, got {type(monitor).__name__}")
+        if monitor.dim() != 2:
+            raise ValueError(f"monitor must be 2-D [K, D], got shape {list(monitor.shape)} "
+                             f"(use monitor[None] for a single direction)")
+        k = monitor.shape[0]
+        if k == 0 or k > MAX_MONITOR_DIRS:
+            raise ValueError(f"monitor must have 1 to {MAX_MONITOR_DIRS} directions, got K={k}")
+        mon = _prepare_vector("monitor", monitor, (k, d), device)
+
+    return SteerSpec(steer=steer, alpha=alpha, mask=mask, cap_dir=u, cap_min=cap_min, cap_max=cap_max,
+                     monitor=mon)
+
+
+def steer_project_torch(hidden: torch.Tensor, spec: SteerSpec,
+                        inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply a validated ``SteerSpec`` with plain torch ops (the CPU production path).
+
+    Args:
+        hidden: ``[N, D]`` hidden states, already checked by ``prepare_inputs``.
+        spec: Output of ``prepare_inputs`` for this ``hidden``.
+        inplace: Write the result into ``hidden`` instead of a new tensor.
+
+    Returns:
+        ``(updated hidden [N, D] in hidden's dtype, projections [N, K] fp32 or None)``.
+    """
+    fp32 = hidden.dtype == torch.float32
+    # The fp32 working copy: hidden itself when we may overwrite it, else the one needed copy.
+    if fp32:
+        h = hidden if inplace else hidden.clone()
+    else:
+        h = hidden.to(torch.float32)
+
+    if spec.steer is not None and spec.alpha != 0.0:
+        if spec.mask is None:
+            h.add_(spec.steer, alpha=spec.alpha)
+        else:
+            # Rank-1 update h += alpha * outer(m, v) avoids materialising an [N, D] temporary.
+            h.addr_(spec.mask, spec.steer, alpha=spec.alpha)
+
+    if spec.has_cap:
+        p = h @ spec.cap_dir
+        delta = p.clamp(min=spec.cap_min, max=spec.cap_max).sub_(p)
+        if spec.mask is not None:
+            delta.mul_(spec.mask)
+        h.addr_(delta, spec.cap_dir)
+
+    proj = h @ spec.monitor.T if spec.monitor is not None else None
+
+    if fp32:
+        out = h
+    elif inplace:
+        out = hidden.copy_(h)
+    else:
+        out = h.to(hidden.dtype)
+    return out, proj
+
+
+def steer_project_reference(hidden: torch.Tensor, steer_vec: torch.Tensor | None = None, alpha: float = 0.0,
+                            row_mask: torch.Tensor | None = None, cap_dir: torch.Tensor | None = None,
+                            cap_min: float | None = None, cap_max: float | None = None,
+                            monitor: torch.Tensor | None = None,
+                            inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate then apply the fused op with torch; same signature as ``fused_steer_project``.
+
+    Args:
+        hidden: ``[N, D]`` fp32/fp16/bf16 hidden states.
+        steer_vec: ``[D]`` steering vector, or None.
+        alpha: Steering coefficient.
+        row_mask: ``[N]`` row mask, or None for every row.
+        cap_dir: ``[D]`` unit cap/ablation direction, or None.
+        cap_min: Lower projection bound, or None.
+        cap_max: Upper projection bound, or None.
+        monitor: ``[K, D]`` read-out directions, or None.
+        inplace: Write into ``hidden``.
+
+    Returns:
+        ``(updated hidden, projections [N, K] fp32 or None)``.
+    """
+    spec = prepare_inputs(hidden, steer_vec, alpha, row_mask, cap_dir, cap_min, cap_max, monitor)
+    return steer_project_torch(hidden, spec, inplace=inplace)

@@ -1,0 +1,249 @@
+// Fused steer / cap / monitor kernel for fp32, fp16 and bf16 hidden states.
+//
+// Per row h with mask m:
+//   h1   = h + m * alpha * v
+//   p    = <h1, u>
+//   h2   = h1 + m * (clamp(p, lo, hi) - p) * u
+//   proj = h2 @ monitor.T        (taken from the fp32 h2, before rounding to the storage dtype)
+//
+// This file deliberately includes no torch headers: it builds with a plain `nvcc -c`, and the
+// torch binding (steer_binding.cpp) reaches it through the extern "C" launcher at the bottom.
+//
+// One thread block per row. Each thread keeps up to kCached of its row elements in registers
+// between the projection pass and the write pass, so rows up to kCached * 1024 wide are read
+// from global memory once; wider rows re-read the remainder (normally from L2).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdint.h>
+
+namespace {
+
+constexpr int kMaxMonitor = 16;  // K limit of the Python API
+constexpr int kCached = 8;       // row values per thread kept in registers
+constexpr int kMaxThreads = 1024;
+constexpr int kMinThreads = 64;
+
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct Params {
+  const void* hidden;
+  void* out;
+  int64_t width;
+  int64_t stride_in;   // elements between rows of hidden
+  int64_t stride_out;  // elements between rows of out
+  const float* steer;  // [D] or nullptr
+  float alpha;
+  const float* mask;     // [N] or nullptr (all rows)
+  const float* cap_dir;  // [D] or nullptr (no cap)
+  int has_lo;
+  float cap_lo;
+  int has_hi;
+  float cap_hi;
+  const float* monitor;  // [K, D] or nullptr
+  int n_mon;
+  float* proj;  // [N, K] or nullptr
+};
+
+__device__ __forceinline__ float load_f32(const float* p) { return *p; }
+__device__ __forceinline__ float load_f32(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ float load_f32(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+
+__device__ __forceinline__ void store_f32(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store_f32(__half* p, float x) { *p = __float2half_rn(x); }
+__device__ __forceinline__ void store_f32(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// Sums NV values over the block and gives every thread the totals. blockDim.x must be a
+// multiple of 32. smem holds 32 * NV floats.
+template <int NV>
+__device__ __forceinline__ void block_sum(float (&vals)[NV], float* smem) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int n_warps = blockDim.x >> 5;
+  // A previous call may still be reading smem.
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    vals[i] = warp_sum(vals[i]);
+    if (lane == 0) smem[warp * NV + i] = vals[i];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      float v = lane < n_warps ? smem[lane * NV + i] : 0.f;
+      vals[i] = warp_sum(v);
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int i = 0; i < NV; ++i) smem[i] = vals[i];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < NV; ++i) vals[i] = smem[i];
+}
+
+// Finishes one element: cap correction, store in T, monitor accumulation from fp32.
+template <typename T, bool kHasMon>
+__device__ __forceinline__ void emit(const Params& P, T* out_row, int64_t i, float x, float scale,
+                                     float (&acc)[kMaxMonitor]) {
+  if (P.cap_dir != nullptr) x = fmaf(scale, P.cap_dir[i], x);
+  store_f32(out_row + i, x);
+  if (kHasMon) {
+#pragma unroll
+    for (int k = 0; k < kMaxMonitor; ++k) {
+      if (k < P.n_mon) acc[k] = fmaf(x, __ldg(P.monitor + k * P.width + i), acc[k]);
+    }
+  }
+}
+
+template <typename T, bool kHasMon>
+__global__ void steer_project_kernel(Params P) {
+  __shared__ float smem[32 * kMaxMonitor];
+  const int64_t row = blockIdx.x;
+  const T* in_row = static_cast<const T*>(P.hidden) + row * P.stride_in;
+  T* out_row = static_cast<T*>(P.out) + row * P.stride_out;
+  const int64_t D = P.width;
+  const int tid = threadIdx.x;
+  const int nt = blockDim.x;
+
+  const float m = P.mask != nullptr ? P.mask[row] : 1.f;
+  const float shift = P.steer != nullptr ? m * P.alpha : 0.f;
+
+  // Pass 1: load (and steer) the row, accumulate its projection on the cap direction.
+  float cache[kCached];
+  float dot = 0.f;
+#pragma unroll
+  for (int j = 0; j < kCached; ++j) {
+    const int64_t i = tid + static_cast<int64_t>(j) * nt;
+    float x = 0.f;
+    if (i < D) {
+      x = load_f32(in_row + i);
+      if (P.steer != nullptr) x = fmaf(shift, P.steer[i], x);
+      if (P.cap_dir != nullptr) dot = fmaf(x, P.cap_dir[i], dot);
+    }
+    cache[j] = x;
+  }
+  const int64_t tail = static_cast<int64_t>(kCached) * nt;
+  if (P.cap_dir != nullptr) {
+    for (int64_t i = tail + tid; i < D; i += nt) {
+      float x = load_f32(in_row + i);
+      if (P.steer != nullptr) x = fmaf(shift, P.steer[i], x);
+      dot = fmaf(x, P.cap_dir[i], dot);
+    }
+  }
+
+  float scale = 0.f;
+  if (P.cap_dir != nullptr) {
+    float total[1] = {dot};
+    block_sum<1>(total, smem);
+    const float p = total[0];
+    float c = p;
+    if (P.has_lo) c = fmaxf(c, P.cap_lo);
+    if (P.has_hi) c = fminf(c, P.cap_hi);
+    scale = m * (c - p);
+  }
+
+  // Pass 2: finish and store; each element is owned by one thread, so in-place is safe.
+  float acc[kMaxMonitor];
+#pragma unroll
+  for (int k = 0; k < kMaxMonitor; ++k) acc[k] = 0.f;
+#pragma unroll
+  for (int j = 0; j < kCached; ++j) {
+    const int64_t i = tid + static_cast<int64_t>(j) * nt;
+    if (i < D) emit<T, kHasMon>(P, out_row, i, cache[j], scale, acc);
+  }
+  for (int64_t i = tail + tid; i < D; i += nt) {
+    float x = load_f32(in_row + i);
+    if (P.steer != nullptr) x = fmaf(shift, P.steer[i], x);
+    emit<T, kHasMon>(P, out_row, i, x, scale, acc);
+  }
+
+  if (kHasMon) {
+    block_sum<kMaxMonitor>(acc, smem);
+    if (tid == 0) {
+#pragma unroll
+      for (int k = 0; k < kMaxMonitor; ++k) {
+        if (k < P.n_mon) P.proj[row * P.n_mon + k] = acc[k];
+      }
+    }
+  }
+}
+
+int threads_for_width(int64_t width) {
+  // Enough threads that the register cache covers the row, rounded to whole warps.
+  int64_t t = (width + kCached - 1) / kCached;
+  t = (t + 31) / 32 * 32;
+  if (t < kMinThreads) t = kMinThreads;
+  if (t > kMaxThreads) t = kMaxThreads;
+  return static_cast<int>(t);
+}
+
+template <typename T>
+cudaError_t launch_typed(const Params& P, int64_t rows, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned int>(rows));
+  const dim3 block(threads_for_width(P.width));
+  if (P.n_mon > 0) {
+    steer_project_kernel<T, true><<<grid, block, 0, stream>>>(P);
+  } else {
+    steer_project_kernel<T, false><<<grid, block, 0, stream>>>(P);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+// Launches the fused kernel on `stream`. dtype: 0 = fp32, 1 = fp16, 2 = bf16. `out` may equal
+// `hidden`. Null steer / mask / cap_dir / monitor pointers disable that part. Returns a
+// cudaError_t value (0 = success); unsupported arguments give cudaErrorInvalidValue.
+extern "C" int steer_project_cuda_launch(int dtype, const void* hidden, void* out, int64_t rows,
+                                         int64_t width, int64_t stride_in, int64_t stride_out,
+                                         const float* steer, float alpha, const float* mask,
+                                         const float* cap_dir, int has_lo, float cap_lo, int has_hi,
+                                         float cap_hi, const float* monitor, int n_mon, float* proj,
+                                         void* stream) {
+  if (rows < 0 || width < 0 || n_mon < 0 || n_mon > kMaxMonitor || rows > 0x7fffffffLL) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  if ((monitor == nullptr) != (n_mon == 0) || (n_mon > 0 && proj == nullptr)) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  if (rows == 0 || width == 0) return 0;
+  Params P;
+  P.hidden = hidden;
+  P.out = out;
+  P.width = width;
+  P.stride_in = stride_in;
+  P.stride_out = stride_out;
+  P.steer = steer;
+  P.alpha = alpha;
+  P.mask = mask;
+  P.cap_dir = (has_lo || has_hi) ? cap_dir : nullptr;
+  P.has_lo = has_lo;
+  P.cap_lo = cap_lo;
+  P.has_hi = has_hi;
+  P.cap_hi = cap_hi;
+  P.monitor = monitor;
+  P.n_mon = n_mon;
+  P.proj = proj;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case kFloat32:
+      return static_cast<int>(launch_typed<float>(P, rows, s));
+    case kFloat16:
+      return static_cast<int>(launch_typed<__half>(P, rows, s));
+    case kBFloat16:
+      return static_cast<int>(launch_typed<__nv_bfloat16>(P, rows, s));
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+}

@@ -1,0 +1,314 @@
+"""Benchmark the fused steer/cap/monitor op and print one table of ratios.
+
+GPU (default): for bf16 [tokens, hidden] it reports, per backend,
+  * bandwidth as a fraction of the HBM peak (``--peak-tbps``, default H100 SXM 3.35 TB/s) and of
+    a plain ``dst.copy_(src)`` of the same bytes (the practically reachable peak);
+  * the speed-up over the same math written as separate torch ops (add, matmul, cap, matmul);
+  * the slowdown of a batch-1 decode step of a randomly initialised 7B-shaped Llama
+    (hidden 4096, 32 layers, bf16, KV cache) with steer+monitor hooked on 1 layer and on all.
+
+``--cpu`` runs the torch path against the unfused torch ops (and a small Llama) on CPU, so the
+script does something on machines without a GPU.
+
+Usage::
+
+    python scripts/bench_kernels.py                 # GPU
+    python scripts/bench_kernels.py --cpu           # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from steerlib.kernels import available_backends, fused_steer_project
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Row:
+    """One line of the output table."""
+
+    measurement: str
+    case: str
+    backend: str
+    time_us: float
+    ratio: float
+
+
+@dataclass
+class Inputs:
+    """Steering inputs for one benchmark shape."""
+
+    hidden: torch.Tensor
+    steer: torch.Tensor
+    cap_dir: torch.Tensor
+    monitor: torch.Tensor
+    mask: torch.Tensor
+
+
+def make_inputs(tokens: int, hidden: int, k: int, dtype: torch.dtype, device: str) -> Inputs:
+    """Random inputs; the steering step is small so repeated in-place calls stay bounded.
+
+    Args:
+        tokens: Rows N.
+        hidden: Width D.
+        k: Monitor directions.
+        dtype: Hidden-state dtype.
+        device: Torch device.
+    """
+    g = torch.Generator(device="cpu").manual_seed(0)
+    u = torch.randn(hidden, generator=g)
+    return Inputs(
+        hidden=torch.randn(tokens, hidden, generator=g).to(device=device, dtype=dtype),
+        steer=(torch.randn(hidden, generator=g) / hidden**0.5).to(device),
+        cap_dir=(u / u.norm()).to(device),
+        monitor=(torch.randn(k, hidden, generator=g) / hidden**0.5).to(device),
+        mask=torch.ones(tokens, dtype=torch.bool).to(device),
+    )
+
+
+def time_fn(fn: Callable[[], object], device: str, reps: int = 50) -> float:
+    """Median seconds per call: ``triton.testing.do_bench`` on GPU, a wall-clock loop on CPU.
+
+    Args:
+        fn: Zero-argument callable to time.
+        device: ``"cuda"`` or ``"cpu"``.
+        reps: Timed repetitions for the CPU loop.
+    """
+    if device == "cuda":
+        try:
+            from triton.testing import do_bench
+        except ImportError:  # no triton: time with CUDA events instead
+            return _time_cuda_events(fn, reps)
+        return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def _time_cuda_events(fn: Callable[[], object], reps: int) -> float:
+    """Median seconds per call measured with CUDA events."""
+    for _ in range(5):
+        fn()
+    samples = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(samples)
+
+
+def unfused_steer(x: Inputs, alpha: float, lo: float, hi: float) -> torch.Tensor:
+    """The same update written the obvious way, one torch op per step (the baseline).
+
+    Args:
+        x: Inputs (``x.hidden`` is updated in place).
+        alpha: Steering coefficient.
+        lo: Lower cap bound.
+        hi: Upper cap bound.
+
+    Returns:
+        The ``[N, K]`` fp32 projections.
+    """
+    h = x.hidden
+    m = x.mask.to(h.dtype)[:, None]
+    h.add_(m * (alpha * x.steer).to(h.dtype))
+    p = h.float() @ x.cap_dir
+    h.add_((m.float() * (p.clamp(lo, hi) - p)[:, None] * x.cap_dir).to(h.dtype))
+    return h.float() @ x.monitor.T
+
+
+def bench_ops(args: argparse.Namespace, device: str, dtype: torch.dtype, backends: list[str]) -> list[Row]:
+    """Kernel bandwidth and fused-vs-unfused rows for every token count."""
+    rows: list[Row] = []
+    alpha, lo, hi = 0.01, -4.0, 4.0
+    for tokens in args.tokens:
+        x = make_inputs(tokens, args.hidden, args.k, dtype, device)
+        case = f"N={tokens} D={args.hidden} K={args.k}"
+        elem = x.hidden.element_size()
+        hbm_bytes = 2 * x.hidden.numel() * elem + tokens * args.k * 4 + (args.k + 2) * args.hidden * 4
+        copy_dst = torch.empty_like(x.hidden)
+        t_copy = time_fn(lambda x=x, dst=copy_dst: dst.copy_(x.hidden), device)
+        copy_bw = 2 * x.hidden.numel() * elem / t_copy
+        if device == "cuda":
+            rows.append(Row("memcpy / HBM peak", case, "copy_", t_copy * 1e6, copy_bw / (args.peak_tbps * 1e12)))
+        t_unfused = time_fn(lambda x=x: unfused_steer(x, alpha, lo, hi), device)
+        for backend in backends:
+            def fused(x: Inputs = x, backend: str = backend) -> object:
+                return fused_steer_project(x.hidden, x.steer, alpha, x.mask, x.cap_dir, lo, hi, x.monitor,
+                                           backend=backend)
+
+            t = time_fn(fused, device)
+            bw = hbm_bytes / t
+            if device == "cuda":
+                rows.append(Row("fused / HBM peak", case, backend, t * 1e6, bw / (args.peak_tbps * 1e12)))
+            rows.append(Row("fused / memcpy bandwidth", case, backend, t * 1e6, bw / copy_bw))
+            rows.append(Row("unfused time / fused time", case, backend, t * 1e6, t_unfused / t))
+    return rows
+
+
+def build_llama(args: argparse.Namespace, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A randomly initialised Llama: 7B shapes on GPU, a small one for ``--cpu``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if args.cpu:
+        config = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                             num_attention_heads=8, num_key_value_heads=8, vocab_size=1024)
+    else:
+        config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
+                             num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise straight in the target dtype: 7B fp32 would not fit
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def decode_step_time(model: torch.nn.Module, prompt: torch.Tensor, steps: int, device: str) -> float:
+    """Mean seconds per batch-1 decode step, after a prefill, using the KV cache.
+
+    Args:
+        model: A causal LM.
+        prompt: ``[1, T]`` prompt token ids.
+        steps: Decode steps to time.
+        device: Torch device.
+    """
+    with torch.no_grad():
+        out = model(input_ids=prompt, use_cache=True)
+        cache = out.past_key_values
+        token = out.logits[:, -1:].argmax(-1)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def add_steer_hooks(model: torch.nn.Module, layer_ids: list[int], backend: str, k: int) -> list:
+    """Hook ``fused_steer_project`` (steer + ablate + K monitors, in place) onto decoder layers.
+
+    Returns:
+        The hook handles (call ``.remove()`` on each to undo).
+    """
+    layers = model.model.layers
+    width = model.config.hidden_size
+    param = next(model.parameters())
+    x = make_inputs(1, width, k, param.dtype, str(param.device))
+    readouts: list[torch.Tensor] = []
+
+    def hook(_module: torch.nn.Module, _args: tuple, output: object) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        flat = hidden.view(-1, width)
+        _, proj = fused_steer_project(flat, x.steer, 0.5, None, x.cap_dir, 0.0, 0.0, x.monitor, backend=backend)
+        readouts[:] = [proj]  # keep the read-out alive like a real monitor would, without syncing
+
+    return [layers[i].register_forward_hook(hook) for i in layer_ids]
+
+
+def bench_decode(args: argparse.Namespace, device: str, dtype: torch.dtype, backends: list[str]) -> list[Row]:
+    """Decode-step overhead of steer+monitor hooks at one layer and at every layer."""
+    model = build_llama(args, device, dtype)
+    n_layers = len(model.model.layers)
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), device=device)
+    name = "llama7b" if not args.cpu else f"llama-tiny(D={model.config.hidden_size})"
+    decode_step_time(model, prompt, 4, device)  # warm-up: kernels, allocator, extension build
+    rows: list[Row] = []
+    base_samples: list[float] = []
+    for backend in backends:
+        for label, layer_ids in (("1 layer", [n_layers // 2]), (f"{n_layers} layers", list(range(n_layers)))):
+            samples = []
+            for _ in range(args.repeats):
+                # Interleave base and steered runs so drift in clocks hits both alike.
+                base_samples.append(decode_step_time(model, prompt, args.steps, device))
+                handles = add_steer_hooks(model, layer_ids, backend, args.k)
+                try:
+                    samples.append(decode_step_time(model, prompt, args.steps, device))
+                finally:
+                    for handle in handles:
+                        handle.remove()
+            t = statistics.median(samples)
+            rows.append(Row(f"decode step steered / base ({label})", f"{name} bs=1", backend, t * 1e6,
+                            t / statistics.median(base_samples)))
+    return rows
+
+
+def print_table(rows: list[Row]) -> None:
+    """Print the rows as one aligned text table."""
+    header = ("measurement", "case", "backend", "time_us", "ratio")
+    cells = [(r.measurement, r.case, r.backend, f"{r.time_us:.1f}", f"{r.ratio:.3f}") for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    print(fmt.format(*header))
+    print(fmt.format(*("-" * w for w in widths)))
+    for c in cells:
+        print(fmt.format(*c))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cpu", action="store_true", help="run the torch path vs unfused torch on CPU")
+    p.add_argument("--tokens", type=lambda s: [int(t) for t in s.split(",")], default=None,
+                   help="comma-separated token counts (default 1,16,128,1024,8192; CPU 1,64,512,2048)")
+    p.add_argument("--hidden", type=int, default=4096, help="hidden width of the op benchmark")
+    p.add_argument("--k", type=int, default=16, help="monitor directions (<= 16)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bfloat16 (CPU: float32)")
+    p.add_argument("--peak-tbps", type=float, default=3.35, help="HBM peak in TB/s (H100 SXM: 3.35)")
+    p.add_argument("--backends", type=lambda s: s.split(","), default=None,
+                   help="comma-separated backends (default: all available)")
+    p.add_argument("--layers", type=int, default=32, help="decoder layers of the 7B-shaped Llama")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=16, help="decode steps per timing")
+    p.add_argument("--repeats", type=int, default=3, help="timings per configuration (median taken)")
+    p.add_argument("--skip-decode", action="store_true", help="skip the Llama decode-step benchmark")
+    args = p.parse_args(argv)
+    if args.tokens is None:
+        args.tokens = [1, 64, 512, 2048] if args.cpu else [1, 16, 128, 1024, 8192]
+    if args.dtype is None:
+        args.dtype = "float32" if args.cpu else "bfloat16"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns a process exit code."""
+    args = parse_args(argv)
+    if not args.cpu and not torch.cuda.is_available():
+        print("bench_kernels: no CUDA GPU found, nothing to benchmark. "
+              "Run with --cpu to time the torch path against unfused torch ops on CPU.")
+        return 0
+    device = "cpu" if args.cpu else "cuda"
+    dtype = DTYPES[args.dtype]
+    if args.backends is None:
+        args.backends = ["torch"] if args.cpu else available_backends()
+    print(f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} dtype={args.dtype} "
+          f"backends={','.join(args.backends)}", file=sys.stderr)
+    rows = bench_ops(args, device, dtype, args.backends)
+    if not args.skip_decode:
+        rows += bench_decode(args, device, dtype, args.backends)
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
