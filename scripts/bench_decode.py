@@ -66,7 +66,7 @@ def main() -> None:
         ids, mask, _, _ = pad_batch(encoded, tok.pad_token_id or 0, "left")
         ids, mask = ids.to(model.device), mask.to(model.device)
         times: dict[str, list[float]] = {name: [] for name in variants}
-        for name, (ops, monitor) in variants.items():  # warm-up
+        for ops, monitor in variants.values():  # warm-up
             _time_generate(model, ids, mask, 4, ops, monitor)
         for _ in range(args.repeats):
             for name, (ops, monitor) in variants.items():

@@ -55,11 +55,12 @@ class Layout:
         low = 0 if allow_embeddings else 1
         if not isinstance(layer, int) or isinstance(layer, bool):
             raise ValueError(f"layer must be an int, got {layer!r}")
+        given = layer
         if layer < 0:
             layer += self.n_positions
         if not low <= layer <= self.n_layers:
             raise ValueError(
-                f"layer {layer} is out of range: this model has {self.n_layers} blocks, so residual-stream "
+                f"layer {given} is out of range: this model has {self.n_layers} blocks, so residual-stream "
                 f"layers run from {low} to {self.n_layers} (0 = embeddings, L = output of block L-1)"
             )
         return layer
@@ -81,6 +82,10 @@ def get_layout(model: nn.Module) -> Layout:
         raise NotImplementedError(f"{type(model).__name__} does not have the expected {paths[0]} / {paths[1]}")
     body = _get(model, paths[0].rsplit(".", 1)[0])
     d_model = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-    if model_type == "opt":
-        d_model = config.word_embed_proj_dim if config.word_embed_proj_dim != config.hidden_size else d_model
+    if model_type == "opt" and config.word_embed_proj_dim != config.hidden_size:
+        # project_in/project_out change the width at both ends (e.g. OPT-350m): no single d_model fits.
+        raise NotImplementedError(
+            f"OPT with word_embed_proj_dim ({config.word_embed_proj_dim}) != hidden_size ({config.hidden_size}) "
+            "is not supported"
+        )
     return Layout(blocks=blocks, final_norm=norm, body=body, n_layers=len(blocks), d_model=int(d_model))

@@ -9,6 +9,7 @@ the ``output_hidden_states`` indexing. "torch" uses plain forward hooks (and sto
 from __future__ import annotations
 
 import contextlib
+import copy
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -51,8 +52,12 @@ def _transformer_lens_backend(model, tokenizer, ids, mask, positions, layers) ->
     from transformer_lens.model_bridge import TransformerBridge
 
     def build():
+        # The bridge rewires the model it is given in place (swaps blocks for bridge modules, adds hooks,
+        # forces eager attention), so hand it a twin that shares the weights instead of the caller's model.
+        memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        twin = copy.deepcopy(model, memo)
         return TransformerBridge.boot_transformers(
-            str(model.config.name_or_path or "model"), hf_model=model, tokenizer=tokenizer,
+            str(model.config.name_or_path or "model"), hf_model=twin, tokenizer=tokenizer,
             device=str(next(model.parameters()).device),
         )
 

@@ -63,7 +63,9 @@ def record_residual(
 
     def store(layer: int, hidden: Tensor) -> None:
         hidden = hidden.detach()
-        records[layer].append(hidden.to("cpu", non_blocking=True) if to_cpu else hidden)
+        # Blocking copy: a non_blocking device-to-host copy lands in pageable memory and may be read
+        # before it has finished.
+        records[layer].append(hidden.to("cpu") if to_cpu else hidden)
         if stop_after_last and layer == deepest:
             raise StopForward
 

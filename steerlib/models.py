@@ -83,9 +83,11 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path | None = None) -> Pa
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():  # another process finished first
+        if (out_dir / "config.json").is_file():  # another process finished first
             shutil.rmtree(tmp)
         else:
+            if out_dir.exists():  # a half-written folder (no config.json): never use it, replace it
+                shutil.rmtree(out_dir)
             os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
