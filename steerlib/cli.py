@@ -174,7 +174,14 @@ def traits_new(
 
 
 def main() -> None:
-    app()
+    """Entry point: bad input ends with one clear line, not a traceback."""
+    from .judges import JudgeError
+
+    try:
+        app()
+    except (ValueError, FileNotFoundError, NotImplementedError, JudgeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
