@@ -38,7 +38,9 @@ class Activations:
     pooled: dict[str, Tensor]
     prompt_lengths: list[int]
     response_lengths: list[int]
-    token_norms: Tensor | None = None  # [N, len(layers)]: mean L2 norm of single-token activations
+    # [N, len(layers)]: median L2 norm of single-token activations. Median, because a few tokens (the first
+    # one above all) carry norms 10-100x the rest in many models and would swamp a mean.
+    token_norms: Tensor | None = None
     tokens: list[Tensor] | None = None
     meta: dict = field(default_factory=dict)
 
@@ -161,7 +163,7 @@ def capture_activations(
             acts = stacked[row, :, off : off + seq_len]  # [n_sel, seq, D]
             pooled["prompt_mean"][i] = acts[:, :p_len].mean(dim=1)
             pooled["prompt_last"][i] = acts[:, p_len - 1]
-            token_norms[i] = acts.norm(dim=-1).mean(dim=1)
+            token_norms[i] = acts.norm(dim=-1).median(dim=1).values
             if seq_len > p_len:
                 pooled["response_mean"][i] = acts[:, p_len:].mean(dim=1)
             if keep_tokens:
