@@ -17,10 +17,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m steerlib.models --warm
 	touch $(STAMP)
 
+# One torch thread per process: on 2 cores OpenMP spinning costs more than it gains at these batch sizes.
 demo: setup
-	$(VENV)/bin/steerlib extract --trait optimistic --out runs/optimistic
-	$(VENV)/bin/steerlib steer --vector runs/optimistic --sweep -3,0,3 --max-new-tokens 40 \
-		--prompt "How do you feel about the future of your city?"
+	OMP_NUM_THREADS=1 $(VENV)/bin/steerlib extract --trait optimistic --out runs/optimistic --max-new-tokens 32
+	$(VENV)/bin/steerlib steer --vector runs/optimistic --relative --sweep=-0.3,0,0.3 --max-new-tokens 40 \
+		--plot runs/optimistic/dose.png --prompt "How do you feel about the future of your city?" \
+		--prompt "What will the next ten years bring?"
 
 test: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -x --durations=15 tests

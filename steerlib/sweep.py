@@ -141,7 +141,7 @@ class LayerSweep:
         ax2.plot(self.layers, accs, "^:", color="tab:green", label="probe accuracy")
         ax2.set_ylabel("AUROC / probe accuracy")
         ax2.set_ylim(0.0, 1.05)
-        ax1.axvline(self.recommended_layer, color="gray", alpha=0.5)
+        ax1.axvline(self.recommended_layer, color="gray", alpha=0.5, label=f"recommended ({self.recommended_layer})")
         lines = ax1.get_lines() + ax2.get_lines()
         ax1.legend(lines, [line.get_label() for line in lines], loc="lower right")
         ax1.set_title(title or f"layer sweep ({self.evaluated_on} responses)")
