@@ -124,6 +124,104 @@ def steer(
             typer.echo(f"--- {label} | {p}\n{g.text}\n(mean projection {g.mean_projection():.2f})")
 
 
+@app.command()
+def flag(
+    vector: Annotated[Path, typer.Option(help="trait vectors folder/.safetensors")],
+    data: Annotated[Path, typer.Option(help="JSONL (chat messages or prompt/response) or CSV")],
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/flag"),
+    layer: Annotated[int | None, typer.Option(help="default: the vectors' recommended layer")] = None,
+    baseline: Annotated[str, typer.Option(help="none | generate (paper's projection difference) | prompt_last")] = "none",
+    top_k: int = 20,
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    on_error: Annotated[str, typer.Option(help="raise | skip malformed lines (always reported)")] = "raise",
+    fresh: Annotated[bool, typer.Option(help="ignore earlier partial results")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="score with a Ray Data pipeline")] = False,
+    ray_concurrency: int = 1,
+    ray_address: str | None = None,
+    model: ModelOpt = None,
+) -> None:
+    """Score finetuning data by projection on a trait vector; rank, flag the top k, plot a histogram."""
+    from .flag import flag_file
+
+    report = flag_file(data, vector, out_dir=out, model_path=model, layer=layer, baseline=baseline,  # type: ignore[arg-type]
+                       batch_size=batch_size, max_new_tokens=max_new_tokens, top_k=top_k, resume=not fresh,
+                       on_error=on_error, use_ray=ray, ray_concurrency=ray_concurrency,  # type: ignore[arg-type]
+                       ray_address=ray_address)
+    typer.echo(json.dumps(report.summary, indent=2))
+    for i, row in enumerate(report.top[:top_k], start=1):
+        typer.echo(f"{i:3d}. {json.dumps(row)[:160]}")
+
+
+@app.command()
+def shift(
+    finetuned: Annotated[Path, typer.Option(help="finetuned model folder or LoRA adapter folder")],
+    vector: Annotated[Path, typer.Option(help="trait vectors folder/.safetensors")],
+    base: Annotated[str | None, typer.Option(help="base model (default: embedded)")] = None,
+    out: Path = Path("runs/shift"),
+    trait: Annotated[str | None, typer.Option(help="trait whose eval questions to use (default: the vectors')")] = None,
+    questions: Annotated[Path | None, typer.Option(help="file of questions, one per line")] = None,
+    layers: Annotated[str | None, typer.Option(help="comma-separated layers (default: all)")] = None,
+    max_new_tokens: int = 48,
+) -> None:
+    """Finetuning shift: activation difference finetuned - base, projected on the trait vector, per layer."""
+    from .shift import shift_file
+
+    result = shift_file(finetuned, vector, out_dir=out, base_path=base, trait=trait, questions_path=questions,
+                        layers=_ints(layers) if layers else None, max_new_tokens=max_new_tokens)
+    typer.echo("layer  prompt_last  response_mean")
+    for i, layer in enumerate(result.layers):
+        typer.echo(f"{layer:5d}  {result.prompt_last[i]:11.3f}  {result.response_mean[i]:13.3f}")
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="JSONL/CSV finetuning data")],
+    out: Path = Path("runs/lora"),
+    vector: Annotated[Path | None, typer.Option(help="trait vectors for preventative steering")] = None,
+    layer: int | None = None,
+    coef: Annotated[float, typer.Option(help="preventative steering coefficient (0 = plain finetune)")] = 0.0,
+    mode: Annotated[str, typer.Option(help="add (preventative steering) | ablate (CAFT-style)")] = "add",
+    steps: int = 40,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank")] = 8,
+    seed: int = 0,
+    model: ModelOpt = None,
+) -> None:
+    """LoRA-finetune, optionally steering along (or ablating) a trait vector during training."""
+    from .training import train_file
+
+    result = train_file(data, out_dir=out, model_path=model, vectors_path=vector, layer=layer, coef=coef,
+                        mode=mode, steps=steps, batch_size=batch_size, lr=lr, r=rank, seed=seed)  # type: ignore[arg-type]
+    typer.echo(f"trained {len(result.losses)} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; "
+               f"adapter in {out}")
+
+
+@app.command()
+def monitor(
+    vector: Annotated[list[str], typer.Option(help="trait vectors path, or name=path (repeatable)")],
+    conversations: Annotated[Path, typer.Option(help="JSONL logs: chat messages, optional timestamp")],
+    out: Path = Path("runs/monitor"),
+    layer: int | None = None,
+    window: int = 20,
+    method: Annotated[str, typer.Option(help="zscore | percentile | rolling")] = "zscore",
+    threshold: float = 3.0,
+    reference_size: int = 50,
+    on_error: str = "raise",
+    fresh: bool = False,
+    model: ModelOpt = None,
+) -> None:
+    """Score a deployed assistant's responses over time: projections, rolling mean, alerts, timeline plot."""
+    from .drift import monitor_file
+
+    report = monitor_file(conversations, vector, out_dir=out, model_path=model, layer=layer, window=window,
+                          method=method, threshold=threshold, reference_size=reference_size, resume=not fresh,
+                          on_error=on_error)  # type: ignore[arg-type]
+    typer.echo(f"{report.n_turns} responses scored ({report.computed} new), {len(report.alerts)} alerts")
+    typer.echo(f"scores {report.scores_path}\nalerts {report.alerts_path}\nplot   {report.plot_path}")
+
+
 def _sweep_judge(trait: str):
     """The offline judge for a dose-response, where the trait has one."""
     from .judges import make_judge
