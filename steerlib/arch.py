@@ -67,13 +67,7 @@ class Layout:
 
 
 def get_layout(model: nn.Module) -> Layout:
-    """Find the blocks and final norm of ``model`` or raise a clear error for unknown architectures.
-
-    A PEFT wrapper is looked through: LoRA layers are injected in place, so hooks on the inner model see them.
-    """
-    get_base = getattr(model, "get_base_model", None)
-    if callable(get_base):
-        model = get_base()
+    """Find the blocks and final norm of ``model`` or raise a clear error for unknown architectures."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     paths = _LAYOUTS.get(model_type or "")
