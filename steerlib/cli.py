@@ -222,6 +222,65 @@ def monitor(
     typer.echo(f"scores {report.scores_path}\nalerts {report.alerts_path}\nplot   {report.plot_path}")
 
 
+def _named_paths(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item).stem, item
+        out[name] = path
+    return out
+
+
+def _layer_coefs(items: list[str]) -> list[tuple[int, float]]:
+    out = []
+    for item in items:
+        layer, sep, coef = item.partition(":")
+        try:
+            out.append((int(layer), float(coef)))
+        except ValueError:
+            raise typer.BadParameter(f"--steer expects LAYER:COEF, got {item!r}") from None
+        if not sep:
+            raise typer.BadParameter(f"--steer expects LAYER:COEF, got {item!r}")
+    return out
+
+
+@app.command()
+def serve(
+    vector: Annotated[list[str], typer.Option(help="trait vectors, name=path or path (repeatable)")],
+    steer: Annotated[list[str] | None, typer.Option("--steer", help="default steering LAYER:COEF (repeatable)")] = None,
+    steer_vector: Annotated[str | None, typer.Option(help="which named vector --steer uses")] = None,
+    steer_mode: str = "add",
+    steer_positions: str = "all",
+    monitor: Annotated[list[str] | None, typer.Option("--monitor", help="traits to monitor (default: all)")] = None,
+    monitor_layer: int | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 8,
+    batch_wait_ms: float = 20.0,
+    max_queue: int = 256,
+    max_tokens_limit: int = 512,
+    default_max_tokens: int = 128,
+    drift_window: int = 20,
+    drift_method: str = "zscore",
+    drift_threshold: float = 3.0,
+    drift_reference_size: int = 50,
+    alerts_path: Path | None = None,
+    dtype: str = "float32",
+    model: ModelOpt = None,
+) -> None:
+    """OpenAI-compatible chat server with per-request steering, trait projections and drift alerts."""
+    from .server import serve as run_server
+
+    run_server(model, _named_paths(vector), steer=_layer_coefs(steer or []), steer_vector=steer_vector,
+               steer_mode=steer_mode, steer_positions=steer_positions, monitor_traits=monitor,
+               monitor_layer=monitor_layer, host=host, port=port, max_batch=max_batch,
+               batch_wait_ms=batch_wait_ms, max_queue=max_queue, max_tokens_limit=max_tokens_limit,
+               default_max_tokens=default_max_tokens, drift_window=drift_window, drift_method=drift_method,
+               drift_threshold=drift_threshold, drift_reference_size=drift_reference_size,
+               alerts_path=alerts_path, dtype=dtype)
+
+
 def _sweep_judge(trait: str):
     """The offline judge for a dose-response, where the trait has one."""
     from .judges import make_judge
