@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -283,3 +283,23 @@ def read_samples(path: str | Path, *, on_error: OnError = "raise") -> ReadResult
     if not samples and not problems:
         raise ValueError(f"{path.name}: no samples found (the file is empty)")
     return ReadResult(samples=samples, problems=problems, path=path)
+
+
+def as_samples(samples: Sequence[Sample] | ReadResult | str | Path, what: str = "samples to score") -> list[Sample]:
+    """A list of ``Sample`` from a file path, a ``ReadResult`` or a sequence; indices must be unique."""
+    if isinstance(samples, str | Path):
+        samples = read_samples(samples)
+    if isinstance(samples, ReadResult):
+        samples = samples.samples
+    samples = list(samples)
+    if not samples:
+        raise ValueError(f"no {what}")
+    seen = set()
+    for s in samples:
+        if not isinstance(s, Sample):
+            raise ValueError(f"samples must be steerlib.data_io.Sample objects, got {type(s).__name__}")
+        if s.index in seen:
+            raise ValueError(f"two samples share index {s.index}; indices identify samples in the results "
+                             "file")
+        seen.add(s.index)
+    return samples

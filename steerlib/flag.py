@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .arch import get_layout
 from .capture import pad_batch, tokenize_pairs
-from .data_io import ReadResult, Sample, read_samples
+from .data_io import ReadResult, Sample, as_samples, read_samples
 from .hooks import StopForward, record_residual
 from .vectors import TraitVectors, resolve_vector
 
@@ -343,25 +343,6 @@ def dataset_score(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _as_samples(samples: Sequence[Sample] | ReadResult | str | Path) -> list[Sample]:
-    if isinstance(samples, str | Path):
-        samples = read_samples(samples)
-    if isinstance(samples, ReadResult):
-        samples = samples.samples
-    samples = list(samples)
-    if not samples:
-        raise ValueError("no samples to score")
-    seen = set()
-    for s in samples:
-        if not isinstance(s, Sample):
-            raise ValueError(f"samples must be steerlib.data_io.Sample objects, got {type(s).__name__}")
-        if s.index in seen:
-            raise ValueError(f"two samples share index {s.index}; indices identify samples in the results "
-                             "file")
-        seen.add(s.index)
-    return samples
-
-
 @dataclass
 class RunPlan:
     """Everything a scoring run derives from its inputs before touching the model."""
@@ -388,7 +369,7 @@ def plan_run(
     """Format prompts, measure lengths and fix the run's identity (shared by the local and Ray paths)."""
     if baseline not in BASELINES:
         raise ValueError(f"unknown baseline {baseline!r}; choose from {BASELINES}")
-    items = _as_samples(samples)
+    items = as_samples(samples)
     direction = load_direction(vectors, layer, kind=kind, d_model=d_model)
     by_index = {s.index: s for s in items}
     prompts = {s.index: s.prompt_text(tokenizer) for s in items}

@@ -148,7 +148,6 @@ class ResidualEditor:
         self.positions = _PositionTracker()
         self._handles: list = []
         device = next(model.parameters()).device
-        dtype = next(model.parameters()).dtype
         self._plans: dict[int, list[dict]] = {}
         for op in self.ops:
             layer = self.layout.check_layer(op.layer, allow_embeddings=False)
@@ -169,7 +168,6 @@ class ResidualEditor:
             for layer in monitor.layers:
                 layer = self.layout.check_layer(layer, allow_embeddings=False)
                 self._monitor_dirs[layer] = monitor.directions[layer].to(device=device, dtype=torch.float32)
-        del dtype
 
     def _make_hook(self, layer: int):
         plans = self._plans.get(layer, [])

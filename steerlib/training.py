@@ -24,7 +24,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .capture import pad_batch, tokenize_pairs
-from .data_io import ReadResult, Sample, read_samples
+from .data_io import ReadResult, Sample, as_samples
 from .flag import VectorSource, unwrap_model
 from .steer import ResidualEditor, steer
 
@@ -167,13 +167,7 @@ def lora_finetune(
     """
     from peft import LoraConfig, get_peft_model
 
-    if isinstance(samples, str | Path):
-        samples = read_samples(samples)
-    if isinstance(samples, ReadResult):
-        samples = samples.samples
-    samples = list(samples)
-    if not samples:
-        raise ValueError("no training samples")
+    samples = as_samples(samples, what="training samples")
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
     torch.manual_seed(seed)

@@ -127,3 +127,20 @@ def optimism_vectors(embedded):
     vectors = {kind: mean_difference(acts.pooled[kind], labels) for kind in acts.pooled}
     return TraitVectors(vectors, "SmolLM2-135M-Instruct", "optimistic", "mean_diff",
                         {"recommended_layer": 10, "residual_norms": acts.token_norms.mean(0).tolist()})
+
+
+@pytest.fixture
+def stub():
+    """Factory for started OpenAI-compatible stub servers (tests/openai_stub.py), all stopped at teardown."""
+    from openai_stub import OpenAIStub
+
+    started: list[OpenAIStub] = []
+
+    def make(handler=None, **kw) -> OpenAIStub:
+        server = OpenAIStub(handler, **kw).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from openai_stub import OpenAIStub, logprob_response
+from openai_stub import logprob_response
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -28,20 +28,6 @@ from steerlib.traits import load_trait
 
 RUBRIC = "Q: {question}\nA: {answer}\nRate from 0 to 100. Reply with a number only."
 
-
-@pytest.fixture
-def stub():
-    """Factory for started stubs, all stopped at teardown."""
-    started: list[OpenAIStub] = []
-
-    def make(handler=None, **kw) -> OpenAIStub:
-        server = OpenAIStub(handler, **kw).start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        server.stop()
 
 
 def answer_of(request: dict) -> str:

@@ -7,7 +7,7 @@ import json
 import re
 
 import pytest
-from openai_stub import OpenAIStub, text_response
+from openai_stub import text_response
 
 from steerlib.judges import JudgeError
 from steerlib.trait_gen import extract_json_object, generate_trait
@@ -220,19 +220,6 @@ def generated_reply(n_questions=42, rubric=RUBRIC, n_pairs=6) -> str:
     }
     return "Sure! Here it is:\n```json\n" + json.dumps(data, indent=2) + "\n```\nEnjoy."
 
-
-@pytest.fixture
-def stub():
-    started: list[OpenAIStub] = []
-
-    def make(handler=None, **kw) -> OpenAIStub:
-        server = OpenAIStub(handler, **kw).start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        server.stop()
 
 
 def test_generate_trait(stub, tmp_path):
