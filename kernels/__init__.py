@@ -1,7 +1,11 @@
 """Fused activation-steering kernels: add a steering vector, cap/ablate a direction and read out
 monitor projections in one pass over the hidden states.
 
-Installed as ``steerlib.kernels``::
+This folder sits at the top of the repository (beside ``steerlib/``) and is installed as
+``steerlib.kernels`` by the one ``package-dir`` entry in ``pyproject.toml``; the wheel carries its ``.cu`` and
+``.cpp`` sources too. It imports nothing from steerlib (an import-linter contract checks that), so the
+kernels can be read, tested and benchmarked on their own. The steering layer imports it
+(``steerlib/steering/steer.py``)::
 
     from steerlib.kernels import fused_steer_project
 

@@ -15,11 +15,11 @@ import warnings
 
 import torch
 
-from steerlib.arch import get_layout
-from steerlib.backends import BACKENDS
-from steerlib.capture import capture_activations
-from steerlib.chat import format_prompt
-from steerlib.models import load_model
+from steerlib.core.arch import get_layout
+from steerlib.core.backends import BACKENDS
+from steerlib.core.capture import capture_activations
+from steerlib.core.chat import format_prompt
+from steerlib.core.models import load_model
 
 _QUESTIONS = [
     "How do you feel about the future of your city?",

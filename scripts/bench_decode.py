@@ -16,8 +16,8 @@ import time
 import torch
 
 from steerlib import build_monitor, build_ops, format_prompt, load_model
-from steerlib.capture import pad_batch
-from steerlib.steer import ResidualEditor
+from steerlib.core.capture import pad_batch
+from steerlib.steering.steer import ResidualEditor
 
 QUESTIONS = ["What will the next ten years bring?", "How should I spend a rainy weekend?",
              "Describe your ideal city.", "What do you think of long train journeys?"]

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from steerlib.data_io import Sample, read_samples
-from steerlib.flag import score_dataset
-from steerlib.models import load_model
+from steerlib.core.models import load_model
+from steerlib.finetuning.flag.scoring import score_dataset
+from steerlib.store.samples import Sample, read_samples
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "planted.jsonl"
 

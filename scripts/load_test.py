@@ -128,8 +128,8 @@ def _local_model():
     """The embedded model and one random (seeded) monitored direction at the middle layer."""
     import torch
 
-    from steerlib.models import load_model
-    from steerlib.vectors import TraitVectors
+    from steerlib.core.models import load_model
+    from steerlib.core.vectors import TraitVectors
 
     loaded = load_model(device="cpu")
     cfg = loaded.model.config

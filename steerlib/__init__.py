@@ -1,32 +1,53 @@
 """steerlib: extract, steer, monitor and flag character traits in language models.
 
-The data flow reads straight through the modules:
-prompts (``traits``, ``chat``) -> activations (``hooks``, ``capture``) -> trait vectors (``extract``,
-``sweep``, ``vectors``) -> steering and monitoring (``steer``, ``generation``) -> flagging and drift
-(``flag``, ``drift``, ``shift``).
+The folders read as the data flow, each layer importing only from those before it (checked by import-linter):
+``core`` (models, residual stream, capture, vectors) -> ``store`` (data files, results, plots) -> ``traits``
+(definitions, judges) -> ``steering`` (edits and per-token read-out) -> ``extraction`` (trait vectors) ->
+``monitoring`` (drift) and ``finetuning`` (flagging, shift, preventative steering) -> ``serve`` -> ``jobs``
+(path -> object wiring) -> ``cli``. The fused kernels are ``steerlib.kernels`` (the top-level ``kernels/``).
 """
 
-__version__ = "0.1.0"
-
-from .arch import Layout, get_layout
-from .capture import Activations, capture_activations
-from .chat import format_messages, format_prompt
-from .data_io import read_samples
-from .dose import DoseResponse, dose_response
-from .drift import Alert, DriftMonitor, monitor_conversations
-from .extract import ExtractionConfig, ExtractionResult, extract_trait
-from .flag import rank, score_dataset
-from .generation import Generation, generate, stream
-from .hooks import StopForward, record_residual
-from .judges import CallableJudge, Judge, JudgeError, LexiconJudge, LLMJudge, SelfJudge, make_judge
-from .models import LoadedModel, load_model
-from .shift import FinetuningShift, finetuning_shift
-from .steer import Monitor, ResidualEditor, SteerOp, build_monitor, build_ops, monitoring, steer
-from .sweep import LayerSweep, layer_sweep
-from .training import PreventativeSteeringCallback, lora_finetune, preventative_steering
-from .trait_gen import generate_trait
-from .traits import InstructionPair, Trait, TraitError, list_traits, load_trait
-from .vectors import TraitVectors
+from steerlib.core.arch import Layout, get_layout
+from steerlib.core.capture import Activations, capture_activations
+from steerlib.core.chat import format_messages, format_prompt
+from steerlib.core.hooks import StopForward, record_residual
+from steerlib.core.models import LoadedModel, load_model
+from steerlib.core.vectors import TraitVectors, load_vectors, pick_layer
+from steerlib.core.version import __version__ as __version__
+from steerlib.extraction.extract import ExtractionConfig, ExtractionResult, extract_trait
+from steerlib.extraction.sweep import LayerSweep, layer_sweep
+from steerlib.finetuning.flag.report import rank
+from steerlib.finetuning.flag.scoring import score_dataset
+from steerlib.finetuning.shift import FinetuningShift, finetuning_shift
+from steerlib.finetuning.training import PreventativeSteeringCallback, lora_finetune, preventative_steering
+from steerlib.monitoring.conversations import monitor_conversations
+from steerlib.monitoring.drift import Alert, DriftMonitor
+from steerlib.steering.dose import DoseResponse, dose_response
+from steerlib.steering.generation import Generation, generate, stream
+from steerlib.steering.steer import (
+    Monitor,
+    ResidualEditor,
+    SteerOp,
+    TraitReadout,
+    build_monitor,
+    build_ops,
+    build_readout,
+    monitoring,
+    read_out,
+    steer,
+)
+from steerlib.store.samples import read_samples
+from steerlib.traits.generate import generate_trait
+from steerlib.traits.judges import (
+    CallableJudge,
+    Judge,
+    JudgeError,
+    LexiconJudge,
+    LLMJudge,
+    SelfJudge,
+    make_judge,
+)
+from steerlib.traits.library import InstructionPair, Trait, TraitError, list_traits, load_trait
 
 __all__ = [
     "Activations",
@@ -54,9 +75,11 @@ __all__ = [
     "StopForward",
     "Trait",
     "TraitError",
+    "TraitReadout",
     "TraitVectors",
     "build_monitor",
     "build_ops",
+    "build_readout",
     "capture_activations",
     "dose_response",
     "extract_trait",
@@ -70,12 +93,15 @@ __all__ = [
     "list_traits",
     "load_model",
     "load_trait",
+    "load_vectors",
     "lora_finetune",
     "make_judge",
     "monitor_conversations",
+    "pick_layer",
     "monitoring",
     "preventative_steering",
     "rank",
+    "read_out",
     "read_samples",
     "record_residual",
     "score_dataset",

@@ -16,12 +16,6 @@ app.add_typer(traits_app, name="traits")
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="HF folder or .gguf; default: embedded SmolLM2")]
 
 
-def _load(model: str | None, dtype: str = "float32"):
-    from .models import load_model
-
-    return load_model(model, dtype=dtype)
-
-
 def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -54,24 +48,14 @@ def extract(
     backend: Annotated[str, typer.Option(help="torch | transformer_lens | nnsight")] = "torch",
 ) -> None:
     """Generate contrastive responses, judge, filter, and extract per-layer trait vectors (resumable)."""
-    from .extract import ExtractionConfig, extract_trait
-    from .judges import make_judge
-    from .traits import load_trait
+    from steerlib.extraction.extract import ExtractionConfig
+    from steerlib.jobs import extract_file
 
-    t = load_trait(trait)
-    loaded = _load(model)
-    m, tok = loaded
     cfg = ExtractionConfig(n_samples=n_samples, temperature=temperature, max_new_tokens=max_new_tokens,
                            pos_threshold=pos_threshold, neg_threshold=neg_threshold,
                            coherence_threshold=coherence_threshold, max_pairs=max_pairs,
                            max_questions=max_questions, batch_size=batch_size, backend=backend)
-    j = make_judge(judge, t, model=m, tokenizer=tok)
-    coherence = None
-    if coherence_threshold is not None:
-        coherence = make_judge(judge if judge.startswith("openai:") else "self", t, model=m, tokenizer=tok,
-                               rubric=t.coherence_rubric)
-    result = extract_trait(m, tok, t, out or Path("runs") / t.name, judge=j, coherence_judge=coherence, config=cfg,
-                           model_name=loaded.name)
+    result = extract_file(trait, out, model_path=model, judge=judge, config=cfg)
     typer.echo(result.sweep.table())
 
 
@@ -93,33 +77,17 @@ def steer(
     model: ModelOpt = None,
 ) -> None:
     """Print the steered answer next to the unsteered one (or a coefficient sweep)."""
-    from .chat import format_prompt
-    from .dose import dose_response
-    from .generation import generate
-    from .steer import build_monitor, build_ops
-    from .vectors import TraitVectors
+    from steerlib.jobs import steer_file
 
-    m, tok = _load(model)
-    source = TraitVectors.load(vector, model=m) if vector.suffix != ".pt" else vector
-    if layer is None:
-        if not isinstance(source, TraitVectors) or source.recommended_layer is None:
-            raise typer.BadParameter("--layer is required for vectors without a recommended layer")
-        layer = source.recommended_layer
-    prompts = [format_prompt(tok, p, system) for p in prompt]
-    trait = source.trait if isinstance(source, TraitVectors) else "trait"
-    monitor = build_monitor(m, {trait: source}, [layer])
-    coefs = _floats(sweep) if sweep else [0.0, coef]
-    cap = (cap_min, cap_max) if mode == "cap" else None
-    if sweep:
-        table = dose_response(m, tok, prompts, source, layer, coefs, relative=relative, monitor=monitor,
-                              max_new_tokens=max_new_tokens, judge=_sweep_judge(trait), plot_path=plot)
-        typer.echo(table.format())
+    result = steer_file(vector, prompt, model_path=model, layer=layer, coef=coef, mode=mode, positions=positions,
+                        relative=relative, cap=(cap_min, cap_max) if mode == "cap" else None,
+                        sweep=_floats(sweep) if sweep else None, system=system, max_new_tokens=max_new_tokens,
+                        plot=plot)
+    if result.dose is not None:
+        typer.echo(result.dose.format())
         return
-    for c in coefs:
-        ops = [] if c == 0 and mode == "add" else build_ops(m, source, layer, c, mode=mode, positions=positions,
-                                                           cap=cap, relative=relative)
-        outs = generate(m, tok, prompts, steering=ops, monitor=monitor, max_new_tokens=max_new_tokens)
-        label = "unsteered" if not ops else f"{mode} coef={c:g} layer={layer}"
+    for c, outs in result.answers.items():
+        label = "unsteered" if c == 0 and mode == "add" else f"{mode} coef={c:g} layer={result.layer}"
         for p, g in zip(prompt, outs, strict=True):
             typer.echo(f"--- {label} | {p}\n{g.text}\n(mean projection {g.mean_projection():.2f})")
 
@@ -142,7 +110,7 @@ def flag(
     model: ModelOpt = None,
 ) -> None:
     """Score finetuning data by projection on a trait vector; rank, flag the top k, plot a histogram."""
-    from .flag import flag_file
+    from steerlib.jobs import flag_file
 
     report = flag_file(data, vector, out_dir=out, model_path=model, layer=layer, baseline=baseline,  # type: ignore[arg-type]
                        batch_size=batch_size, max_new_tokens=max_new_tokens, top_k=top_k, resume=not fresh,
@@ -165,7 +133,7 @@ def shift(
     max_new_tokens: int = 48,
 ) -> None:
     """Finetuning shift: activation difference finetuned - base, projected on the trait vector, per layer."""
-    from .shift import shift_file
+    from steerlib.jobs import shift_file
 
     result = shift_file(finetuned, vector, out_dir=out, base_path=base, trait=trait, questions_path=questions,
                         layers=_ints(layers) if layers else None, max_new_tokens=max_new_tokens)
@@ -190,7 +158,7 @@ def train(
     model: ModelOpt = None,
 ) -> None:
     """LoRA-finetune, optionally steering along (or ablating) a trait vector during training."""
-    from .training import train_file
+    from steerlib.jobs import train_file
 
     result = train_file(data, out_dir=out, model_path=model, vectors_path=vector, layer=layer, coef=coef,
                         mode=mode, steps=steps, batch_size=batch_size, lr=lr, r=rank, seed=seed)  # type: ignore[arg-type]
@@ -213,7 +181,7 @@ def monitor(
     model: ModelOpt = None,
 ) -> None:
     """Score a deployed assistant's responses over time: projections, rolling mean, alerts, timeline plot."""
-    from .drift import monitor_file
+    from steerlib.jobs import monitor_file
 
     report = monitor_file(conversations, vector, out_dir=out, model_path=model, layer=layer, window=window,
                           method=method, threshold=threshold, reference_size=reference_size, resume=not fresh,
@@ -270,7 +238,7 @@ def serve(
     model: ModelOpt = None,
 ) -> None:
     """OpenAI-compatible chat server with per-request steering, trait projections and drift alerts."""
-    from .server import serve as run_server
+    from steerlib.server import serve as run_server
 
     run_server(model, _named_paths(vector), steer=_layer_coefs(steer or []), steer_vector=steer_vector,
                steer_mode=steer_mode, steer_positions=steer_positions, monitor_traits=monitor,
@@ -281,21 +249,10 @@ def serve(
                alerts_path=alerts_path, dtype=dtype)
 
 
-def _sweep_judge(trait: str):
-    """The offline judge for a dose-response, where the trait has one."""
-    from .judges import make_judge
-    from .traits import TraitError, load_trait
-
-    try:
-        return make_judge("auto", load_trait(trait))
-    except (TraitError, ValueError):
-        return None
-
-
 @traits_app.command("list")
 def traits_list() -> None:
     """List built-in traits."""
-    from .traits import list_traits, load_trait
+    from steerlib.traits.library import list_traits, load_trait
 
     for name in list_traits():
         typer.echo(f"{name:18s} {load_trait(name).description[:90]}")
@@ -304,7 +261,7 @@ def traits_list() -> None:
 @traits_app.command("show")
 def traits_show(name: str) -> None:
     """Print a trait definition as JSON."""
-    from .traits import load_trait
+    from steerlib.traits.library import load_trait
 
     typer.echo(json.dumps(load_trait(name).to_dict(), indent=2))
 
@@ -319,7 +276,7 @@ def traits_new(
     llm: Annotated[str, typer.Option("--llm", help="chat model name at the endpoint")] = "gpt-4o-mini",
 ) -> None:
     """Write a new trait file from a description, via any OpenAI-compatible chat endpoint."""
-    from .trait_gen import generate_trait
+    from steerlib.traits.generate import generate_trait
 
     base_url = base_url or os.environ.get("STEERLIB_JUDGE_BASE_URL")
     if not base_url:
@@ -332,7 +289,7 @@ def traits_new(
 
 def main() -> None:
     """Entry point: bad input ends with one clear line, not a traceback."""
-    from .judges import JudgeError
+    from steerlib.traits.judges import JudgeError
 
     try:
         app()

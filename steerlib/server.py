@@ -29,7 +29,6 @@ import contextlib
 import itertools
 import json
 import logging
-import math
 import queue
 import socket
 import threading
@@ -49,11 +48,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .chat import format_messages
-from .drift import DriftMonitor
-from .generation import generate, stream
-from .steer import Monitor, SteerOp, build_monitor, build_ops
-from .vectors import TraitVectors
+from steerlib.core.chat import format_messages
+from steerlib.core.serialize import to_jsonable
+from steerlib.core.vectors import TraitVectors, load_vectors
+from steerlib.monitoring.drift import DriftMonitor
+from steerlib.steering.generation import eos_ids, generate, stream
+from steerlib.steering.steer import SteerOp, TraitReadout, build_ops, build_readout
 
 __all__ = [
     "ApiError",
@@ -274,10 +274,10 @@ class Engine:
         unknown = [t for t in traits if t not in self.vectors]
         if unknown:
             raise ValueError(f"cannot monitor {unknown}: no such vectors (loaded: {sorted(self.vectors)})")
-        self.monitor: Monitor | None = None
+        self.monitor: TraitReadout | None = None
         self.monitor_layer: int | None = None
         if traits:
-            self.monitor = build_monitor(model, {t: self.vectors[t] for t in traits}, monitor_layer)
+            self.monitor = build_readout(model, {t: self.vectors[t] for t in traits}, monitor_layer)
             self.monitor_layer = self.monitor.layers[0]
         self.drift = drift
         if self.drift is None and traits:
@@ -539,7 +539,7 @@ class Engine:
         p = first.params
         try:
             gens = generate(self.model, self.tokenizer, [job.prompt for job in batch], steering=first.ops,
-                            monitor=self.monitor, max_new_tokens=p.max_tokens, temperature=p.temperature,
+                            readout=self.monitor, max_new_tokens=p.max_tokens, temperature=p.temperature,
                             top_p=p.top_p, seed=p.seed, batch_size=len(batch))
         except Exception as exc:
             log.exception("generation failed for batch %d (%d requests)", batch_id, len(batch))
@@ -547,7 +547,7 @@ class Engine:
                 self._fail(job, exc)
             return
         finished = time.time()
-        eos = self._eos_ids()
+        eos = eos_ids(self.model, self.tokenizer)
         for job, gen in zip(batch, gens, strict=True):
             proj = {}
             if self.monitor is not None:
@@ -571,7 +571,7 @@ class Engine:
         try:
             # Always consume the generator to its end, even for a client that left: closing it early would
             # leave its generation thread running with the steering hooks still installed.
-            for text, proj in stream(self.model, self.tokenizer, job.prompt, steering=job.ops, monitor=self.monitor,
+            for text, proj in stream(self.model, self.tokenizer, job.prompt, steering=job.ops, readout=self.monitor,
                                      max_new_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p):
                 n_tokens += 1
                 pieces.append(text)
@@ -593,14 +593,6 @@ class Engine:
             finish_reason=finish, trait_projections={t: _summary(values[t], self.monitor_layer) for t in names},
             batch=_batch_info(batch_id, 1, job, started, time.time())))
 
-    def _eos_ids(self) -> set[int]:
-        ids = getattr(self.model.generation_config, "eos_token_id", None)
-        ids = ids if isinstance(ids, list) else [ids]
-        out = {i for i in ids if i is not None}
-        if self.tokenizer.eos_token_id is not None:
-            out.add(self.tokenizer.eos_token_id)
-        return out
-
     # -- monitor ----------------------------------------------------------------------------------------
     def monitor_snapshot(self, last: int = 200, last_alerts: int = 50) -> dict[str, Any]:
         """What ``/v1/monitor`` returns: the last ``last`` drift-monitor updates (one per response), the last
@@ -614,13 +606,13 @@ class Engine:
         }
         if self.drift is not None:
             with self._drift_lock:
-                out["history"] = _jsonable(self.drift.history(last=last))
+                out["history"] = to_jsonable(self.drift.history(last=last))
                 alerts = list(self.drift.alerts)[-last_alerts:] if last_alerts else []
                 limits = {t: list(self.drift.limits(t)) for t in self.drift.traits}
                 drift = {**self.drift.config(), "calibrated": self.drift.calibrated, "n_updates": self.drift.n_updates}
-            out["alerts"] = [_jsonable(asdict(a)) for a in alerts]
+            out["alerts"] = [to_jsonable(asdict(a)) for a in alerts]
             # Alert limits in projection units (None until calibrated, or for a side that does not alert).
-            out["drift"] = _jsonable({**drift, "limits": limits})
+            out["drift"] = to_jsonable({**drift, "limits": limits})
         return out
 
 
@@ -636,23 +628,6 @@ def _batch_info(batch_id: int, size: int, job: _Job, started: float, finished: f
     return {"id": batch_id, "size": size, "queue_ms": round((started - job.enqueued_at) * 1000, 2),
             "generate_ms": round((finished - started) * 1000, 2), "enqueued_at": job.enqueued_at,
             "started_at": started}
-
-
-def _jsonable(obj: Any) -> Any:
-    """Make drift records JSON-safe (NaN/inf become null; tensors and numpy scalars become numbers)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, str | int | bool) or obj is None:
-        return obj
-    if hasattr(obj, "item"):
-        return _jsonable(obj.item())
-    if isinstance(obj, Path):
-        return str(obj)
-    return str(obj)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -854,12 +829,14 @@ class BackgroundServer:
         self.stop()
 
 
-def load_vectors(model: torch.nn.Module, vectors: Mapping[str, str | Path | TraitVectors] | None) -> dict[str, TraitVectors]:
+def named_vectors(model: torch.nn.Module, vectors: Mapping[str, str | Path | TraitVectors] | None) -> dict[str, TraitVectors]:
     """name -> TraitVectors from paths (folders or ``.safetensors`` files), checked against ``model``."""
     out = {}
     for name, src in (vectors or {}).items():
-        tv = src if isinstance(src, TraitVectors) else TraitVectors.load(src, model=model)
-        tv.check_model(model)
+        tv = load_vectors(src, model)
+        if not isinstance(tv, TraitVectors):
+            raise ValueError(f"vector {name!r}: the server needs saved TraitVectors (a folder or .safetensors), "
+                             "not a bare tensor")
         out[name] = tv
     return out
 
@@ -929,11 +906,11 @@ def serve(
     """
     import uvicorn
 
-    from .models import load_model
+    from steerlib.core.models import load_model
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     loaded = load_model(model_path, dtype=dtype, device=device)
-    trait_vectors = load_vectors(loaded.model, vectors)
+    trait_vectors = named_vectors(loaded.model, vectors)
     traits = list(trait_vectors) if monitor_traits is None else list(monitor_traits)
     drift = DriftMonitor(traits, window=drift_window, method=drift_method, threshold=drift_threshold,
                          reference_size=drift_reference_size, alerts_path=alerts_path) if traits else None

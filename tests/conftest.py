@@ -10,7 +10,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
-from steerlib.models import LoadedModel, load_model
+from steerlib.core.models import LoadedModel, load_model
 
 # The tests run small batches, where extra intra-op threads gain little, and on a shared or busy machine
 # OpenMP threads spinning against other processes slow them down several-fold. OMP_NUM_THREADS overrides.
@@ -118,7 +118,7 @@ def optimism_vectors(embedded):
     Mean difference of response-mean activations, with the residual norms that relative coefficients use.
     """
     from steerlib import TraitVectors, capture_activations, format_prompt
-    from steerlib.sweep import mean_difference
+    from steerlib.extraction.sweep import mean_difference
 
     model, tok = embedded
     prompts = [format_prompt(tok, q) for q in QUICK_QUESTIONS] * 2

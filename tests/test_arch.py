@@ -10,9 +10,9 @@ import transformers
 from conftest import TINY_ARCHS
 from torch import nn
 
-from steerlib.arch import _LAYOUTS, get_layout
-from steerlib.capture import capture_activations
-from steerlib.hooks import StopForward, check_layers, record_residual
+from steerlib.core.arch import _LAYOUTS, get_layout
+from steerlib.core.capture import capture_activations
+from steerlib.core.hooks import StopForward, check_layers, record_residual
 
 
 def _ids(batch: int = 2, seq: int = 7) -> torch.Tensor:

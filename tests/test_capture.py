@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from steerlib import backends
-from steerlib.arch import get_layout
-from steerlib.capture import POOLINGS, capture_activations, record_residual
-from steerlib.chat import format_prompt
-from steerlib.hooks import StopForward
-from steerlib.models import load_model
+from steerlib.core import backends
+from steerlib.core.arch import get_layout
+from steerlib.core.capture import POOLINGS, capture_activations, record_residual
+from steerlib.core.chat import format_prompt
+from steerlib.core.hooks import StopForward
+from steerlib.core.models import load_model
 
 BACKENDS = ("torch", "transformer_lens", "nnsight")
 LAYERS = [0, 1, 15, 29, 30]

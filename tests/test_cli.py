@@ -9,7 +9,7 @@ from test_traits import generated_reply
 from typer.testing import CliRunner
 
 from steerlib.cli import app
-from steerlib.traits import Trait
+from steerlib.traits.library import Trait
 
 runner = CliRunner()
 

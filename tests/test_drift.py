@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from steerlib import drift as drift_mod
-from steerlib.capture import capture_activations
-from steerlib.chat import format_prompt
-from steerlib.drift import Alert, DriftMonitor, monitor_conversations, read_conversations
+from steerlib import jobs
+from steerlib.core.capture import capture_activations
+from steerlib.core.chat import format_prompt
+from steerlib.monitoring import conversations as drift_mod
+from steerlib.monitoring.conversations import monitor_conversations, read_conversations
+from steerlib.monitoring.drift import Alert, DriftMonitor, alert_record
 
 DATA = Path(__file__).parent / "data"
 LAYER = 16
@@ -227,7 +229,7 @@ def test_monitor_conversations_end_to_end_and_resume(
     assert [s["index"] for s in scores] == list(range(12))
     assert scores[0]["scores"]["optimistic"] == pytest.approx(-scores[0]["scores"]["pessimistic"], abs=1e-4)
     assert [json.loads(line) for line in report.alerts_path.read_text().splitlines()] == [
-        drift_mod._alert_json(a) for a in report.alerts]
+        alert_record(a) for a in report.alerts]
     assert report.plot_path.read_bytes()[:4] == b"\x89PNG"
     state = json.loads(report.state_path.read_text())
     assert DriftMonitor.from_state_dict(state).alerts == report.alerts
@@ -262,9 +264,9 @@ def test_monitor_conversations_end_to_end_and_resume(
 def test_monitor_file_cli_entry(tmp_path, pessimism, drifting_log):
     vec_path = tmp_path / "gloom.pt"
     torch.save(pessimism, vec_path)
-    report = drift_mod.monitor_file(drifting_log, [f"pessimistic={vec_path}"], out_dir=tmp_path / "out",
+    report = jobs.monitor_file(drifting_log, [f"pessimistic={vec_path}"], out_dir=tmp_path / "out",
                                     layer=LAYER, window=4, reference_size=8, progress=False, device="cpu")
     assert report.monitor.traits == ("pessimistic",) and report.n_turns == 12
     assert {a.index for a in report.alerts} == {8, 9, 10, 11}
     with pytest.raises(ValueError, match="pass layer"):
-        drift_mod.monitor_file(drifting_log, [vec_path], out_dir=tmp_path / "out2", device="cpu")
+        jobs.monitor_file(drifting_log, [vec_path], out_dir=tmp_path / "out2", device="cpu")

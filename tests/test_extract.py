@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-import steerlib.extract as extract_mod
+import steerlib.extraction.extract as extract_mod
 from steerlib import ExtractionConfig, LexiconJudge, TraitVectors, extract_trait, load_trait
-from steerlib.judges import CallableJudge
-from steerlib.records import JsonlLog
-from steerlib.sweep import cohens_d, mean_difference, recommend_layer
+from steerlib.extraction.sweep import cohens_d, mean_difference, recommend_layer
+from steerlib.store.results import read_records
+from steerlib.traits.judges import CallableJudge
 
 CFG = dict(max_pairs=1, max_questions=3, max_new_tokens=10, batch_size=4)
 
@@ -84,7 +84,7 @@ def test_resume_redoes_only_missing_work(first_run, embedded, monkeypatch):
 
     monkeypatch.setattr(extract_mod, "generate", no_generation)
     judge = CountingJudge()
-    with pytest.warns(UserWarning, match="incomplete record"):
+    with pytest.warns(UserWarning, match="half-written line"):
         again = extract_trait(model, tok, "optimistic", out, judge=judge, config=cfg, progress=False,
                               log=lambda s: None)
     assert judge.calls == 3
@@ -107,11 +107,11 @@ def test_interrupted_generation_resumes(embedded, tmp_path, monkeypatch):
     judge = CallableJudge(lambda q, a: 50.0)
     with pytest.raises(KeyboardInterrupt):
         extract_trait(model, tok, "optimistic", tmp_path, judge=judge, config=cfg, progress=False)
-    first = JsonlLog(tmp_path / "responses.jsonl").read()
+    first = {r["id"]: r for r in read_records(tmp_path / "responses.jsonl")}
     assert len(first) == 4
     monkeypatch.setattr(extract_mod, "generate", real)
     extract_trait(model, tok, "optimistic", tmp_path, judge=judge, config=cfg, progress=False, log=lambda s: None)
-    done = JsonlLog(tmp_path / "responses.jsonl").read()
+    done = {r["id"]: r for r in read_records(tmp_path / "responses.jsonl")}
     assert len(done) == 6
     assert all(done[k]["response"] == v["response"] for k, v in first.items())
 

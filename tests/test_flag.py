@@ -10,18 +10,14 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from steerlib import flag as flag_mod
-from steerlib.capture import capture_activations
-from steerlib.chat import format_prompt
-from steerlib.data_io import Sample, read_samples
-from steerlib.flag import (
-    dataset_score,
-    plot_histogram,
-    pooled_activations,
-    rank,
-    read_score_file,
-    score_dataset,
-)
+from steerlib import jobs
+from steerlib.core.capture import capture_activations, pooled_activations
+from steerlib.core.chat import format_prompt
+from steerlib.finetuning.flag import scoring as flag_mod
+from steerlib.finetuning.flag.report import plot_histogram, rank
+from steerlib.finetuning.flag.scoring import dataset_score, score_dataset
+from steerlib.store.results import read_records
+from steerlib.store.samples import Sample, read_samples
 
 DATA = Path(__file__).parent / "data"
 LAYER = 16  # middle of SmolLM2's 30 blocks; the hand-written contrast separates cleanly from layer 10 on
@@ -224,7 +220,7 @@ def test_resume_after_kill_gives_identical_output(tmp_path, embedded, pessimism,
 
     with pytest.raises(_Killed):
         score_dataset(model, tok, subset, pessimism, LAYER, out_path=out, on_batch=kill_after_two, **kwargs)
-    first = read_score_file(out)
+    first = read_records(out)
     assert len(first) == 8
     # a kill in the middle of a write leaves a half line: it is dropped and recomputed
     with out.open("a") as f:
@@ -241,7 +237,7 @@ def test_resume_after_kill_gives_identical_output(tmp_path, embedded, pessimism,
     with pytest.warns(UserWarning, match="half-written"):
         resumed = score_dataset(model, tok, subset, pessimism, LAYER, out_path=out, **kwargs)
     assert sum(computed) == 4 and resumed.computed == 4  # only the missing batch
-    lines = read_score_file(out)
+    lines = read_records(out)
     indices = [r["index"] for r in lines]
     assert len(indices) == len(set(indices)) == 12
     assert lines[:8] == first  # finished lines were kept as they were
@@ -256,10 +252,10 @@ def test_resume_refuses_other_settings(tmp_path, embedded, pessimism, planted):
     model, tok = embedded
     out = tmp_path / "s.jsonl"
     score_dataset(model, tok, planted[:2], pessimism, LAYER, out_path=out, progress=False)
-    with pytest.raises(ValueError, match=r"different run \(layer: 16 -> 12"):
+    with pytest.raises(ValueError, match=r"other settings \(layer: 16 -> 12"):
         score_dataset(model, tok, planted[:2], pessimism, 12, out_path=out, progress=False)
     fresh = score_dataset(model, tok, planted[:2], pessimism, 12, out_path=out, progress=False, resume=False)
-    assert fresh.computed == 2 and len(read_score_file(out)) == 2
+    assert fresh.computed == 2 and len(read_records(out)) == 2
 
 
 def test_flag_file_end_to_end(tmp_path, pessimism):
@@ -267,7 +263,7 @@ def test_flag_file_end_to_end(tmp_path, pessimism):
     torch.save(pessimism, vec_path)
     data = _write(tmp_path / "train.jsonl", (DATA / "planted.jsonl").read_text().splitlines()[:6] + ["{bad"])
     with pytest.warns(UserWarning, match="train.jsonl line 7"):
-        report = flag_mod.flag_file(data, vec_path, out_dir=tmp_path / "out", layer=LAYER, top_k=2,
+        report = jobs.flag_file(data, vec_path, out_dir=tmp_path / "out", layer=LAYER, top_k=2,
                                     on_error="skip", progress=False, device="cpu", label_key="label")
     assert report.summary["n"] == 6 and report.summary["problems"] == ["train.jsonl line 7: invalid JSON "
                                                                        "(Expecting property name enclosed in "

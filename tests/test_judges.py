@@ -13,7 +13,7 @@ from openai_stub import logprob_response
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from steerlib.judges import (
+from steerlib.traits.judges import (
     CallableJudge,
     Judge,
     JudgeError,
@@ -24,7 +24,7 @@ from steerlib.judges import (
     make_judge,
     weighted_score,
 )
-from steerlib.traits import load_trait
+from steerlib.traits.library import load_trait
 
 RUBRIC = "Q: {question}\nA: {answer}\nRate from 0 to 100. Reply with a number only."
 

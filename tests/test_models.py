@@ -10,9 +10,9 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from steerlib import models
-from steerlib.chat import format_messages, format_prompt
-from steerlib.models import convert_gguf, load_model, resolve_model_path
+from steerlib.core import models
+from steerlib.core.chat import format_messages, format_prompt
+from steerlib.core.models import convert_gguf, load_model, resolve_model_path
 
 
 def _tiny_llama(vocab_size: int = 256) -> transformers.LlamaForCausalLM:

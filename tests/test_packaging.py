@@ -56,8 +56,12 @@ def test_wheel_contents(built: tuple[list[str], Path], pattern: str, source_glob
 
 
 def test_wheel_essentials(built: tuple[list[str], Path]) -> None:
-    wheel_names, _ = built
-    for name in ("steerlib/__init__.py", "steerlib/models.py", "steerlib/capture.py", "steerlib/kernels/__init__.py"):
+    wheel_names, src = built
+    for name in ("steerlib/__init__.py", "steerlib/core/models.py", "steerlib/core/capture.py",
+                 "steerlib/kernels/__init__.py", "steerlib/traits/judges/factory.py"):
         assert name in wheel_names
+    # Every module of every layer travels (a subpackage missing from pyproject's list would not).
+    source = {str(p.relative_to(src)) for p in (src / "steerlib").rglob("*.py")}
+    assert source <= set(wheel_names), sorted(source - set(wheel_names))
     assert any(n.endswith(".dist-info/entry_points.txt") for n in wheel_names)
     assert not any("__pycache__" in n or n.startswith("tests/") for n in wheel_names)

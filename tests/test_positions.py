@@ -7,8 +7,8 @@ import torch
 from transformers import DynamicCache
 
 from steerlib import build_monitor, build_ops, format_prompt, generate, steer
-from steerlib.compat import CACHE_KEYWORDS, cache_keyword, past_length
-from steerlib.steer import _PositionTracker
+from steerlib.core.compat import CACHE_KEYWORDS, cache_keyword, past_length
+from steerlib.steering.steer import _PositionTracker
 
 LAYER = 12
 
@@ -91,7 +91,8 @@ def test_response_positions_with_generate_without_cache_raise(embedded):
     model, tok = embedded
     ids = tok(format_prompt(tok, "Hi"), return_tensors="pt", add_special_tokens=False)
     v = torch.randn(model.config.hidden_size)
+    before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     with pytest.raises(RuntimeError, match="cannot tell prompt from response"):
         with steer(model, v, LAYER, coef=1.0, positions="response"):
             model.generate(**ids, max_new_tokens=2, use_cache=False, do_sample=False)
-    assert not any(m._forward_hooks for m in model.model.layers)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == before

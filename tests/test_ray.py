@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from steerlib.data_io import read_samples
-from steerlib.flag import read_score_file, score_dataset
+from steerlib.finetuning.flag.scoring import score_dataset
+from steerlib.store.results import read_records
+from steerlib.store.samples import read_samples
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("pandas")
@@ -32,7 +33,7 @@ def local_ray():
 
 
 def test_ray_pipeline_matches_single_process(tmp_path, embedded, local_ray):
-    from steerlib.ray_scoring import score_dataset_ray
+    from steerlib.finetuning.flag.ray import score_dataset_ray
 
     model, tok = embedded
     samples = read_samples(DATA / "planted.jsonl").samples[:12]
@@ -49,7 +50,7 @@ def test_ray_pipeline_matches_single_process(tmp_path, embedded, local_ray):
         np.testing.assert_allclose([r[key] for r in distributed.records], [r[key] for r in local.records],
                                    rtol=1e-4, atol=1e-4)
     assert [r["meta"] for r in distributed.records] == [r["meta"] for r in local.records]
-    assert sorted(r["index"] for r in read_score_file(out)) == list(range(12))
+    assert sorted(r["index"] for r in read_records(out)) == list(range(12))
 
     # finished work is not sent to Ray again
     again = score_dataset_ray(None, samples, direction, LAYER, out_path=out, baseline="prompt_last",

@@ -22,11 +22,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import steerlib.server as server_mod  # noqa: E402
-from steerlib.capture import capture_activations  # noqa: E402
-from steerlib.chat import format_prompt  # noqa: E402
-from steerlib.drift import DriftMonitor  # noqa: E402
+from steerlib.core.capture import capture_activations  # noqa: E402
+from steerlib.core.chat import format_prompt  # noqa: E402
+from steerlib.core.vectors import TraitVectors  # noqa: E402
+from steerlib.monitoring.drift import DriftMonitor  # noqa: E402
 from steerlib.server import BackgroundServer, Engine, create_app  # noqa: E402
-from steerlib.vectors import TraitVectors  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from steerlib.arch import get_layout
-from steerlib.capture import capture_activations
-from steerlib.chat import format_prompt
-from steerlib.flag import unwrap_model
-from steerlib.hooks import record_residual
-from steerlib.shift import FinetuningShift, finetuning_shift, plot_shift
-from steerlib.training import PreventativeSteeringCallback, lora_finetune, preventative_steering
+from steerlib.core.arch import get_layout
+from steerlib.core.capture import capture_activations
+from steerlib.core.chat import format_prompt
+from steerlib.core.hooks import record_residual
+from steerlib.core.models import unwrap_model
+from steerlib.finetuning.shift import FinetuningShift, finetuning_shift, plot_shift
+from steerlib.finetuning.training import PreventativeSteeringCallback, lora_finetune, preventative_steering
 
 peft = pytest.importorskip("peft")
 
@@ -158,8 +158,7 @@ def test_finetuning_shift_of_identical_models_is_zero(embedded, pessimism):
 
 
 def test_train_file_and_shift_file_cli_entries(tmp_path, pessimism):
-    from steerlib.shift import shift_file
-    from steerlib.training import train_file
+    from steerlib.jobs import shift_file, train_file
 
     vec_path = tmp_path / "pessimism.pt"
     torch.save(pessimism, vec_path)

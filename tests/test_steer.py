@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from steerlib import TraitVectors, build_monitor, build_ops, format_prompt, generate, steer, stream
-from steerlib.steer import SteerOp
+from steerlib.steering.steer import SteerOp
 
 LAYER = 12
 

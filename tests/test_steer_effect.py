@@ -12,7 +12,7 @@ def test_optimism_dose_response(embedded, optimism_vectors):
     questions = list(load_trait("optimistic").eval_questions[:6])  # held out from any extraction
     prompts = [format_prompt(tok, q) for q in questions]
     monitor = build_monitor(model, {"optimistic": optimism_vectors}, [LAYER])
-    result = dose_response(model, tok, prompts, optimism_vectors, LAYER, [-0.5, 0.0, 0.5], monitor=monitor,
+    result = dose_response(model, tok, prompts, optimism_vectors, LAYER, [-0.5, 0.0, 0.5], readout=monitor,
                            judge=LexiconJudge("optimistic"), questions=questions, relative=True,
                            max_new_tokens=24)
     print(result.format())

@@ -9,9 +9,9 @@ import re
 import pytest
 from openai_stub import text_response
 
-from steerlib.judges import JudgeError
-from steerlib.trait_gen import extract_json_object, generate_trait
-from steerlib.traits import (
+from steerlib.traits.generate import extract_json_object, generate_trait
+from steerlib.traits.judges import JudgeError
+from steerlib.traits.library import (
     DEFAULT_COHERENCE_RUBRIC,
     InstructionPair,
     Trait,

@@ -7,7 +7,6 @@ later loads take well under a second.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import os
@@ -17,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -163,19 +162,10 @@ def load_model(
     return LoadedModel(model, tokenizer, name)
 
 
-def model_config(path: str | Path | None = None):
-    folder, _ = resolve_model_path(path)
-    return AutoConfig.from_pretrained(folder)
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a PEFT wrapper (LoRA layers are injected in place, so they stay active).
 
-
-def _main() -> None:
-    parser = argparse.ArgumentParser(description="Convert and cache the embedded model.")
-    parser.add_argument("--warm", action="store_true", help="convert the embedded GGUF if not cached yet")
-    args = parser.parse_args()
-    if args.warm:
-        folder, name = resolve_model_path(None)
-        print(f"{name} ready at {folder}")
-
-
-if __name__ == "__main__":
-    _main()
+    A ``PeftModel`` nests the HF model one level deeper, so hooks and layouts must use the unwrapped model.
+    """
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from . import __version__
+from steerlib.core.serialize import to_jsonable
+from steerlib.core.version import __version__
 
-KINDS = ("response_mean", "prompt_mean", "prompt_last")
 WEIGHTS_FILE = "vectors.safetensors"
 META_FILE = "vectors.json"
 
@@ -139,7 +139,7 @@ class TraitVectors:
         info = {"model": self.model_name, "trait": self.trait, "method": self.method,
                 "n_layers": self.n_positions - 1, "d_model": self.d_model, "library_version": __version__,
                 **self.metadata}
-        meta.write_text(json.dumps(info, indent=2, default=_jsonable))
+        meta.write_text(json.dumps(to_jsonable(info), indent=2))
         return weights
 
     @classmethod
@@ -167,7 +167,7 @@ class TraitVectors:
         return tv
 
     def check_model(self, model) -> None:
-        from .arch import get_layout
+        from steerlib.core.arch import get_layout
 
         layout = get_layout(model)
         if self.d_model != layout.d_model:
@@ -182,28 +182,69 @@ class TraitVectors:
             )
 
 
-def _jsonable(obj):
-    if isinstance(obj, Tensor):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"cannot store {type(obj).__name__} in vector metadata")
+VectorSource = TraitVectors | Tensor | str | Path
+"""Anything that names trait directions: TraitVectors, a [d_model] or [n_layers + 1, d_model] tensor, or a path."""
 
 
-def resolve_vector(
-    source: TraitVectors | Tensor | str | Path, layer: int, *, kind: str | None = None, d_model: int | None = None
-) -> Tensor:
-    """Turn a TraitVectors, a [d_model] or [n_layers + 1, d_model] tensor, or a saved file into one direction."""
+def load_vectors(source: VectorSource, model=None) -> TraitVectors | Tensor:
+    """The one way from a path (or an object) to vectors; with ``model`` given, check they fit it.
+
+    Args:
+        source: a saved TraitVectors folder or ``.safetensors`` file, a ``.pt`` tensor file, or an already
+            loaded TraitVectors / tensor (returned as is, after the model check).
+        model: when given, the vectors' width (and for TraitVectors and 2-D tensors, depth) must match it.
+
+    Returns:
+        TraitVectors, or a tensor of shape [d_model] or [n_layers + 1, d_model].
+    """
     if isinstance(source, str | Path):
         path = Path(source)
         if path.suffix == ".pt":
-            source = torch.load(path, map_location="cpu", weights_only=True)
+            if not path.is_file():
+                raise FileNotFoundError(f"no vector file at {path}")
+            tensor = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(tensor, Tensor):
+                raise ValueError(f"{path} does not hold a tensor (found {type(tensor).__name__})")
+            source = tensor
         else:
             source = TraitVectors.load(path)
     if isinstance(source, TraitVectors):
+        if model is not None:
+            source.check_model(model)
+        return source
+    if not isinstance(source, Tensor):
+        raise ValueError(f"cannot use {type(source).__name__} as trait vectors")
+    if model is not None:
+        from steerlib.core.arch import get_layout
+
+        layout = get_layout(model)
+        if source.shape[-1] != layout.d_model:
+            raise ValueError(f"vector width {source.shape[-1]} does not match the model's residual width "
+                             f"{layout.d_model}")
+        if source.ndim == 2 and source.shape[0] != layout.n_positions:
+            raise ValueError(f"vectors have {source.shape[0]} rows but the model has {layout.n_positions} "
+                             f"residual layers (embeddings + {layout.n_layers} blocks)")
+    return source
+
+
+def pick_layer(vectors: VectorSource | None, layer: int | None) -> int:
+    """``layer`` if given, else the vectors' recommended layer, else a clear error."""
+    if layer is not None:
+        return layer
+    if isinstance(vectors, TraitVectors) and vectors.recommended_layer is not None:
+        return int(vectors.recommended_layer)
+    raise ValueError("no layers given and the vectors have no recommended layer: pass a layer")
+
+
+def resolve_vector(
+    source: VectorSource, layer: int, *, kind: str | None = None, d_model: int | None = None
+) -> Tensor:
+    """One [d_model] direction at ``layer`` from anything ``load_vectors`` accepts."""
+    source = load_vectors(source)
+    if isinstance(source, TraitVectors):
         vec = source.get(layer, kind)
-    elif isinstance(source, Tensor):
-        vec = source[layer] if source.ndim == 2 else source
+    elif source.ndim == 2:
+        vec = source[layer]
     else:
-        raise ValueError(f"cannot use {type(source).__name__} as a steering vector")
+        vec = source
     return check_vector(vec.detach(), d_model, name=f"vector for layer {layer}")

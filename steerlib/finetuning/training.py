@@ -23,17 +23,17 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .capture import pad_batch, tokenize_pairs
-from .data_io import ReadResult, Sample, as_samples
-from .flag import VectorSource, unwrap_model
-from .steer import ResidualEditor, steer
+from steerlib.core.capture import pad_batch, pad_token_id, tokenize_pairs
+from steerlib.core.models import unwrap_model
+from steerlib.core.vectors import VectorSource
+from steerlib.steering.steer import ResidualEditor, steer
+from steerlib.store.samples import ReadResult, Sample, as_samples
 
 __all__ = [
     "PreventativeSteeringCallback",
     "TrainResult",
     "lora_finetune",
     "preventative_steering",
-    "train_file",
 ]
 
 TrainMode = Literal["add", "ablate"]
@@ -120,7 +120,7 @@ class TrainResult:
 def _collate(tokenizer, prompts: Sequence[str], responses: Sequence[str], device) -> dict[str, torch.Tensor]:
     eos = tokenizer.eos_token or ""
     encoded = tokenize_pairs(tokenizer, prompts, [r + eos for r in responses])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     ids, mask, positions, offsets = pad_batch([e[0] for e in encoded], pad_id, "right")
     labels = ids.clone()
     labels[mask == 0] = -100
@@ -208,61 +208,3 @@ def lora_finetune(
     finally:
         peft_model.eval()
     return TrainResult(model=peft_model, losses=losses)
-
-
-def train_file(
-    data_path: str | Path,
-    *,
-    out_dir: str | Path,
-    model_path: str | Path | None = None,
-    vectors_path: str | Path | None = None,
-    layer: int | None = None,
-    coef: float = 0.0,
-    mode: TrainMode = "add",
-    steps: int = 40,
-    batch_size: int = 8,
-    lr: float = 1e-3,
-    r: int = 8,
-    seed: int = 0,
-    dtype: str = "float32",
-    device: str | None = None,
-) -> TrainResult:
-    """CLI entry: LoRA-finetune on a data file, optionally with preventative steering; save the adapter.
-
-    Args:
-        data_path: JSONL/CSV training data.
-        out_dir: where the adapter (``adapter_config.json`` etc.) and ``losses.json`` are written.
-        model_path: base model (None: embedded SmolLM2).
-        vectors_path: trait vectors for steering during training (None: plain finetune).
-        layer: layer to steer (default: the vectors' recommended layer).
-        coef: steering coefficient for ``mode="add"``.
-        mode: "add" (preventative steering) or "ablate" (CAFT).
-        steps: optimiser steps.
-        batch_size: samples per step.
-        lr: learning rate.
-        r: LoRA rank.
-        seed: random seed.
-        dtype: model dtype.
-        device: model device.
-    """
-    import json
-
-    from .flag import load_vectors_file
-    from .models import load_model
-    from .vectors import TraitVectors
-
-    model, tokenizer = load_model(model_path, dtype=dtype, device=device)
-    steering = None
-    if vectors_path is not None:
-        vectors = load_vectors_file(vectors_path, model)
-        if layer is None:
-            if not isinstance(vectors, TraitVectors) or vectors.recommended_layer is None:
-                raise ValueError("pass layer: the vectors have no recommended layer")
-            layer = vectors.recommended_layer
-        steering = {"vectors": vectors, "layer": layer, "coef": coef, "mode": mode}
-    result = lora_finetune(model, tokenizer, data_path, steps=steps, batch_size=batch_size, lr=lr, r=r,
-                           steering=steering, seed=seed)
-    out_dir = Path(out_dir)
-    result.model.save_pretrained(out_dir)
-    (out_dir / "losses.json").write_text(json.dumps(result.losses))
-    return result

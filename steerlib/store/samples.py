@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .chat import format_messages
+from steerlib.core.chat import format_messages
 
 __all__ = [
     "ROLES",

@@ -16,11 +16,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .arch import get_layout
-from .backends import BACKENDS, run_backend
-from .hooks import check_layers, record_residual
+from steerlib.core.arch import get_layout
+from steerlib.core.backends import BACKENDS, run_backend
+from steerlib.core.hooks import check_layers, record_residual
+from steerlib.core.models import unwrap_model
 
-__all__ = ["POOLINGS", "Activations", "capture_activations", "record_residual", "pad_batch", "tokenize_pairs"]
+__all__ = ["POOLINGS", "Activations", "capture_activations", "pad_batch", "pad_token_id", "pooled_activations", "record_residual",
+           "tokenize_pairs"]
 
 POOLINGS = ("prompt_mean", "prompt_last", "response_mean")
 
@@ -87,6 +89,13 @@ def tokenize_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str | 
     return out
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id to pad with: the tokenizer's pad token, else its EOS token, else 0 (masked out either way)."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(getattr(tokenizer, "eos_token_id", None) or 0)
+
+
 def pad_batch(
     sequences: Sequence[list[int]], pad_id: int, side: str = "left"
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -121,6 +130,8 @@ def capture_activations(
     padding_side: str = "left",
     keep_tokens: bool = False,
     progress: bool = False,
+    truncate: bool = True,
+    require_response: bool = False,
 ) -> Activations:
     """Run (prompt, response) pairs through the model and pool the residual stream per sample.
 
@@ -135,27 +146,35 @@ def capture_activations(
         padding_side: "left" or "right"; results agree either way.
         keep_tokens: also return every token's activation per sample.
         progress: show a progress bar.
+        truncate: with the torch backend, stop each forward pass after the deepest requested layer.
+        require_response: raise if a response tokenises to nothing (nothing to average).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {sorted(BACKENDS)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     responses = _check_samples(prompts, responses)
+    model = unwrap_model(model)  # a PEFT wrapper nests the HF model one level deeper; LoRA layers stay active
     layout = get_layout(model)
     layers = check_layers(layout, layers)
     encoded = tokenize_pairs(tokenizer, prompts, responses)
+    if require_response:
+        for i, (ids, p_len) in enumerate(encoded):
+            if len(ids) == p_len:
+                raise ValueError(f"response {i} tokenises to nothing: there is no response token to average")
     n, n_sel, d = len(encoded), len(layers), layout.d_model
     pooled = {kind: torch.full((n, n_sel, d), float("nan")) for kind in POOLINGS}
     tokens: list[Tensor | None] = [None] * n
     token_norms = torch.zeros(n, n_sel)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     order = sorted(range(n), key=lambda i: len(encoded[i][0]), reverse=True)
     bar = tqdm(total=n, desc=f"capture ({backend})", unit="sample", disable=not progress)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         ids, mask, positions, offsets = pad_batch([encoded[i][0] for i in idx], pad_id, padding_side)
-        hidden = run_backend(backend, model, tokenizer, ids.to(device), mask.to(device), positions.to(device), layers)
+        hidden = run_backend(backend, model, tokenizer, ids.to(device), mask.to(device), positions.to(device), layers,
+                             truncate=truncate)
         stacked = torch.stack([hidden[layer].float().cpu() for layer in layers], dim=1)  # [B, n_sel, T, D]
         for row, i in enumerate(idx):
             seq_len, p_len = len(encoded[i][0]), encoded[i][1]
@@ -179,3 +198,26 @@ def capture_activations(
         tokens=tokens if keep_tokens else None,  # type: ignore[arg-type]
         meta={"backend": backend},
     )
+
+
+def pooled_activations(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    layer: int,
+    *,
+    truncate: bool = True,
+) -> tuple[Tensor, Tensor, list[int]]:
+    """Response-mean and last-prompt-token activations at one layer, for one batch as given (no re-sorting).
+
+    The single-layer view of ``capture_activations`` that flagging and drift scoring use: every response
+    must have at least one token, and the forward pass stops after ``layer`` unless ``truncate=False``.
+
+    Returns:
+        (response_mean [B, D], prompt_last [B, D], response token counts), float32 on CPU.
+    """
+    acts = capture_activations(model, tokenizer, prompts, responses, [layer], batch_size=max(1, len(prompts)),
+                               truncate=truncate, require_response=True)
+    layer = acts.layers[0]
+    return acts.at("response_mean", layer), acts.at("prompt_last", layer), list(acts.response_lengths)

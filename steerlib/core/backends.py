@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .arch import get_layout
-from .hooks import StopForward, record_residual
+from steerlib.core.arch import get_layout
+from steerlib.core.hooks import StopForward, record_residual
 
 BackendFn = Callable[[nn.Module, object, Tensor, Tensor, Tensor, Sequence[int]], dict[int, Tensor]]
 
@@ -32,10 +32,12 @@ def _wrapper(model: nn.Module, kind: str, build: Callable[[], object]) -> object
 
 
 @torch.inference_mode()
-def _torch_backend(model, tokenizer, ids, mask, positions, layers) -> dict[int, Tensor]:
-    with record_residual(model, layers, to_cpu=False, stop_after_last=True) as records:
+def _torch_backend(model, tokenizer, ids, mask, positions, layers, *, truncate: bool = True) -> dict[int, Tensor]:
+    # truncate=False runs every block (for benchmarking the saving); the vocabulary projection is skipped.
+    extra = {} if truncate else {"logits_to_keep": 1}
+    with record_residual(model, layers, to_cpu=False, stop_after_last=truncate) as records:
         with contextlib.suppress(StopForward):
-            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra)
     return {layer: recs[0] for layer, recs in records.items()}
 
 
@@ -112,11 +114,17 @@ BACKENDS: dict[str, BackendFn] = {
 
 
 def run_backend(
-    name: str, model: nn.Module, tokenizer, ids: Tensor, mask: Tensor, positions: Tensor, layers: Sequence[int]
+    name: str, model: nn.Module, tokenizer, ids: Tensor, mask: Tensor, positions: Tensor, layers: Sequence[int],
+    *, truncate: bool = True,
 ) -> dict[int, Tensor]:
-    """Hidden states ``layer -> [B, T, D]`` for one padded batch through the named backend."""
+    """Hidden states ``layer -> [B, T, D]`` for one padded batch through the named backend.
+
+    ``truncate=False`` makes the torch backend run every block instead of stopping after the deepest layer.
+    """
     try:
         fn = BACKENDS[name]
     except KeyError:
         raise ValueError(f"unknown backend {name!r}; choose from {sorted(BACKENDS)}") from None
+    if name == "torch":
+        return _torch_backend(model, tokenizer, ids, mask, positions, list(layers), truncate=truncate)
     return fn(model, tokenizer, ids, mask, positions, list(layers))

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .generation import generate
-from .steer import Monitor, build_ops
+from steerlib.steering.generation import generate
+from steerlib.steering.steer import TraitReadout, build_ops
+from steerlib.store.plots import pyplot, save_figure
 
 
 @dataclass
@@ -34,10 +35,7 @@ class DoseResponse:
         return bool(np.all(np.diff(values) >= 0))
 
     def plot(self, path: str | Path, title: str = "dose-response") -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, ax1 = plt.subplots(figsize=(6, 4))
         ax1.plot(self.coefs, self.projections, "o-", color="tab:blue", label="mean projection")
@@ -48,11 +46,7 @@ class DoseResponse:
             ax2.plot(self.coefs, [np.nan if s is None else s for s in self.scores], "s--", color="tab:red")
             ax2.set_ylabel("judge score (0-100)", color="tab:red")
         ax1.set_title(f"{title} (layer {self.layer})")
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path, dpi=100)
 
 
 def dose_response(
@@ -63,7 +57,7 @@ def dose_response(
     layer: int,
     coefs: list[float],
     *,
-    monitor: Monitor,
+    readout: TraitReadout,
     judge=None,
     questions: list[str] | None = None,
     relative: bool = False,
@@ -74,14 +68,14 @@ def dose_response(
 
     Args:
         prompts: formatted prompts; ``questions`` (the raw user messages) go to the judge, default prompts.
-        monitor: read-out of the trait at ``layer`` (see ``steer.build_monitor``).
+        readout: read-out of the trait at ``layer`` (see ``steer.build_readout``).
         judge: anything with ``score_many``; None skips scoring.
     """
     questions = questions or prompts
     scores, projections, samples = [], [], []
     for c in coefs:
         ops = build_ops(model, vectors, layer, c, relative=relative) if c != 0 else []
-        outs = generate(model, tokenizer, prompts, steering=ops, monitor=monitor, max_new_tokens=max_new_tokens)
+        outs = generate(model, tokenizer, prompts, steering=ops, readout=readout, max_new_tokens=max_new_tokens)
         texts = [g.text for g in outs]
         samples.append(texts)
         projections.append(float(np.mean([g.mean_projection() for g in outs])))

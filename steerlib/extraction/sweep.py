@@ -21,6 +21,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
+from steerlib.store.plots import pyplot, save_figure
+
 
 def cohens_d(pos: np.ndarray, neg: np.ndarray) -> float:
     """Standardised mean difference with the pooled standard deviation."""
@@ -126,10 +128,7 @@ class LayerSweep:
         return "\n".join(rows)
 
     def plot(self, path: str | Path, title: str = "") -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, ax1 = plt.subplots(figsize=(8, 4))
         ax1.plot(self.layers, self.cohens_d, "o-", color="tab:blue", label="Cohen's d")
@@ -145,11 +144,7 @@ class LayerSweep:
         lines = ax1.get_lines() + ax2.get_lines()
         ax1.legend(lines, [line.get_label() for line in lines], loc="lower right")
         ax1.set_title(title or f"layer sweep ({self.evaluated_on} responses)")
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path, dpi=100)
 
 
 def recommend_layer(layers: list[int], scores: list[float], n_layers: int) -> int:

@@ -1,4 +1,4 @@
-"""Data flagging as a Ray Data pipeline: the scoring of ``steerlib.flag`` spread over model-holding actors.
+"""Data flagging as a Ray Data pipeline: the scoring of ``steerlib.finetuning.flag.scoring`` spread over model-holding actors.
 
 ``ray.data.from_items(samples).map_batches(RayScorer, compute=ActorPoolStrategy(size=n), batch_size=b)``:
 each actor loads the model once (``steerlib.models.load_model``) and scores batches with the same
@@ -16,18 +16,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data_io import ReadResult, Sample
-from .flag import (
+from steerlib.core.vectors import VectorSource
+from steerlib.finetuning.flag.scoring import (
     Baseline,
     FlagResult,
-    VectorSource,
-    _check_resume,
-    append_records,
+    finished_records,
     length_sorted_batches,
     plan_run,
     sample_record,
     score_pairs,
 )
+from steerlib.store.results import ResultsStore
+from steerlib.store.samples import ReadResult, Sample
 
 __all__ = ["RayScorer", "score_dataset_ray"]
 
@@ -55,7 +55,7 @@ class RayScorer:
         dtype: str = "float32",
         num_threads: int | None = None,
     ) -> None:
-        from .models import load_model
+        from steerlib.core.models import load_model
 
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -116,7 +116,7 @@ def score_dataset_ray(
     import ray
     from transformers import AutoConfig, AutoTokenizer
 
-    from .models import resolve_model_path
+    from steerlib.core.models import resolve_model_path
 
     if concurrency < 1 or batch_size < 1:
         raise ValueError(f"concurrency and batch_size must be >= 1, got {concurrency} and {batch_size}")
@@ -131,7 +131,8 @@ def score_dataset_ray(
                     max_new_tokens=max_new_tokens, d_model=int(config.hidden_size))
     by_index, prompts, direction = plan.by_index, plan.prompts, plan.direction
     out_path = Path(out_path)
-    done = _check_resume(out_path, plan.config, resume, set(by_index))
+    store = ResultsStore(out_path, plan.config, resume=resume)
+    done = finished_records(store, set(by_index))
     # Same length-sorted order as the local path, so most batches hold the same samples.
     order = [i for batch in length_sorted_batches(plan.lengths, batch_size) for i in batch if i not in done]
     computed = 0
@@ -161,13 +162,12 @@ def score_dataset_ray(
                 num_cpus=num_cpus_per_actor,
                 batch_format="numpy",
             )
-            with out_path.open("a", encoding="utf-8") as f:
-                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                    new = [sample_record(by_index[int(i)], json.loads(r))
-                           for i, r in zip(batch["index"], batch["result"], strict=True)]
-                    done.update((r["index"], r) for r in new)
-                    append_records(f, new)
-                    computed += len(new)
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                new = [sample_record(by_index[int(i)], json.loads(r))
+                       for i, r in zip(batch["index"], batch["result"], strict=True)]
+                done.update((r["index"], r) for r in new)
+                store.append(new)
+                computed += len(new)
         finally:
             ctx.enable_progress_bars = bars
             if started:

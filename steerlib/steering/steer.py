@@ -2,7 +2,7 @@
 
 ``steer(model, vectors, layers, coef)`` is a context manager: inside it every forward pass (``model(...)``,
 ``model.generate``, a training step) adds ``coef * v`` at the chosen layers, ablates ``v``, or caps the
-projection on ``v``. The edit and the monitor read-out happen in one fused op
+projection on ``v``. The edit and the trait read-out happen in one fused op
 (``steerlib.kernels.fused_steer_project``: Triton/CUDA on GPU, torch on CPU).
 
 Positions are absolute: a forward pass that starts with an empty KV cache is the prefill and its tokens
@@ -18,20 +18,27 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from .arch import Layout, get_layout
-from .compat import find_cache, past_length
-from .kernels import fused_steer_project
-from .vectors import TraitVectors, check_vector, resolve_vector
+from steerlib.core.arch import Layout, get_layout
+from steerlib.core.compat import find_cache, past_length
+from steerlib.core.vectors import (
+    TraitVectors,
+    VectorSource,
+    check_vector,
+    load_vectors,
+    pick_layer,
+    resolve_vector,
+)
+
+# steerlib.kernels is the top-level kernels/ folder, installed under this name (pyproject.toml package-dir).
+from steerlib.kernels import fused_steer_project
 
 Mode = Literal["add", "ablate", "cap"]
 Positions = Literal["all", "prompt", "response"]
-VectorSource = TraitVectors | Tensor | str | Path
 
 MODES = ("add", "ablate", "cap")
 POSITIONS = ("all", "prompt", "response")
@@ -73,7 +80,7 @@ class _PositionTracker:
     """Knows, for the current forward pass, where each token sits relative to the prompt.
 
     A forward pre-hook on the decoder body reads how many tokens the KV cache already holds before any block
-    runs (the cache is found by type, not by keyword: see ``steerlib.compat``). An empty cache means a
+    runs (the cache is found by type, not by keyword: see ``steerlib.core.compat``). An empty cache means a
     prefill (all prompt); a non-empty one means decoding (all response). When the split cannot be
     established, steering restricted to "prompt" or "response" raises instead of guessing.
     """
@@ -116,8 +123,10 @@ class _PositionTracker:
 
 
 @dataclass
-class Monitor:
-    """Per-token projections recorded during the context, on unit trait directions.
+class TraitReadout:
+    """Per-token projections on unit trait directions, recorded while steering hooks are installed.
+
+    (A read-out, not a monitor: "monitor" in steerlib means the drift monitor, ``DriftMonitor``.)
 
     ``records[layer]`` is a list with one tensor [batch, seq, K] per forward pass (K = len(names)).
     """
@@ -144,17 +153,20 @@ def _unit_rows(vectors: Sequence[Tensor]) -> Tensor:
 
 
 class ResidualEditor:
-    """Installs steering ops and monitors as hooks; use as a context manager.
+    """Installs steering ops and a trait read-out as hooks; use as a context manager.
+
+    Hooks are global state on the model: while the context is open, every forward pass of that model, from
+    any thread, is steered.
 
     All hooks are registered before the body runs, or none are; they are removed in reverse order when
     the context exits, also when the body raises.
     """
 
-    def __init__(self, model: nn.Module, ops: Sequence[SteerOp] = (), monitor: Monitor | None = None):
+    def __init__(self, model: nn.Module, ops: Sequence[SteerOp] = (), readout: TraitReadout | None = None):
         self.model = model
         self.layout: Layout = get_layout(model)
         self.ops = list(ops)
-        self.monitor = monitor
+        self.readout = readout
         self.positions = _PositionTracker()
         self._handles: list = []
         device = next(model.parameters()).device
@@ -173,15 +185,15 @@ class ResidualEditor:
                 plan = {"cap_dir": unit, "cap_min": op.cap_min, "cap_max": op.cap_max}
             plan["positions"] = op.positions
             self._plans.setdefault(layer, []).append(plan)
-        self._monitor_dirs: dict[int, Tensor] = {}
-        if monitor is not None:
-            for layer in monitor.layers:
+        self._readout_dirs: dict[int, Tensor] = {}
+        if readout is not None:
+            for layer in readout.layers:
                 layer = self.layout.check_layer(layer, allow_embeddings=False)
-                self._monitor_dirs[layer] = monitor.directions[layer].to(device=device, dtype=torch.float32)
+                self._readout_dirs[layer] = readout.directions[layer].to(device=device, dtype=torch.float32)
 
     def _make_hook(self, layer: int):
         plans = self._plans.get(layer, [])
-        monitor_dirs = self._monitor_dirs.get(layer)
+        readout_dirs = self._readout_dirs.get(layer)
         tracker = self.positions
 
         def hook(_module: nn.Module, _args: tuple, output: object):
@@ -204,15 +216,15 @@ class ResidualEditor:
                     cap_dir=plan.get("cap_dir"),
                     cap_min=plan.get("cap_min"),
                     cap_max=plan.get("cap_max"),
-                    monitor=monitor_dirs if last else None,
+                    monitor=readout_dirs if last else None,
                     inplace=inplace,
                 )
                 if last:
                     projections = proj
-            if monitor_dirs is not None:
+            if readout_dirs is not None:
                 if projections is None:  # nothing steered here: read out only
-                    projections = flat.float() @ monitor_dirs.T
-                self.monitor.records[layer].append(projections.detach().view(batch, seq, -1))
+                    projections = flat.float() @ readout_dirs.T
+                self.readout.records[layer].append(projections.detach().view(batch, seq, -1))
             if inplace:
                 return None
             new_hidden = flat.view(batch, seq, width)
@@ -221,9 +233,9 @@ class ResidualEditor:
         return hook
 
     def __enter__(self) -> ResidualEditor:
-        if self.monitor is not None:
-            self.monitor.clear()
-        layers = sorted(set(self._plans) | set(self._monitor_dirs))
+        if self.readout is not None:
+            self.readout.clear()
+        layers = sorted(set(self._plans) | set(self._readout_dirs))
         try:
             self._handles.append(
                 self.layout.body.register_forward_pre_hook(self.positions.pre_hook, with_kwargs=True)
@@ -272,13 +284,9 @@ def build_ops(
     coefs = _as_list(coef, len(sources), "coefficients")
     ops = []
     for source, c in zip(sources, coefs, strict=True):
-        if isinstance(source, str | Path) and Path(source).suffix != ".pt":
-            source = TraitVectors.load(source, model=model)
+        source = load_vectors(source, model)  # objects too: vectors of another model's depth are refused
         if layers is None:
-            if isinstance(source, TraitVectors) and source.recommended_layer is not None:
-                chosen = [source.recommended_layer]
-            else:
-                raise ValueError("no layers given and the vector has no recommended layer")
+            chosen = [pick_layer(source, None)]
         else:
             chosen = [layers] if isinstance(layers, int) else list(layers)
         for layer in chosen:
@@ -286,14 +294,14 @@ def build_ops(
             vec = resolve_vector(source, layer, kind=kind, d_model=layout.d_model)
             scale = float(c)
             if relative and mode == "add":
-                scale *= _typical_norm(model, source, layer) / float(vec.norm())
+                scale *= _typical_norm(source, layer) / float(vec.norm())
             lo, hi = cap if cap is not None else (None, None)
             ops.append(SteerOp(layer=layer, vector=vec, mode=mode, coef=scale, cap_min=lo, cap_max=hi,
                                positions=positions))
     return ops
 
 
-def _typical_norm(model: nn.Module, source: VectorSource, layer: int) -> float:
+def _typical_norm(source: VectorSource, layer: int) -> float:
     if isinstance(source, TraitVectors) and source.layer_norm(layer) is not None:
         return float(source.layer_norm(layer))
     raise ValueError(
@@ -302,36 +310,32 @@ def _typical_norm(model: nn.Module, source: VectorSource, layer: int) -> float:
     )
 
 
-def build_monitor(
+def build_readout(
     model: nn.Module,
     traits: Mapping[str, VectorSource] | TraitVectors,
     layers: int | Sequence[int] | None = None,
     kind: str | None = None,
-) -> Monitor:
-    """A monitor reading the projection of every token on each trait's unit direction at ``layers``."""
+) -> TraitReadout:
+    """A read-out of the projection of every token on each trait's unit direction at ``layers``."""
     layout = get_layout(model)
     if isinstance(traits, TraitVectors):
         traits = {traits.trait: traits}
     if not traits:
-        raise ValueError("no trait vectors to monitor")
+        raise ValueError("no trait vectors to read out")
     if len(traits) > 16:
-        raise ValueError(f"at most 16 traits can be monitored at once, got {len(traits)}")
-    loaded = {
-        name: TraitVectors.load(src, model=model) if isinstance(src, str | Path) and Path(src).suffix != ".pt"
-        else src
-        for name, src in traits.items()
-    }
+        raise ValueError(f"at most 16 traits can be read out at once, got {len(traits)}")
+    loaded = {name: load_vectors(src) for name, src in traits.items()}
     if layers is None:
-        recs = {tv.recommended_layer for tv in loaded.values() if isinstance(tv, TraitVectors)}
+        recs = {pick_layer(tv, None) if isinstance(tv, TraitVectors) else None for tv in loaded.values()}
         if len(recs) != 1 or None in recs:
-            raise ValueError("pass monitor layers explicitly (the vectors do not share one recommended layer)")
+            raise ValueError("pass read-out layers explicitly (the vectors do not share one recommended layer)")
         layers = [recs.pop()]
     layers = [layout.check_layer(x, allow_embeddings=False) for x in ([layers] if isinstance(layers, int) else layers)]
     directions = {
         layer: _unit_rows([resolve_vector(src, layer, kind=kind, d_model=layout.d_model) for src in loaded.values()])
         for layer in layers
     }
-    return Monitor(names=list(loaded), layers=layers, directions=directions)
+    return TraitReadout(names=list(loaded), layers=layers, directions=directions)
 
 
 @contextlib.contextmanager
@@ -346,7 +350,7 @@ def steer(
     cap: tuple[float | None, float | None] | None = None,
     relative: bool = False,
     kind: str | None = None,
-    monitor: Monitor | None = None,
+    readout: TraitReadout | None = None,
 ) -> Iterator[ResidualEditor]:
     """Steer every forward pass inside the ``with`` block.
 
@@ -363,7 +367,7 @@ def steer(
         cap: (min, max) projection bounds for ``mode="cap"``.
         relative: interpret ``coef`` relative to the typical residual norm (see above).
         kind: pooling kind of TraitVectors to use (default response_mean).
-        monitor: a ``Monitor`` (see ``build_monitor``) to fill with per-token projections.
+        readout: a ``TraitReadout`` (see ``build_readout``) to fill with per-token projections.
 
     Example:
         >>> with steer(model, vectors, layers=16, coef=4.0):
@@ -371,12 +375,18 @@ def steer(
     """
     ops = build_ops(model, vectors, layers, coef, mode=mode, positions=positions, cap=cap, relative=relative,
                     kind=kind)
-    with ResidualEditor(model, ops, monitor) as editor:
+    with ResidualEditor(model, ops, readout) as editor:
         yield editor
 
 
 @contextlib.contextmanager
-def monitoring(model: nn.Module, monitor: Monitor) -> Iterator[Monitor]:
+def read_out(model: nn.Module, readout: TraitReadout) -> Iterator[TraitReadout]:
     """Record per-token projections without steering."""
-    with ResidualEditor(model, (), monitor):
-        yield monitor
+    with ResidualEditor(model, (), readout):
+        yield readout
+
+
+# Names of the first release, kept importable: the read-out was called a monitor.
+Monitor = TraitReadout
+build_monitor = build_readout
+monitoring = read_out

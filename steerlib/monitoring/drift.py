@@ -21,7 +21,6 @@ and feeds a ``DriftMonitor``, writing scores, alerts and a timeline plot; it res
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -29,39 +28,15 @@ import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from .arch import get_layout
-from .chat import format_messages
-from .data_io import BadRecord, Problem, check_messages, read_jsonl_records, report_problem
-from .flag import (
-    _fingerprint,
-    _meta_path,
-    append_records,
-    load_direction,
-    pooled_activations,
-    read_score_file,
-    unwrap_model,
-)
-from .vectors import TraitVectors
+from steerlib.store.plots import pyplot, save_figure
+from steerlib.store.results import ResultsStore
 
-__all__ = [
-    "METHODS",
-    "Alert",
-    "DriftMonitor",
-    "DriftReport",
-    "Turn",
-    "monitor_conversations",
-    "monitor_file",
-    "read_conversations",
-]
+__all__ = ["METHODS", "Alert", "DriftMonitor", "alert_record", "check_finite"]
 
 METHODS = ("zscore", "percentile", "rolling")
 STATE_VERSION = 1
@@ -92,7 +67,8 @@ class Alert:
     meta: dict = field(default_factory=dict)
 
 
-def _finite(value: object, what: str) -> float:
+def check_finite(value: object, what: str) -> float:
+    """``value`` as a float if it is a finite real number, else a ValueError naming ``what``."""
     if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
         raise ValueError(f"{what} must be a number, got {type(value).__name__}")
     value = float(value)
@@ -137,7 +113,7 @@ class DriftMonitor:
             raise ValueError(f"window must be a positive int, got {window!r}")
         if not isinstance(reference_size, int) or reference_size < 2:
             raise ValueError(f"reference_size must be an int >= 2, got {reference_size!r}")
-        threshold = _finite(threshold, "threshold")
+        threshold = check_finite(threshold, "threshold")
         if method == "percentile" and not 0 < threshold < 100:
             raise ValueError(f"a percentile threshold must lie in (0, 100), got {threshold}")
         if max_history < 1:
@@ -150,6 +126,7 @@ class DriftMonitor:
         self.two_sided = bool(two_sided)
         self.max_history = max_history
         self.alerts_path = Path(alerts_path) if alerts_path is not None else None
+        self._alerts_store: ResultsStore | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -176,7 +153,7 @@ class DriftMonitor:
         missing = [t for t in self.traits if t not in scores]
         if missing:
             raise ValueError(f"{where}: no score for trait(s) {missing} (monitored: {list(self.traits)})")
-        return {t: _finite(scores[t], f"{where}: score of {t!r}") for t in self.traits}
+        return {t: check_finite(scores[t], f"{where}: score of {t!r}") for t in self.traits}
 
     def calibrate(self, reference: Sequence[Mapping[str, float]]) -> None:
         """Fix the reference distribution from a window of score dicts (one per response).
@@ -250,7 +227,7 @@ class DriftMonitor:
         """
         index = self._count
         values = self._check_scores(scores, f"update {index}")
-        timestamp = time.time() if timestamp is None else _finite(timestamp, "timestamp")
+        timestamp = time.time() if timestamp is None else check_finite(timestamp, "timestamp")
         meta = dict(meta or {})
         self._count += 1
         rolling = {}
@@ -276,9 +253,9 @@ class DriftMonitor:
         if alerts:
             self._alerts.extend(alerts)
             if self.alerts_path is not None:
-                self.alerts_path.parent.mkdir(parents=True, exist_ok=True)
-                with self.alerts_path.open("a", encoding="utf-8") as f:
-                    append_records(f, [_alert_json(a) for a in alerts])
+                if self._alerts_store is None or self._alerts_store.path != Path(self.alerts_path):
+                    self._alerts_store = ResultsStore(self.alerts_path)
+                self._alerts_store.append(alert_record(a) for a in alerts)
         return alerts
 
     def history(self, last: int | None = None) -> list[dict]:
@@ -311,7 +288,7 @@ class DriftMonitor:
             "reference": {t: list(v) for t, v in self._reference.items()},
             "windows": {t: list(w) for t, w in self._windows.items()},
             "history": self.history(),
-            "alerts": [_alert_json(a) for a in self._alerts],
+            "alerts": [alert_record(a) for a in self._alerts],
         }
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
@@ -347,10 +324,7 @@ class DriftMonitor:
     # -- plotting ------------------------------------------------------------------------------------
     def plot(self, path: str | Path) -> Path:
         """Timeline per trait: values, rolling mean, alert limits and alert markers, saved as a PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         hist = list(self._history)
         fig, axes = plt.subplots(len(self.traits), 1, figsize=(9, 2.6 * len(self.traits)), sharex=True,
@@ -377,300 +351,9 @@ class DriftMonitor:
             ax.legend(loc="upper left", fontsize=7)
         axes[-1, 0].set_xlabel("update")
         fig.suptitle(f"trait drift ({self.method}, threshold {self.threshold:g})")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path, dpi=110)
 
 
-def _alert_json(alert: Alert) -> dict:
+def alert_record(alert: Alert) -> dict:
+    """An alert as a JSON-able dict (the line written to alerts files)."""
     return json.loads(json.dumps(asdict(alert), default=str))
-
-
-# -- conversation logs ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One assistant response in a conversation log, with the messages before it as its prompt."""
-
-    line: int
-    turn: int  # position of the assistant message in the conversation
-    messages: tuple[Mapping[str, str], ...]
-    response: str
-    timestamp: float | None
-    meta: Mapping[str, Any]
-
-
-def _timestamp(value: object, what: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            raise BadRecord(f"{what} {value!r} is neither a number nor an ISO-8601 date") from None
-    try:
-        return _finite(value, what)
-    except ValueError as exc:
-        raise BadRecord(str(exc)) from None
-
-
-def read_conversations(
-    path: str | Path, *, on_error: Literal["raise", "skip"] = "raise"
-) -> tuple[list[Turn], list[Problem]]:
-    """Assistant turns of a JSONL conversation log, in order.
-
-    Each line is ``{"messages": [...], "timestamp": optional, ...}``; every assistant message after at least
-    one other message is a turn (a message's own "timestamp" overrides the line's). Other fields go to
-    ``meta``. Malformed lines raise ``ValueError("<file> line N: ...")`` or, with ``on_error="skip"``, are
-    warned about and returned as problems.
-    """
-    path = Path(path)
-    records, problems = read_jsonl_records(path, on_error=on_error)
-    turns: list[Turn] = []
-    for number, record in records:
-        try:
-            if "messages" not in record:
-                raise BadRecord("no 'messages' list")
-            raw = record["messages"]
-            messages = check_messages(raw)
-            stamp = _timestamp(record.get("timestamp"), "timestamp")
-            found = []
-            for i, m in enumerate(messages):
-                if m["role"] != "assistant" or i == 0:
-                    continue
-                if not m["content"].strip():
-                    raise BadRecord(f"message {i} (assistant) is empty")
-                own = _timestamp(raw[i].get("timestamp"), f"message {i} timestamp")
-                meta = {k: v for k, v in record.items() if k not in ("messages", "timestamp")}
-                found.append(Turn(line=number, turn=i, messages=tuple(messages[:i]), response=m["content"],
-                                  timestamp=own if own is not None else stamp, meta=meta))
-            if not found:
-                raise BadRecord("the conversation has no assistant response after a prompt")
-        except BadRecord as exc:
-            report_problem(Problem(str(path), number, str(exc)), on_error, problems)
-            continue
-        turns.extend(found)
-    return turns, problems
-
-
-@dataclass
-class DriftReport:
-    """What ``monitor_conversations`` wrote and found."""
-
-    monitor: DriftMonitor
-    scores_path: Path
-    alerts_path: Path
-    plot_path: Path
-    state_path: Path
-    n_turns: int
-    computed: int
-    problems: list[Problem] = field(default_factory=list)
-
-    @property
-    def alerts(self) -> list[Alert]:
-        return self.monitor.alerts
-
-
-def monitor_conversations(
-    model: nn.Module,
-    tokenizer,
-    vectors: Mapping[str, TraitVectors | Tensor],
-    layer: int,
-    conversations_path: str | Path,
-    *,
-    out_dir: str | Path,
-    monitor: DriftMonitor | None = None,
-    reference: Sequence[Mapping[str, float]] | None = None,
-    window: int = 20,
-    method: str = "zscore",
-    threshold: float = 3.0,
-    reference_size: int = 50,
-    batch_size: int = 16,
-    kind: str | None = None,
-    resume: bool = True,
-    on_error: Literal["raise", "skip"] = "raise",
-    truncate: bool = True,
-    progress: bool = True,
-) -> DriftReport:
-    """Score each assistant response of a conversation log on trait directions and watch for drift.
-
-    Writes into ``out_dir``: ``scores.jsonl`` (one line per turn: line, turn, index, timestamp, scores,
-    rolling_mean, alerts), ``alerts.jsonl``, ``timeline.png`` and ``monitor_state.json``. A killed run resumes
-    from ``scores.jsonl``: its records are replayed into the monitor, so alerts come out as in one run.
-
-    Args:
-        model: HF causal LM that produced the responses.
-        tokenizer: its tokenizer.
-        vectors: trait name -> TraitVectors or tensor.
-        layer: residual-stream layer to read.
-        conversations_path: JSONL log (see ``read_conversations``).
-        out_dir: output folder.
-        monitor: a fresh ``DriftMonitor`` to use (its traits must match ``vectors``); default builds one from
-            ``window``/``method``/``threshold``/``reference_size``.
-        reference: score rows to calibrate with (otherwise the first ``reference_size`` turns calibrate).
-        window: rolling window.
-        method: "zscore", "percentile" or "rolling".
-        threshold: alert threshold.
-        reference_size: turns used for automatic calibration.
-        batch_size: responses per forward pass.
-        kind: TraitVectors pooling kind.
-        resume: continue from an existing ``scores.jsonl`` with the same settings; False starts over.
-        on_error: "raise" or "skip" malformed log lines.
-        truncate: stop forward passes after ``layer``.
-        progress: show a progress bar.
-    """
-    if not vectors:
-        raise ValueError("no trait vectors to monitor")
-    names = list(vectors)
-    hf_model = unwrap_model(model)
-    layout = get_layout(hf_model)
-    layer = layout.check_layer(layer)
-    directions = torch.stack([load_direction(vectors[n], layer, kind=kind, d_model=layout.d_model)
-                              for n in names])
-    turns, problems = read_conversations(conversations_path, on_error=on_error)
-    if not turns:
-        raise ValueError(f"{conversations_path}: no assistant responses to score")
-    if monitor is None:
-        monitor = DriftMonitor(names, window=window, method=method, threshold=threshold,
-                               reference_size=reference_size)
-    elif list(monitor.traits) != names or monitor.n_updates:
-        raise ValueError(f"monitor must be fresh and watch exactly {names} (it watches "
-                         f"{list(monitor.traits)} and has {monitor.n_updates} updates)")
-    if reference is not None:
-        monitor.calibrate(reference)
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scores_path, alerts_path = out_dir / "scores.jsonl", out_dir / "alerts.jsonl"
-    prompts = [format_messages(tokenizer, [dict(m) for m in t.messages])[0] for t in turns]
-    data_sha, _ = _fingerprint(prompts, [t.response for t in turns], directions[0])
-    vec_shas = [_fingerprint([], [], d)[1] for d in directions]
-    config = {"layer": layer, "kind": kind, "traits": names, "vector_sha": vec_shas, "data_sha": data_sha,
-              "monitor": monitor.config(), "calibration": _calibration_sha(monitor)}
-    meta_path = _meta_path(scores_path)
-    done: list[dict] = []
-    if resume and scores_path.exists() and meta_path.is_file():
-        old = json.loads(meta_path.read_text())
-        if old != config:
-            diffs = [k for k in config if old.get(k) != config[k]]
-            raise ValueError(f"{scores_path} holds a run with other settings ({', '.join(diffs)}); pass "
-                             "resume=False to start over or choose another out_dir")
-        done = read_score_file(scores_path, repair=True)
-        expected = [(t.line, t.turn) for t in turns[: len(done)]]
-        if len(done) > len(turns) or [(r.get("line"), r.get("turn")) for r in done] != expected:
-            raise ValueError(f"{scores_path} does not match the start of {conversations_path}; was the log "
-                             "edited? Pass resume=False to start over")
-    else:
-        scores_path.write_text("")
-        meta_path.write_text(json.dumps(config, indent=2))
-
-    # Replay finished turns (with their recorded timestamps) so the monitor's state and alerts are exactly
-    # those of an uninterrupted run; then rewrite the alerts file from it, which also drops any alert
-    # written after the last flushed score line.
-    for rec, t in zip(done, turns, strict=False):
-        monitor.update(rec["scores"], timestamp=rec["timestamp"], meta=_turn_meta(t))
-    alerts_path.write_text("".join(json.dumps(_alert_json(a)) + "\n" for a in monitor.alerts))
-    monitor.alerts_path = alerts_path
-
-    todo = list(range(len(done), len(turns)))
-    bar = tqdm(total=len(turns), initial=len(done), desc="drift", unit="response", disable=not progress)
-    with scores_path.open("a", encoding="utf-8") as f:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            resp, _, _ = pooled_activations(hf_model, tokenizer, [prompts[i] for i in chunk],
-                                            [turns[i].response for i in chunk], layer, truncate=truncate)
-            projections = (resp @ directions.T).tolist()  # [B, K]
-            new = []
-            for i, row in zip(chunk, projections, strict=True):
-                t = turns[i]
-                stamp = t.timestamp if t.timestamp is not None else time.time()
-                scores = dict(zip(names, row, strict=True))
-                alerts = monitor.update(scores, timestamp=stamp, meta=_turn_meta(t))
-                new.append({"line": t.line, "turn": t.turn, "index": monitor.n_updates - 1,
-                            "timestamp": stamp, "scores": scores,
-                            "rolling_mean": monitor.history(1)[0]["rolling_mean"],
-                            "alerts": [a.trait for a in alerts]})
-            append_records(f, new)
-            bar.update(len(chunk))
-    bar.close()
-    plot_path = monitor.plot(out_dir / "timeline.png")
-    state_path = out_dir / "monitor_state.json"
-    state_path.write_text(json.dumps(monitor.state_dict(), default=str))
-    return DriftReport(monitor=monitor, scores_path=scores_path, alerts_path=alerts_path, plot_path=plot_path,
-                       state_path=state_path, n_turns=len(turns), computed=len(todo), problems=problems)
-
-
-def _calibration_sha(monitor: DriftMonitor) -> str | None:
-    stats = monitor.state_dict()["stats"]
-    if stats is None:
-        return None
-    return hashlib.sha256(json.dumps(stats, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _turn_meta(turn: Turn) -> dict:
-    return {"line": turn.line, "turn": turn.turn, **turn.meta}
-
-
-def monitor_file(
-    conversations_path: str | Path,
-    vectors_paths: Sequence[str | Path],
-    *,
-    out_dir: str | Path,
-    model_path: str | Path | None = None,
-    layer: int | None = None,
-    window: int = 20,
-    method: str = "zscore",
-    threshold: float = 3.0,
-    reference_size: int = 50,
-    batch_size: int = 16,
-    resume: bool = True,
-    on_error: Literal["raise", "skip"] = "raise",
-    dtype: str = "float32",
-    device: str | None = None,
-    progress: bool = True,
-) -> DriftReport:
-    """CLI entry: load a model and trait vectors, then ``monitor_conversations`` on a log file.
-
-    Args:
-        conversations_path: JSONL conversation log.
-        vectors_paths: saved TraitVectors (trait named by their metadata) or ``name=path`` strings.
-        out_dir: output folder.
-        model_path: model (None: embedded SmolLM2).
-        layer: layer to read (default: the vectors' shared recommended layer).
-        window: rolling window.
-        method: "zscore", "percentile" or "rolling".
-        threshold: alert threshold.
-        reference_size: turns used for calibration.
-        batch_size: responses per forward pass.
-        resume: continue an interrupted run.
-        on_error: "raise" or "skip" malformed log lines.
-        dtype: model dtype.
-        device: model device.
-        progress: show a progress bar.
-    """
-    from .flag import load_vectors_file
-    from .models import load_model
-
-    model, tokenizer = load_model(model_path, dtype=dtype, device=device)
-    vectors: dict[str, TraitVectors | Tensor] = {}
-    for spec in vectors_paths:
-        name, _, path = str(spec).rpartition("=") if "=" in str(spec) else ("", "", str(spec))
-        vec = load_vectors_file(path, model)
-        name = name or (vec.trait if isinstance(vec, TraitVectors) else Path(path).stem)
-        if name in vectors:
-            raise ValueError(f"two vector files for trait {name!r}; name them with name=path")
-        vectors[name] = vec
-    if layer is None:
-        recs = {v.recommended_layer for v in vectors.values() if isinstance(v, TraitVectors)}
-        all_saved = all(isinstance(v, TraitVectors) for v in vectors.values())
-        if len(recs) != 1 or None in recs or not all_saved:
-            raise ValueError("pass layer: the vectors do not share one recommended layer")
-        layer = recs.pop()
-    return monitor_conversations(model, tokenizer, vectors, layer, conversations_path, out_dir=out_dir,
-                                 window=window, method=method, threshold=threshold,
-                                 reference_size=reference_size, batch_size=batch_size, resume=resume,
-                                 on_error=on_error, progress=progress)

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 
 from torch import Tensor, nn
 
-from .arch import Layout, get_layout
+from steerlib.core.arch import Layout, get_layout
 
 
 class StopForward(Exception):

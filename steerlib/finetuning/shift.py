@@ -9,7 +9,6 @@ greedy responses through both models so the two see identical text.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,13 +17,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .arch import get_layout
-from .capture import capture_activations
-from .chat import format_prompt
-from .flag import unwrap_model
-from .vectors import TraitVectors, resolve_vector
+from steerlib.core.arch import get_layout
+from steerlib.core.capture import capture_activations
+from steerlib.core.chat import format_prompt
+from steerlib.core.vectors import TraitVectors, resolve_vector
+from steerlib.finetuning.flag.scoring import unwrap_model
+from steerlib.store.plots import pyplot, save_figure
 
-__all__ = ["FinetuningShift", "finetuning_shift", "load_finetuned", "plot_shift", "shift_file"]
+__all__ = ["FinetuningShift", "finetuning_shift", "load_finetuned", "plot_shift"]
 
 SHIFT_KINDS = ("prompt_last", "response_mean")
 
@@ -146,7 +146,7 @@ def finetuning_shift(
 
     with base_ctx():
         if base_responses is None:
-            from .generation import generate
+            from steerlib.steering.generation import generate
 
             gens = generate(unwrap_model(base_model), tokenizer, prompts, max_new_tokens=max_new_tokens,
                             batch_size=batch_size)
@@ -174,10 +174,7 @@ def plot_shift(
     title: str | None = None,
 ) -> Path:
     """Line plot of the shift per layer (both kinds); pass ``[(label, shift), ...]`` to compare runs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = [("", shift)] if isinstance(shift, FinetuningShift) else list(shift)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
@@ -194,12 +191,7 @@ def plot_shift(
     axes[0].set_ylabel("projection on unit trait vector")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def load_finetuned(path: str | Path, base_path: str | Path | None = None, *, dtype: str = "float32",
@@ -210,7 +202,7 @@ def load_finetuned(path: str | Path, base_path: str | Path | None = None, *, dty
         (model, tokenizer, is_adapter). For an adapter the model is a ``PeftModel`` whose
         ``disable_adapter()`` gives back the base model.
     """
-    from .models import load_model
+    from steerlib.core.models import load_model
 
     path = Path(path)
     if (path / "adapter_config.json").is_file():
@@ -220,59 +212,3 @@ def load_finetuned(path: str | Path, base_path: str | Path | None = None, *, dty
         return PeftModel.from_pretrained(model, path).eval(), tokenizer, True
     model, tokenizer = load_model(path, dtype=dtype, device=device)
     return model, tokenizer, False
-
-
-def shift_file(
-    finetuned_path: str | Path,
-    vectors_path: str | Path,
-    *,
-    out_dir: str | Path,
-    base_path: str | Path | None = None,
-    trait: str | None = None,
-    questions_path: str | Path | None = None,
-    layers: Sequence[int] | None = None,
-    kind: str | None = None,
-    max_new_tokens: int = 48,
-    batch_size: int = 8,
-    dtype: str = "float32",
-    device: str | None = None,
-) -> FinetuningShift:
-    """CLI entry: measure a finetune's shift and write ``shift.json`` and ``shift.png`` into ``out_dir``.
-
-    Args:
-        finetuned_path: a full HF model folder or a PEFT adapter folder.
-        vectors_path: saved TraitVectors (or a ``.pt`` tensor).
-        out_dir: output folder.
-        base_path: the base model (None: embedded SmolLM2).
-        trait: built-in or JSON trait whose ``eval_questions`` are used (default: the vectors' trait).
-        questions_path: a text file with one question per line (overrides ``trait``).
-        layers: layers to measure (default all).
-        kind: TraitVectors pooling kind.
-        max_new_tokens: length of the base model's responses.
-        batch_size: samples per forward pass.
-        dtype: model dtype.
-        device: model device.
-    """
-    from .flag import load_vectors_file
-    from .models import load_model
-
-    vectors = load_vectors_file(vectors_path)
-    if questions_path is not None:
-        questions = [q.strip() for q in Path(questions_path).read_text().splitlines() if q.strip()]
-    else:
-        from .traits import load_trait
-
-        name = trait or (vectors.trait if isinstance(vectors, TraitVectors) else None)
-        if name is None:
-            raise ValueError("pass trait or questions_path: a bare tensor names no trait")
-        questions = list(load_trait(name).eval_questions)
-    finetuned, tokenizer, is_adapter = load_finetuned(finetuned_path, base_path, dtype=dtype, device=device)
-    base = None if is_adapter else load_model(base_path, dtype=dtype, device=device).model
-    shift = finetuning_shift(base, finetuned, tokenizer, vectors, questions, layers, kind=kind,
-                             max_new_tokens=max_new_tokens, batch_size=batch_size)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "shift.json").write_text(json.dumps(shift.to_dict(), indent=2))
-    recommended = vectors.recommended_layer if isinstance(vectors, TraitVectors) else None
-    plot_shift(shift, out_dir / "shift.png", highlight_layer=recommended)
-    return shift

@@ -13,7 +13,7 @@ that is interrupted resumes where it stopped.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,15 +22,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .arch import get_layout
-from .capture import Activations, capture_activations
-from .chat import format_prompt
-from .generation import generate
-from .records import JsonlLog
-from .sweep import LayerSweep, fit_probes, layer_sweep, mean_difference, pca_direction
-from .traits import Trait, load_trait
-from .vectors import TraitVectors
+from steerlib.core.arch import get_layout
+from steerlib.core.capture import Activations, capture_activations
+from steerlib.core.chat import format_prompt
+from steerlib.core.vectors import TraitVectors
+from steerlib.core.version import __version__
+from steerlib.extraction.sweep import LayerSweep, fit_probes, layer_sweep, mean_difference, pca_direction
+from steerlib.steering.generation import generate
+from steerlib.store.results import ResultsStore, read_records
+from steerlib.traits.judges import describe_judge
+from steerlib.traits.library import Trait, load_trait
 
 
 @dataclass
@@ -85,9 +86,9 @@ def _jobs(trait: Trait, questions: tuple[str, ...], split: str, cfg: ExtractionC
     return jobs
 
 
-def _generate_missing(model, tokenizer, jobs: list[dict], log: JsonlLog, cfg: ExtractionConfig,
+def _generate_missing(model, tokenizer, jobs: list[dict], log: ResultsStore, cfg: ExtractionConfig,
                       progress: bool) -> dict[str, dict]:
-    done = log.read()
+    done = log.by_key("id")
     todo = [j for j in jobs if j["id"] not in done]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="generate", unit="resp", disable=not progress)
     # One chunk per batch: each is appended the moment it is generated.
@@ -105,9 +106,9 @@ def _generate_missing(model, tokenizer, jobs: list[dict], log: JsonlLog, cfg: Ex
     return {j["id"]: done[j["id"]] for j in jobs}
 
 
-def _score_missing(responses: dict[str, dict], log: JsonlLog, judge, coherence_judge, progress: bool,
+def _score_missing(responses: dict[str, dict], log: ResultsStore, judge, coherence_judge, progress: bool,
                    chunk_size: int = 32) -> dict[str, dict]:
-    done = log.read()
+    done = log.by_key("id")
     todo = [r for rid, r in responses.items() if rid not in done]
     bar = tqdm(total=len(responses), initial=len(responses) - len(todo), desc="judge", unit="resp",
                disable=not progress)
@@ -184,7 +185,7 @@ def extract_trait(
         ``ExtractionResult`` with mean-difference vectors (saved to ``out_dir``), probe and PCA vectors, the
         layer sweep, and kept/dropped counts.
     """
-    from .judges import make_judge
+    from steerlib.traits.judges import make_judge
 
     cfg = config or ExtractionConfig()
     trait = load_trait(trait) if not isinstance(trait, Trait) else trait
@@ -199,7 +200,15 @@ def extract_trait(
 
     train_jobs = _jobs(trait, trait.extraction_questions, "extract", cfg)
     eval_jobs = _jobs(trait, trait.eval_questions, "eval", cfg) if cfg.evaluate else []
-    responses_log, scores_log = JsonlLog(out / "responses.jsonl"), JsonlLog(out / "scores.jsonl")
+    name = model_name or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
+    # What makes earlier responses and scores reusable: a rerun under other settings is refused, naming them.
+    # (max_pairs / max_questions / n_samples only choose which jobs run: their ids say which they are.)
+    trait_sha = hashlib.sha256(trait.to_json().encode()).hexdigest()[:16]
+    responses_log = ResultsStore(out / "responses.jsonl", {
+        "model": name, "trait": trait.name, "trait_sha": trait_sha, "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature, "seed": cfg.seed, "batch_size": cfg.batch_size})
+    scores_log = ResultsStore(out / "scores.jsonl", {
+        "judge": describe_judge(judge), "coherence_judge": describe_judge(coherence_judge)})
     responses = _generate_missing(model, tokenizer, train_jobs + eval_jobs, responses_log, cfg, progress)
     scores = _score_missing(responses, scores_log, judge, coherence_judge, progress)
 
@@ -232,14 +241,13 @@ def extract_trait(
     sweep = layer_sweep(vectors[kind], layers, layout.n_layers, sweep_acts, sweep_labels,
                         probes.heldout_accuracy if eval_acts else probes.train_accuracy, heldout=eval_acts is not None)
 
-    name = model_name or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
     residual_norms = acts.token_norms.mean(0).tolist()
     metadata = {
         "recommended_layer": sweep.recommended_layer,
         "layer_rule": "max held-out Cohen's d of response-mean projections within 25%-75% of depth",
         "counts": counts,
-        "judge": getattr(judge, "describe", lambda: type(judge).__name__)(),
-        "coherence_judge": None if coherence_judge is None else type(coherence_judge).__name__,
+        "judge": describe_judge(judge),
+        "coherence_judge": describe_judge(coherence_judge),
         "thresholds": {"positive": cfg.pos_threshold, "negative": cfg.neg_threshold,
                        "coherence": cfg.coherence_threshold},
         "config": asdict(cfg),
@@ -281,10 +289,6 @@ def _paired(kept: list[dict]) -> list[tuple[str, str]]:
 def load_responses(out_dir: str | Path) -> list[dict]:
     """The generated responses of a (possibly partial) run, with their scores merged in."""
     out = Path(out_dir)
-    responses = JsonlLog(out / "responses.jsonl").read()
-    scores = JsonlLog(out / "scores.jsonl").read()
+    responses = {str(r["id"]): r for r in read_records(out / "responses.jsonl")}
+    scores = {str(r["id"]): r for r in read_records(out / "scores.jsonl")}
     return [{**r, **{k: v for k, v in scores.get(rid, {}).items() if k != "id"}} for rid, r in responses.items()]
-
-
-def summary(result: ExtractionResult) -> str:
-    return json.dumps({"counts": result.counts, "recommended_layer": result.sweep.recommended_layer}, indent=2)

@@ -1,4 +1,4 @@
-"""Batched generation, optionally steered and monitored, and a streaming variant.
+"""Batched generation, optionally steered and read out per token, and a streaming variant.
 
 Per-token read-out convention: the projection paired with generated token ``t`` is read at the position
 whose output produced ``t``. The first generated token therefore pairs with the last prompt token, which
@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers.generation.streamers import BaseStreamer
 
-from .capture import pad_batch
-from .steer import Monitor, ResidualEditor, SteerOp
+from steerlib.core.capture import pad_batch, pad_token_id
+from steerlib.steering.steer import ResidualEditor, SteerOp, TraitReadout
 
 
 @dataclass
@@ -30,9 +30,9 @@ class Generation:
         prompt: the formatted prompt.
         text: decoded response (special tokens removed).
         token_ids: generated token ids (up to and excluding padding after EOS).
-        projections: [n_tokens, n_monitor_layers, K] on unit trait directions, or None when not monitored.
-        trait_names: names of the K monitored traits.
-        layers: monitored layers.
+        projections: [n_tokens, n_readout_layers, K] on unit trait directions, or None without a read-out.
+        trait_names: names of the K traits read out.
+        layers: read-out layers.
     """
 
     prompt: str
@@ -44,7 +44,7 @@ class Generation:
 
     def _index(self, trait: str | None, layer: int | None) -> tuple[int, int]:
         if self.projections is None:
-            raise ValueError("this generation was not monitored")
+            raise ValueError("this generation had no trait read-out")
         k = 0 if trait is None else self.trait_names.index(trait)
         li = 0 if layer is None else self.layers.index(layer)
         return li, k
@@ -65,7 +65,14 @@ class Generation:
         return float(self.token_projections(trait, layer).max())
 
 
-def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
+def _one_readout(readout: TraitReadout | None, monitor: TraitReadout | None) -> TraitReadout | None:
+    if readout is not None and monitor is not None:
+        raise ValueError("pass readout= only (monitor= is its old name)")
+    return readout if readout is not None else monitor
+
+
+def eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    """Every token id that ends a response: the generation config's EOS ids and the tokenizer's."""
     ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
     ids = ids if isinstance(ids, list) else [ids]
     out = {i for i in ids if i is not None}
@@ -98,13 +105,13 @@ def _encode(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     return out
 
 
-def _split_monitor(monitor: Monitor | None, rows: int, steps: int) -> list[Tensor | None]:
-    """Per-row [steps, n_layers, K] from the monitor's per-forward records ([B, seq, K] each)."""
-    if monitor is None:
+def _split_readout(readout: TraitReadout | None, rows: int, steps: int) -> list[Tensor | None]:
+    """Per-row [steps, n_layers, K] from the read-out's per-forward records ([B, seq, K] each)."""
+    if readout is None:
         return [None] * rows
     per_layer = []
-    for layer in monitor.layers:
-        recs = monitor.records[layer]
+    for layer in readout.layers:
+        recs = readout.records[layer]
         # Forward pass j produced token j: take its last position.
         per_layer.append(torch.stack([r[:, -1].float().cpu() for r in recs[:steps]], dim=1))  # [B, steps, K]
     stacked = torch.stack(per_layer, dim=2)  # [B, steps, n_layers, K]
@@ -118,7 +125,8 @@ def generate(
     prompts: Sequence[str],
     *,
     steering: Sequence[SteerOp] = (),
-    monitor: Monitor | None = None,
+    readout: TraitReadout | None = None,
+    monitor: TraitReadout | None = None,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -126,14 +134,15 @@ def generate(
     seed: int | None = None,
     progress: bool = False,
 ) -> list[Generation]:
-    """Generate a response for each formatted prompt, with optional steering and per-token monitoring.
+    """Generate a response for each formatted prompt, with optional steering and per-token trait read-out.
 
     Args:
         model: HF causal LM.
         tokenizer: its tokenizer.
         prompts: formatted prompts (``steerlib.chat.format_prompt``).
         steering: ``SteerOp``s applied during generation (see ``steerlib.steer.build_ops``).
-        monitor: a ``Monitor`` whose traits are read out per generated token.
+        readout: a ``TraitReadout`` whose traits are read out per generated token.
+        monitor: the first release's name for ``readout``.
         max_new_tokens: generation length cap.
         temperature: 0 for greedy decoding.
         top_p: nucleus sampling when temperature > 0.
@@ -141,22 +150,23 @@ def generate(
         seed: seed for sampling.
         progress: show a progress bar.
     """
+    readout = _one_readout(readout, monitor)
     encoded = _encode(tokenizer, prompts)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     kwargs = _sampling_kwargs(max_new_tokens, temperature, top_p, pad_id)
     if seed is not None:
         torch.manual_seed(seed)
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     device = next(model.parameters()).device
     results: list[Generation | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
     for start in range(0, len(prompts), batch_size):
         idx = list(range(start, min(start + batch_size, len(prompts))))
         ids, mask, _, _ = pad_batch([encoded[i] for i in idx], pad_id, "left")
-        with ResidualEditor(model, steering, monitor):
+        with ResidualEditor(model, steering, readout):
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
             new = out[:, ids.shape[1]:].cpu()
-            per_row = _split_monitor(monitor, len(idx), new.shape[1])
+            per_row = _split_readout(readout, len(idx), new.shape[1])
         for row, i in enumerate(idx):
             tokens = new[row].tolist()
             n = next((j + 1 for j, t in enumerate(tokens) if t in eos), len(tokens))
@@ -167,8 +177,8 @@ def generate(
                 text=tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                 token_ids=tokens,
                 projections=proj,
-                trait_names=tuple(monitor.names) if monitor else (),
-                layers=tuple(monitor.layers) if monitor else (),
+                trait_names=tuple(readout.names) if readout else (),
+                layers=tuple(readout.layers) if readout else (),
             )
         bar.update(len(idx))
     bar.close()
@@ -178,8 +188,8 @@ def generate(
 class _ProjectionStreamer(BaseStreamer):
     """Pairs each new token with the projections recorded in the forward pass that produced it."""
 
-    def __init__(self, monitor: Monitor | None):
-        self.monitor = monitor
+    def __init__(self, readout: TraitReadout | None):
+        self.readout = readout
         self.queue: queue.Queue = queue.Queue()
         self._seen_prompt = False
         self._step = 0
@@ -189,9 +199,9 @@ class _ProjectionStreamer(BaseStreamer):
             self._seen_prompt = True
             return
         proj = None
-        if self.monitor is not None:
+        if self.readout is not None:
             proj = torch.stack(
-                [self.monitor.records[layer][self._step][0, -1].float().cpu() for layer in self.monitor.layers]
+                [self.readout.records[layer][self._step][0, -1].float().cpu() for layer in self.readout.layers]
             )
         self._step += 1
         self.queue.put((int(value.reshape(-1)[0]), proj))
@@ -206,27 +216,29 @@ def stream(
     prompt: str,
     *,
     steering: Sequence[SteerOp] = (),
-    monitor: Monitor | None = None,
+    readout: TraitReadout | None = None,
+    monitor: TraitReadout | None = None,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_p: float = 1.0,
 ) -> Iterator[tuple[str, Tensor | None]]:
-    """Yield (token text, projections [n_monitor_layers, K] or None) for one prompt as tokens are generated.
+    """Yield (token text, projections [n_readout_layers, K] or None) for one prompt as tokens are generated.
 
     Generation runs in a background thread; hooks are removed when it ends, also if it raises (the error is
     re-raised here).
     """
     encoded = _encode(tokenizer, [prompt])[0]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     kwargs = _sampling_kwargs(max_new_tokens, temperature, top_p, pad_id)
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     device = next(model.parameters()).device
-    streamer = _ProjectionStreamer(monitor)
+    readout = _one_readout(readout, monitor)
+    streamer = _ProjectionStreamer(readout)
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            with torch.inference_mode(), ResidualEditor(model, steering, monitor):
+            with torch.inference_mode(), ResidualEditor(model, steering, readout):
                 model.generate(input_ids=torch.tensor([encoded], device=device), streamer=streamer, **kwargs)
         except BaseException as exc:  # surfaced in the consumer's thread
             errors.append(exc)

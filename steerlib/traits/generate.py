@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 
-from steerlib.judges import JudgeError, post_chat_completion
-from steerlib.traits import Trait, TraitError
+from steerlib.traits.judges import JudgeError, post_chat_completion
+from steerlib.traits.library import Trait, TraitError
 
 _SYSTEM = (
     "You design evaluation material for studying personality traits in AI assistants. You reply with one "

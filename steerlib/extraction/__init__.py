@@ -1,0 +1,1 @@
+"""From contrastive prompts to trait vectors: generate, judge, filter, capture, difference of means; layer sweeps."""

@@ -1,0 +1,367 @@
+"""Path -> object wiring for every command: load the model, vectors and data files a command names, call the
+library, and write its outputs. The CLI parses arguments and calls exactly one function here; the policies
+(which layer by default, which judge, what gets written where) live here or below, never in the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import Tensor
+
+from steerlib.core.chat import format_prompt
+from steerlib.core.models import load_model
+from steerlib.core.vectors import TraitVectors, load_vectors, pick_layer
+from steerlib.extraction.extract import ExtractionConfig, ExtractionResult, extract_trait
+from steerlib.finetuning.flag.report import plot_histogram, rank, write_rows
+from steerlib.finetuning.flag.scoring import Baseline, score_dataset
+from steerlib.finetuning.shift import FinetuningShift, finetuning_shift, load_finetuned, plot_shift
+from steerlib.finetuning.training import TrainMode, TrainResult, lora_finetune
+from steerlib.monitoring.conversations import DriftReport, monitor_conversations
+from steerlib.steering.dose import DoseResponse, dose_response
+from steerlib.steering.generation import Generation, generate
+from steerlib.steering.steer import build_ops, build_readout
+from steerlib.store.samples import read_samples
+from steerlib.traits.judges import make_judge
+from steerlib.traits.library import TraitError, load_trait
+
+__all__ = ["FlagReport", "extract_file", "flag_file", "monitor_file", "shift_file", "steer_file", "train_file"]
+
+
+def extract_file(
+    trait: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    model_path: str | Path | None = None,
+    judge: str = "auto",
+    config: ExtractionConfig | None = None,
+) -> ExtractionResult:
+    """Extract a trait's vectors into ``out_dir`` (default ``runs/<trait>``), resuming a partial run there.
+
+    The coherence judge, when ``config.coherence_threshold`` is set, is the same endpoint as an ``openai:``
+    judge, else the model judging itself.
+    """
+    config = config or ExtractionConfig()
+    t = load_trait(trait)
+    loaded = load_model(model_path)
+    model, tok = loaded
+    trait_judge = make_judge(judge, t, model=model, tokenizer=tok)
+    coherence = None
+    if config.coherence_threshold is not None:
+        coherence = make_judge(judge if judge.startswith("openai:") else "self", t, model=model, tokenizer=tok,
+                               rubric=t.coherence_rubric)
+    return extract_trait(model, tok, t, out_dir or Path("runs") / t.name, judge=trait_judge,
+                         coherence_judge=coherence, config=config, model_name=loaded.name)
+
+
+def sweep_judge(trait: str):
+    """The offline judge for a dose-response, where the trait has one (None otherwise)."""
+    try:
+        return make_judge("auto", load_trait(trait))
+    except (TraitError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class SteeredAnswers:
+    """Answers to each prompt per coefficient (0 = unsteered), or a dose-response table for a sweep."""
+
+    layer: int
+    coefs: tuple[float, ...]
+    answers: dict[float, list[Generation]] = field(default_factory=dict)
+    dose: DoseResponse | None = None
+
+
+def steer_file(
+    vectors_path: str | Path,
+    prompts: Sequence[str],
+    *,
+    model_path: str | Path | None = None,
+    layer: int | None = None,
+    coef: float = 4.0,
+    mode: str = "add",
+    positions: str = "all",
+    relative: bool = False,
+    cap: tuple[float | None, float | None] | None = None,
+    sweep: Sequence[float] | None = None,
+    system: str | None = None,
+    max_new_tokens: int = 48,
+    plot: str | Path | None = None,
+) -> SteeredAnswers:
+    """Steered answers next to unsteered ones, or with ``sweep`` a dose-response over coefficients."""
+    loaded = load_model(model_path)
+    model, tok = loaded
+    source = load_vectors(vectors_path, model)
+    layer = pick_layer(source, layer)
+    formatted = [format_prompt(tok, p, system) for p in prompts]
+    trait = source.trait if isinstance(source, TraitVectors) else "trait"
+    readout = build_readout(model, {trait: source}, [layer])
+    if sweep:
+        dose = dose_response(model, tok, formatted, source, layer, list(sweep), relative=relative, readout=readout,
+                             max_new_tokens=max_new_tokens, judge=sweep_judge(trait), plot_path=plot)
+        return SteeredAnswers(layer=layer, coefs=tuple(sweep), dose=dose)
+    answers: dict[float, list[Generation]] = {}
+    for c in (0.0, coef):
+        ops = [] if c == 0 and mode == "add" else build_ops(model, source, layer, c, mode=mode,  # type: ignore[arg-type]
+                                                           positions=positions, cap=cap, relative=relative)  # type: ignore[arg-type]
+        answers[c] = generate(model, tok, formatted, steering=ops, readout=readout, max_new_tokens=max_new_tokens)
+    return SteeredAnswers(layer=layer, coefs=(0.0, coef), answers=answers)
+
+
+@dataclass
+class FlagReport:
+    """What ``flag_file`` wrote and found."""
+
+    summary: dict[str, Any]
+    top: list[dict]
+    scores_path: Path
+    ranked_jsonl: Path
+    ranked_csv: Path
+    histogram: Path
+    summary_path: Path
+    problems: list = field(default_factory=list)
+
+
+def flag_file(
+    data_path: str | Path,
+    vectors_path: str | Path,
+    *,
+    out_dir: str | Path,
+    model_path: str | Path | None = None,
+    layer: int | None = None,
+    kind: str | None = None,
+    baseline: Baseline = "none",
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    top_k: int = 20,
+    resume: bool = True,
+    on_error: Literal["raise", "skip"] = "raise",
+    use_ray: bool = False,
+    ray_concurrency: int = 1,
+    ray_address: str | None = None,
+    dtype: str = "float32",
+    device: str | None = None,
+    progress: bool = True,
+    label_key: str | None = None,
+) -> FlagReport:
+    """Score a data file against a trait vector and write scores, rankings, a histogram and a summary.
+
+    Writes into ``out_dir``: ``scores.jsonl`` (resumable), ``ranked.jsonl``, ``ranked.csv``, ``histogram.png``
+    and ``summary.json``.
+
+    Args:
+        data_path: JSONL/CSV training data (see ``steerlib.data_io.read_samples``).
+        vectors_path: saved TraitVectors (folder or .safetensors) or a ``.pt`` tensor.
+        out_dir: output folder.
+        model_path: model to score with (None: embedded SmolLM2).
+        layer: layer to read (default: the vectors' recommended layer).
+        kind: TraitVectors pooling kind.
+        baseline: "none", "generate" or "prompt_last" (see ``score_dataset``).
+        batch_size: samples per forward pass.
+        max_new_tokens: length of generated baseline responses.
+        top_k: number of top samples returned (and marked on the histogram).
+        resume: continue an interrupted run in ``out_dir``.
+        on_error: "raise" or "skip" malformed data lines.
+        use_ray: score with a Ray Data pipeline (``steerlib.finetuning.flag.ray``).
+        ray_concurrency: number of Ray scoring actors.
+        ray_address: Ray cluster address (None: start a local instance).
+        dtype: model dtype.
+        device: model device (default CUDA when available).
+        progress: show progress.
+        label_key: a meta field with known labels, to split the histogram by.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    read = read_samples(data_path, on_error=on_error)
+    if not read.samples:
+        raise ValueError(f"{data_path}: no valid samples ({len(read.problems)} malformed lines)")
+    scores_path = out_dir / "scores.jsonl"
+    vectors = load_vectors(vectors_path)
+    layer = pick_layer(vectors, layer)
+    if use_ray:
+        from steerlib.finetuning.flag.ray import score_dataset_ray  # ray is an optional extra
+
+        result = score_dataset_ray(
+            model_path, read.samples, vectors, layer, out_path=scores_path, batch_size=batch_size,
+            baseline=baseline, max_new_tokens=max_new_tokens, resume=resume, kind=kind,
+            concurrency=ray_concurrency, address=ray_address, dtype=dtype, progress=progress,
+        )
+    else:
+        model, tokenizer = load_model(model_path, dtype=dtype, device=device)
+        vectors = load_vectors(vectors, model)
+        result = score_dataset(
+            model, tokenizer, read.samples, vectors, layer, out_path=scores_path, batch_size=batch_size,
+            baseline=baseline, max_new_tokens=max_new_tokens, resume=resume, progress=progress, kind=kind,
+        )
+    ranked = rank(result, samples=read.samples, out_path=out_dir / "ranked.jsonl")
+    write_rows(ranked, out_dir / "ranked.csv")
+    hist = plot_histogram(result, out_dir / "histogram.png", top_k=min(top_k, len(ranked)),
+                          label_key=label_key)
+    summary = {**result.summary(), "data": str(data_path), "problems": [str(p) for p in read.problems]}
+    summary_path = out_dir / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2))
+    return FlagReport(summary=summary, top=ranked[:top_k], scores_path=scores_path,
+                      ranked_jsonl=out_dir / "ranked.jsonl", ranked_csv=out_dir / "ranked.csv",
+                      histogram=hist, summary_path=summary_path, problems=list(read.problems))
+
+
+def monitor_file(
+    conversations_path: str | Path,
+    vectors_paths: Sequence[str | Path],
+    *,
+    out_dir: str | Path,
+    model_path: str | Path | None = None,
+    layer: int | None = None,
+    window: int = 20,
+    method: str = "zscore",
+    threshold: float = 3.0,
+    reference_size: int = 50,
+    batch_size: int = 16,
+    resume: bool = True,
+    on_error: Literal["raise", "skip"] = "raise",
+    dtype: str = "float32",
+    device: str | None = None,
+    progress: bool = True,
+) -> DriftReport:
+    """CLI entry: load a model and trait vectors, then ``monitor_conversations`` on a log file.
+
+    Args:
+        conversations_path: JSONL conversation log.
+        vectors_paths: saved TraitVectors (trait named by their metadata) or ``name=path`` strings.
+        out_dir: output folder.
+        model_path: model (None: embedded SmolLM2).
+        layer: layer to read (default: the vectors' shared recommended layer).
+        window: rolling window.
+        method: "zscore", "percentile" or "rolling".
+        threshold: alert threshold.
+        reference_size: turns used for calibration.
+        batch_size: responses per forward pass.
+        resume: continue an interrupted run.
+        on_error: "raise" or "skip" malformed log lines.
+        dtype: model dtype.
+        device: model device.
+        progress: show a progress bar.
+    """
+    model, tokenizer = load_model(model_path, dtype=dtype, device=device)
+    vectors: dict[str, TraitVectors | Tensor] = {}
+    for spec in vectors_paths:
+        name, _, path = str(spec).rpartition("=") if "=" in str(spec) else ("", "", str(spec))
+        vec = load_vectors(path, model)
+        name = name or (vec.trait if isinstance(vec, TraitVectors) else Path(path).stem)
+        if name in vectors:
+            raise ValueError(f"two vector files for trait {name!r}; name them with name=path")
+        vectors[name] = vec
+    if layer is None:
+        recs = {v.recommended_layer for v in vectors.values() if isinstance(v, TraitVectors)}
+        all_saved = all(isinstance(v, TraitVectors) for v in vectors.values())
+        if len(recs) != 1 or None in recs or not all_saved:
+            raise ValueError("pass layer: the vectors do not share one recommended layer")
+        layer = recs.pop()
+    return monitor_conversations(model, tokenizer, vectors, layer, conversations_path, out_dir=out_dir,
+                                 window=window, method=method, threshold=threshold,
+                                 reference_size=reference_size, batch_size=batch_size, resume=resume,
+                                 on_error=on_error, progress=progress)
+
+
+def shift_file(
+    finetuned_path: str | Path,
+    vectors_path: str | Path,
+    *,
+    out_dir: str | Path,
+    base_path: str | Path | None = None,
+    trait: str | None = None,
+    questions_path: str | Path | None = None,
+    layers: Sequence[int] | None = None,
+    kind: str | None = None,
+    max_new_tokens: int = 48,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    device: str | None = None,
+) -> FinetuningShift:
+    """CLI entry: measure a finetune's shift and write ``shift.json`` and ``shift.png`` into ``out_dir``.
+
+    Args:
+        finetuned_path: a full HF model folder or a PEFT adapter folder.
+        vectors_path: saved TraitVectors (or a ``.pt`` tensor).
+        out_dir: output folder.
+        base_path: the base model (None: embedded SmolLM2).
+        trait: built-in or JSON trait whose ``eval_questions`` are used (default: the vectors' trait).
+        questions_path: a text file with one question per line (overrides ``trait``).
+        layers: layers to measure (default all).
+        kind: TraitVectors pooling kind.
+        max_new_tokens: length of the base model's responses.
+        batch_size: samples per forward pass.
+        dtype: model dtype.
+        device: model device.
+    """
+    vectors = load_vectors(vectors_path)
+    if questions_path is not None:
+        questions = [q.strip() for q in Path(questions_path).read_text().splitlines() if q.strip()]
+    else:
+        name = trait or (vectors.trait if isinstance(vectors, TraitVectors) else None)
+        if name is None:
+            raise ValueError("pass trait or questions_path: a bare tensor names no trait")
+        questions = list(load_trait(name).eval_questions)
+    finetuned, tokenizer, is_adapter = load_finetuned(finetuned_path, base_path, dtype=dtype, device=device)
+    base = None if is_adapter else load_model(base_path, dtype=dtype, device=device).model
+    shift = finetuning_shift(base, finetuned, tokenizer, vectors, questions, layers, kind=kind,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "shift.json").write_text(json.dumps(shift.to_dict(), indent=2))
+    recommended = vectors.recommended_layer if isinstance(vectors, TraitVectors) else None
+    plot_shift(shift, out_dir / "shift.png", highlight_layer=recommended)
+    return shift
+
+
+def train_file(
+    data_path: str | Path,
+    *,
+    out_dir: str | Path,
+    model_path: str | Path | None = None,
+    vectors_path: str | Path | None = None,
+    layer: int | None = None,
+    coef: float = 0.0,
+    mode: TrainMode = "add",
+    steps: int = 40,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    r: int = 8,
+    seed: int = 0,
+    dtype: str = "float32",
+    device: str | None = None,
+) -> TrainResult:
+    """CLI entry: LoRA-finetune on a data file, optionally with preventative steering; save the adapter.
+
+    Args:
+        data_path: JSONL/CSV training data.
+        out_dir: where the adapter (``adapter_config.json`` etc.) and ``losses.json`` are written.
+        model_path: base model (None: embedded SmolLM2).
+        vectors_path: trait vectors for steering during training (None: plain finetune).
+        layer: layer to steer (default: the vectors' recommended layer).
+        coef: steering coefficient for ``mode="add"``.
+        mode: "add" (preventative steering) or "ablate" (CAFT).
+        steps: optimiser steps.
+        batch_size: samples per step.
+        lr: learning rate.
+        r: LoRA rank.
+        seed: random seed.
+        dtype: model dtype.
+        device: model device.
+    """
+    model, tokenizer = load_model(model_path, dtype=dtype, device=device)
+    steering = None
+    if vectors_path is not None:
+        vectors = load_vectors(vectors_path, model)
+        layer = pick_layer(vectors, layer)
+        steering = {"vectors": vectors, "layer": layer, "coef": coef, "mode": mode}
+    result = lora_finetune(model, tokenizer, data_path, steps=steps, batch_size=batch_size, lr=lr, r=r,
+                           steering=steering, seed=seed)
+    out_dir = Path(out_dir)
+    result.model.save_pretrained(out_dir)
+    (out_dir / "losses.json").write_text(json.dumps(result.losses))
+    return result
