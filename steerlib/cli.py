@@ -292,6 +292,83 @@ def _sweep_judge(trait: str):
         return None
 
 
+@app.command()
+def shiftcheck(
+    vector: Annotated[Path, typer.Option(help="trait vectors folder (an extraction run) or .safetensors")],
+    out: Annotated[Path | None, typer.Option(help="output folder (default: VECTOR/shiftcheck)")] = None,
+    trait: Annotated[str | None, typer.Option(help="trait (default: the vectors' trait)")] = None,
+    judge: Annotated[str, typer.Option(help="auto | lexicon[:polarity] | self | openai:<model>")] = "auto",
+    n_questions: int = 8,
+    pair: Annotated[int, typer.Option(help="instruction pair for the system-prompt ladder")] = 0,
+    shots: Annotated[str, typer.Option(help="comma-separated numbers of in-context examples")] = "0,1,2,4,8",
+    negative_shots: Annotated[bool, typer.Option(help="also many-shot prompts with opposite examples")] = True,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    fresh: Annotated[bool, typer.Option(help="ignore earlier partial results")] = False,
+    model: ModelOpt = None,
+) -> None:
+    """Prompt-induced shift: does the last prompt token's projection predict the judged trait? (per layer)"""
+    from .judges import make_judge
+    from .shiftcheck import prompt_shift
+    from .traits import load_trait
+    from .vectors import TraitVectors
+
+    m, tok = _load(model)
+    tv = TraitVectors.load(vector, model=m)
+    t = load_trait(trait or tv.trait)
+    j = make_judge(judge, t, model=m, tokenizer=tok)
+    folder = out or (vector if vector.is_dir() else vector.parent) / "shiftcheck"
+    result = prompt_shift(m, tok, tv, folder, trait=t, judge=j, n_questions=n_questions, pair=pair,
+                          shots=_ints(shots), negative_shots=negative_shots, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, resume=not fresh, progress=True)
+    typer.echo(result.format())
+    typer.echo(f"best layer {result.best_layer}: r = {result.best_r:.3f}; wrote {folder}")
+
+
+@app.command()
+def inventory(
+    vector: Annotated[list[str] | None, typer.Option(help="NAME=PATH trait vectors to steer with (repeatable)")] = None,
+    inventory_file: Annotated[str, typer.Option("--inventory", help="built-in name or JSON file")] = "big_five",
+    coef: Annotated[float, typer.Option(help="steering coefficient for the matrix")] = 0.5,
+    relative: Annotated[bool, typer.Option(help="coef as a fraction of the typical residual norm")] = True,
+    layer: Annotated[int | None, typer.Option(help="steering layer (default: each vector's recommended)")] = None,
+    out: Annotated[Path | None, typer.Option(help="write the matrix as JSON (e.g. RUN_DIR/inventory.json)")] = None,
+    model: ModelOpt = None,
+) -> None:
+    """Judge-free Likert inventory scored from option probabilities; with --vector, the steering effect matrix."""
+    from .inventory import administer, inventory_matrix
+
+    m, tok = _load(model)
+    if not vector:
+        typer.echo(administer(m, tok, inventory_file).format())
+        return
+    matrix = inventory_matrix(m, tok, _named_paths(vector), inventory=inventory_file, coef=coef,
+                              relative=relative, layer=layer)
+    typer.echo(matrix.format())
+    if out is not None:
+        typer.echo(f"wrote {matrix.save(out)}")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="extraction run folder (from steerlib extract)")],
+    out: Annotated[Path | None, typer.Option(help="HTML file (default RUN_DIR/report.html)")] = None,
+    dose_coefs: Annotated[str | None, typer.Option(help="compute a dose-response first (comma-separated)")] = None,
+    relative: Annotated[bool, typer.Option(help="dose coefficients relative to the residual norm")] = True,
+    n_questions: Annotated[int, typer.Option(help="questions for the dose-response")] = 4,
+    max_new_tokens: int = 32,
+    model: ModelOpt = None,
+) -> None:
+    """Write one self-contained HTML page: sweep, dose-response, prompt shift, inventory, counts, settings."""
+    from .report import run_dose, write_report
+
+    if dose_coefs:
+        m, tok = _load(model)
+        run_dose(m, tok, run_dir, _floats(dose_coefs), n_questions=n_questions, max_new_tokens=max_new_tokens,
+                 relative=relative)
+    typer.echo(f"wrote {write_report(run_dir, out)}")
+
+
 @traits_app.command("list")
 def traits_list() -> None:
     """List built-in traits."""
