@@ -18,9 +18,12 @@ from .extract import ExtractionConfig, ExtractionResult, extract_trait
 from .flag import rank, score_dataset
 from .generation import Generation, generate, stream
 from .hooks import StopForward, record_residual
+from .inventory import Inventory, InventoryMatrix, InventoryResult, administer, inventory_matrix
 from .judges import CallableJudge, Judge, JudgeError, LexiconJudge, LLMJudge, SelfJudge, make_judge
 from .models import LoadedModel, load_model
+from .report import write_report
 from .shift import FinetuningShift, finetuning_shift
+from .shiftcheck import ShiftCheck, prompt_shift
 from .steer import Monitor, ResidualEditor, SteerOp, build_monitor, build_ops, monitoring, steer
 from .sweep import LayerSweep, layer_sweep
 from .training import PreventativeSteeringCallback, lora_finetune, preventative_steering
@@ -39,6 +42,9 @@ __all__ = [
     "FinetuningShift",
     "Generation",
     "InstructionPair",
+    "Inventory",
+    "InventoryMatrix",
+    "InventoryResult",
     "Judge",
     "JudgeError",
     "LLMJudge",
@@ -50,11 +56,13 @@ __all__ = [
     "PreventativeSteeringCallback",
     "ResidualEditor",
     "SelfJudge",
+    "ShiftCheck",
     "SteerOp",
     "StopForward",
     "Trait",
     "TraitError",
     "TraitVectors",
+    "administer",
     "build_monitor",
     "build_ops",
     "capture_activations",
@@ -66,6 +74,7 @@ __all__ = [
     "generate",
     "generate_trait",
     "get_layout",
+    "inventory_matrix",
     "layer_sweep",
     "list_traits",
     "load_model",
@@ -75,10 +84,12 @@ __all__ = [
     "monitor_conversations",
     "monitoring",
     "preventative_steering",
+    "prompt_shift",
     "rank",
     "read_samples",
     "record_residual",
     "score_dataset",
     "steer",
     "stream",
+    "write_report",
 ]

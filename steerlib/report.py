@@ -208,7 +208,9 @@ def _shift_section(run: Path) -> str:
     return (head +
             f'<p class="verdict">Best layer <b>{res.best_layer}</b>: Pearson r = <b>{res.best_r:.2f}</b> between the '
             f"last-prompt-token projection and the judge score over {len(res.conditions)} conditions "
-            f"(r = {res.r_responses[li]:.2f} over {len(res.responses)} single responses).</p>"
+            f"(r = {res.r_responses[li]:.2f} over {len(res.responses)} single responses; "
+            + "; ".join(f"{fam} ladder alone r = {v[li]:.2f}" for fam, v in res.r_family.items())
+            + ").</p>"
             + _png(lambda p: res.plot_scatter(p)) + _png(lambda p: res.plot_layers(p))
             + _table(["condition", "n", "mean judge score", f"mean projection (layer {res.best_layer})"], rows,
                      text_cols=(0,)))

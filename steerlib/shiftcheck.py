@@ -89,6 +89,9 @@ class ShiftCheck:
         layers: layers read (1..n_layers).
         r: per layer, Pearson r between condition-mean projection and condition-mean score.
         r_responses: per layer, Pearson r over single responses.
+        r_family: per family ("system", "shots"), per layer r over that family's condition means (NaN when
+            it has fewer than 3 conditions): the ladders separately, since prompt length alone moves the
+            last token's projection in the many-shot family.
         best_layer: layer with the highest ``r``.
         best_r: ``r`` at ``best_layer``.
         conditions: per-condition points.
@@ -100,6 +103,7 @@ class ShiftCheck:
     layers: tuple[int, ...]
     r: tuple[float, ...]
     r_responses: tuple[float, ...]
+    r_family: dict[str, tuple[float, ...]]
     best_layer: int
     best_r: float
     conditions: tuple[ConditionPoint, ...]
@@ -110,10 +114,12 @@ class ShiftCheck:
         return self.r[self.layers.index(layer)]
 
     def format(self) -> str:
-        rows = ["layer  r(conditions)  r(responses)"]
+        fams = list(self.r_family)
+        rows = ["layer  r(conditions)  r(responses)" + "".join(f"  r({f})" for f in fams)]
         for i, layer in enumerate(self.layers):
             mark = "  <- best" if layer == self.best_layer else ""
-            rows.append(f"{layer:5d}  {self.r[i]:13.3f}  {self.r_responses[i]:12.3f}{mark}")
+            per_fam = "".join(f"  {self.r_family[f][i]:{len(f) + 3}.3f}" for f in fams)
+            rows.append(f"{layer:5d}  {self.r[i]:13.3f}  {self.r_responses[i]:12.3f}{per_fam}{mark}")
         li = self.layers.index(self.best_layer)
         rows.append("")
         rows.append(f"condition        n   judge  projection@L{self.best_layer}")
@@ -123,7 +129,8 @@ class ShiftCheck:
 
     def to_dict(self) -> dict:
         return {"trait": self.trait, "layers": list(self.layers), "r": list(self.r),
-                "r_responses": list(self.r_responses), "best_layer": self.best_layer, "best_r": self.best_r,
+                "r_responses": list(self.r_responses),
+                "r_family": {k: list(v) for k, v in self.r_family.items()}, "best_layer": self.best_layer, "best_r": self.best_r,
                 "conditions": [c.__dict__ | {"mean_projection": list(c.mean_projection)} for c in self.conditions],
                 "responses": list(self.responses), "settings": self.settings}
 
@@ -132,7 +139,7 @@ class ShiftCheck:
         conds = tuple(ConditionPoint(**{**c, "mean_projection": tuple(c["mean_projection"])})
                       for c in data["conditions"])
         return cls(data["trait"], tuple(data["layers"]), tuple(data["r"]), tuple(data["r_responses"]),
-                   int(data["best_layer"]), float(data["best_r"]), conds, tuple(data["responses"]),
+                   {k: tuple(v) for k, v in data["r_family"].items()}, int(data["best_layer"]), float(data["best_r"]), conds, tuple(data["responses"]),
                    dict(data["settings"]))
 
     def save(self, path: str | Path) -> Path:
@@ -191,6 +198,8 @@ class ShiftCheck:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         ax.plot(self.layers, self.r, "o-", label="condition means")
         ax.plot(self.layers, self.r_responses, "s--", label="single responses")
+        for fam, values in self.r_family.items():
+            ax.plot(self.layers, values, ":", label=f"{fam} conditions only")
         ax.axhline(0, color="gray", lw=0.8)
         ax.axvline(self.best_layer, color="gray", alpha=0.5)
         ax.set_ylim(-1.05, 1.05)
@@ -384,9 +393,14 @@ def _summarise(trait: str, layers: list[int], conds: list[Condition], records: l
               for i in range(len(layers))]
     r_resp = [pearson([a["projections"][i] for a in answers], [a["score"] for a in answers])
               for i in range(len(layers))]
+    r_fam = {}
+    for fam in dict.fromkeys(p.family for p in points):
+        sub = [p for p in points if p.family == fam]
+        r_fam[fam] = tuple(pearson([p.mean_projection[i] for p in sub], [p.mean_score for p in sub])
+                           for i in range(len(layers)))
     finite = [(v, layer) for v, layer in zip(r_cond, layers, strict=True) if np.isfinite(v)]
     best_r, best_layer = max(finite) if finite else (float("nan"), layers[0])
     responses = tuple({k: r[k] for k in ("condition", "family", "level", "question_index", "score", "projections",
                                          "response")} for r in answers)
-    return ShiftCheck(trait, tuple(layers), tuple(r_cond), tuple(r_resp), best_layer, float(best_r), tuple(points),
-                      responses, settings)
+    return ShiftCheck(trait, tuple(layers), tuple(r_cond), tuple(r_resp), r_fam, best_layer, float(best_r),
+                      tuple(points), responses, settings)

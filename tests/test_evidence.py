@@ -71,6 +71,10 @@ def test_shift_correlation_matches_records(shift, run_dir):
     proj = [np.mean([r["projections"][li] for r in answers if r["condition"] == n]) for n in names]
     score = [np.mean([r["score"] for r in answers if r["condition"] == n]) for n in names]
     assert shift.r[li] == pytest.approx(np.corrcoef(proj, score)[0, 1], abs=1e-6)
+    system = [i for i, n in enumerate(names) if n.startswith("system")]
+    assert shift.r_family["system"][li] == pytest.approx(
+        np.corrcoef([proj[i] for i in system], [score[i] for i in system])[0, 1], abs=1e-6)
+    assert np.isnan(shift.r_family["shots"][li])  # one many-shot condition: no correlation to speak of
     single = np.corrcoef([r["projections"][li] for r in answers], [r["score"] for r in answers])[0, 1]
     assert shift.r_responses[li] == pytest.approx(single, abs=1e-6)
     assert shift.best_r == pytest.approx(np.nanmax(shift.r))
@@ -188,3 +192,17 @@ def test_report_is_self_contained_and_renders(embedded, optimism_vectors, run_di
     assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 20_000
     if os.environ.get("STEERLIB_KEEP_SCREENSHOT"):  # for a person to look at
         shutil.copy(shot, os.environ["STEERLIB_KEEP_SCREENSHOT"])
+
+
+def test_report_cli(run_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from steerlib.cli import app
+
+    out = tmp_path / "cli.html"
+    result = CliRunner().invoke(app, ["report", str(run_dir), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.output and "<h2>Layer sweep</h2>" in out.read_text()
+    bad = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert bad.exit_code != 0
+    assert "is not an extraction run folder (no vectors.json" in str(bad.exception)
