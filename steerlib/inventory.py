@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -225,6 +225,9 @@ class InventoryMatrix:
         coef: the coefficient used (relative to the residual norm when ``relative``).
         relative: whether ``coef`` was relative.
         layers: steering layer of each vector.
+        diagnostics: unsteered ``option_mass`` (mean probability on the options: low means the model mostly
+            wanted to say something else) and ``rating_sd`` (spread of the raw item ratings: near 0 means the
+            model rates every statement alike, so keyed scales sit near the midpoint whatever is steered).
     """
 
     vectors: tuple[str, ...]
@@ -235,6 +238,7 @@ class InventoryMatrix:
     coef: float
     relative: bool
     layers: tuple[int, ...]
+    diagnostics: dict[str, float] = field(default_factory=dict)
 
     def own_scale_largest(self) -> dict[str, bool]:
         """For each vector named like a scale: does it move its own scale more (in absolute value) than any other?"""
@@ -252,18 +256,20 @@ class InventoryMatrix:
             rows.append(f"{v[:17]:17s} " + " ".join(f"{x:+8.2f}" for x in self.effects[i]))
         kind = "x typical residual norm" if self.relative else "(raw)"
         rows.append(f"coef {self.coef:g} {kind}; layers {list(self.layers)}")
+        if self.diagnostics:
+            rows.append(", ".join(f"{k} {v:.3f}" for k, v in self.diagnostics.items()) + " (unsteered)")
         return "\n".join(rows)
 
     def to_dict(self) -> dict:
         return {"vectors": list(self.vectors), "scales": list(self.scales), "baseline": self.baseline,
                 "steered": self.steered, "effects": self.effects.tolist(), "coef": self.coef,
-                "relative": self.relative, "layers": list(self.layers)}
+                "relative": self.relative, "layers": list(self.layers), "diagnostics": self.diagnostics}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> InventoryMatrix:
         return cls(tuple(data["vectors"]), tuple(data["scales"]), dict(data["baseline"]), dict(data["steered"]),
                    np.asarray(data["effects"], dtype=float), float(data["coef"]), bool(data["relative"]),
-                   tuple(data["layers"]))
+                   tuple(data["layers"]), dict(data.get("diagnostics", {})))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -340,5 +346,6 @@ def inventory_matrix(
                for name, o in ops.items()}
     scales = inv.scales
     effects = np.array([[steered[n][s] - base.scales[s] for s in scales] for n in loaded])
+    diagnostics = {"option_mass": float(np.mean(base.option_mass)), "rating_sd": float(np.std(base.item_ratings))}
     return InventoryMatrix(tuple(loaded), scales, base.scales, steered, effects, float(coef), relative,
-                           tuple(o[0].layer for o in ops.values()))
+                           tuple(o[0].layer for o in ops.values()), diagnostics)

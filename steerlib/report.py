@@ -235,8 +235,18 @@ def _inventory_section(run: Path) -> str:
                    "scale.</p>")
     return (head + "<p>Scores 1-5 from the model's next-token probabilities of the Likert options (expected value, "
             f"reverse-keyed items flipped). Rows: change while steering with coefficient {mat.coef:g} {unit} at "
-            f"layers {list(mat.layers)}.</p>" + verdict + _png(lambda p: mat.plot(p))
+            f"layers {list(mat.layers)}.</p>" + verdict + _diagnostics(mat) + _png(lambda p: mat.plot(p))
             + _table(["", *mat.scales], rows, text_cols=(0,)))
+
+
+def _diagnostics(mat) -> str:
+    d = mat.diagnostics
+    if not d:
+        return ""
+    return (f"<p>Unsteered, the model puts {d.get('option_mass', float('nan')):.2f} of its next-token probability on "
+            f"the five options (the rest on other words), and its raw item ratings spread by "
+            f"{d.get('rating_sd', float('nan')):.2f} (standard deviation): a model that rates every statement alike "
+            "sits at the midpoint of every keyed scale, and steering can then move little.</p>")
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:

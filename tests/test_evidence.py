@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from steerlib import capture_activations, format_prompt, steer
+from steerlib import build_ops, capture_activations, format_prompt, steer
 from steerlib.inventory import Inventory, administer, inventory_matrix
 from steerlib.report import run_dose, write_report
 from steerlib.shiftcheck import ShiftCheck, pearson, prompt_shift
@@ -133,8 +133,6 @@ def test_inventory_equals_hand_computation(embedded, optimism_vectors):
     assert result.scales == pytest.approx(hand, abs=1e-4)
     assert result.option_probs.sum(-1) == pytest.approx(torch.ones(3), abs=1e-5)
     # Under steering: same hand computation with the forward inside steer().
-    from steerlib import build_ops
-
     ops = build_ops(model, optimism_vectors, LAYER, 0.5, relative=True)
     steered = administer(model, tok, inv, steering=ops)
     with steer(model, optimism_vectors, LAYER, 0.5, relative=True):
@@ -170,14 +168,19 @@ def test_report_is_self_contained_and_renders(embedded, optimism_vectors, run_di
     assert "No dose-response in this run folder" in page and "No inventory matrix in this run folder" in page
     run_dose(model, tok, run_dir, [-0.5, 0.0, 0.5], n_questions=2, max_new_tokens=8)
     small = Inventory.from_dict(SMALL)
-    inventory_matrix(model, tok, {"optimistic": optimism_vectors}, inventory=small, layer=LAYER).save(
-        run_dir / "inventory.json")
+    mat = inventory_matrix(model, tok, {"optimistic": optimism_vectors}, inventory=small, layer=LAYER)
+    base = administer(model, tok, small)
+    up = administer(model, tok, small, steering=build_ops(model, optimism_vectors, LAYER, 0.5, relative=True))
+    assert mat.effects[0] == pytest.approx([up.scales[s] - base.scales[s] for s in small.scales], abs=1e-6)
+    assert mat.diagnostics["option_mass"] == pytest.approx(np.mean(base.option_mass))
+    mat.save(run_dir / "inventory.json")
     path = write_report(run_dir)
     page = path.read_text()
     for heading in ("Layer sweep", "Dose-response", "Prompt-induced shift", "Personality inventory",
                     "Kept and dropped"):
         assert heading in page
     assert "class=\"missing\"" not in page
+    assert f"puts {mat.diagnostics['option_mass']:.2f} of its next-token probability" in page
     assert f"Pearson r = <b>{shift.best_r:.2f}</b>" in page
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(images) == 5 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
