@@ -12,9 +12,16 @@ EXTRAS := triton,serve,ray,train,dev
 PIP_VERSION := 26.3
 CANARY := .venv-canary
 
-.PHONY: setup demo test lint bench canary lock clean
+.PHONY: setup demo test lint bench canary lock clean browser
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# Headless Chromium renders the server's live page and the HTML report in the tests. Installed from Debian's
+# packages where we can (root with apt); elsewhere those screenshot tests skip and say so.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
+		echo "chromium not installed: page screenshot tests will be skipped"
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

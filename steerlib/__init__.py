@@ -14,6 +14,15 @@ from steerlib.core.hooks import StopForward, record_residual
 from steerlib.core.models import LoadedModel, load_model
 from steerlib.core.vectors import TraitVectors, load_vectors, pick_layer
 from steerlib.core.version import __version__ as __version__
+from steerlib.evaluation.inventory import (
+    Inventory,
+    InventoryMatrix,
+    InventoryResult,
+    administer,
+    inventory_matrix,
+)
+from steerlib.evaluation.prompt_shift import ShiftCheck, prompt_shift
+from steerlib.evaluation.report import write_report
 from steerlib.extraction.extract import ExtractionConfig, ExtractionResult, extract_trait
 from steerlib.extraction.sweep import LayerSweep, layer_sweep
 from steerlib.finetuning.flag.report import rank
@@ -60,6 +69,9 @@ __all__ = [
     "FinetuningShift",
     "Generation",
     "InstructionPair",
+    "Inventory",
+    "InventoryMatrix",
+    "InventoryResult",
     "Judge",
     "JudgeError",
     "LLMJudge",
@@ -71,12 +83,14 @@ __all__ = [
     "PreventativeSteeringCallback",
     "ResidualEditor",
     "SelfJudge",
+    "ShiftCheck",
     "SteerOp",
     "StopForward",
     "Trait",
     "TraitError",
     "TraitReadout",
     "TraitVectors",
+    "administer",
     "build_monitor",
     "build_ops",
     "build_readout",
@@ -89,6 +103,7 @@ __all__ = [
     "generate",
     "generate_trait",
     "get_layout",
+    "inventory_matrix",
     "layer_sweep",
     "list_traits",
     "load_model",
@@ -100,6 +115,7 @@ __all__ = [
     "pick_layer",
     "monitoring",
     "preventative_steering",
+    "prompt_shift",
     "rank",
     "read_out",
     "read_samples",
@@ -107,4 +123,5 @@ __all__ = [
     "score_dataset",
     "steer",
     "stream",
+    "write_report",
 ]

@@ -249,6 +249,70 @@ def serve(
                alerts_path=alerts_path, dtype=dtype)
 
 
+@app.command()
+def shiftcheck(
+    vector: Annotated[Path, typer.Option(help="trait vectors folder (an extraction run) or .safetensors")],
+    out: Annotated[Path | None, typer.Option(help="output folder (default: VECTOR/shiftcheck)")] = None,
+    trait: Annotated[str | None, typer.Option(help="trait (default: the vectors' trait)")] = None,
+    judge: Annotated[str, typer.Option(help="auto | lexicon[:polarity] | self | openai:<model>")] = "auto",
+    n_questions: int = 8,
+    pair: Annotated[int, typer.Option(help="instruction pair for the system-prompt ladder")] = 0,
+    shots: Annotated[str, typer.Option(help="comma-separated numbers of in-context examples")] = "0,1,2,4,8",
+    negative_shots: Annotated[bool, typer.Option(help="also many-shot prompts with opposite examples")] = True,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    fresh: Annotated[bool, typer.Option(help="ignore earlier partial results")] = False,
+    model: ModelOpt = None,
+) -> None:
+    """Prompt-induced shift: does the last prompt token's projection predict the judged trait? (per layer)"""
+    from steerlib.jobs import shiftcheck_file
+
+    result, folder = shiftcheck_file(vector, out, model_path=model, trait=trait, judge=judge,
+                                     n_questions=n_questions, pair=pair, shots=_ints(shots),
+                                     negative_shots=negative_shots, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size, resume=not fresh)
+    typer.echo(result.format())
+    typer.echo(f"best layer {result.best_layer}: r = {result.best_r:.3f}; wrote {folder}")
+
+
+@app.command()
+def inventory(
+    vector: Annotated[list[str] | None, typer.Option(help="NAME=PATH trait vectors to steer with (repeatable)")] = None,
+    inventory_file: Annotated[str, typer.Option("--inventory", help="built-in name or JSON file")] = "big_five",
+    coef: Annotated[float, typer.Option(help="steering coefficient for the matrix")] = 0.5,
+    relative: Annotated[bool, typer.Option(help="coef as a fraction of the typical residual norm")] = True,
+    layer: Annotated[int | None, typer.Option(help="steering layer (default: each vector's recommended)")] = None,
+    out: Annotated[Path | None, typer.Option(help="write the matrix as JSON (e.g. RUN_DIR/inventory.json)")] = None,
+    model: ModelOpt = None,
+) -> None:
+    """Judge-free Likert inventory scored from option probabilities; with --vector, the steering effect matrix."""
+    from steerlib.jobs import inventory_file as run_inventory
+
+    result = run_inventory(_named_paths(vector) if vector else None, model_path=model, inventory=inventory_file,
+                           coef=coef, relative=relative, layer=layer, out=out)
+    typer.echo(result.format())
+    if out is not None and vector:
+        typer.echo(f"wrote {out}")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="extraction run folder (from steerlib extract)")],
+    out: Annotated[Path | None, typer.Option(help="HTML file (default RUN_DIR/report.html)")] = None,
+    dose_coefs: Annotated[str | None, typer.Option(help="compute a dose-response first (comma-separated)")] = None,
+    relative: Annotated[bool, typer.Option(help="dose coefficients relative to the residual norm")] = True,
+    n_questions: Annotated[int, typer.Option(help="questions for the dose-response")] = 4,
+    max_new_tokens: int = 32,
+    model: ModelOpt = None,
+) -> None:
+    """Write one self-contained HTML page: sweep, dose-response, prompt shift, inventory, counts, settings."""
+    from steerlib.jobs import report_file
+
+    path = report_file(run_dir, out, model_path=model, dose_coefs=_floats(dose_coefs) if dose_coefs else None,
+                       relative=relative, n_questions=n_questions, max_new_tokens=max_new_tokens)
+    typer.echo(f"wrote {path}")
+
+
 @traits_app.command("list")
 def traits_list() -> None:
     """List built-in traits."""

@@ -16,6 +16,9 @@ from torch import Tensor
 from steerlib.core.chat import format_prompt
 from steerlib.core.models import load_model
 from steerlib.core.vectors import TraitVectors, load_vectors, pick_layer
+from steerlib.evaluation.inventory import InventoryMatrix, InventoryResult, administer, inventory_matrix
+from steerlib.evaluation.prompt_shift import ShiftCheck, prompt_shift
+from steerlib.evaluation.report import run_dose, write_report
 from steerlib.extraction.extract import ExtractionConfig, ExtractionResult, extract_trait
 from steerlib.finetuning.flag.report import plot_histogram, rank, write_rows
 from steerlib.finetuning.flag.scoring import Baseline, score_dataset
@@ -29,7 +32,8 @@ from steerlib.store.samples import read_samples
 from steerlib.traits.judges import make_judge
 from steerlib.traits.library import TraitError, load_trait
 
-__all__ = ["FlagReport", "extract_file", "flag_file", "monitor_file", "shift_file", "steer_file", "train_file"]
+__all__ = ["FlagReport", "extract_file", "flag_file", "inventory_file", "monitor_file", "report_file", "shift_file",
+           "shiftcheck_file", "steer_file", "train_file"]
 
 
 def extract_file(
@@ -365,3 +369,72 @@ def train_file(
     result.model.save_pretrained(out_dir)
     (out_dir / "losses.json").write_text(json.dumps(result.losses))
     return result
+
+
+def shiftcheck_file(
+    vectors_path: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    model_path: str | Path | None = None,
+    trait: str | None = None,
+    judge: str = "auto",
+    n_questions: int = 8,
+    pair: int = 0,
+    shots: Sequence[int] = (0, 1, 2, 4, 8),
+    negative_shots: bool = True,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    resume: bool = True,
+) -> tuple[ShiftCheck, Path]:
+    """The prompt-shift experiment for saved vectors, written to ``out_dir`` (default: beside the vectors)."""
+    vectors_path = Path(vectors_path)
+    model, tok = load_model(model_path)
+    tv = load_vectors(vectors_path, model)
+    if not isinstance(tv, TraitVectors):
+        raise ValueError(f"{vectors_path}: shiftcheck needs saved TraitVectors (an extraction run), not a bare tensor")
+    t = load_trait(trait or tv.trait)
+    trait_judge = make_judge(judge, t, model=model, tokenizer=tok)
+    folder = Path(out_dir) if out_dir is not None else (
+        vectors_path if vectors_path.is_dir() else vectors_path.parent) / "shiftcheck"
+    result = prompt_shift(model, tok, tv, folder, trait=t, judge=trait_judge, n_questions=n_questions, pair=pair,
+                          shots=list(shots), negative_shots=negative_shots, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, resume=resume, progress=True)
+    return result, folder
+
+
+def inventory_file(
+    vectors: dict[str, str] | None = None,
+    *,
+    model_path: str | Path | None = None,
+    inventory: str = "big_five",
+    coef: float = 0.5,
+    relative: bool = True,
+    layer: int | None = None,
+    out: str | Path | None = None,
+) -> InventoryResult | InventoryMatrix:
+    """Administer an inventory; with named vectors, the steering-effect matrix (saved to ``out`` if given)."""
+    model, tok = load_model(model_path)
+    if not vectors:
+        return administer(model, tok, inventory)
+    matrix = inventory_matrix(model, tok, vectors, inventory=inventory, coef=coef, relative=relative, layer=layer)
+    if out is not None:
+        matrix.save(out)
+    return matrix
+
+
+def report_file(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    model_path: str | Path | None = None,
+    dose_coefs: Sequence[float] | None = None,
+    relative: bool = True,
+    n_questions: int = 4,
+    max_new_tokens: int = 32,
+) -> Path:
+    """One self-contained HTML report of an extraction run; with ``dose_coefs``, a dose-response is run first."""
+    if dose_coefs:
+        model, tok = load_model(model_path)
+        run_dose(model, tok, run_dir, list(dose_coefs), n_questions=n_questions, max_new_tokens=max_new_tokens,
+                 relative=relative)
+    return write_report(run_dir, out)

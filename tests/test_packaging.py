@@ -44,6 +44,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path]:
         ("steerlib/kernels/*.py", "kernels/*.py"),
         ("steerlib/kernels/*.cu", "kernels/*.cu"),
         ("steerlib/data/traits/*.json", "steerlib/data/traits/*.json"),
+        ("steerlib/data/inventory/*.json", "steerlib/data/inventory/*.json"),
     ],
 )
 def test_wheel_contents(built: tuple[list[str], Path], pattern: str, source_glob: str) -> None:
