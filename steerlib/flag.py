@@ -647,6 +647,7 @@ def flag_file(
     device: str | None = None,
     progress: bool = True,
     label_key: str | None = None,
+    negate: bool = False,
 ) -> FlagReport:
     """Score a data file against a trait vector and write scores, rankings, a histogram and a summary.
 
@@ -673,6 +674,9 @@ def flag_file(
         device: model device (default CUDA when available).
         progress: show progress.
         label_key: a meta field with known labels, to split the histogram by.
+        negate: score on the opposite pole (the negated direction), so the ranking puts the samples most
+            against the trait first (e.g. the gloomiest samples with an optimism vector). Scores are then
+            projections on ``-v``.
     """
     from .models import load_model
 
@@ -687,6 +691,9 @@ def flag_file(
         if not isinstance(vectors, TraitVectors) or vectors.recommended_layer is None:
             raise ValueError("pass layer: the vectors have no recommended layer")
         layer = vectors.recommended_layer
+    if negate:
+        # The other pole is the negated direction: every projection flips sign, so highest-first ranks it.
+        vectors = -vectors
     if use_ray:
         from .ray_scoring import score_dataset_ray
 
@@ -707,7 +714,8 @@ def flag_file(
     _write_rows(ranked, out_dir / "ranked.csv")
     hist = plot_histogram(result, out_dir / "histogram.png", top_k=min(top_k, len(ranked)),
                           label_key=label_key)
-    summary = {**result.summary(), "data": str(data_path), "problems": [str(p) for p in read.problems]}
+    summary = {**result.summary(), "data": str(data_path), "negated": negate,
+               "problems": [str(p) for p in read.problems]}
     summary_path = out_dir / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=2))
     return FlagReport(summary=summary, top=ranked[:top_k], scores_path=scores_path,

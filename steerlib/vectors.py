@@ -144,7 +144,16 @@ class TraitVectors:
 
     @classmethod
     def load(cls, path: str | Path, *, model=None, model_name: str | None = None) -> TraitVectors:
-        """Load saved vectors; with ``model`` given, check that width and depth match it."""
+        """Load saved vectors; with ``model`` given, check that width and depth match it.
+
+        Also reads llama.cpp control vectors (``.gguf``), Persona Vectors paper ``.pt`` tables and saklas profiles
+        (see ``steerlib.vector_imports`` for their layer conventions).
+        """
+        from .vector_imports import load_foreign
+
+        foreign = load_foreign(path, model=model)
+        if foreign is not None:
+            return foreign
         weights, meta = _paths(path)
         if not weights.is_file():
             raise FileNotFoundError(f"no trait vectors at {path} (expected {weights})")
