@@ -17,6 +17,7 @@ from .drift import Alert, DriftMonitor, monitor_conversations
 from .extract import ExtractionConfig, ExtractionResult, extract_trait
 from .flag import rank, score_dataset
 from .generation import Generation, generate, stream
+from .gguf_vectors import export_gguf, read_control_vector
 from .hooks import StopForward, record_residual
 from .judges import CallableJudge, Judge, JudgeError, LexiconJudge, LLMJudge, SelfJudge, make_judge
 from .models import LoadedModel, load_model
@@ -26,6 +27,7 @@ from .sweep import LayerSweep, layer_sweep
 from .training import PreventativeSteeringCallback, lora_finetune, preventative_steering
 from .trait_gen import generate_trait
 from .traits import InstructionPair, Trait, TraitError, list_traits, load_trait
+from .vector_imports import load_persona_vectors, load_saklas_profile
 from .vectors import TraitVectors
 
 __all__ = [
@@ -59,6 +61,7 @@ __all__ = [
     "build_ops",
     "capture_activations",
     "dose_response",
+    "export_gguf",
     "extract_trait",
     "finetuning_shift",
     "format_messages",
@@ -69,6 +72,8 @@ __all__ = [
     "layer_sweep",
     "list_traits",
     "load_model",
+    "load_persona_vectors",
+    "load_saklas_profile",
     "load_trait",
     "lora_finetune",
     "make_judge",
@@ -76,6 +81,7 @@ __all__ = [
     "monitoring",
     "preventative_steering",
     "rank",
+    "read_control_vector",
     "read_samples",
     "record_residual",
     "score_dataset",
