@@ -30,7 +30,18 @@ from torch import nn
 _EXPLICIT: dict[str, tuple[str, str]] = {}
 
 # model_type -> why steerlib's layer convention (one residual tensor per block boundary) does not apply.
-_UNSUPPORTED: dict[str, str] = {}
+# Found by building every causal-LM type of transformers 5.24 tiny (tests/test_all_archs.py).
+_UNSUPPORTED: dict[str, str] = {
+    "nanochat": "one norm module is applied to the embeddings and after the last block, so the last layer "
+                "cannot be read from a hook on it",
+    "openai-gpt": "its blocks return a list, not a tensor or tuple",
+    "xlnet": "the stream is laid out [seq, batch, d_model] and split in two (content and query streams)",
+    "xlm": "it has no block modules: attention, norms and FFNs sit in parallel ModuleLists",
+    "deepseek_v4": "hyper-connections: the residual is several streams [batch, seq, n_streams, d_model]",
+    "hy_v4": "hyper-connections: the residual is several streams [batch, seq, n_streams, d_model]",
+    "inkling2_text": "block attention residuals: each block also reads a separate stack of block states",
+    "inkling2_loop_text": "block attention residuals: each block also reads a separate stack of block states",
+}
 
 # Sub-modules that hold non-text towers; their block lists are never the language model's residual stream.
 _OTHER_TOWERS = ("vision", "visual", "audio", "image", "speech", "vqmodel", "vq_model", "perceiver", "encoder")

@@ -53,20 +53,16 @@ _PER_LAYER_HINTS = ("layer_types", "layers_block_type", "hybrid_override_pattern
 
 # Architectures that build and run but where steerlib's check does not hold, with the reason (seen on
 # transformers 5.24). The test expects these to keep failing, so a fix upstream or here shows up.
-KNOWN_MISMATCHES: dict[str, str] = {
-    "mamba": "transformers' output_hidden_states starts at block 0's output (no embeddings entry), so index L is "
-             "not the input of block L",
-    "falcon_mamba": "as mamba: output_hidden_states has no embeddings entry",
-    "mamba2": "as mamba: output_hidden_states has no embeddings entry",
-    "rwkv": "output_hidden_states has no embeddings entry and rescales the stream every few layers",
-    "nanochat": "one norm module is applied to the embeddings and after the last block, so a hook on it fires twice",
-    "openai-gpt": "blocks return a list, not a tensor or tuple",
-    "xlnet": "the stream is laid out [seq, batch, d_model] (two streams: content and query)",
-    "xlm": "no block modules: attention, norms and FFNs sit in parallel ModuleLists",
-    "deepseek_v4": "hyper-connections: the residual is several streams [batch, seq, n_streams, d_model]",
-    "hy_v4": "hyper-connections: the residual is several streams [batch, seq, n_streams, d_model]",
-    "inkling2_text": "block attention residuals: each block also reads a separate stack of block states",
-    "inkling2_loop_text": "block attention residuals: each block also reads a separate stack of block states",
+# Architectures whose output_hidden_states has no embeddings entry: [block 0 out, ..., block n-2 out, normed last].
+# steerlib's layers are still "0 = embeddings, L = output of block L - 1", so these are checked against that
+# shifted reference (verified: capture equals it exactly). RWKV also halves the stream every
+# ``rescale_every`` blocks outside the blocks in inference; steerlib reads each block's own output.
+SHIFTED_HIDDEN_STATES: dict[str, str] = {
+    "mamba": "output_hidden_states has no embeddings entry (index i is block i's output); checked against the "
+             "shifted reference",
+    "falcon_mamba": "as mamba: checked against output_hidden_states shifted by one",
+    "mamba2": "as mamba: checked against output_hidden_states shifted by one",
+    "rwkv": "as mamba: checked against output_hidden_states shifted by one",
 }
 
 N_LAYERS = 3
@@ -187,16 +183,27 @@ class ArchResult:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+    text = (f"{type(exc).__name__}: {exc}".strip().splitlines() or [repr(exc)])[0]
+    if text.endswith(":"):
+        text += f" {exc!r}"
     return text[:160]
 
 
-def check_model(model: nn.Module, ids: Tensor, *, atol: float = 1e-5, rtol: float = 1e-4) -> float:
+def check_model(model: nn.Module, ids: Tensor, *, shifted: bool = False, atol: float = 1e-5,
+                rtol: float = 1e-4) -> float:
     """Assert steerlib's layer convention on ``model``; return the largest absolute error seen.
 
     Checks: ``record_residual`` at every layer equals ``output_hidden_states``; steering ``coef * v`` at each layer
     ``L`` < n changes ``output_hidden_states[L]`` by exactly ``coef * v`` and leaves earlier layers alone; steering
     at the last layer changes it to ``final_norm(block output + coef * v)``.
+
+    Args:
+        model: a tiny causal LM.
+        ids: [batch, seq] token ids.
+        shifted: the model's ``output_hidden_states`` lacks the embeddings entry (see ``SHIFTED_HIDDEN_STATES``);
+            the reference is then ``[embeddings, hidden_states[0], ..., hidden_states[n - 2], hidden_states[n]]``.
+        atol: absolute tolerance.
+        rtol: relative tolerance.
     """
     from .arch import get_layout
     from .hooks import record_residual
@@ -217,7 +224,13 @@ def check_model(model: nn.Module, ids: Tensor, *, atol: float = 1e-5, rtol: floa
             raise AssertionError(f"{what}: max abs error {float(err.max()):.3g}")
 
     with torch.no_grad():
-        want = model(ids, output_hidden_states=True).hidden_states
+        def hidden(out) -> tuple[Tensor, ...]:
+            states = out.hidden_states
+            if shifted:
+                states = (model.get_input_embeddings()(ids), *states[: n - 1], states[n])
+            return states
+
+        want = hidden(model(ids, output_hidden_states=True))
         if len(want) != n + 1:
             raise AssertionError(f"output_hidden_states has {len(want)} entries for {n} blocks")
         with record_residual(model) as records:
@@ -230,7 +243,7 @@ def check_model(model: nn.Module, ids: Tensor, *, atol: float = 1e-5, rtol: floa
         coef = 0.5
         for layer in range(1, n + 1):
             with steer(model, vec, layers=layer, coef=coef):
-                got = model(ids, output_hidden_states=True).hidden_states
+                got = hidden(model(ids, output_hidden_states=True))
             for earlier in range(layer):
                 close(got[earlier], want[earlier], f"steering at {layer}: layer {earlier} must not change")
             if layer < n:
@@ -268,6 +281,10 @@ def check_architecture(model_type: str, cache: dict[str, nn.Module] | None = Non
     text = text_config(config)
     if getattr(config, "is_encoder_decoder", False) or getattr(text, "is_encoder_decoder", False):
         return ArchResult(model_type, "skip", "encoder-decoder, not decoder-only")
+    if getattr(text, "is_decoder", None) is False and hasattr(text, "add_cross_attention"):
+        # BERT-style configs: bidirectional encoders whose causal-LM head needs is_decoder=True (GPT-NeoX also
+        # carries is_decoder=False, but no cross-attention switch).
+        return ArchResult(model_type, "skip", "BERT-style encoder (is_decoder=False by default), not a decoder-only LM")
     if not any(isinstance(getattr(text, key, None), int) for key in ("num_hidden_layers", "n_layer", "n_layers",
                                                                      "num_layers")):
         return ArchResult(model_type, "skip", "config gives no number of decoder layers (not a plain block stack)")
@@ -279,9 +296,6 @@ def check_architecture(model_type: str, cache: dict[str, nn.Module] | None = Non
                 cache[model_type] = model
     except Exception as exc:  # noqa: BLE001
         return ArchResult(model_type, "skip", f"cannot be built tiny offline: {_first_line(exc)}")
-    if not getattr(text, "is_decoder", True) and type(model).__name__.endswith("ForCausalLM") and \
-            any(k in type(model).__name__ for k in ("Bert", "Roberta", "Electra", "Ernie", "Xlm", "XLM")):
-        return ArchResult(model_type, "skip", "encoder model used as a decoder (is_decoder=False by default)")
     ids = text_ids(model)
     try:
         with torch.no_grad():
@@ -289,9 +303,9 @@ def check_architecture(model_type: str, cache: dict[str, nn.Module] | None = Non
     except Exception as exc:  # noqa: BLE001
         return ArchResult(model_type, "skip", f"text-only forward fails: {_first_line(exc)}")
     try:
-        err = check_model(model, ids)
+        err = check_model(model, ids, shifted=model_type in SHIFTED_HIDDEN_STATES)
     except NotImplementedError as exc:
         return ArchResult(model_type, "skip", str(exc).splitlines()[0][:200])
-    except (AssertionError, Exception) as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - AssertionError from the checks, or anything the model raises
         return ArchResult(model_type, "fail", _first_line(exc))
-    return ArchResult(model_type, "pass", max_error=err)
+    return ArchResult(model_type, "pass", SHIFTED_HIDDEN_STATES.get(model_type, ""), max_error=err)

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from steerlib.arch import get_layout
-from steerlib.tiny_models import KNOWN_MISMATCHES, ArchResult, check_architecture, tiny_config
+from steerlib.tiny_models import SHIFTED_HIDDEN_STATES, ArchResult, check_architecture, tiny_config
 
 MODEL_TYPES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
@@ -27,15 +27,12 @@ def results() -> dict[str, ArchResult]:
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_architecture(results: dict[str, ArchResult], model_type: str) -> None:
     result = results[model_type]
-    if model_type in KNOWN_MISMATCHES:
-        # Expected to fail for the stated reason; if it starts passing, the table and this list need updating.
-        assert result.status == "fail", f"{model_type} now {result.status}: update KNOWN_MISMATCHES"
-        pytest.xfail(KNOWN_MISMATCHES[model_type])
     if result.status == "skip":
         assert result.reason, "a skipped architecture must say why"
         pytest.skip(result.reason)
     assert result.status == "pass", f"{model_type}: {result.reason}"
     assert result.max_error < 1e-4
+    assert bool(result.reason) == (model_type in SHIFTED_HIDDEN_STATES)
 
 
 def test_enough_architectures_pass(results: dict[str, ArchResult]) -> None:
@@ -66,5 +63,9 @@ def test_errors_name_the_model_type() -> None:
     bert = AutoModelForCausalLM.from_config(tiny_config("bert"))  # an encoder: its blocks sit under .encoder
     with pytest.raises(NotImplementedError, match=r"architecture 'bert' \(BertLMHeadModel\): no list of 3 decoder"):
         get_layout(bert)
+    nanochat = AutoModelForCausalLM.from_config(tiny_config("nanochat"))
+    with pytest.raises(NotImplementedError, match=r"architecture 'nanochat' \(NanoChatForCausalLM\) is not "
+                                                  r"supported: one norm module is applied to the embeddings"):
+        get_layout(nanochat)
     with pytest.raises(NotImplementedError, match="has no config"):
         get_layout(torch.nn.Linear(2, 2))
