@@ -183,9 +183,8 @@ class ArchResult:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = (f"{type(exc).__name__}: {exc}".strip().splitlines() or [repr(exc)])[0]
-    if text.endswith(":"):
-        text += f" {exc!r}"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {' '.join(lines[:2])}"
     return text[:160]
 
 

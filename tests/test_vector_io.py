@@ -240,3 +240,23 @@ def test_flag_negate_ranks_the_other_pole_first(tmp_path, embedded):
     assert np.mean([r["meta"]["label"] for r in negated.top]) <= 0.2  # the optimistic pole first
     assert np.mean([r["meta"]["label"] for r in plain.top]) >= 0.8
     assert negated.summary["negated"] is True and plain.summary["negated"] is False
+
+
+def test_cli_flag_passes_negate(tmp_path, monkeypatch):
+    """``steerlib flag --negate`` reaches ``flag_file(negate=True)``; without the option it stays False."""
+    from steerlib import flag as flag_mod
+    from steerlib.flag import FlagReport
+
+    seen: list[bool] = []
+
+    def fake_flag_file(*_args, negate: bool = False, **_kw) -> FlagReport:
+        seen.append(negate)
+        paths = {k: tmp_path / k for k in ("s", "rj", "rc", "h", "sp")}
+        return FlagReport(summary={"negated": negate}, top=[], scores_path=paths["s"], ranked_jsonl=paths["rj"],
+                          ranked_csv=paths["rc"], histogram=paths["h"], summary_path=paths["sp"])
+
+    monkeypatch.setattr(flag_mod, "flag_file", fake_flag_file)
+    for extra in (["--negate"], []):
+        result = CliRunner().invoke(app, ["flag", "--vector", "v.pt", "--data", "d.jsonl", "--layer", "3", *extra])
+        assert result.exit_code == 0, result.output
+    assert seen == [True, False]
