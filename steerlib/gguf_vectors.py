@@ -18,8 +18,9 @@ Layer mapping: steerlib layer ``L`` is ``output_hidden_states[L]``, the output o
 
 and steerlib layer 1 (output of block 0) cannot be expressed in this format (export refuses it); layer 0 (the
 embeddings) is never steered. The last layer ``n_layers`` is, in both, the last block's output before the final
-norm. Saklas profiles use the same block index (``layer_i`` = output of ``model.layers[i]``), see
-``steerlib.vector_imports``.
+norm. The other writers agree: repeng computes ``directions[i]`` from ``hidden_states[i + 1]``, adds it to the output
+of ``model.layers[i]`` and exports it as ``direction.i``; saklas hooks ``layers[i]`` and writes its profile key
+``layer_i`` as ``direction.i`` (see ``steerlib.vector_imports``).
 """
 
 from __future__ import annotations

@@ -260,3 +260,17 @@ def test_cli_flag_passes_negate(tmp_path, monkeypatch):
         result = CliRunner().invoke(app, ["flag", "--vector", "v.pt", "--data", "d.jsonl", "--layer", "3", *extra])
         assert result.exit_code == 0, result.output
     assert seen == [True, False]
+
+
+def test_saklas_profile_and_its_gguf_agree(tmp_path, make_tiny):
+    """saklas writes profile key layer_i as direction.i; both imports must land on the same steerlib layer."""
+    vec = torch.randn(64, generator=torch.Generator().manual_seed(11))
+    profile = tmp_path / "calm.safetensors"
+    save_file({"layer_2": vec}, str(profile))
+    from_profile = load_saklas_profile(profile, model=make_tiny("llama"))
+    from_gguf = read_control_vector(_write_llamacpp_file(tmp_path / "calm.gguf", {2: vec.numpy()}), n_layers=3)
+    assert from_profile.metadata["layers"] == from_gguf.metadata["layers"] == [3]
+    torch.testing.assert_close(from_profile.vectors["response_mean"], from_gguf.vectors["response_mean"])
+    # And steerlib's own export of that layer writes the same tensor name saklas would.
+    out = export_gguf(from_profile, tmp_path / "again.gguf")  # recommended layer 3
+    assert [t.name for t in gguf.GGUFReader(str(out)).tensors] == ["direction.2"]
