@@ -45,6 +45,11 @@ _SIZES: dict[str, int] = {
 _EXTRA: dict[str, dict[str, Any]] = {
     "gpt_neo": {"attention_types": [[["global", "local"], 1], [["global"], 1]]},
     "mamba2": {"num_heads": 8},
+    # transformers 5.24's DbrxAttention reads attn_config.rope_theta, which DbrxAttentionConfig does not define.
+    # Hybrids whose default pattern has one kind only (or none): one attention layer between the others.
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention", "linear_attention"]},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv"]},
+    "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}},
 }
 
 # Keys whose lists or strings run one entry per layer: truncated to the tiny depth.

@@ -41,7 +41,8 @@ def test_enough_architectures_pass(results: dict[str, ArchResult]) -> None:
     # The families the issue names are among them (MoE, hybrid state-space, vision-language text tower).
     for model_type in ("llama", "gemma3", "qwen3_moe", "mixtral", "deepseek_v3", "gpt2", "bloom", "falcon",
                        "falcon_h1", "jamba", "mpt", "opt", "olmoe", "granitemoe", "phimoe", "starcoder2",
-                       "qwen3_next", "bamba", "nemotron_h", "zamba2", "lfm2", "llama4", "mllama", "qwen3_5_moe"):
+                       "qwen3_next", "bamba", "nemotron_h", "zamba2", "lfm2", "llama4", "mllama", "qwen3_5_moe", "dbrx",
+                       "granitemoehybrid"):
         assert model_type in passing, f"{model_type}: {results[model_type].reason}"
 
 
