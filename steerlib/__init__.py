@@ -10,9 +10,12 @@ The folders read as the data flow, each layer importing only from those before i
 from steerlib.core.arch import Layout, get_layout
 from steerlib.core.capture import Activations, capture_activations
 from steerlib.core.chat import format_messages, format_prompt
+from steerlib.core.gguf_vectors import export_gguf, read_control_vector
 from steerlib.core.hooks import StopForward, record_residual
+from steerlib.core.loading import load_vectors, pick_layer
 from steerlib.core.models import LoadedModel, load_model
-from steerlib.core.vectors import TraitVectors, load_vectors, pick_layer
+from steerlib.core.vector_imports import load_persona_vectors, load_saklas_profile
+from steerlib.core.vectors import TraitVectors
 from steerlib.core.version import __version__ as __version__
 from steerlib.evaluation.inventory import (
     Inventory,
@@ -96,6 +99,7 @@ __all__ = [
     "build_readout",
     "capture_activations",
     "dose_response",
+    "export_gguf",
     "extract_trait",
     "finetuning_shift",
     "format_messages",
@@ -107,6 +111,8 @@ __all__ = [
     "layer_sweep",
     "list_traits",
     "load_model",
+    "load_persona_vectors",
+    "load_saklas_profile",
     "load_trait",
     "load_vectors",
     "lora_finetune",
@@ -117,6 +123,7 @@ __all__ = [
     "preventative_steering",
     "prompt_shift",
     "rank",
+    "read_control_vector",
     "read_out",
     "read_samples",
     "record_residual",

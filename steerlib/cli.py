@@ -108,6 +108,7 @@ def flag(
     ray_concurrency: int = 1,
     ray_address: str | None = None,
     model: ModelOpt = None,
+    negate: Annotated[bool, typer.Option("--negate", help="rank by the opposite pole (most negative first)")] = False,
 ) -> None:
     """Score finetuning data by projection on a trait vector; rank, flag the top k, plot a histogram."""
     from steerlib.jobs import flag_file
@@ -115,7 +116,7 @@ def flag(
     report = flag_file(data, vector, out_dir=out, model_path=model, layer=layer, baseline=baseline,  # type: ignore[arg-type]
                        batch_size=batch_size, max_new_tokens=max_new_tokens, top_k=top_k, resume=not fresh,
                        on_error=on_error, use_ray=ray, ray_concurrency=ray_concurrency,  # type: ignore[arg-type]
-                       ray_address=ray_address)
+                       ray_address=ray_address, negate=negate)
     typer.echo(json.dumps(report.summary, indent=2))
     for i, row in enumerate(report.top[:top_k], start=1):
         typer.echo(f"{i:3d}. {json.dumps(row)[:160]}")
@@ -349,6 +350,26 @@ def traits_new(
     path = trait.save(out or Path("traits") / f"{trait.name}.json")
     typer.echo(f"wrote {path}: {len(trait.instruction_pairs)} pairs, {len(trait.extraction_questions)} extraction "
                f"and {len(trait.eval_questions)} evaluation questions")
+
+
+@app.command()
+def export(
+    vectors: Annotated[Path, typer.Argument(help="trait vectors folder/.safetensors (or any file load_vectors reads)")],
+    out: Annotated[Path, typer.Option(help="output file")],
+    format: Annotated[str, typer.Option("--format", help="gguf (llama.cpp control vector)")] = "gguf",
+    layers: Annotated[str | None, typer.Option(help="comma-separated steerlib layers, 2..n (default: recommended)")] = None,
+    coef: Annotated[float, typer.Option(help="scale baked into the file")] = 1.0,
+    kind: Annotated[str | None, typer.Option(help="pooling kind (default: the vectors' default)")] = None,
+    model_hint: Annotated[str, typer.Option(help="llama.cpp architecture name for controlvector.model_hint")] = "llama",
+) -> None:
+    """Export trait vectors for another tool (llama.cpp: steerlib layer L is written as direction.(L-1))."""
+    from steerlib.jobs import export_file
+
+    if format != "gguf":
+        raise typer.BadParameter(f"unknown format {format!r}; supported: gguf")
+    path, written, names = export_file(vectors, out, layers=_ints(layers) if layers else None, coef=coef,
+                                       kind=kind, model_hint=model_hint)
+    typer.echo(f"wrote {path}: layers {written} as {', '.join(names)} (coef {coef:g})")
 
 
 def main() -> None:

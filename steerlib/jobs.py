@@ -14,8 +14,10 @@ from typing import Any, Literal
 from torch import Tensor
 
 from steerlib.core.chat import format_prompt
+from steerlib.core.gguf_vectors import direction_index, export_gguf
+from steerlib.core.loading import load_vectors, pick_layer
 from steerlib.core.models import load_model
-from steerlib.core.vectors import TraitVectors, load_vectors, pick_layer
+from steerlib.core.vectors import TraitVectors
 from steerlib.evaluation.inventory import InventoryMatrix, InventoryResult, administer, inventory_matrix
 from steerlib.evaluation.prompt_shift import ShiftCheck, prompt_shift
 from steerlib.evaluation.report import run_dose, write_report
@@ -32,7 +34,7 @@ from steerlib.store.samples import read_samples
 from steerlib.traits.judges import make_judge
 from steerlib.traits.library import TraitError, load_trait
 
-__all__ = ["FlagReport", "extract_file", "flag_file", "inventory_file", "monitor_file", "report_file", "shift_file",
+__all__ = ["FlagReport", "export_file", "extract_file", "flag_file", "inventory_file", "monitor_file", "report_file", "shift_file",
            "shiftcheck_file", "steer_file", "train_file"]
 
 
@@ -151,6 +153,7 @@ def flag_file(
     device: str | None = None,
     progress: bool = True,
     label_key: str | None = None,
+    negate: bool = False,
 ) -> FlagReport:
     """Score a data file against a trait vector and write scores, rankings, a histogram and a summary.
 
@@ -177,6 +180,9 @@ def flag_file(
         device: model device (default CUDA when available).
         progress: show progress.
         label_key: a meta field with known labels, to split the histogram by.
+        negate: score on the opposite pole (the negated direction), so the ranking puts the samples most
+            against the trait first (e.g. the gloomiest samples with an optimism vector). Scores are then
+            projections on ``-v``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -186,6 +192,9 @@ def flag_file(
     scores_path = out_dir / "scores.jsonl"
     vectors = load_vectors(vectors_path)
     layer = pick_layer(vectors, layer)
+    if negate:
+        # The other pole is the negated direction: every projection flips sign, so highest-first ranks it.
+        vectors = -vectors
     if use_ray:
         from steerlib.finetuning.flag.ray import score_dataset_ray  # ray is an optional extra
 
@@ -205,7 +214,8 @@ def flag_file(
     write_rows(ranked, out_dir / "ranked.csv")
     hist = plot_histogram(result, out_dir / "histogram.png", top_k=min(top_k, len(ranked)),
                           label_key=label_key)
-    summary = {**result.summary(), "data": str(data_path), "problems": [str(p) for p in read.problems]}
+    summary = {**result.summary(), "data": str(data_path), "negated": negate,
+               "problems": [str(p) for p in read.problems]}
     summary_path = out_dir / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=2))
     return FlagReport(summary=summary, top=ranked[:top_k], scores_path=scores_path,
@@ -438,3 +448,24 @@ def report_file(
         run_dose(model, tok, run_dir, list(dose_coefs), n_questions=n_questions, max_new_tokens=max_new_tokens,
                  relative=relative)
     return write_report(run_dir, out)
+
+
+def export_file(
+    vectors_path: str | Path,
+    out: str | Path,
+    *,
+    layers: Sequence[int] | None = None,
+    coef: float = 1.0,
+    kind: str | None = None,
+    model_hint: str = "llama",
+) -> tuple[Path, list[int], list[str]]:
+    """Write saved vectors as a llama.cpp control vector; returns the file, the steerlib layers written and the
+    tensor names they became (default layers: the recommended one, else every layer llama.cpp can steer)."""
+    tv = load_vectors(vectors_path)
+    if not isinstance(tv, TraitVectors):
+        raise ValueError(f"{vectors_path}: export needs saved TraitVectors, not a bare tensor")
+    path = export_gguf(tv, out, layers=layers, coef=coef, kind=kind, model_hint=model_hint)
+    written = list(layers) if layers is not None else (
+        [tv.recommended_layer] if tv.recommended_layer is not None else list(range(2, tv.n_positions)))
+    names = [f"direction.{direction_index(x % tv.n_positions)}" for x in written]
+    return path, written, names

@@ -49,8 +49,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steerlib.core.chat import format_messages
+from steerlib.core.loading import load_vectors
 from steerlib.core.serialize import to_jsonable
-from steerlib.core.vectors import TraitVectors, load_vectors
+from steerlib.core.vectors import TraitVectors
 from steerlib.monitoring.drift import DriftMonitor
 from steerlib.steering.generation import eos_ids, generate, stream
 from steerlib.steering.steer import SteerOp, TraitReadout, build_ops, build_readout

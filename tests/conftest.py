@@ -22,7 +22,7 @@ _DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_
 
 
 def _tiny_configs() -> dict[str, Callable[[], PreTrainedConfig]]:
-    """model_type -> config builder, for the architectures of ``steerlib.arch._LAYOUTS`` transformers has."""
+    """model_type -> config builder, for the architectures the tests build by hand."""
     t = transformers
     with_head_dim = {**_DECODER, "head_dim": 16}
     return {

@@ -10,17 +10,13 @@ import transformers
 from conftest import TINY_ARCHS
 from torch import nn
 
-from steerlib.core.arch import _LAYOUTS, get_layout
+from steerlib.core.arch import get_layout
 from steerlib.core.capture import capture_activations
 from steerlib.core.hooks import StopForward, check_layers, record_residual
 
 
 def _ids(batch: int = 2, seq: int = 7) -> torch.Tensor:
     return torch.randint(3, 256, (batch, seq), generator=torch.Generator().manual_seed(1))
-
-
-def test_tiny_configs_cover_layouts() -> None:
-    assert set(TINY_ARCHS) == set(_LAYOUTS)
 
 
 @pytest.mark.parametrize("model_type", TINY_ARCHS)
@@ -106,7 +102,7 @@ class _FooModel(nn.Module):
 def test_unsupported_plain_module() -> None:
     with pytest.raises(NotImplementedError, match="'foo'.*_FooModel"):
         get_layout(_FooModel())
-    with pytest.raises(NotImplementedError, match="None"):
+    with pytest.raises(NotImplementedError, match="Linear has no config"):
         get_layout(nn.Linear(2, 2))
 
 
@@ -115,7 +111,7 @@ def test_unsupported_bert() -> None:
     config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=64, vocab_size=64)
     bert = transformers.BertModel(config)
-    with pytest.raises(NotImplementedError, match="'bert'.*supported model types: .*llama"):
+    with pytest.raises(NotImplementedError, match=r"'bert' \(BertModel\): no list of 1 decoder blocks"):
         get_layout(bert)
 
 
@@ -124,7 +120,7 @@ def test_unsupported_opt_with_projection() -> None:
     config = transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                                     vocab_size=256, word_embed_proj_dim=32, max_position_embeddings=64)
     model = transformers.OPTForCausalLM(config)
-    with pytest.raises(NotImplementedError, match="word_embed_proj_dim"):
+    with pytest.raises(NotImplementedError, match="'opt' .*embedding width 32 differs from hidden size 64"):
         get_layout(model)
 
 

@@ -144,7 +144,11 @@ class TraitVectors:
 
     @classmethod
     def load(cls, path: str | Path, *, model=None, model_name: str | None = None) -> TraitVectors:
-        """Load saved vectors; with ``model`` given, check that width and depth match it."""
+        """Load vectors saved by ``save``; with ``model`` given, check that width and depth match it.
+
+        Files of other tools (llama.cpp ``.gguf``, the paper's ``.pt``, saklas profiles) are read by
+        ``steerlib.core.loading.load_vectors``, the one loader for every path.
+        """
         weights, meta = _paths(path)
         if not weights.is_file():
             raise FileNotFoundError(f"no trait vectors at {path} (expected {weights})")
@@ -184,67 +188,3 @@ class TraitVectors:
 
 VectorSource = TraitVectors | Tensor | str | Path
 """Anything that names trait directions: TraitVectors, a [d_model] or [n_layers + 1, d_model] tensor, or a path."""
-
-
-def load_vectors(source: VectorSource, model=None) -> TraitVectors | Tensor:
-    """The one way from a path (or an object) to vectors; with ``model`` given, check they fit it.
-
-    Args:
-        source: a saved TraitVectors folder or ``.safetensors`` file, a ``.pt`` tensor file, or an already
-            loaded TraitVectors / tensor (returned as is, after the model check).
-        model: when given, the vectors' width (and for TraitVectors and 2-D tensors, depth) must match it.
-
-    Returns:
-        TraitVectors, or a tensor of shape [d_model] or [n_layers + 1, d_model].
-    """
-    if isinstance(source, str | Path):
-        path = Path(source)
-        if path.suffix == ".pt":
-            if not path.is_file():
-                raise FileNotFoundError(f"no vector file at {path}")
-            tensor = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(tensor, Tensor):
-                raise ValueError(f"{path} does not hold a tensor (found {type(tensor).__name__})")
-            source = tensor
-        else:
-            source = TraitVectors.load(path)
-    if isinstance(source, TraitVectors):
-        if model is not None:
-            source.check_model(model)
-        return source
-    if not isinstance(source, Tensor):
-        raise ValueError(f"cannot use {type(source).__name__} as trait vectors")
-    if model is not None:
-        from steerlib.core.arch import get_layout
-
-        layout = get_layout(model)
-        if source.shape[-1] != layout.d_model:
-            raise ValueError(f"vector width {source.shape[-1]} does not match the model's residual width "
-                             f"{layout.d_model}")
-        if source.ndim == 2 and source.shape[0] != layout.n_positions:
-            raise ValueError(f"vectors have {source.shape[0]} rows but the model has {layout.n_positions} "
-                             f"residual layers (embeddings + {layout.n_layers} blocks)")
-    return source
-
-
-def pick_layer(vectors: VectorSource | None, layer: int | None) -> int:
-    """``layer`` if given, else the vectors' recommended layer, else a clear error."""
-    if layer is not None:
-        return layer
-    if isinstance(vectors, TraitVectors) and vectors.recommended_layer is not None:
-        return int(vectors.recommended_layer)
-    raise ValueError("no layers given and the vectors have no recommended layer: pass a layer")
-
-
-def resolve_vector(
-    source: VectorSource, layer: int, *, kind: str | None = None, d_model: int | None = None
-) -> Tensor:
-    """One [d_model] direction at ``layer`` from anything ``load_vectors`` accepts."""
-    source = load_vectors(source)
-    if isinstance(source, TraitVectors):
-        vec = source.get(layer, kind)
-    elif source.ndim == 2:
-        vec = source[layer]
-    else:
-        vec = source
-    return check_vector(vec.detach(), d_model, name=f"vector for layer {layer}")

@@ -32,6 +32,7 @@ from torch import nn
 
 from steerlib.core.capture import pad_batch
 from steerlib.core.chat import format_prompt
+from steerlib.core.loading import load_vectors
 from steerlib.core.vectors import TraitVectors
 from steerlib.steering.steer import ResidualEditor, SteerOp, build_ops
 from steerlib.store.plots import pyplot, save_figure
@@ -331,7 +332,7 @@ def inventory_matrix(
     if not vectors:
         raise ValueError("no steering vectors given for the inventory matrix")
     inv = inventory if isinstance(inventory, Inventory) else Inventory.load(inventory)
-    loaded = {name: TraitVectors.load(v, model=model) if isinstance(v, str | Path) else v
+    loaded = {name: load_vectors(v, model) if isinstance(v, str | Path) else v
               for name, v in vectors.items()}
     # Build every op first, so a bad vector fails before any forward pass.
     ops = {name: build_ops(model, tv, layer, coef, relative=relative) for name, tv in loaded.items()}

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from steerlib.core.arch import get_layout
 from steerlib.core.chat import format_messages
+from steerlib.core.loading import load_vectors
 from steerlib.core.vectors import TraitVectors
 from steerlib.steering.generation import generate
 from steerlib.steering.steer import build_readout
@@ -298,7 +299,7 @@ def prompt_shift(
     """
     from steerlib.traits.judges import make_judge
 
-    tv = TraitVectors.load(vectors, model=model) if isinstance(vectors, str | Path) else vectors
+    tv = load_vectors(vectors, model) if isinstance(vectors, str | Path) else vectors
     tv.check_model(model)
     trait_obj = load_trait(trait if trait is not None else tv.trait)
     if not 3 <= n_questions <= len(trait_obj.eval_questions):

@@ -105,7 +105,7 @@ def run_dose(model, tokenizer, run_dir: str | Path, coefs: Sequence[float], *, n
         layer: steering layer (default: the vectors' recommended layer).
     """
     from steerlib.core.chat import format_prompt
-    from steerlib.core.vectors import TraitVectors
+    from steerlib.core.loading import load_vectors
     from steerlib.steering.dose import dose_response
     from steerlib.steering.steer import build_readout
     from steerlib.traits.judges import JudgeError, make_judge
@@ -113,7 +113,7 @@ def run_dose(model, tokenizer, run_dir: str | Path, coefs: Sequence[float], *, n
 
     if not coefs:
         raise ValueError("no coefficients given for the dose-response")
-    tv = TraitVectors.load(run_dir, model=model)
+    tv = load_vectors(run_dir, model)
     layer = layer if layer is not None else tv.recommended_layer
     if layer is None:
         raise ValueError(f"{run_dir}: the vectors have no recommended layer; pass a layer")

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from steerlib.core.arch import get_layout
 from steerlib.core.capture import capture_activations
 from steerlib.core.chat import format_prompt
-from steerlib.core.vectors import TraitVectors, resolve_vector
+from steerlib.core.loading import resolve_vector
+from steerlib.core.vectors import TraitVectors
 from steerlib.finetuning.flag.scoring import unwrap_model
 from steerlib.store.plots import pyplot, save_figure
 

@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 from steerlib.core.arch import get_layout
 from steerlib.core.capture import pooled_activations
 from steerlib.core.chat import format_messages
+from steerlib.core.loading import resolve_vector
 from steerlib.core.models import unwrap_model
-from steerlib.core.vectors import TraitVectors, resolve_vector
+from steerlib.core.vectors import TraitVectors
 from steerlib.monitoring.drift import Alert, DriftMonitor, alert_record, check_finite
 from steerlib.store.results import ResultsStore, fingerprint_pairs, fingerprint_tensor
 from steerlib.store.samples import BadRecord, Problem, check_messages, read_jsonl_records, report_problem

@@ -25,14 +25,8 @@ from torch import Tensor, nn
 
 from steerlib.core.arch import Layout, get_layout
 from steerlib.core.compat import find_cache, past_length
-from steerlib.core.vectors import (
-    TraitVectors,
-    VectorSource,
-    check_vector,
-    load_vectors,
-    pick_layer,
-    resolve_vector,
-)
+from steerlib.core.loading import load_vectors, pick_layer, resolve_vector
+from steerlib.core.vectors import TraitVectors, VectorSource, check_vector
 
 # steerlib.kernels is the top-level kernels/ folder, installed under this name (pyproject.toml package-dir).
 from steerlib.kernels import fused_steer_project

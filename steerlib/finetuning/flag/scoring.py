@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 
 from steerlib.core.arch import get_layout
 from steerlib.core.capture import pooled_activations, tokenize_pairs
+from steerlib.core.loading import resolve_vector
 from steerlib.core.models import unwrap_model
 from steerlib.core.serialize import to_jsonable
-from steerlib.core.vectors import VectorSource, resolve_vector
+from steerlib.core.vectors import VectorSource
 from steerlib.store.results import ResultsStore, fingerprint_pairs, fingerprint_tensor
 from steerlib.store.samples import ReadResult, Sample, as_samples
 

@@ -1,0 +1,78 @@
+"""The one way from a path or an object to trait vectors, the one layer default, and one direction per layer.
+
+Every command and API call that takes vectors goes through ``load_vectors``: steerlib's own folders and
+``.safetensors`` files, llama.cpp control vectors (``.gguf``), the Persona Vectors paper's ``.pt`` tables, saklas
+profiles, a single-direction ``.pt``, or an already loaded ``TraitVectors`` / tensor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from steerlib.core.arch import get_layout
+from steerlib.core.vector_imports import load_foreign
+from steerlib.core.vectors import TraitVectors, VectorSource, check_vector
+
+__all__ = ["load_vectors", "pick_layer", "resolve_vector"]
+
+
+def load_vectors(source: VectorSource, model=None) -> TraitVectors | Tensor:
+    """The one way from a path (or an object) to vectors; with ``model`` given, check they fit it.
+
+    Args:
+        source: a saved TraitVectors folder or ``.safetensors`` file, a ``.pt`` tensor file, or an already
+            loaded TraitVectors / tensor (returned as is, after the model check).
+        model: when given, the vectors' width (and for TraitVectors and 2-D tensors, depth) must match it.
+
+    Returns:
+        TraitVectors, or a tensor of shape [d_model] or [n_layers + 1, d_model].
+    """
+    if isinstance(source, str | Path):
+        path = Path(source)
+        if path.suffix == ".pt" and path.is_file():
+            tensor = torch.load(path, map_location="cpu", weights_only=True)
+            # A single direction stays a tensor; a [n_layers + 1, d_model] table is the paper's format.
+            source = tensor if isinstance(tensor, Tensor) and tensor.ndim == 1 else load_foreign(path, model=model)
+        else:
+            source = load_foreign(path, model=model) or TraitVectors.load(path)
+    if isinstance(source, TraitVectors):
+        if model is not None:
+            source.check_model(model)
+        return source
+    if not isinstance(source, Tensor):
+        raise ValueError(f"cannot use {type(source).__name__} as trait vectors")
+    if model is not None:
+        layout = get_layout(model)
+        if source.shape[-1] != layout.d_model:
+            raise ValueError(f"vector width {source.shape[-1]} does not match the model's residual width "
+                             f"{layout.d_model}")
+        if source.ndim == 2 and source.shape[0] != layout.n_positions:
+            raise ValueError(f"vectors have {source.shape[0]} rows but the model has {layout.n_positions} "
+                             f"residual layers (embeddings + {layout.n_layers} blocks)")
+    return source
+
+
+def pick_layer(vectors: VectorSource | None, layer: int | None) -> int:
+    """``layer`` if given, else the vectors' recommended layer, else a clear error."""
+    if layer is not None:
+        return layer
+    if isinstance(vectors, TraitVectors) and vectors.recommended_layer is not None:
+        return int(vectors.recommended_layer)
+    raise ValueError("no layers given and the vectors have no recommended layer: pass a layer")
+
+
+def resolve_vector(
+    source: VectorSource, layer: int, *, kind: str | None = None, d_model: int | None = None
+) -> Tensor:
+    """One [d_model] direction at ``layer`` from anything ``load_vectors`` accepts."""
+    source = load_vectors(source)
+    if isinstance(source, TraitVectors):
+        vec = source.get(layer, kind)
+    elif source.ndim == 2:
+        vec = source[layer]
+    else:
+        vec = source
+    return check_vector(vec.detach(), d_model, name=f"vector for layer {layer}")
