@@ -136,7 +136,7 @@ def shift(
     from steerlib.jobs import shift_file
 
     result = shift_file(finetuned, vector, out_dir=out, base_path=base, trait=trait, questions_path=questions,
-                        layers=_ints(layers) if layers else None, max_new_tokens=max_new_tokens)
+                        layers=_ints(layers) if layers is not None else None, max_new_tokens=max_new_tokens)
     typer.echo("layer  prompt_last  response_mean")
     for i, layer in enumerate(result.layers):
         typer.echo(f"{layer:5d}  {result.prompt_last[i]:11.3f}  {result.response_mean[i]:13.3f}")

@@ -6,6 +6,7 @@ library, and write its outputs. The CLI parses arguments and calls exactly one f
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from steerlib.finetuning.flag.report import plot_histogram, rank, write_rows
 from steerlib.finetuning.flag.scoring import BASELINES, Baseline, score_dataset
 from steerlib.finetuning.shift import FinetuningShift, finetuning_shift, load_finetuned, plot_shift
 from steerlib.finetuning.training import TrainMode, TrainResult, lora_finetune
-from steerlib.monitoring.conversations import DriftReport, monitor_conversations
+from steerlib.monitoring.conversations import DriftReport, monitor_conversations, read_conversations
 from steerlib.monitoring.drift import DriftMonitor
 from steerlib.steering.dose import DoseResponse, dose_response
 from steerlib.steering.generation import Generation, generate
@@ -297,6 +298,9 @@ def monitor_file(
     check_out_dir(out_dir)
     if not vectors_paths:
         raise ValueError("no trait vectors given")
+    with warnings.catch_warnings():  # skipped lines are reported once, by the run itself
+        warnings.simplefilter("ignore")
+        read_conversations(conversations_path, on_error=on_error)  # a malformed log fails now, naming its line
     specs = [str(spec).rpartition("=") if "=" in str(spec) else ("", "", str(spec)) for spec in vectors_paths]
     loaded = [load_vectors(path) for _, _, path in specs]  # damaged files fail before the model loads
     model, tokenizer = load_model(model_path, dtype=dtype, device=device)
@@ -352,6 +356,8 @@ def shift_file(
     """
     check_int(max_new_tokens, "max_new_tokens")
     check_int(batch_size, "batch_size")
+    if layers is not None and len(layers) == 0:
+        raise ValueError("layers is empty: give the layers to measure, or none for all")
     out_dir = check_out_dir(out_dir)
     vectors = load_vectors(vectors_path)
     if questions_path is not None:

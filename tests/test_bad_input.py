@@ -171,6 +171,8 @@ BEFORE_WORK = [
      "data_bad.csv line 3: not UTF-8 text (byte 0xff at column 1)"),
     (["flag", "--vector", "{vec}", "--data", "{datadir}", "--out", "{out}/f"], "is a folder, not a data file"),
     ([*MONITOR, "--on-error", "foo"], "unknown on_error 'foo'"),
+    (["monitor", "--vector", "{vec}", "--conversations", "{data_latin1}", "--out", "{out}/m"],
+     "data_latin1.jsonl line 2: not UTF-8 text (byte 0xe9 at column 16)"),
     ([*MONITOR, "--window", "0"], "window must be a positive int, got 0"),
     ([*MONITOR, "--method", "median"], "unknown drift method 'median'"),
     ([*MONITOR, "--reference-size", "1"], "reference_size must be an int >= 2, got 1"),
@@ -180,6 +182,8 @@ BEFORE_WORK = [
     (["train", "--data", "{data}", "--out", "{a_file}"], "is an existing file, not a folder"),
     (["shift", "--finetuned", "{out}", "--vector", "{vec}", "--questions", "{questions_latin1}", "--out",
       "{out}/s"], "questions.txt line 2: not UTF-8 text (byte 0xff at column 5)"),
+    (["shift", "--finetuned", "{out}", "--vector", "{vec}", "--layers", "", "--out", "{out}/s"],
+     "layers is empty: give the layers to measure"),
     ([*SERVE, "--steer", "999:1"], "--steer layer must be within 1..30, got 999"),
     ([*SERVE, "--steer", "22:nan"], "--steer coefficient at layer 22 must be a finite number, got nan"),
     ([*SERVE, "--port", "99999"], "--port must be within 1..65535, got 99999"),
@@ -308,6 +312,12 @@ def test_byte_order_mark_accepted(files, tmp_path):
     _good_vectors().save(vec)
     (vec / "vectors.json").write_bytes(bom + (vec / "vectors.json").read_bytes())
     assert load_vectors(vec).recommended_layer == 10
+
+
+def test_non_utf8_line_is_skippable_like_any_bad_line(files):
+    with pytest.warns(UserWarning, match="data_latin1.jsonl line 2: not UTF-8 text"):
+        read = read_samples(files["data_latin1"], on_error="skip")
+    assert len(read.samples) == 1 and [p.line for p in read.problems] == [2]
 
 
 def test_extract_refuses_resume_under_other_settings(embedded, tmp_path):
