@@ -30,8 +30,9 @@ from steerlib.core.models import (
 )
 from steerlib.core.vectors import TraitVectors, load_vectors
 from steerlib.extraction.extract import ExtractionConfig, extract_trait
+from steerlib.steering.dose import dose_response
 from steerlib.steering.generation import generate
-from steerlib.steering.steer import build_ops, steer
+from steerlib.steering.steer import build_ops, build_readout, steer
 from steerlib.store.results import SettingsChanged
 from steerlib.store.samples import read_samples
 from steerlib.traits.judges import make_judge
@@ -285,6 +286,16 @@ def test_api_steering_refusals(embedded, optimism_vectors):
     shallow = _good_vectors(10)
     with pytest.raises(ValueError, match=r"cover 9 blocks but the model has 30"):
         build_ops(model, shallow, 5, 1.0)
+
+
+def test_api_dose_response_checks_every_coefficient_first(embedded, optimism_vectors, monkeypatch):
+    model, tok = embedded
+    readout = build_readout(model, optimism_vectors, [10])
+    monkeypatch.setattr("steerlib.steering.dose.generate", _no_model)  # nothing may be generated
+    with pytest.raises(ValueError, match=r"^dose-response coefficient must be a finite number, got nan$"):
+        dose_response(model, tok, ["hi"], optimism_vectors, 10, [0.0, 2.0, float("nan")], readout=readout)
+    with pytest.raises(ValueError, match="coefs is empty"):
+        dose_response(model, tok, ["hi"], optimism_vectors, 10, [], readout=readout)
 
 
 def test_api_config_numbers():
