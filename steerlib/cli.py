@@ -81,7 +81,7 @@ def steer(
 
     result = steer_file(vector, prompt, model_path=model, layer=layer, coef=coef, mode=mode, positions=positions,
                         relative=relative, cap=(cap_min, cap_max) if mode == "cap" else None,
-                        sweep=_floats(sweep) if sweep else None, system=system, max_new_tokens=max_new_tokens,
+                        sweep=_floats(sweep) if sweep is not None else None, system=system, max_new_tokens=max_new_tokens,
                         plot=plot)
     if result.dose is not None:
         typer.echo(result.dose.format())
@@ -137,7 +137,7 @@ def shift(
     from steerlib.jobs import shift_file
 
     result = shift_file(finetuned, vector, out_dir=out, base_path=base, trait=trait, questions_path=questions,
-                        layers=_ints(layers) if layers else None, max_new_tokens=max_new_tokens)
+                        layers=_ints(layers) if layers is not None else None, max_new_tokens=max_new_tokens)
     typer.echo("layer  prompt_last  response_mean")
     for i, layer in enumerate(result.layers):
         typer.echo(f"{layer:5d}  {result.prompt_last[i]:11.3f}  {result.response_mean[i]:13.3f}")
@@ -239,8 +239,13 @@ def serve(
     model: ModelOpt = None,
 ) -> None:
     """OpenAI-compatible chat server with per-request steering, trait projections and drift alerts."""
+    from steerlib.jobs import check_serve
     from steerlib.server import serve as run_server
 
+    check_serve(model, _named_paths(vector), steer=_layer_coefs(steer or []), steer_mode=steer_mode,
+                steer_positions=steer_positions, monitor_layer=monitor_layer, port=port, max_batch=max_batch,
+                max_queue=max_queue, max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens,
+                batch_wait_ms=batch_wait_ms)
     run_server(model, _named_paths(vector), steer=_layer_coefs(steer or []), steer_vector=steer_vector,
                steer_mode=steer_mode, steer_positions=steer_positions, monitor_traits=monitor,
                monitor_layer=monitor_layer, host=host, port=port, max_batch=max_batch,
@@ -341,13 +346,10 @@ def traits_new(
     llm: Annotated[str, typer.Option("--llm", help="chat model name at the endpoint")] = "gpt-4o-mini",
 ) -> None:
     """Write a new trait file from a description, via any OpenAI-compatible chat endpoint."""
-    from steerlib.traits.generate import generate_trait
+    from steerlib.jobs import new_trait_file
 
-    base_url = base_url or os.environ.get("STEERLIB_JUDGE_BASE_URL")
-    if not base_url:
-        raise typer.BadParameter("no endpoint: pass --base-url or set OPENAI_BASE_URL")
-    trait = generate_trait(name, description, base_url=base_url, model=llm, api_key=api_key)
-    path = trait.save(out or Path("traits") / f"{trait.name}.json")
+    trait, path = new_trait_file(name, description, out=out, model=llm, api_key=api_key,
+                                 base_url=base_url or os.environ.get("STEERLIB_JUDGE_BASE_URL"))
     typer.echo(f"wrote {path}: {len(trait.instruction_pairs)} pairs, {len(trait.extraction_questions)} extraction "
                f"and {len(trait.eval_questions)} evaluation questions")
 
@@ -378,8 +380,9 @@ def main() -> None:
 
     try:
         app()
-    except (ValueError, FileNotFoundError, NotImplementedError, JudgeError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+    except (ValueError, OSError, NotImplementedError, JudgeError) as exc:
+        # OSError: a permission or disk problem the checks could not foresee still gets one line.
+        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
         raise SystemExit(2) from None
 
 

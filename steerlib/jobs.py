@@ -6,6 +6,7 @@ library, and write its outputs. The CLI parses arguments and calls exactly one f
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,28 +15,40 @@ from typing import Any, Literal
 from torch import Tensor
 
 from steerlib.core.chat import format_prompt
+from steerlib.core.checks import check_choice, check_int, check_number, check_out_dir, check_text, read_text
 from steerlib.core.gguf_vectors import direction_index, export_gguf
 from steerlib.core.loading import load_vectors, pick_layer
-from steerlib.core.models import load_model
+from steerlib.core.models import load_model, resolve_model_path
 from steerlib.core.vectors import TraitVectors
 from steerlib.evaluation.inventory import InventoryMatrix, InventoryResult, administer, inventory_matrix
 from steerlib.evaluation.prompt_shift import ShiftCheck, prompt_shift
 from steerlib.evaluation.report import run_dose, write_report
 from steerlib.extraction.extract import ExtractionConfig, ExtractionResult, extract_trait
 from steerlib.finetuning.flag.report import plot_histogram, rank, write_rows
-from steerlib.finetuning.flag.scoring import Baseline, score_dataset
+from steerlib.finetuning.flag.scoring import BASELINES, Baseline, score_dataset
 from steerlib.finetuning.shift import FinetuningShift, finetuning_shift, load_finetuned, plot_shift
 from steerlib.finetuning.training import TrainMode, TrainResult, lora_finetune
-from steerlib.monitoring.conversations import DriftReport, monitor_conversations
+from steerlib.monitoring.conversations import DriftReport, monitor_conversations, read_conversations
+from steerlib.monitoring.drift import DriftMonitor
 from steerlib.steering.dose import DoseResponse, dose_response
 from steerlib.steering.generation import Generation, generate
-from steerlib.steering.steer import build_ops, build_readout
+from steerlib.steering.steer import MODES, POSITIONS, build_ops, build_readout
 from steerlib.store.samples import read_samples
 from steerlib.traits.judges import make_judge
-from steerlib.traits.library import TraitError, load_trait
+from steerlib.traits.library import Trait, TraitError, check_trait_name, load_trait
 
-__all__ = ["FlagReport", "export_file", "extract_file", "flag_file", "inventory_file", "monitor_file", "report_file", "shift_file",
-           "shiftcheck_file", "steer_file", "train_file"]
+__all__ = ["FlagReport", "check_serve", "export_file", "extract_file", "flag_file", "inventory_file", "monitor_file",
+           "new_trait_file", "report_file", "shift_file", "shiftcheck_file", "steer_file", "train_file"]
+
+ON_ERROR = ("raise", "skip")
+
+
+def _fit_vectors(source: TraitVectors | Tensor, path: str | Path, model) -> TraitVectors | Tensor:
+    """Vectors loaded before the model, checked against it; a mismatch names the file."""
+    try:
+        return load_vectors(source, model)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def extract_file(
@@ -51,8 +64,9 @@ def extract_file(
     The coherence judge, when ``config.coherence_threshold`` is set, is the same endpoint as an ``openai:``
     judge, else the model judging itself.
     """
-    config = config or ExtractionConfig()
+    config = config or ExtractionConfig()  # its numbers are checked when it is built
     t = load_trait(trait)
+    out_dir = check_out_dir(out_dir or Path("runs") / t.name)
     loaded = load_model(model_path)
     model, tok = loaded
     trait_judge = make_judge(judge, t, model=model, tokenizer=tok)
@@ -60,7 +74,7 @@ def extract_file(
     if config.coherence_threshold is not None:
         coherence = make_judge(judge if judge.startswith("openai:") else "self", t, model=model, tokenizer=tok,
                                rubric=t.coherence_rubric)
-    return extract_trait(model, tok, t, out_dir or Path("runs") / t.name, judge=trait_judge,
+    return extract_trait(model, tok, t, out_dir, judge=trait_judge,
                          coherence_judge=coherence, config=config, model_name=loaded.name)
 
 
@@ -98,15 +112,39 @@ def steer_file(
     max_new_tokens: int = 48,
     plot: str | Path | None = None,
 ) -> SteeredAnswers:
-    """Steered answers next to unsteered ones, or with ``sweep`` a dose-response over coefficients."""
+    """Steered answers next to unsteered ones, or with ``sweep`` a dose-response over coefficients.
+
+    Every argument is checked before the model is loaded; ``sweep=[]`` is an error, not a plain run.
+    """
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError("no prompts given")
+    for i, p in enumerate(prompts):
+        check_text(p, f"prompt {i}")
+    if system is not None:
+        check_text(system, "system prompt")
+    check_choice(mode, "steering mode", MODES)
+    check_choice(positions, "positions", POSITIONS)
+    check_number(coef, "coef")
+    check_int(max_new_tokens, "max_new_tokens")
+    if sweep is not None:
+        if len(sweep) == 0:
+            raise ValueError("sweep is empty: give the coefficients to compare, e.g. --sweep 0,2,4")
+        for c in sweep:
+            check_number(c, "sweep coefficient")
+    for bound in cap or ():
+        if bound is not None:
+            check_number(bound, "cap bound")
+    if plot is not None:
+        check_out_dir(Path(plot).parent, "--plot folder")
+    source = load_vectors(vectors_path)  # a damaged file fails before the model loads
     loaded = load_model(model_path)
     model, tok = loaded
-    source = load_vectors(vectors_path, model)
+    source = _fit_vectors(source, vectors_path, model)
     layer = pick_layer(source, layer)
     formatted = [format_prompt(tok, p, system) for p in prompts]
     trait = source.trait if isinstance(source, TraitVectors) else "trait"
     readout = build_readout(model, {trait: source}, [layer])
-    if sweep:
+    if sweep is not None:
         dose = dose_response(model, tok, formatted, source, layer, list(sweep), relative=relative, readout=readout,
                              max_new_tokens=max_new_tokens, judge=sweep_judge(trait), plot_path=plot)
         return SteeredAnswers(layer=layer, coefs=tuple(sweep), dose=dose)
@@ -184,9 +222,15 @@ def flag_file(
             against the trait first (e.g. the gloomiest samples with an optimism vector). Scores are then
             projections on ``-v``.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_int(top_k, "top_k")
+    check_int(batch_size, "batch_size")
+    check_int(max_new_tokens, "max_new_tokens")
+    check_int(ray_concurrency, "ray_concurrency")
+    check_choice(on_error, "on_error", ON_ERROR)
+    check_choice(baseline, "baseline", BASELINES)
+    out_dir = check_out_dir(out_dir)
     read = read_samples(data_path, on_error=on_error)
+    out_dir.mkdir(parents=True, exist_ok=True)
     if not read.samples:
         raise ValueError(f"{data_path}: no valid samples ({len(read.problems)} malformed lines)")
     scores_path = out_dir / "scores.jsonl"
@@ -205,9 +249,9 @@ def flag_file(
         )
     else:
         model, tokenizer = load_model(model_path, dtype=dtype, device=device)
-        vectors = load_vectors(vectors, model)
+        vectors = _fit_vectors(vectors, vectors_path, model)
         result = score_dataset(
-            model, tokenizer, read.samples, vectors, layer, out_path=scores_path, batch_size=batch_size,
+            model, tokenizer, read, vectors, layer, out_path=scores_path, batch_size=batch_size,
             baseline=baseline, max_new_tokens=max_new_tokens, resume=resume, progress=progress, kind=kind,
         )
     ranked = rank(result, samples=read.samples, out_path=out_dir / "ranked.jsonl")
@@ -260,11 +304,22 @@ def monitor_file(
         device: model device.
         progress: show a progress bar.
     """
+    # The monitor's own checks, run before the model loads (a throwaway instance watching one name).
+    DriftMonitor(["check"], window=window, method=method, threshold=threshold, reference_size=reference_size)
+    check_choice(on_error, "on_error", ON_ERROR)
+    check_int(batch_size, "batch_size")
+    check_out_dir(out_dir)
+    if not vectors_paths:
+        raise ValueError("no trait vectors given")
+    with warnings.catch_warnings():  # skipped lines are reported once, by the run itself
+        warnings.simplefilter("ignore")
+        read_conversations(conversations_path, on_error=on_error)  # a malformed log fails now, naming its line
+    specs = [str(spec).rpartition("=") if "=" in str(spec) else ("", "", str(spec)) for spec in vectors_paths]
+    loaded = [load_vectors(path) for _, _, path in specs]  # damaged files fail before the model loads
     model, tokenizer = load_model(model_path, dtype=dtype, device=device)
     vectors: dict[str, TraitVectors | Tensor] = {}
-    for spec in vectors_paths:
-        name, _, path = str(spec).rpartition("=") if "=" in str(spec) else ("", "", str(spec))
-        vec = load_vectors(path, model)
+    for (name, _, path), vec in zip(specs, loaded, strict=True):
+        vec = _fit_vectors(vec, path, model)
         name = name or (vec.trait if isinstance(vec, TraitVectors) else Path(path).stem)
         if name in vectors:
             raise ValueError(f"two vector files for trait {name!r}; name them with name=path")
@@ -312,9 +367,16 @@ def shift_file(
         dtype: model dtype.
         device: model device.
     """
+    check_int(max_new_tokens, "max_new_tokens")
+    check_int(batch_size, "batch_size")
+    if layers is not None and len(layers) == 0:
+        raise ValueError("layers is empty: give the layers to measure, or none for all")
+    out_dir = check_out_dir(out_dir)
     vectors = load_vectors(vectors_path)
     if questions_path is not None:
-        questions = [q.strip() for q in Path(questions_path).read_text().splitlines() if q.strip()]
+        questions = [q.strip() for q in read_text(questions_path, "questions file").splitlines() if q.strip()]
+        if not questions:
+            raise ValueError(f"{questions_path}: no questions (the file is empty)")
     else:
         name = trait or (vectors.trait if isinstance(vectors, TraitVectors) else None)
         if name is None:
@@ -324,7 +386,6 @@ def shift_file(
     base = None if is_adapter else load_model(base_path, dtype=dtype, device=device).model
     shift = finetuning_shift(base, finetuned, tokenizer, vectors, questions, layers, kind=kind,
                              max_new_tokens=max_new_tokens, batch_size=batch_size)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "shift.json").write_text(json.dumps(shift.to_dict(), indent=2))
     recommended = vectors.recommended_layer if isinstance(vectors, TraitVectors) else None
@@ -367,15 +428,27 @@ def train_file(
         dtype: model dtype.
         device: model device.
     """
+    check_number(coef, "coef")
+    check_choice(mode, "training mode", ("add", "ablate"))
+    if vectors_path is None and (coef != 0 or layer is not None or mode != "add"):
+        given = "coef" if coef != 0 else "layer" if layer is not None else f"mode {mode!r}"
+        raise ValueError(f"{given} given without vectors: preventative steering needs --vector (a plain "
+                         "finetune takes neither)")
+    check_int(steps, "steps")
+    check_int(batch_size, "batch_size")
+    check_int(r, "LoRA rank")
+    check_number(lr, "learning rate", minimum=0, strict=True)
+    out_dir = check_out_dir(out_dir)  # before training, not after it
+    read_samples(data_path)  # a malformed data file fails now, with its line, not after the model loads
+    vectors = load_vectors(vectors_path) if vectors_path is not None else None
     model, tokenizer = load_model(model_path, dtype=dtype, device=device)
     steering = None
-    if vectors_path is not None:
-        vectors = load_vectors(vectors_path, model)
+    if vectors is not None:
+        vectors = _fit_vectors(vectors, vectors_path, model)
         layer = pick_layer(vectors, layer)
         steering = {"vectors": vectors, "layer": layer, "coef": coef, "mode": mode}
     result = lora_finetune(model, tokenizer, data_path, steps=steps, batch_size=batch_size, lr=lr, r=r,
                            steering=steering, seed=seed)
-    out_dir = Path(out_dir)
     result.model.save_pretrained(out_dir)
     (out_dir / "losses.json").write_text(json.dumps(result.losses))
     return result
@@ -469,3 +542,92 @@ def export_file(
         [tv.recommended_layer] if tv.recommended_layer is not None else list(range(2, tv.n_positions)))
     names = [f"direction.{direction_index(x % tv.n_positions)}" for x in written]
     return path, written, names
+
+
+def new_trait_file(
+    name: str,
+    description: str,
+    *,
+    out: str | Path | None = None,
+    base_url: str | None,
+    model: str = "gpt-4o-mini",
+    api_key: str | None = None,
+    folder: str | Path = "traits",
+) -> tuple[Trait, Path]:
+    """Generate a trait from a description at an OpenAI-compatible endpoint and save it.
+
+    The name is checked before the endpoint is called: it becomes ``<folder>/<name>.json`` and must not
+    reach outside ``folder`` (no separators, no ``..``).
+
+    Args:
+        name: trait name (letters, digits, ``_``, ``-``).
+        description: plain-language description.
+        out: file to write (default ``<folder>/<name>.json``).
+        base_url: the endpoint.
+        model: chat model name at the endpoint.
+        api_key: the endpoint's key, if it needs one.
+        folder: where traits are kept.
+    """
+    from steerlib.traits.generate import generate_trait
+
+    check_trait_name(name)
+    if not description.strip():
+        raise ValueError("the trait description is empty")
+    path = Path(out) if out is not None else Path(folder) / f"{name}.json"
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder; name the trait file to write")
+    check_out_dir(path.parent, "trait folder")
+    if not base_url:
+        raise ValueError("no endpoint: pass --base-url or set OPENAI_BASE_URL")
+    trait = generate_trait(name, description, base_url=base_url, model=model, api_key=api_key)
+    return trait, trait.save(path)
+
+
+def check_serve(
+    model_path: str | Path | None,
+    vectors: dict[str, str],
+    *,
+    steer: Sequence[tuple[int, float]] = (),
+    steer_mode: str = "add",
+    steer_positions: str = "all",
+    monitor_layer: int | None = None,
+    port: int = 8000,
+    max_batch: int = 8,
+    max_queue: int = 256,
+    max_tokens_limit: int = 512,
+    default_max_tokens: int = 128,
+    batch_wait_ms: float = 20.0,
+) -> None:
+    """Check what ``steerlib serve`` was given before the model loads and the server binds its port.
+
+    Reads only the model's config (for its depth) and the vector files: a layer the model does not have, a
+    coefficient that is not a finite number or a port outside 1..65535 fails here with one line.
+    """
+    check_int(port, "--port", minimum=1, maximum=65535)
+    for value, what in ((max_batch, "--max-batch"), (max_queue, "--max-queue"),
+                        (max_tokens_limit, "--max-tokens-limit"), (default_max_tokens, "--default-max-tokens")):
+        check_int(value, what)
+    if default_max_tokens > max_tokens_limit:
+        raise ValueError(f"--default-max-tokens {default_max_tokens} exceeds --max-tokens-limit {max_tokens_limit}")
+    check_number(batch_wait_ms, "--batch-wait-ms", minimum=0)
+    check_choice(steer_mode, "steering mode", MODES)
+    check_choice(steer_positions, "positions", POSITIONS)
+    if not vectors:
+        raise ValueError("no trait vectors given (--vector)")
+    folder, _ = resolve_model_path(model_path)
+    from transformers import AutoConfig  # config only: no weights are read
+
+    config = AutoConfig.from_pretrained(folder)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    for layer, c in steer:
+        check_number(c, f"--steer coefficient at layer {layer}")
+        if n_layers is not None:
+            check_int(layer, "--steer layer", maximum=n_layers)
+    if monitor_layer is not None and n_layers is not None:
+        check_int(monitor_layer, "--monitor-layer", maximum=n_layers)
+    for name, path in vectors.items():
+        source = load_vectors(path)
+        if isinstance(source, TraitVectors) and n_layers is not None and source.n_positions != n_layers + 1:
+            raise ValueError(f"{path}: vectors {name!r} cover {source.n_positions - 1} blocks but the model has "
+                             f"{n_layers}")

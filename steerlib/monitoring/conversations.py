@@ -184,6 +184,13 @@ def monitor_conversations(
                          f"{list(monitor.traits)} and has {monitor.n_updates} updates)")
     if reference is not None:
         monitor.calibrate(reference)
+    elif not monitor.calibrated and monitor.reference_size > len(turns):
+        # It would never calibrate, so it could never alert: "0 alerts" would be a wrong all-clear.
+        raise ValueError(
+            f"{conversations_path}: {len(turns)} responses, fewer than reference_size={monitor.reference_size}: "
+            "the monitor would never calibrate and could raise no alert; lower --reference-size or pass a "
+            "calibration reference"
+        )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from steerlib.core.checks import check_number
 from steerlib.steering.generation import generate
 from steerlib.steering.steer import TraitReadout, build_ops
 from steerlib.store.plots import pyplot, save_figure
@@ -71,6 +72,9 @@ def dose_response(
         readout: read-out of the trait at ``layer`` (see ``steer.build_readout``).
         judge: anything with ``score_many``; None skips scoring.
     """
+    if not coefs:
+        raise ValueError("no coefficients to compare: coefs is empty")
+    coefs = [check_number(c, "dose-response coefficient") for c in coefs]  # all before the first generation
     questions = questions or prompts
     scores, projections, samples = [], [], []
     for c in coefs:

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers.generation.streamers import BaseStreamer
 
-from steerlib.core.capture import pad_batch, pad_token_id
+from steerlib.core.capture import check_context, pad_batch, pad_token_id
+from steerlib.core.checks import check_int, check_number, check_text
 from steerlib.steering.steer import ResidualEditor, SteerOp, TraitReadout
 
 
@@ -82,10 +83,11 @@ def eos_ids(model: nn.Module, tokenizer) -> set[int]:
 
 
 def _sampling_kwargs(max_new_tokens: int, temperature: float, top_p: float, pad_id: int) -> dict:
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_int(max_new_tokens, "max_new_tokens")
+    temperature = check_number(temperature, "temperature", minimum=0)  # NaN would silently mean greedy
+    top_p = check_number(top_p, "top_p", minimum=0, strict=True)
+    if top_p > 1:
+        raise ValueError(f"top_p must be within (0, 1], got {top_p:g}")
     kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": pad_id}
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
@@ -101,6 +103,7 @@ def _encode(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     for i, p in enumerate(prompts):
         if not isinstance(p, str) or not p:
             raise ValueError(f"prompt {i} must be a non-empty string")
+        check_text(p, f"prompt {i}")
         out.append(list(tokenizer(p, add_special_tokens=False)["input_ids"]))
     return out
 
@@ -151,9 +154,12 @@ def generate(
         progress: show a progress bar.
     """
     readout = _one_readout(readout, monitor)
-    encoded = _encode(tokenizer, prompts)
+    batch_size = check_int(batch_size, "batch_size")
     pad_id = pad_token_id(tokenizer)
     kwargs = _sampling_kwargs(max_new_tokens, temperature, top_p, pad_id)
+    encoded = _encode(tokenizer, prompts)
+    check_context(model, [len(e) for e in encoded], [f"prompt {i}" for i in range(len(encoded))],
+                  extra=max_new_tokens)
     if seed is not None:
         torch.manual_seed(seed)
     eos = eos_ids(model, tokenizer)
@@ -227,9 +233,10 @@ def stream(
     Generation runs in a background thread; hooks are removed when it ends, also if it raises (the error is
     re-raised here).
     """
-    encoded = _encode(tokenizer, [prompt])[0]
     pad_id = pad_token_id(tokenizer)
     kwargs = _sampling_kwargs(max_new_tokens, temperature, top_p, pad_id)
+    encoded = _encode(tokenizer, [prompt])[0]
+    check_context(model, [len(encoded)], ["the prompt"], extra=max_new_tokens)
     eos = eos_ids(model, tokenizer)
     device = next(model.parameters()).device
     readout = _one_readout(readout, monitor)

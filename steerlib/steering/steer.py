@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from steerlib.core.arch import Layout, get_layout
+from steerlib.core.checks import check_choice, check_number
 from steerlib.core.compat import find_cache, past_length
 from steerlib.core.loading import load_vectors, pick_layer, resolve_vector
 from steerlib.core.vectors import TraitVectors, VectorSource, check_vector
@@ -67,6 +68,10 @@ class SteerOp:
             raise ValueError(f"unknown positions {self.positions!r}; choose from {POSITIONS}")
         if self.mode == "cap" and self.cap_min is None and self.cap_max is None:
             raise ValueError("mode 'cap' needs cap_min and/or cap_max")
+        check_number(self.coef, f"steering coefficient at layer {self.layer}")
+        for name in ("cap_min", "cap_max"):
+            if getattr(self, name) is not None:
+                check_number(getattr(self, name), name)
         check_vector(self.vector, name=f"steering vector at layer {self.layer}")
 
 
@@ -275,7 +280,12 @@ def build_ops(
     sources = list(vectors) if isinstance(vectors, list | tuple) else [vectors]
     if not sources:
         raise ValueError("no steering vectors given")
-    coefs = _as_list(coef, len(sources), "coefficients")
+    check_choice(mode, "steering mode", MODES)
+    check_choice(positions, "positions", POSITIONS)
+    coefs = [check_number(c, "steering coefficient") for c in _as_list(coef, len(sources), "coefficients")]
+    if layers is not None and not isinstance(layers, int) and len(layers) == 0:
+        raise ValueError("layers is empty: nothing would be steered; pass at least one layer (or None for the "
+                         "vectors' recommended layer)")
     ops = []
     for source, c in zip(sources, coefs, strict=True):
         source = load_vectors(source, model)  # objects too: vectors of another model's depth are refused

@@ -15,6 +15,7 @@ about and returned in ``problems``. No line is dropped silently.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from steerlib.core.chat import format_messages
+from steerlib.core.checks import decode_utf8
 
 __all__ = [
     "ROLES",
@@ -39,6 +41,7 @@ __all__ = [
 ROLES = ("system", "user", "assistant", "tool")
 OnError = Literal["raise", "skip"]
 _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -183,8 +186,17 @@ def _parse_record(record: object) -> tuple[tuple[dict[str, str], ...], str, dict
 
 
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, object | BadRecord]]:
-    with path.open(encoding="utf-8") as f:
-        for number, raw in enumerate(f, start=1):
+    # Read as bytes and decode line by line: a line that is not UTF-8 is a bad record with its line number
+    # (skippable like any other), and a byte-order mark before the first line is accepted.
+    with path.open("rb") as f:
+        for number, data in enumerate(f, start=1):
+            if number == 1 and data.startswith(_BOM):
+                data = data[len(_BOM):]
+            try:
+                raw = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, BadRecord(f"not UTF-8 text (byte 0x{data[exc.start]:02x} at column {exc.start + 1})")
+                continue
             if not raw.strip():  # blank lines separate nothing and hold no sample
                 continue
             try:
@@ -194,7 +206,8 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, object | BadRecord]]:
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, object | BadRecord]]:
-    with path.open(encoding="utf-8", newline="") as f:
+    text = decode_utf8(path.read_bytes(), path.name)  # a whole CSV is one text: a bad byte names its line
+    with io.StringIO(text, newline="") as f:
         reader = csv.reader(f)
         try:
             header = next(reader)
@@ -224,6 +237,8 @@ def read_jsonl_records(
 ) -> tuple[list[tuple[int, dict]], list[Problem]]:
     """Parse a JSONL file into (line number, object) pairs, reporting bad JSON with line numbers."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"no JSONL file at {path}")
     records, problems = [], []
@@ -259,6 +274,8 @@ def read_samples(path: str | Path, *, on_error: OnError = "raise") -> ReadResult
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a data file")
     if not path.is_file():
         raise FileNotFoundError(f"no data file at {path}")
     suffix = path.suffix.lower()

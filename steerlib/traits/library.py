@@ -22,6 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from steerlib.core.checks import decode_utf8
+
 DEFAULT_COHERENCE_RUBRIC = """You are checking the quality of one answer written by an AI assistant. Ignore whether you \
 agree with its opinions, its tone or its values: judge only whether it is coherent language that responds to \
 the question.
@@ -60,6 +62,17 @@ _REQUIRED = _FIELDS[:6]
 
 class TraitError(ValueError):
     """A trait definition is malformed or cannot be found."""
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_trait_name(name: object) -> str:
+    """A trait name usable as a file name: letters, digits, ``_`` and ``-`` (no path separators, no ``..``)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise TraitError(f"trait name {name!r} must be 1-64 letters, digits, '_' or '-', starting with a letter "
+                         "or digit (it becomes the file name)")
+    return name
 
 
 @dataclass(frozen=True)
@@ -236,11 +249,13 @@ class Trait:
         """
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = decode_utf8(path.read_bytes(), path)  # a byte-order mark is accepted
         except FileNotFoundError:
             raise TraitError(f"trait file {path} not found") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise TraitError(f"{path}: cannot read trait file: {e}") from None
+        except ValueError as e:  # not UTF-8: the message names the line
+            raise TraitError(str(e)) from None
+        except OSError as e:
+            raise TraitError(f"{path}: cannot read trait file ({e.strerror})") from None
         return cls.from_json(text, source=str(path))
 
     def save(self, path: str | Path) -> Path:

@@ -23,13 +23,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from steerlib.core.arch import get_layout
-from steerlib.core.capture import pooled_activations, tokenize_pairs
+from steerlib.core.capture import check_context, pooled_activations, tokenize_pairs
 from steerlib.core.loading import resolve_vector
 from steerlib.core.models import unwrap_model
 from steerlib.core.serialize import to_jsonable
 from steerlib.core.vectors import VectorSource
 from steerlib.store.results import ResultsStore, fingerprint_pairs, fingerprint_tensor
-from steerlib.store.samples import ReadResult, Sample, as_samples
+from steerlib.store.samples import ReadResult, Sample, as_samples, read_samples
 
 __all__ = [
     "BASELINES",
@@ -187,10 +187,17 @@ def plan_run(
     kind: str | None,
     max_new_tokens: int,
     d_model: int | None,
+    model: nn.Module | None = None,
 ) -> RunPlan:
-    """Format prompts, measure lengths and fix the run's identity (shared by the local and Ray paths)."""
+    """Format prompts, measure lengths and fix the run's identity (shared by the local and Ray paths).
+
+    With ``model`` given, a sample longer than its context is an error naming the data line.
+    """
     if baseline not in BASELINES:
         raise ValueError(f"unknown baseline {baseline!r}; choose from {BASELINES}")
+    if isinstance(samples, str | Path):
+        samples = read_samples(samples)
+    source = samples.path.name if isinstance(samples, ReadResult) else "data"
     items = as_samples(samples)
     vec = resolve_vector(vectors, layer, kind=kind, d_model=d_model).float().cpu()
     direction = vec / vec.norm()
@@ -199,6 +206,9 @@ def plan_run(
     keys = sorted(by_index)
     encoded = tokenize_pairs(tokenizer, [prompts[i] for i in keys], [by_index[i].response for i in keys])
     lengths = {i: len(ids) for i, (ids, _) in zip(keys, encoded, strict=True)}
+    if model is not None:  # before any work: name the data line that cannot fit
+        check_context(model, [lengths[i] for i in keys],
+                      [f"{source} line {by_index[i].line} (prompt + response)" for i in keys])
     responses = [by_index[i].response for i in keys]
     data_sha = fingerprint_pairs([prompts[i] for i in keys], responses)
     vec_sha = fingerprint_tensor(direction)
@@ -280,7 +290,7 @@ def score_dataset(
     hf_model = unwrap_model(model)
     layout = get_layout(hf_model)
     plan = plan_run(tokenizer, samples, vectors, layout.check_layer(layer), baseline=baseline, kind=kind,
-                    max_new_tokens=max_new_tokens, d_model=layout.d_model)
+                    max_new_tokens=max_new_tokens, d_model=layout.d_model, model=hf_model)
     layer, direction, by_index, prompts = plan.layer, plan.direction, plan.by_index, plan.prompts
     out_path = Path(out_path)
     store = ResultsStore(out_path, plan.config, resume=resume)
