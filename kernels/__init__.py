@@ -37,7 +37,9 @@ __all__ = [
     "fused_steer_project",
     "prepare_inputs",
     "steer_project_reference",
+    "steer_project_op",
     "steer_project_torch",
+    "validate_steer_inputs",
 ]
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
@@ -185,3 +187,8 @@ def fused_steer_project(
         assert triton_backend is not None  # _resolve_backend checked it
         return triton_backend.steer_project_triton(hidden, spec, inplace=inplace)
     return steer_project_torch(hidden, spec, inplace=inplace)
+
+
+# Registered last: the custom op's body resolves backends through the functions above.
+from .custom_op import steer_project as steer_project_op  # noqa: E402
+from .custom_op import validate as validate_steer_inputs  # noqa: E402

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers.generation.streamers import BaseStreamer
 
 from .capture import pad_batch
+from .compiled import generate_batch
 from .steer import Monitor, ResidualEditor, SteerOp
 
 
@@ -125,6 +126,7 @@ def generate(
     batch_size: int = 16,
     seed: int | None = None,
     progress: bool = False,
+    compile: bool | dict = False,
 ) -> list[Generation]:
     """Generate a response for each formatted prompt, with optional steering and per-token monitoring.
 
@@ -140,6 +142,10 @@ def generate(
         batch_size: prompts per batch (left padded).
         seed: seed for sampling.
         progress: show a progress bar.
+        compile: decode with a static KV cache and a ``torch.compile(fullgraph=True)`` decode step, the
+            steering and read-out traced into it (``steerlib.compiled``); a dict gives ``CompileConfig``
+            overrides such as ``{"backend": "aot_eager"}``. Each new (batch, prompt length) shape compiles
+            again, so it pays off for long generations or repeated shapes. Default: eager, as before.
     """
     encoded = _encode(tokenizer, prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -153,10 +159,16 @@ def generate(
     for start in range(0, len(prompts), batch_size):
         idx = list(range(start, min(start + batch_size, len(prompts))))
         ids, mask, _, _ = pad_batch([encoded[i] for i in idx], pad_id, "left")
-        with ResidualEditor(model, steering, monitor):
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-            new = out[:, ids.shape[1]:].cpu()
-            per_row = _split_monitor(monitor, len(idx), new.shape[1])
+        if compile:
+            new, readout = generate_batch(model, ids.to(device), mask.to(device), kwargs, steering=steering,
+                                          monitor=monitor,
+                                          compile_options=compile if isinstance(compile, dict) else None)
+            per_row = list(readout) if readout is not None else [None] * len(idx)
+        else:
+            with ResidualEditor(model, steering, monitor):
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+                new = out[:, ids.shape[1]:].cpu()
+                per_row = _split_monitor(monitor, len(idx), new.shape[1])
         for row, i in enumerate(idx):
             tokens = new[row].tolist()
             n = next((j + 1 for j, t in enumerate(tokens) if t in eos), len(tokens))
