@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -187,8 +188,11 @@ class CompiledSteering:
         """One step for consecutive add ops: the fused op for a single vector, else a summed per-row shift."""
         if len(run) == 1:
             i, op, vec = run[0]
-            scale = row_coefs[:, i].contiguous() if row_coefs is not None else None
-            return _FusedStep(op.positions, steer=vec, alpha=1.0 if scale is not None else op.coef, row_scale=scale)
+            # The coefficient travels as a tensor even when it is one number: a Python float would be a graph
+            # constant, and every new coefficient would compile a new graph.
+            scale = (row_coefs[:, i].contiguous() if row_coefs is not None else
+                     torch.full((self.batch,), float(op.coef), device=self.device))
+            return _FusedStep(op.positions, steer=vec, alpha=1.0, row_scale=scale)
         if row_coefs is not None:
             coefs = row_coefs[:, [i for i, _, _ in run]]
         else:
@@ -261,6 +265,14 @@ class CompiledSteering:
         return self.readout[:steps].transpose(0, 1).float().cpu()
 
     def __enter__(self) -> CompiledSteering:
+        if torch._dynamo.config.skip_nnmodule_hook_guards:
+            warnings.warn(
+                "torch._dynamo.config.skip_nnmodule_hook_guards is True (torch's default): a model compiled "
+                "before these hooks were installed keeps running its old graph without them, and one compiled "
+                "with them keeps them after they are removed. Set it to False before compiling, or use "
+                "steerlib.compiled.generate_batch / generate(compile=True), which do.",
+                RuntimeWarning, stacklevel=2,
+            )
         if self.readout is not None:
             self.readout.zero_()
         layers = sorted(set(self._steps) | set(self._monitor_dirs))
@@ -289,7 +301,9 @@ def generate_batch(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
 
     transformers runs the prefill eagerly and the decode step through ``torch.compile(model.__call__,
     fullgraph=True)`` when the cache is static and the compile config allows the device; the steering hooks
-    are traced into that graph.
+    are traced into that graph. Graphs are guarded on the hooks installed, so a later call with other steering
+    (or none) compiles its own graph rather than reusing a stale one; a call with the same ops and batch shape,
+    whatever its coefficients, reuses it.
 
     Args:
         model: HF causal LM.
@@ -310,8 +324,11 @@ def generate_batch(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
         raise ValueError(f"generate_kwargs needs max_new_tokens >= 1, got {max_new!r}")
     kwargs = dict(generate_kwargs, cache_implementation="static",
                   compile_config=compile_config(model, **(compile_options or {})))
-    with CompiledSteering(model, steering, monitor, prompt_lengths=attention_mask.sum(1), max_steps=max_new,
-                          row_coefs=row_coefs, backend=backend) as cs:
+    # Guard compiled graphs on the hooks present: by default dynamo would reuse a graph traced with other
+    # (or no) steering hooks. Graphs compiled here, steered or not, carry the guard.
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False), \
+            CompiledSteering(model, steering, monitor, prompt_lengths=attention_mask.sum(1), max_steps=max_new,
+                             row_coefs=row_coefs, backend=backend) as cs:
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     new = out[:, input_ids.shape[1]:].cpu()
     return new, (cs.projections(new.shape[1]) if monitor is not None else None)

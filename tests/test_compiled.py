@@ -106,8 +106,8 @@ def test_no_graph_breaks_in_decoder_with_compiled_steering(embedded):
     _, ids, mask = _batch(tok)
     step = _decode_step_inputs(model, ids, mask)
     row_coefs = torch.tensor([[4.0, 0.0, 1.0], [0.0, 2.0, 1.0]])
-    with torch.inference_mode(), CompiledSteering(model, ops, monitor, prompt_lengths=mask.sum(1), max_steps=4,
-                                                  row_coefs=row_coefs) as cs:
+    with torch.inference_mode(), torch._dynamo.config.patch(skip_nnmodule_hook_guards=False), \
+            CompiledSteering(model, ops, monitor, prompt_lengths=mask.sum(1), max_steps=4, row_coefs=row_coefs) as cs:
         explained = torch._dynamo.explain(model)(**step)
         assert explained.graph_break_count == 0, explained.break_reasons
         assert explained.graph_count == 1
@@ -129,7 +129,7 @@ def test_eager_editor_breaks_the_graph_and_compiled_steering_does_not(make_tiny,
         step = _decode_step_inputs(model, ids, mask)
         editor = (ResidualEditor(model, ops, monitor) if name == "eager" else
                   CompiledSteering(model, ops, monitor, prompt_lengths=mask.sum(1), max_steps=4))
-        with torch.inference_mode(), editor:
+        with torch.inference_mode(), torch._dynamo.config.patch(skip_nnmodule_hook_guards=False), editor:
             counts[name] = torch._dynamo.explain(model)(**step).graph_break_count
     assert counts.get("eager", 1) > 0
     assert counts["compiled"] == 0
@@ -156,9 +156,12 @@ def test_per_row_vectors_under_inductor_match_eager_rows(make_tiny):
                 [torch.stack([r[0, -1] for r in monitor.records[layer]]) for layer in monitor.layers], dim=1)
         assert new[row].tolist() == out[0, 5:].tolist()
         torch.testing.assert_close(readout[row], eager_proj, atol=1e-4, rtol=1e-4)
+    # Unsteered compiled decoding after a steered one must not reuse the steered graph.
     with torch.inference_mode():
         plain = model.generate(input_ids=ids, **kwargs)[:, 5:]
+        plain_compiled, _ = generate_batch(model, ids, mask, kwargs)
     assert not torch.equal(plain, new)
+    assert torch.equal(plain_compiled, plain)
 
 
 def test_bad_row_coefs_and_missing_position_ids(make_tiny):
@@ -171,6 +174,7 @@ def test_bad_row_coefs_and_missing_position_ids(make_tiny):
                          row_coefs=torch.tensor([[1.0], [float("nan")]]))
     hidden = torch.zeros(2, 1, model.config.hidden_size)
     rotary = model.model.rotary_emb(hidden, torch.zeros(1, 1, dtype=torch.long))
-    with CompiledSteering(model, ops, prompt_lengths=torch.tensor([3, 3]), max_steps=2), \
+    with pytest.warns(RuntimeWarning, match="skip_nnmodule_hook_guards is True"), \
+            CompiledSteering(model, ops, prompt_lengths=torch.tensor([3, 3]), max_steps=2), \
             pytest.raises(RuntimeError, match="decoder block 1 was called without position_ids"):
         model.model.layers[1](hidden, position_embeddings=rotary)
