@@ -37,6 +37,7 @@ __all__ = [
     "fused_steer_project",
     "prepare_inputs",
     "steer_project_reference",
+    "steer_project_inline",
     "steer_project_op",
     "steer_project_torch",
     "validate_steer_inputs",
@@ -191,4 +192,5 @@ def fused_steer_project(
 
 # Registered last: the custom op's body resolves backends through the functions above.
 from .custom_op import steer_project as steer_project_op  # noqa: E402
+from .custom_op import steer_project_inline  # noqa: E402
 from .custom_op import validate as validate_steer_inputs  # noqa: E402

@@ -10,8 +10,9 @@ For each model config (Llama and Qwen2 7B shapes with random weights in bf16 on 
 * per-row 8 vectors: every layer, row ``i`` steered by vector ``i % 8`` (per-row coefficients).
 
 Paths: ``eager`` (today's ``ResidualEditor`` hooks; per-row uses ``CompiledSteering`` run eagerly, since the
-eager editor has no per-row vectors) and ``compiled`` (``CompiledSteering`` hooks traced into
-``torch.compile(fullgraph=True)``; on a GPU ``mode="reduce-overhead"``, i.e. CUDA graphs). Ratios are to the
+eager editor has no per-row vectors), ``compiled`` (``CompiledSteering`` hooks traced into
+``torch.compile(fullgraph=True)``, the fused op as the custom op; on a GPU ``mode="reduce-overhead"``, i.e.
+CUDA graphs) and ``inline`` (the same, with the op's math as plain torch ops the compiler fuses). Ratios are to the
 unsteered run of the same path, model and batch; variants are interleaved across repeats so machine-load
 drift hits them alike.
 
@@ -90,8 +91,9 @@ def make_variant(model: torch.nn.Module, name: str, batch: int, path: str, promp
     lengths = torch.full((batch,), prompt_len)
     if path == "eager" and row_coefs is None:
         return lambda: ResidualEditor(model, ops, monitor)
+    backend = "inline" if path == "inline" else "auto"
     return lambda: CompiledSteering(model, ops, monitor, prompt_lengths=lengths, max_steps=steps + 1,
-                                    row_coefs=row_coefs)
+                                    row_coefs=row_coefs, backend=backend)
 
 
 def decode_time(model: torch.nn.Module, forward: Callable, prompt: torch.Tensor, steps: int) -> float:
@@ -142,7 +144,7 @@ def bench(args: argparse.Namespace) -> list[tuple[str, int, str, str, float, flo
             torch._dynamo.reset()  # each batch size compiles its own graphs; do not let dynamo go dynamic
             prompt = torch.randint(0, config.vocab_size, (batch, args.prompt_len), device=device)
             for path in args.paths:
-                forward = compiled if path == "compiled" else model
+                forward = model if path == "eager" else compiled
                 factories = {v: make_variant(model, v, batch, path, args.prompt_len, args.steps) for v in VARIANTS}
                 times: dict[str, list[float]] = {v: [] for v in VARIANTS}
                 for repeat in range(args.repeats + 1):  # the first round warms up (and compiles)
@@ -172,7 +174,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny Llama/Qwen2 configs instead of 7B shapes")
     p.add_argument("--models", nargs="+", default=None, help="subset of model names (default: both)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
-    p.add_argument("--paths", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
+    p.add_argument("--paths", nargs="+", choices=["eager", "compiled", "inline"],
+                   default=["eager", "compiled", "inline"])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=32, help="decode steps per timing")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration (median taken)")

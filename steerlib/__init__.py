@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from .arch import Layout, get_layout
 from .capture import Activations, capture_activations
 from .chat import format_messages, format_prompt
+from .compiled import CompiledSteering
 from .data_io import read_samples
 from .dose import DoseResponse, dose_response
 from .drift import Alert, DriftMonitor, monitor_conversations
@@ -32,6 +33,7 @@ __all__ = [
     "Activations",
     "Alert",
     "CallableJudge",
+    "CompiledSteering",
     "DoseResponse",
     "DriftMonitor",
     "ExtractionConfig",

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .arch import Layout, get_layout
-from .kernels import steer_project_op, validate_steer_inputs
+from .kernels import steer_project_inline, steer_project_op, validate_steer_inputs
 from .steer import Monitor, SteerOp
 
 
@@ -106,7 +106,9 @@ class CompiledSteering:
         max_steps: tokens to be generated (size of the read-out buffer).
         row_coefs: [B, len(ops)] per-row coefficients, or None to use each op's ``coef`` for every row. For an
             add op the entry replaces ``coef``; for ablate/cap it scales the correction (1 = full, 0 = off).
-        backend: backend of the fused op inside the custom op ("auto", "torch", "triton", "cuda").
+        backend: backend of the fused op inside the custom op ("auto", "torch", "triton", "cuda"), or
+            "inline": the same math as plain torch ops in the graph, which the compiler fuses with the block's
+            own kernels (cheaper on CPU, where no CUDA graph hides the custom op's Python call).
     """
 
     def __init__(self, model: nn.Module, ops: Sequence[SteerOp] = (), monitor: Monitor | None = None, *,
@@ -122,6 +124,8 @@ class CompiledSteering:
             raise ValueError("prompt_lengths must be a non-empty 1-D tensor [batch] of real prompt lengths")
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
             raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
+        if backend not in ("auto", "torch", "triton", "cuda", "inline"):
+            raise ValueError(f"backend must be one of auto, torch, triton, cuda, inline; got {backend!r}")
         self.batch = int(prompt_lengths.shape[0])
         self.max_steps = max_steps
         if row_coefs is not None:
@@ -233,10 +237,14 @@ class CompiledSteering:
                     scale = step.row_scale[:, None].expand(b, t)
                     mask = scale if mask is None else scale * mask.float()
                 row_mask = None if mask is None else mask.float().reshape(b * t)
-                flat, p = steer_project_op(
-                    flat, step.steer, step.alpha, row_mask, step.cap_dir, step.cap_min, step.cap_max,
-                    monitor_dirs if last else None, backend,
-                )
+                if backend == "inline":
+                    flat, p = steer_project_inline(flat, step.steer, step.alpha, row_mask, step.cap_dir,
+                                                   step.cap_min, step.cap_max, monitor_dirs if last else None)
+                else:
+                    flat, p = steer_project_op(
+                        flat, step.steer, step.alpha, row_mask, step.cap_dir, step.cap_min, step.cap_max,
+                        monitor_dirs if last else None, backend,
+                    )
                 if last and monitor_dirs is not None:
                     proj = p
             if monitor_dirs is not None:

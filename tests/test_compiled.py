@@ -15,7 +15,7 @@ from steerlib import build_monitor, build_ops, format_prompt, generate
 from steerlib.capture import pad_batch
 from steerlib.compat import cache_keyword
 from steerlib.compiled import CompiledSteering, generate_batch
-from steerlib.kernels import fused_steer_project, steer_project_op
+from steerlib.kernels import fused_steer_project, steer_project_inline, steer_project_op
 from steerlib.steer import ResidualEditor
 
 QUESTIONS = ["What will the next ten years bring?", "Hi"]
@@ -41,6 +41,9 @@ def test_custom_op_matches_fused_op_and_passes_opcheck(dtype):
     torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
     torch.testing.assert_close(proj, ref_proj, atol=0, rtol=0)
     assert not torch.equal(out.float(), hidden.float())  # the edit did something, on a copy
+    inline_out, inline_proj = steer_project_inline(*args[:-1])
+    torch.testing.assert_close(inline_out, ref_out, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-5)
+    torch.testing.assert_close(inline_proj, ref_proj, atol=1e-4, rtol=1e-5)
     empty_out, empty_proj = steer_project_op(hidden, None, 0.0, None, None, None, None, None, "torch")
     assert empty_proj.shape == (n, 0) and torch.equal(empty_out, hidden) and empty_out is not hidden
     torch.library.opcheck(steer_project_op, args)
@@ -128,7 +131,8 @@ def test_eager_editor_breaks_the_graph_and_compiled_steering_does_not(make_tiny,
     for name in ("eager", "compiled") if arch == "llama" else ("compiled",):
         step = _decode_step_inputs(model, ids, mask)
         editor = (ResidualEditor(model, ops, monitor) if name == "eager" else
-                  CompiledSteering(model, ops, monitor, prompt_lengths=mask.sum(1), max_steps=4))
+                  CompiledSteering(model, ops, monitor, prompt_lengths=mask.sum(1), max_steps=4,
+                                   backend="auto" if arch == "llama" else "inline"))
         with torch.inference_mode(), torch._dynamo.config.patch(skip_nnmodule_hook_guards=False), editor:
             counts[name] = torch._dynamo.explain(model)(**step).graph_break_count
     assert counts.get("eager", 1) > 0
@@ -140,26 +144,27 @@ def test_per_row_vectors_under_inductor_match_eager_rows(make_tiny):
     model = make_tiny("llama")
     d = model.config.hidden_size
     g = torch.Generator().manual_seed(2)
-    a, b = torch.randn(d, generator=g) * 3, torch.randn(d, generator=g) * 3
-    ops = build_ops(model, a, 2, 1.0) + build_ops(model, b, 2, 1.0)
+    a, b, c = (torch.randn(d, generator=g) * 3 for _ in range(3))
+    # Two adds at layer 2 become one per-row shift; the cap at layer 3 runs the custom op under inductor.
+    ops = build_ops(model, a, 2, 1.0) + build_ops(model, b, 2, 1.0) + build_ops(model, c, 3, mode="cap",
+                                                                                  cap=(-0.5, 0.5))
     monitor = build_monitor(model, {"a": a, "b": b}, [2, 3])
     ids = torch.randint(3, 256, (2, 5), generator=g)
     mask = torch.ones_like(ids)
     kwargs = dict(GREEDY, max_new_tokens=5, min_new_tokens=5)
     with torch.inference_mode():
+        plain = model.generate(input_ids=ids, **kwargs)[:, 5:]
+        # Compiled unsteered first: the steered call below must not reuse this graph without its hooks.
+        plain_compiled, _ = generate_batch(model, ids, mask, kwargs)
         new, readout = generate_batch(model, ids, mask, kwargs, steering=ops, monitor=monitor,
-                                      row_coefs=torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
-    for row, row_ops in ((0, ops[:1]), (1, ops[1:])):
+                                      row_coefs=torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]))
+    for row, row_ops in ((0, [ops[0], ops[2]]), (1, ops[1:])):
         with torch.inference_mode(), ResidualEditor(model, row_ops, monitor):
             out = model.generate(input_ids=ids[row:row + 1], **kwargs)
             eager_proj = torch.stack(
                 [torch.stack([r[0, -1] for r in monitor.records[layer]]) for layer in monitor.layers], dim=1)
         assert new[row].tolist() == out[0, 5:].tolist()
         torch.testing.assert_close(readout[row], eager_proj, atol=1e-4, rtol=1e-4)
-    # Unsteered compiled decoding after a steered one must not reuse the steered graph.
-    with torch.inference_mode():
-        plain = model.generate(input_ids=ids, **kwargs)[:, 5:]
-        plain_compiled, _ = generate_batch(model, ids, mask, kwargs)
     assert not torch.equal(plain, new)
     assert torch.equal(plain_compiled, plain)
 
