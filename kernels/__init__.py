@@ -11,6 +11,10 @@ Installed as ``steerlib.kernels``::
 Backends: ``torch`` (plain torch, any device; the CPU production path), ``triton`` (CUDA, or CPU
 tensors under ``TRITON_INTERPRET=1``) and ``cuda`` (a CUDA C++ extension JIT-built on first use).
 Triton is imported only when the triton backend is used, so the package works without it.
+
+For compiled graphs the op is also registered as ``torch.ops.steerlib.steer_project`` (``steer_project_op``,
+functional, with a fake implementation; see ``custom_op.py``), and ``steer_project_inline`` is the same math
+as plain torch ops for a compiler to fuse.
 """
 
 from __future__ import annotations
