@@ -15,6 +15,10 @@ kernels can be read, tested and benchmarked on their own. The steering layer imp
 Backends: ``torch`` (plain torch, any device; the CPU production path), ``triton`` (CUDA, or CPU
 tensors under ``TRITON_INTERPRET=1``) and ``cuda`` (a CUDA C++ extension JIT-built on first use).
 Triton is imported only when the triton backend is used, so the package works without it.
+
+For compiled graphs the op is also registered as ``torch.ops.steerlib.steer_project`` (``steer_project_op``,
+functional, with a fake implementation; see ``custom_op.py``), and ``steer_project_inline`` is the same math
+as plain torch ops for a compiler to fuse.
 """
 
 from __future__ import annotations
@@ -41,7 +45,10 @@ __all__ = [
     "fused_steer_project",
     "prepare_inputs",
     "steer_project_reference",
+    "steer_project_inline",
+    "steer_project_op",
     "steer_project_torch",
+    "validate_steer_inputs",
 ]
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
@@ -50,7 +57,7 @@ _triton_module: ModuleType | None = None
 _triton_error: str | None = None
 
 
-def _load_triton() -> ModuleType | None:
+def load_triton() -> ModuleType | None:
     """Import the triton backend on first use; None (and the reason remembered) if it fails."""
     global _triton_module, _triton_error
     if _triton_module is None and _triton_error is None:
@@ -96,7 +103,7 @@ def available_backends() -> list[str]:
     return names
 
 
-def _resolve_backend(backend: str, hidden: torch.Tensor) -> str:
+def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
     """Turn the requested backend into the one that will run, or explain why it cannot.
 
     Args:
@@ -116,7 +123,7 @@ def _resolve_backend(backend: str, hidden: torch.Tensor) -> str:
             return "torch"
         if cuda_steer.load_extension() is not None:
             return "cuda"
-        if not _triton_interpreting() and _load_triton() is not None:
+        if not _triton_interpreting() and load_triton() is not None:
             return "triton"
         return "torch"
     if needs_grad:
@@ -133,7 +140,7 @@ def _resolve_backend(backend: str, hidden: torch.Tensor) -> str:
     if not _triton_usable_on(device):
         raise RuntimeError(f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
                            f"before triton is first used; hidden is on {device}")
-    if _load_triton() is None:
+    if load_triton() is None:
         raise RuntimeError(f"backend='triton' is unavailable: {_triton_error}")
     return "triton"
 
@@ -181,11 +188,17 @@ def fused_steer_project(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     spec = prepare_inputs(hidden, steer_vec, alpha, row_mask, cap_dir, cap_min, cap_max, monitor)
-    name = _resolve_backend(backend, hidden)
+    name = resolve_backend(backend, hidden)
     if name == "cuda":
         return cuda_steer.steer_project_cuda(hidden, spec, inplace=inplace)
     if name == "triton":
-        triton_backend = _load_triton()
-        assert triton_backend is not None  # _resolve_backend checked it
+        triton_backend = load_triton()
+        assert triton_backend is not None  # resolve_backend checked it
         return triton_backend.steer_project_triton(hidden, spec, inplace=inplace)
     return steer_project_torch(hidden, spec, inplace=inplace)
+
+
+# Registered last: the custom op's body resolves backends through the functions above.
+from .custom_op import steer_project as steer_project_op  # noqa: E402
+from .custom_op import steer_project_inline  # noqa: E402
+from .custom_op import validate as validate_steer_inputs  # noqa: E402

@@ -1,81 +1,214 @@
-"""Decode overhead of steering + monitoring on the embedded model (CPU or GPU).
+"""Decode-step overhead of steering and per-token monitoring, eager and compiled, as ratios within one run.
 
-Times ``model.generate`` for exactly N new tokens (min_new_tokens = max_new_tokens, greedy) without hooks and
-with an add-steer + per-token monitor at one layer and at several layers, interleaving the variants so
-drift in machine load hits them alike, and reports the median time ratio to the unsteered run.
+For each model config (Llama and Qwen2 7B shapes with random weights in bf16 on a GPU; tiny versions with
+``--cpu --tiny``), each batch size and each path, it times decode steps over a static KV cache for:
 
-    python scripts/bench_decode.py --batch 1 16 --new-tokens 64 --repeats 5
+* unsteered;
+* one layer: add one vector at the middle layer;
+* all layers: add one vector at every layer;
+* all layers + monitor: the same plus a 4-trait read-out at every layer;
+* per-row 8 vectors: every layer, row ``i`` steered by vector ``i % 8`` (per-row coefficients).
+
+Paths: ``eager`` (today's ``ResidualEditor`` hooks; per-row uses ``CompiledSteering`` run eagerly, since the
+eager editor has no per-row vectors), ``compiled`` (``CompiledSteering`` hooks traced into
+``torch.compile(fullgraph=True)``, the fused op as the custom op; on a GPU ``mode="reduce-overhead"``, i.e.
+CUDA graphs) and ``inline`` (the same, with the op's math as plain torch ops the compiler fuses). Ratios are to the
+unsteered run of the same path, model and batch; variants are interleaved across repeats so machine-load
+drift hits them alike.
+
+    python scripts/bench_decode.py                    # GPU: 7B shapes, batch 1 and 32
+    python scripts/bench_decode.py --cpu --tiny       # CPU: tiny configs (a smoke run of the same matrix)
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from collections.abc import Callable
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, StaticCache
 
-from steerlib import build_monitor, build_ops, format_prompt, load_model
-from steerlib.core.capture import pad_batch
+from steerlib import build_monitor, build_ops
+from steerlib.core.compat import cache_keyword
+from steerlib.steering.compiled import CompiledSteering
 from steerlib.steering.steer import ResidualEditor
 
-QUESTIONS = ["What will the next ten years bring?", "How should I spend a rainy weekend?",
-             "Describe your ideal city.", "What do you think of long train journeys?"]
+VARIANTS = ("unsteered", "one layer", "all layers", "all layers + 4-trait monitor", "per-row 8 vectors")
 
 
-def _time_generate(model, ids, mask, new_tokens: int, ops, monitor) -> float:
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    with torch.inference_mode(), ResidualEditor(model, ops, monitor):
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=0)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--layer", type=int, default=15)
-    args = parser.parse_args()
-
-    model, tok = load_model(args.model)
-    d = model.config.hidden_size
-    torch.manual_seed(0)
-    vector = torch.randn(d, device=model.device) * 0.1
-    n_layers = model.config.num_hidden_layers
-    many = sorted({args.layer, n_layers // 4, n_layers // 2, 3 * n_layers // 4})
-    variants = {
-        "unsteered": ([], None),
-        f"steer+monitor @{args.layer}": (build_ops(model, vector, args.layer, 4.0),
-                                         build_monitor(model, {"t": vector}, [args.layer])),
-        f"steer+monitor @{len(many)} layers": (build_ops(model, vector, many, 4.0),
-                                                build_monitor(model, {"t": vector}, many)),
+def model_configs(tiny: bool) -> dict[str, tuple[type, object]]:
+    """name -> (model class, config): 7B shapes, or tiny ones of the same architectures."""
+    if tiny:
+        common = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                      vocab_size=1024, max_position_embeddings=512)
+        return {"llama-tiny": (LlamaForCausalLM, LlamaConfig(**common, num_key_value_heads=4)),
+                "qwen2-tiny": (Qwen2ForCausalLM, Qwen2Config(**common, num_key_value_heads=2))}
+    return {
+        "llama-7b": (LlamaForCausalLM, LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                                   num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)),
+        "qwen2-7b": (Qwen2ForCausalLM, Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                                   num_attention_heads=28, num_key_value_heads=4, vocab_size=152064)),
     }
-    print(f"device {model.device}, threads {torch.get_num_threads()}, {args.new_tokens} new tokens, "
-          f"median of {args.repeats}")
-    print(f"{'batch':>5}  {'variant':28s} {'seconds':>8}  {'ratio':>6}")
-    for batch in args.batch:
-        prompts = [format_prompt(tok, QUESTIONS[i % len(QUESTIONS)]) for i in range(batch)]
-        encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        ids, mask, _, _ = pad_batch(encoded, tok.pad_token_id or 0, "left")
-        ids, mask = ids.to(model.device), mask.to(model.device)
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        for ops, monitor in variants.values():  # warm-up
-            _time_generate(model, ids, mask, 4, ops, monitor)
-        for _ in range(args.repeats):
-            for name, (ops, monitor) in variants.items():
-                times[name].append(_time_generate(model, ids, mask, args.new_tokens, ops, monitor))
-        base = statistics.median(times["unsteered"])
-        for name, ts in times.items():
-            med = statistics.median(ts)
-            print(f"{batch:5d}  {name:28s} {med:8.3f}  {med / base:6.3f}")
+
+
+def build_model(cls: type, config: object, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A randomly initialised model created directly in ``dtype`` on ``device`` (7B in fp32 would not fit)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def make_variant(model: torch.nn.Module, name: str, batch: int, path: str, prompt_len: int, steps: int):
+    """A zero-argument factory for the context manager that installs ``name`` (None for unsteered)."""
+    n = model.config.num_hidden_layers
+    d = model.config.hidden_size
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    vecs = [(torch.randn(d, generator=g) / d**0.5).to(device) for _ in range(8)]
+    every = list(range(1, n + 1))
+    ops, monitor, row_coefs = [], None, None
+    if name == "unsteered":
+        return None
+    if name == "one layer":
+        ops = build_ops(model, vecs[0], n // 2, 4.0)
+    elif name in ("all layers", "all layers + 4-trait monitor"):
+        ops = build_ops(model, vecs[0], every, 4.0)
+        if name.endswith("monitor"):
+            monitor = build_monitor(model, {f"t{i}": vecs[i] for i in range(4)}, every)
+    else:  # per-row: 8 add ops per layer, row i takes vector i % 8 through its coefficient
+        ops = [op for layer in every for op in build_ops(model, vecs, layer, [4.0] * 8)]
+        per_layer = torch.zeros(batch, 8)
+        per_layer[torch.arange(batch), torch.arange(batch) % 8] = 4.0
+        row_coefs = per_layer.repeat(1, n)
+    lengths = torch.full((batch,), prompt_len)
+    if path == "eager" and row_coefs is None:
+        return lambda: ResidualEditor(model, ops, monitor)
+    backend = "inline" if path == "inline" else "auto"
+    return lambda: CompiledSteering(model, ops, monitor, prompt_lengths=lengths, max_steps=steps + 1,
+                                    row_coefs=row_coefs, backend=backend)
+
+
+def decode_time(model: torch.nn.Module, forward: Callable, prompt: torch.Tensor, steps: int) -> float:
+    """Mean seconds per decode step over a static cache, after an eager prefill.
+
+    Args:
+        model: The causal LM (the prefill runs through it eagerly).
+        forward: What runs each decode step (``model`` or its compiled call).
+        prompt: [B, T] prompt ids (no padding).
+        steps: decode steps to time.
+    """
+    b, t = prompt.shape
+    key = cache_keyword(model)
+    cache = StaticCache(config=model.config, max_cache_len=t + steps + 1)
+    device = prompt.device
+    with torch.inference_mode():
+        out = model(input_ids=prompt, position_ids=torch.arange(t, device=device).expand(b, t), use_cache=True,
+                    **{key: cache})
+        token = out.logits[:, -1:].argmax(-1)
+        positions = torch.full((b, 1), t, device=device)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = forward(input_ids=token, position_ids=positions, use_cache=True, **{key: cache})
+            token = out.logits[:, -1:].argmax(-1)
+            positions = positions + 1
+        _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(args: argparse.Namespace) -> list[tuple[str, int, str, str, float, float]]:
+    """Rows (model, batch, path, variant, microseconds per step, ratio to unsteered) for the whole matrix."""
+    device = "cpu" if args.cpu else "cuda"
+    dtype = torch.float32 if args.cpu else torch.bfloat16
+    rows = []
+    for model_name, (cls, config) in model_configs(args.tiny).items():
+        if args.models and model_name not in args.models:
+            continue
+        torch.manual_seed(0)
+        model = build_model(cls, config, device, dtype)
+        compiled = torch.compile(model, fullgraph=True, backend=args.backend, mode=args.mode)
+        for batch in args.batch:
+            torch._dynamo.reset()  # each batch size compiles its own graphs; do not let dynamo go dynamic
+            prompt = torch.randint(0, config.vocab_size, (batch, args.prompt_len), device=device)
+            for path in args.paths:
+                forward = model if path == "eager" else compiled
+                factories = {v: make_variant(model, v, batch, path, args.prompt_len, args.steps) for v in VARIANTS}
+                times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+                for repeat in range(args.repeats + 1):  # the first round warms up (and compiles)
+                    for variant, factory in factories.items():
+                        if factory is None:
+                            t = decode_time(model, forward, prompt, args.steps)
+                        else:
+                            with factory():
+                                t = decode_time(model, forward, prompt, args.steps)
+                        if repeat:
+                            times[variant].append(t)
+                        print(f"  {model_name} bs={batch} {path} {variant}: {t * 1e6:.0f} us/step"
+                              f"{' (warm-up)' if not repeat else ''}", file=sys.stderr, flush=True)
+                base = statistics.median(times["unsteered"])
+                for variant in VARIANTS:
+                    med = statistics.median(times[variant])
+                    rows.append((model_name, batch, path, variant, med * 1e6, med / base))
+        del model, compiled
+        torch._dynamo.reset()
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cpu", action="store_true", help="run on CPU (needs --tiny)")
+    p.add_argument("--tiny", action="store_true", help="tiny Llama/Qwen2 configs instead of 7B shapes")
+    p.add_argument("--models", nargs="+", default=None, help="subset of model names (default: both)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--paths", nargs="+", choices=["eager", "compiled", "inline"],
+                   default=["eager", "compiled", "inline"])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=32, help="decode steps per timing")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration (median taken)")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend")
+    p.add_argument("--mode", default=None, help="torch.compile mode (default: reduce-overhead on GPU, none on CPU)")
+    args = p.parse_args(argv)
+    if not args.cpu and not torch.cuda.is_available():
+        print("bench_decode: no CUDA GPU found; running the CPU smoke version (--cpu --tiny)", file=sys.stderr)
+        args.cpu = args.tiny = True
+    if args.cpu and not args.tiny:
+        p.error("7B shapes on CPU would take hours; add --tiny")
+    if args.mode is None and not args.cpu:
+        args.mode = "reduce-overhead"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the matrix and print one table."""
+    args = parse_args(argv)
+    device = "cpu" if args.cpu else torch.cuda.get_device_name()
+    print(f"device={device} torch={torch.__version__} dtype={'float32' if args.cpu else 'bfloat16'} "
+          f"threads={torch.get_num_threads()} backend={args.backend} mode={args.mode} prompt={args.prompt_len} "
+          f"steps={args.steps} repeats={args.repeats} (median)")
+    # Five variants x two paths each trace their own graph; the default limit (8) would fall back to eager.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    # Guard graphs on the hooks present; with torch's default every variant would rerun the first graph.
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    rows = bench(args)
+    print(f"{'model':12s} {'batch':>5}  {'path':8s} {'variant':30s} {'us/step':>9}  {'ratio':>6}")
+    for model_name, batch, path, variant, us, ratio in rows:
+        print(f"{model_name:12s} {batch:5d}  {path:8s} {variant:30s} {us:9.0f}  {ratio:6.3f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

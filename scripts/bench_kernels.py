@@ -1,6 +1,8 @@
 """Benchmark the fused steer/cap/monitor op and print one table of ratios.
 
-GPU (default): for bf16 [tokens, hidden] it reports, per backend,
+GPU (default): for bf16 [rows, width] over widths 2048-8192 and rows 1-512 it reports, per backend
+(torch, Triton, CUDA, and ``op:<backend>``: the same through the ``torch.ops.steerlib.steer_project``
+custom op that compiled decoding uses, which writes a new tensor instead of in place),
   * bandwidth as a fraction of the HBM peak (``--peak-tbps``, default H100 SXM 3.35 TB/s) and of
     a plain ``dst.copy_(src)`` of the same bytes (the practically reachable peak);
   * the speed-up over the same math written as separate torch ops (add, matmul, cap, matmul);
@@ -8,12 +10,13 @@ GPU (default): for bf16 [tokens, hidden] it reports, per backend,
     (hidden 4096, 32 layers, bf16, KV cache) with steer+monitor hooked on 1 layer and on all.
 
 ``--cpu`` runs the torch path against the unfused torch ops (and a small Llama) on CPU, so the
-script does something on machines without a GPU.
+script does something on machines without a GPU; ``--tiny`` shrinks the matrix (widths 256 and 1024,
+rows 1 and 64) for a quick smoke run.
 
 Usage::
 
     python scripts/bench_kernels.py                 # GPU
-    python scripts/bench_kernels.py --cpu           # CPU smoke run
+    python scripts/bench_kernels.py --cpu --tiny    # CPU smoke run
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from steerlib.kernels import available_backends, fused_steer_project
+from steerlib.kernels import available_backends, fused_steer_project, steer_project_op
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -136,11 +139,11 @@ def bench_ops(args: argparse.Namespace, device: str, dtype: torch.dtype, backend
     """Kernel bandwidth and fused-vs-unfused rows for every token count."""
     rows: list[Row] = []
     alpha, lo, hi = 0.01, -4.0, 4.0
-    for tokens in args.tokens:
-        x = make_inputs(tokens, args.hidden, args.k, dtype, device)
-        case = f"N={tokens} D={args.hidden} K={args.k}"
+    for width, tokens in ((w, t) for w in args.widths for t in args.tokens):
+        x = make_inputs(tokens, width, args.k, dtype, device)
+        case = f"N={tokens} D={width} K={args.k}"
         elem = x.hidden.element_size()
-        hbm_bytes = 2 * x.hidden.numel() * elem + tokens * args.k * 4 + (args.k + 2) * args.hidden * 4
+        hbm_bytes = 2 * x.hidden.numel() * elem + tokens * args.k * 4 + (args.k + 2) * width * 4
         copy_dst = torch.empty_like(x.hidden)
         t_copy = time_fn(lambda x=x, dst=copy_dst: dst.copy_(x.hidden), device)
         copy_bw = 2 * x.hidden.numel() * elem / t_copy
@@ -158,6 +161,16 @@ def bench_ops(args: argparse.Namespace, device: str, dtype: torch.dtype, backend
                 rows.append(Row("fused / HBM peak", case, backend, t * 1e6, bw / (args.peak_tbps * 1e12)))
             rows.append(Row("fused / memcpy bandwidth", case, backend, t * 1e6, bw / copy_bw))
             rows.append(Row("unfused time / fused time", case, backend, t * 1e6, t_unfused / t))
+            mask = x.mask.float()
+
+            def via_op(x: Inputs = x, mask: torch.Tensor = mask, backend: str = backend) -> object:
+                return steer_project_op(x.hidden, x.steer, alpha, mask, x.cap_dir, lo, hi, x.monitor, backend)
+
+            t_op = time_fn(via_op, device)
+            if device == "cuda":
+                rows.append(Row("fused / HBM peak", case, f"op:{backend}", t_op * 1e6,
+                                hbm_bytes / t_op / (args.peak_tbps * 1e12)))
+            rows.append(Row("custom-op time / fused time", case, f"op:{backend}", t_op * 1e6, t_op / t))
     return rows
 
 
@@ -166,7 +179,7 @@ def build_llama(args: argparse.Namespace, device: str, dtype: torch.dtype) -> to
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if args.cpu:
-        config = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+        config = LlamaConfig(hidden_size=256 if args.tiny else 512, intermediate_size=1024, num_hidden_layers=4,
                              num_attention_heads=8, num_key_value_heads=8, vocab_size=1024)
     else:
         config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
@@ -269,9 +282,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu", action="store_true", help="run the torch path vs unfused torch on CPU")
+    p.add_argument("--tiny", action="store_true", help="small widths and row counts (a smoke run)")
     p.add_argument("--tokens", type=lambda s: [int(t) for t in s.split(",")], default=None,
-                   help="comma-separated token counts (default 1,16,128,1024,8192; CPU 1,64,512,2048)")
-    p.add_argument("--hidden", type=int, default=4096, help="hidden width of the op benchmark")
+                   help="comma-separated row counts (default 1,8,32,128,512; --tiny 1,64)")
+    p.add_argument("--widths", type=lambda s: [int(t) for t in s.split(",")], default=None,
+                   help="comma-separated hidden widths (default 2048,4096,8192; --tiny 256,1024)")
     p.add_argument("--k", type=int, default=16, help="monitor directions (<= 16)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bfloat16 (CPU: float32)")
     p.add_argument("--peak-tbps", type=float, default=3.35, help="HBM peak in TB/s (H100 SXM: 3.35)")
@@ -284,7 +299,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-decode", action="store_true", help="skip the Llama decode-step benchmark")
     args = p.parse_args(argv)
     if args.tokens is None:
-        args.tokens = [1, 64, 512, 2048] if args.cpu else [1, 16, 128, 1024, 8192]
+        args.tokens = [1, 64] if args.tiny else [1, 8, 32, 128, 512]
+    if args.widths is None:
+        args.widths = [256, 1024] if args.tiny else [2048, 4096, 8192]
     if args.dtype is None:
         args.dtype = "float32" if args.cpu else "bfloat16"
     return args

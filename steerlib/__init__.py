@@ -34,6 +34,7 @@ from steerlib.finetuning.shift import FinetuningShift, finetuning_shift
 from steerlib.finetuning.training import PreventativeSteeringCallback, lora_finetune, preventative_steering
 from steerlib.monitoring.conversations import monitor_conversations
 from steerlib.monitoring.drift import Alert, DriftMonitor
+from steerlib.steering.compiled import CompiledSteering
 from steerlib.steering.dose import DoseResponse, dose_response
 from steerlib.steering.generation import Generation, generate, stream
 from steerlib.steering.steer import (
@@ -65,6 +66,7 @@ __all__ = [
     "Activations",
     "Alert",
     "CallableJudge",
+    "CompiledSteering",
     "DoseResponse",
     "DriftMonitor",
     "ExtractionConfig",

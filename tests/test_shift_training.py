@@ -56,8 +56,8 @@ def _hidden(model, ids, layer, **kwargs):
 def test_preventative_steering_through_peft_adds_and_ablates_with_gradients(make_tiny):
     peft_model = _lora(copy.deepcopy(make_tiny("llama")))
     peft_model.train()
-    with pytest.raises(NotImplementedError):
-        get_layout(peft_model)  # why unwrap_model exists: the PEFT wrapper hides model.layers
+    # The layout is found by structure, so the PEFT wrapper no longer hides the blocks: both views agree.
+    assert get_layout(peft_model).blocks is get_layout(unwrap_model(peft_model)).blocks
     assert get_layout(unwrap_model(peft_model)).n_layers == 3
     torch.manual_seed(1)
     v = torch.randn(64)

@@ -20,6 +20,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from steerlib.core.capture import check_context, pad_batch, pad_token_id
 from steerlib.core.checks import check_int, check_number, check_text
+from steerlib.steering.compiled import generate_batch
 from steerlib.steering.steer import ResidualEditor, SteerOp, TraitReadout
 
 
@@ -136,6 +137,7 @@ def generate(
     batch_size: int = 16,
     seed: int | None = None,
     progress: bool = False,
+    compile: bool | dict = False,
 ) -> list[Generation]:
     """Generate a response for each formatted prompt, with optional steering and per-token trait read-out.
 
@@ -152,6 +154,10 @@ def generate(
         batch_size: prompts per batch (left padded).
         seed: seed for sampling.
         progress: show a progress bar.
+        compile: decode with a static KV cache and a ``torch.compile(fullgraph=True)`` decode step, the
+            steering and read-out traced into it (``steerlib.compiled``); a dict gives ``CompileConfig``
+            overrides such as ``{"backend": "aot_eager"}``. Each new (batch, prompt length) shape compiles
+            again, so it pays off for long generations or repeated shapes. Default: eager, as before.
     """
     readout = _one_readout(readout, monitor)
     batch_size = check_int(batch_size, "batch_size")
@@ -169,10 +175,16 @@ def generate(
     for start in range(0, len(prompts), batch_size):
         idx = list(range(start, min(start + batch_size, len(prompts))))
         ids, mask, _, _ = pad_batch([encoded[i] for i in idx], pad_id, "left")
-        with ResidualEditor(model, steering, readout):
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-            new = out[:, ids.shape[1]:].cpu()
-            per_row = _split_readout(readout, len(idx), new.shape[1])
+        if compile:
+            new, rows = generate_batch(model, ids.to(device), mask.to(device), kwargs, steering=steering,
+                                       readout=readout,
+                                       compile_options=compile if isinstance(compile, dict) else None)
+            per_row = list(rows) if rows is not None else [None] * len(idx)
+        else:
+            with ResidualEditor(model, steering, readout):
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+                new = out[:, ids.shape[1]:].cpu()
+                per_row = _split_readout(readout, len(idx), new.shape[1])
         for row, i in enumerate(idx):
             tokens = new[row].tolist()
             n = next((j + 1 for j, t in enumerate(tokens) if t in eos), len(tokens))
