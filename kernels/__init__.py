@@ -29,20 +29,27 @@ from .reference import (
     steer_project_reference,
     steer_project_torch,
 )
+from .rows import RowSteerSpec, prepare_row_inputs, steer_rows_reference, steer_rows_torch
 
 __all__ = [
     "MAX_MONITOR_DIRS",
+    "RowSteerSpec",
     "SteerSpec",
     "available_backends",
     "fused_steer_project",
+    "fused_steer_rows",
     "prepare_inputs",
+    "prepare_row_inputs",
     "steer_project_reference",
     "steer_project_torch",
+    "steer_rows_reference",
+    "steer_rows_torch",
 ]
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 _triton_module: ModuleType | None = None
+_triton_rows_module: ModuleType | None = None
 _triton_error: str | None = None
 
 
@@ -185,3 +192,63 @@ def fused_steer_project(
         assert triton_backend is not None  # _resolve_backend checked it
         return triton_backend.steer_project_triton(hidden, spec, inplace=inplace)
     return steer_project_torch(hidden, spec, inplace=inplace)
+
+
+def _load_triton_rows() -> ModuleType | None:
+    """Import the per-row triton kernel on first use (None when triton itself is unusable)."""
+    global _triton_rows_module
+    if _triton_rows_module is None and _load_triton() is not None:
+        from . import triton_rows
+
+        _triton_rows_module = triton_rows
+    return _triton_rows_module
+
+
+def fused_steer_rows(
+    hidden: torch.Tensor,
+    table: torch.Tensor,
+    index: torch.Tensor,
+    coef: torch.Tensor | None = None,
+    cap_min: torch.Tensor | None = None,
+    cap_max: torch.Tensor | None = None,
+    monitor: torch.Tensor | None = None,
+    inplace: bool = True,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Steer each row with its own vector, coefficient and cap bounds, and read out monitors, in one pass.
+
+    Per row ``h`` with ``i = index[row]`` (``-1``: leave the row alone): ``t = table[i]``,
+    ``h1 = h + coef[row] * t``; for a row with a finite bound ``p = <h1, t>`` and
+    ``h2 = h1 + (clamp(p, cap_min[row], cap_max[row]) - p) * t`` (``t`` must be unit there); then
+    ``proj = h2 @ monitor.T`` for every row. See ``steerlib.kernels.rows`` for the conventions.
+
+    Args:
+        hidden: ``[N, D]`` fp32/fp16/bf16 with contiguous rows.
+        table: ``[V, D]`` steering vectors (raw for additions, unit for caps and ablations).
+        index: ``[N]`` int32/int64 table entry per row, ``-1`` for none.
+        coef: ``[N]`` coefficient per row (None: 0).
+        cap_min: ``[N]`` lower projection bound per row (None or ``-inf``: unbounded).
+        cap_max: ``[N]`` upper bound per row (None or ``+inf``: unbounded); ``0, 0`` ablates.
+        monitor: ``[K, D]`` read-out directions, ``K <= 16``, or None.
+        inplace: Update ``hidden`` in place (the returned tensor is ``hidden``); else a new tensor.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (as for ``fused_steer_project``).
+
+    Returns:
+        ``(updated hidden [N, D] in hidden's dtype, projections [N, K] float32 or None)``.
+
+    Raises:
+        ValueError: for malformed inputs (shapes, devices, index out of range, NaN coefficients or bounds,
+            non-unit vectors used with a bound).
+        RuntimeError: when an explicitly requested backend cannot run here.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    spec = prepare_row_inputs(hidden, table, index, coef, cap_min, cap_max, monitor)
+    name = _resolve_backend(backend, hidden)
+    if name == "cuda":
+        return cuda_steer.steer_rows_cuda(hidden, spec, inplace=inplace)
+    if name == "triton":
+        rows_backend = _load_triton_rows()
+        assert rows_backend is not None  # _resolve_backend checked triton
+        return rows_backend.steer_rows_triton(hidden, spec, inplace=inplace)
+    return steer_rows_torch(hidden, spec, inplace=inplace)
