@@ -23,9 +23,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from steerlib.capture import capture_activations  # noqa: E402
-from steerlib.chat import format_prompt  # noqa: E402
+from steerlib.chat import format_messages, format_prompt  # noqa: E402
 from steerlib.drift import DriftMonitor  # noqa: E402
+from steerlib.generation import generate  # noqa: E402
 from steerlib.serve import AppOptions, BackgroundServer, ServeOptions, create_app  # noqa: E402
+from steerlib.steer import build_monitor, build_ops  # noqa: E402
 from steerlib.vectors import TraitVectors  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -198,6 +200,27 @@ def test_concurrent_distinct_steering_shares_steps_and_equals_solo(client, servi
     after = service.engine.stats()
     assert after["mixed_steps"] > before["mixed_steps"], "no step mixed a prefill row with decoding rows"
     assert after["max_batch_seen"] >= 3
+
+
+@pytest.mark.parametrize("name", ["down-response", "cap-prompt"])
+def test_per_row_steering_equals_the_library_steer(client, embedded, optimism, name):
+    """The engine's per-row steering and read-out agree with ``steerlib.generate`` under ``steer``'s hooks,
+    positions included (response-only and prompt-only edits)."""
+    model, tok = embedded
+    ops = []
+    for spec in CONFIGS[name]:
+        cap = (spec.get("cap_min"), spec.get("cap_max")) if spec.get("mode") == "cap" else None
+        ops += build_ops(model, optimism, spec["layer"], spec.get("coef", 1.0), mode=spec.get("mode", "add"),
+                         positions=spec.get("positions", "all"), cap=cap)
+    monitor = build_monitor(model, {"optimistic": optimism}, LAYER)
+    prompt = format_messages(tok, [{"role": "user", "content": PROMPT}])[0]
+    gen = generate(model, tok, [prompt], steering=ops, monitor=monitor, max_new_tokens=MAX_TOKENS, temperature=0)[0]
+    served = _ask(client, extra_body={"steering": CONFIGS[name]})
+    assert served.choices[0].message.content.strip() == gen.text
+    proj = _extra(served, "trait_projections")["optimistic"]
+    values = gen.token_projections("optimistic")[: proj["n_tokens"]]
+    assert proj["prompt_last"] == pytest.approx(float(values[0]), rel=1e-4, abs=1e-3)
+    assert proj["mean"] == pytest.approx(float(values.mean()), rel=1e-4, abs=1e-3)
 
 
 def test_streaming_chunks_carry_token_projections_and_match_non_streaming(client):
@@ -399,6 +422,7 @@ def test_api_key_cors_and_options(embedded, optimism, live, service, monkeypatch
         assert ollama.Client(host=srv.url, headers={"Authorization": f"Bearer {KEY}"}).list().models
         with httpx.Client(base_url=srv.url) as http:
             assert http.get("/health").status_code == 200
+            assert http.get("/").status_code == 200  # the static page; its data needs the key
             assert http.get("/v1/stats").status_code == 401
             pre = http.options("/v1/chat/completions", headers={"origin": "http://app.example",
                                                                "access-control-request-method": "POST"})

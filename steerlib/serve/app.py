@@ -15,7 +15,8 @@ history and alerts; ``GET /`` draws it), and the runtime vector registry ``GET/P
 
 Guards (``Guard``, a pure ASGI middleware, so streaming and disconnects pass straight through): the Host header
 must name the bound host unless configured otherwise (DNS rebinding), request bodies are limited (413), and with
-an API key every route but ``/health`` needs ``Authorization: Bearer <key>`` (401).
+an API key every route but ``/health`` and the static page ``/`` needs ``Authorization: Bearer <key>`` (401; open
+the page as ``/#key=<key>``).
 """
 
 from __future__ import annotations
@@ -409,7 +410,8 @@ class Guard:
                 await _reply(send, 400, path, f"host {host!r} is not served here (allowed: "
                                               f"{sorted(self.allowed_hosts)}); see --allowed-host")
                 return
-        if self.api_key is not None and path != "/health" and scope.get("method") != "OPTIONS":
+        # "/" is the static monitor page (no data; it sends the key from its URL fragment to /v1/monitor).
+        if self.api_key is not None and path not in ("/health", "/") and scope.get("method") != "OPTIONS":
             scheme, _, token = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
                 await _reply(send, 401, path, "missing or wrong API key (send Authorization: Bearer <key>)",
