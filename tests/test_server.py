@@ -27,6 +27,7 @@ from steerlib.chat import format_messages, format_prompt  # noqa: E402
 from steerlib.drift import DriftMonitor  # noqa: E402
 from steerlib.generation import generate  # noqa: E402
 from steerlib.serve import AppOptions, BackgroundServer, ServeOptions, create_app  # noqa: E402
+from steerlib.serve.process import API_KEY_ENV, resolve_api_key  # noqa: E402
 from steerlib.steer import build_monitor, build_ops  # noqa: E402
 from steerlib.vectors import TraitVectors  # noqa: E402
 
@@ -427,6 +428,8 @@ def test_api_key_cors_and_options(embedded, optimism, live, service, monkeypatch
             pre = http.options("/v1/chat/completions", headers={"origin": "http://app.example",
                                                                "access-control-request-method": "POST"})
             assert pre.headers["access-control-allow-origin"] == "http://app.example"
+    assert resolve_api_key(None, {API_KEY_ENV: KEY}) == KEY and resolve_api_key("x", {API_KEY_ENV: KEY}) == "x"
+    assert resolve_api_key(None, {}) is None and resolve_api_key(None, {API_KEY_ENV: " "}) is None
     with pytest.raises(ValueError, match="port must be in 0..65535"):
         ServeOptions(port=99999).check()
     with pytest.raises(ValueError, match="coefficient must be finite"):

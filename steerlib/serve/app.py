@@ -306,10 +306,14 @@ class _Run:
         self.rows = []
         self.prompt_tokens = len(prompt_ids)
         self.steering = steering
-        for i, sp in enumerate(sampling):
-            row = service.engine.submit(prompt_ids, edits, sp, self._sink(i), steered=bool(edits))
-            row.meta_steering = steering
-            self.rows.append(row)
+        try:
+            for i, sp in enumerate(sampling):
+                row = service.engine.submit(prompt_ids, edits, sp, self._sink(i), steered=bool(edits))
+                row.meta_steering = steering
+                self.rows.append(row)
+        except ApiError:
+            self.cancel()  # a full queue refused choice i: the choices already queued must not run for nobody
+            raise
 
     def _sink(self, index: int):
         def sink(item: tuple) -> None:
@@ -418,7 +422,10 @@ class Guard:
                              extra=[(b"www-authenticate", b"Bearer")])
                 return
         length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+        if length is not None and not length.isdigit():
+            await _reply(send, 400, path, f"invalid Content-Length {length!r}")
+            return
+        if length is not None and int(length) > self.max_body:
             await _reply(send, 413, path, f"request body over the limit of {self.max_body} bytes")
             return
         seen = 0

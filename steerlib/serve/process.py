@@ -26,7 +26,8 @@ from ..vectors import TraitVectors
 from .app import AppOptions, create_app
 from .schema import MAX_ABS_COEF, SteeringSpec
 
-__all__ = ["API_KEY_ENV", "BackgroundServer", "ServeOptions", "default_steering_specs", "load_vectors", "serve"]
+__all__ = ["API_KEY_ENV", "BackgroundServer", "ServeOptions", "default_steering_specs", "load_vectors",
+           "resolve_api_key", "serve"]
 
 log = logging.getLogger("steerlib.serve")
 
@@ -158,6 +159,14 @@ def default_steering_specs(steer: Sequence[tuple[int, float]], steer_vector: str
             for layer, coef in steer]
 
 
+def resolve_api_key(explicit: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The API key to require: the explicit one, else ``$STEERLIB_API_KEY``, else None (an open server)."""
+    if explicit:
+        return explicit
+    value = (os.environ if environ is None else environ).get(API_KEY_ENV, "").strip()
+    return value or None
+
+
 def build(options: ServeOptions) -> tuple[FastAPI, str]:
     """Load the model and vectors and build the app; returns (app, model name)."""
     from ..models import load_model
@@ -171,7 +180,7 @@ def build(options: ServeOptions) -> tuple[FastAPI, str]:
                                    options.steer_positions)
     app_options = replace(app_options, default_steering=tuple(specs),
                           model_name=loaded.name if app_options.model_name == "steerlib" else app_options.model_name,
-                          api_key=app_options.api_key or os.environ.get(API_KEY_ENV) or None)
+                          api_key=resolve_api_key(app_options.api_key))
     traits = names if app_options.monitor_traits is None else list(app_options.monitor_traits)
     drift = DriftMonitor(traits, window=options.drift_window, method=options.drift_method,
                          threshold=options.drift_threshold, reference_size=options.drift_reference_size,
