@@ -19,11 +19,13 @@ One worker thread owns the model and steps it one forward pass at a time over a 
   paired with generated token ``t`` is read at the position whose output produced ``t`` (the last input
   position of the step).
 
-Why not transformers' own continuous batching (``generate_batch`` / ``ContinuousBatchingManager``)? It packs
-rows into one flat sequence over a paged cache, so a forward hook sees ``[1, total_tokens, D]`` with no stable
-row identity, and its scheduler decides the packing inside its own loop. Per-row steering would need the
-packing map of every step from its internals; stepping ``DynamicCache`` ourselves is small, exact and uses only
-public inputs (``attention_mask``, ``position_ids``, the cache).
+Why not transformers' own continuous batching (5.24: ``generate_batch`` / ``ContinuousBatchingManager``)? It
+packs every request's tokens into one ``[1, total_tokens]`` sequence described by cumulative sequence lengths over
+a paged cache, its scheduler decides that packing inside its own loop, and it switches the model's attention
+implementation to a paged/flash one (the model is shared with the rest of the library). A forward hook would see
+``[1, total_tokens, D]`` with no row identity; per-row steering would need each step's packing map from its
+internals. Stepping a ``DynamicCache`` ourselves is small, exact (the tests compare with ``steerlib.generate``) and
+uses only public inputs (``attention_mask``, ``position_ids``, the cache).
 """
 
 from __future__ import annotations
