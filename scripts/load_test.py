@@ -10,7 +10,8 @@ Mixes (one run each, in the same invocation, so the ratios compare like with lik
 Reports requests/s, generated tokens/s, p50/p95 latency and p50/p95 time to first token, and each mix's
 throughput as a ratio to ``unsteered``. Without ``--url`` it starts steerlib's server in-process on the embedded
 SmolLM2-135M-Instruct with one random (seeded) vector; with ``--url`` it loads any server speaking the OpenAI chat
-API (steering goes in the body's ``steering`` field, which other servers may ignore or refuse).
+API (steering goes in the body's ``steering`` field, which other servers may ignore or refuse). The local server
+runs in a child process, so the clients do not compete with its engine for the GIL.
 
 Examples:
     python scripts/load_test.py --clients 16 --requests 2 --max-tokens 48
@@ -21,7 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -162,24 +166,57 @@ def run_load(url: str, mix: str, clients: int, requests: int, max_tokens: int, *
     )
 
 
-def _start_local(max_batch: int, max_tokens: int):
-    """The embedded model behind steerlib's server, with one random (seeded) vector named ``random``."""
-    import torch
+class _LocalServer:
+    """``steerlib serve`` on the embedded model in a child process, with one random (seeded) vector ``random``.
 
-    from steerlib.models import load_model
-    from steerlib.serve import AppOptions, BackgroundServer, create_app
-    from steerlib.vectors import TraitVectors
+    A separate process, as in a real deployment: clients in the server's own process would compete with the
+    engine for the GIL and slow every step down.
+    """
 
-    loaded = load_model(device="cpu")
-    cfg = loaded.model.config
-    vec = torch.randn(cfg.num_hidden_layers + 1, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
-    vec = vec / vec.norm(dim=-1, keepdim=True) * 8.0
-    tv = TraitVectors({"response_mean": vec}, model_name=loaded.name, trait="random",
-                      metadata={"recommended_layer": cfg.num_hidden_layers // 2})
-    app = create_app(loaded.model, loaded.tokenizer, {"random": tv},
-                     AppOptions(model_name=loaded.name, max_batch=max_batch, default_max_tokens=max_tokens,
-                                max_tokens_limit=max(max_tokens, 512)))
-    return BackgroundServer(app).start(), loaded.name, "random", tv.recommended_layer
+    def __init__(self, max_batch: int, max_tokens: int, workdir: Path):
+        import torch
+
+        from steerlib.models import load_model
+        from steerlib.vectors import TraitVectors
+
+        loaded = load_model(device="cpu")
+        cfg = loaded.model.config
+        vec = torch.randn(cfg.num_hidden_layers + 1, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+        vec = vec / vec.norm(dim=-1, keepdim=True) * 8.0
+        self.layer = cfg.num_hidden_layers // 2
+        tv = TraitVectors({"response_mean": vec}, model_name=loaded.name, trait="random",
+                          metadata={"recommended_layer": self.layer})
+        path = tv.save(workdir / "random")
+        self.model = loaded.name
+        del loaded
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "steerlib.cli", "serve", "--vector", f"random={path.parent}", "--port", str(port),
+             "--max-batch", str(max_batch), "--default-max-tokens", str(max_tokens),
+             "--max-tokens-limit", str(max(max_tokens, 512))],
+            stdout=subprocess.DEVNULL, stderr=(workdir / "server.log").open("w"))
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server did not start; see {workdir / 'server.log'}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
 
 
 def _table(results: list[Result]) -> str:
@@ -216,11 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--clients, --requests and --max-tokens must be >= 1")
 
     server = None
+    workdir = tempfile.TemporaryDirectory(prefix="steerlib-load-")
     if args.url:
         url, model, vector, layer = args.url.rstrip("/"), args.model, args.vector, args.layer
     else:
-        server, model, vector, layer = _start_local(args.max_batch, args.max_tokens)
-        url = server.url
+        server = _LocalServer(args.max_batch, args.max_tokens, Path(workdir.name))
+        url, model, vector, layer = server.url, server.model, "random", server.layer
     results = []
     try:
         run_load(url, "unsteered", 1, 1, args.max_tokens, model=model, vector=vector, layer=layer,
@@ -233,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop()
+        workdir.cleanup()
     print(f"{args.clients} clients x {args.requests} requests x {args.max_tokens} tokens, streaming, greedy")
     print(_table(results))
     if args.json:

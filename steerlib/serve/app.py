@@ -128,10 +128,13 @@ class Service:
         self.model = model
         self.options = options
         self.vectors: dict[str, TraitVectors] = {}
+        # name -> load count: table keys must tell a vector from another loaded later under the same name.
+        self._loads: dict[str, int] = {}
         self._vectors_lock = threading.Lock()
         for name, tv in vectors.items():
             tv.check_model(model)  # fail at start-up, not on the first request
             self.vectors[name] = tv
+            self._loads[name] = 1
         traits = list(self.vectors) if options.monitor_traits is None else list(options.monitor_traits)
         unknown = [t for t in traits if t not in self.vectors]
         if unknown:
@@ -164,6 +167,7 @@ class Service:
             with self._vectors_lock:
                 tv = self.vectors.get(spec.vector)
                 names = sorted(self.vectors)
+                load = self._loads.get(spec.vector, 0)
             if tv is None:
                 raise ApiError(400, f"unknown steering vector {spec.vector!r}; available: {names}",
                                param=f"{param}.{i}.vector", code="unknown_vector")
@@ -177,8 +181,8 @@ class Service:
                 if not math.isfinite(op.coef) or abs(op.coef) > 1e6:
                     raise ApiError(400, f"{param}[{i}]: the effective coefficient {op.coef:g} is not usable",
                                    param=f"{param}.{i}.coef")
-            # The table key names the vector object, so a vector reloaded under the same name is a new entry.
-            edits.extend(edits_from_ops(ops, [(spec.vector, id(tv), op.layer) for op in ops]))
+            # Rows share a table entry only for the same load of the same vector at the same layer.
+            edits.extend(edits_from_ops(ops, [(spec.vector, load, op.layer) for op in ops]))
         return edits
 
     def steering_for(self, specs: list[SteeringSpec] | None, param: str) -> tuple[list[RowEdit], list[dict]]:
@@ -267,7 +271,11 @@ class Service:
         except (ValueError, OSError) as exc:
             raise ApiError(400, f"cannot load vectors from {path!r}: {exc}", param="path") from exc
         with self._vectors_lock:
+            if name in self.vectors:  # another request loaded it meanwhile
+                raise ApiError(409, f"a vector named {name!r} is already loaded; unload it first", param="name",
+                               code="vector_exists")
             self.vectors[name] = tv
+            self._loads[name] = self._loads.get(name, 0) + 1
         return self.vector_info()[name]
 
     def _allowed_path(self, path: str) -> Path:

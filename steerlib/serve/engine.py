@@ -127,6 +127,7 @@ class _Row:
     sampling: Sampling
     sink: Callable[[tuple], None]
     steered: bool
+    serial: int = -1  # set at admission; identifies the row for the step tables (ids of freed rows get reused)
     meta_steering: list = field(default_factory=list)  # the request's steering as the client wrote it
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.monotonic)
@@ -198,10 +199,12 @@ class Engine:
         self._idle = threading.Event()
         self._thread: threading.Thread | None = None
         self._step_ids = itertools.count(1)
+        self._row_serials = itertools.count(1)
         self._stats_lock = threading.Lock()
         self._stats: dict[str, Any] = {"requests": 0, "completed": 0, "failed": 0, "cancelled": 0, "steps": 0,
                                        "rows_stepped": 0, "max_batch_seen": 0, "prefill_tokens": 0,
-                                       "generated_tokens": 0, "mixed_steps": 0, "steered_row_steps": 0}
+                                       "generated_tokens": 0, "mixed_steps": 0, "steered_row_steps": 0,
+                                       "step_seconds": 0.0}
         self.on_finish: Callable[[_Row, Completion], None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
@@ -261,6 +264,7 @@ class Engine:
         with self._stats_lock:
             s = dict(self._stats)
         s["mean_batch_size"] = s["rows_stepped"] / s["steps"] if s["steps"] else None
+        s["mean_step_ms"] = round(1000 * s["step_seconds"] / s["steps"], 2) if s["steps"] else None
         s["queue_depth"] = self.queue_depth()
         s["active_rows"] = self.active_rows()
         s["worker_alive"] = self.alive
@@ -285,7 +289,10 @@ class Engine:
                 self._admit(block=not self._rows)
                 if not self._rows:
                     continue
+                started = time.perf_counter()
                 self._step()
+                with self._stats_lock:
+                    self._stats["step_seconds"] += time.perf_counter() - started
             except BaseException as exc:  # never let one step take the worker down
                 log.exception("step failed; failing its %d rows", len(self._rows))
                 error = ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", type_="server_error")
@@ -319,6 +326,7 @@ class Engine:
                     self._stats["cancelled"] += 1
                 continue
             row.pending = list(row.prompt_ids)
+            row.serial = next(self._row_serials)
             row.started = now
             if row.sampling.temperature > 0:
                 row.generator = torch.Generator(device=self.device)
@@ -381,7 +389,7 @@ class Engine:
     # -- one step -----------------------------------------------------------------------------------------
     def _tables_now(self) -> dict[int, tuple[Tensor, dict[tuple, int]]]:
         """Per-layer table [V, D] of the vectors the current rows use (rebuilt when the rows change)."""
-        ident = tuple(id(r) for r in self._rows)
+        ident = tuple(r.serial for r in self._rows)
         if ident != self._tables_for:
             entries: dict[int, dict[tuple, Tensor]] = {}
             for row in self._rows:
