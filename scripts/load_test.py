@@ -97,8 +97,8 @@ def _stats(url: str, headers: dict) -> dict:
 
 
 def run_load(url: str, mix: str, clients: int, requests: int, max_tokens: int, *, model: str, vector: str,
-             layer: int, api_key: str | None = None, timeout: float = 600.0) -> Result:
-    """Run one mix against ``url`` (without ``/v1``) with streaming requests and return its summary."""
+             layer: int, api_key: str | None = None, timeout: float = 600.0) -> _Raw:
+    """Run one mix against ``url`` (without ``/v1``) with streaming requests and return what it measured."""
     latencies: list[float] = []
     ttfts: list[float] = []
     tokens = [0]
@@ -156,10 +156,35 @@ def run_load(url: str, mix: str, clients: int, requests: int, max_tokens: int, *
     after = _stats(url, headers)
     steps = after.get("steps", 0) - before.get("steps", 0)
     rows = after.get("rows_stepped", 0) - before.get("rows_stepped", 0)
+    return _Raw(mix, clients * requests, latencies, ttfts, tokens[0], errors, wall, steps, rows)
+
+
+@dataclass
+class _Raw:
+    """What one run of one mix measured, before summarising."""
+
+    mix: str
+    requests: int
+    latencies: list[float]
+    ttfts: list[float]
+    tokens: int
+    errors: list[str]
+    wall: float
+    steps: int
+    rows: int
+
+
+def summarise(runs: list[_Raw], clients: int) -> Result:
+    """Pool several runs of one mix: throughput over their summed wall time, percentiles over all requests."""
+    wall = sum(r.wall for r in runs)
+    latencies = [x for r in runs for x in r.latencies]
+    ttfts = [x for r in runs for x in r.ttfts]
+    errors = [e for r in runs for e in r.errors]
+    steps, rows = sum(r.steps for r in runs), sum(r.rows for r in runs)
     return Result(
-        mix=mix, clients=clients, requests=clients * requests, ok=len(latencies), errors=len(errors),
-        wall_s=round(wall, 2), requests_per_s=round(len(latencies) / wall, 3),
-        tokens_per_s=round(tokens[0] / wall, 1), p50_ms=round(_percentile(latencies, 50), 1),
+        mix=runs[0].mix, clients=clients, requests=sum(r.requests for r in runs), ok=len(latencies),
+        errors=len(errors), wall_s=round(wall, 2), requests_per_s=round(len(latencies) / wall, 3),
+        tokens_per_s=round(sum(r.tokens for r in runs) / wall, 1), p50_ms=round(_percentile(latencies, 50), 1),
         p95_ms=round(_percentile(latencies, 95), 1), ttft_p50_ms=round(_percentile(ttfts, 50), 1),
         ttft_p95_ms=round(_percentile(ttfts, 95), 1), mean_batch_size=round(rows / steps, 2) if steps else None,
         first_error=errors[0] if errors else None,
@@ -240,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--api-key", help="bearer token for the server")
     ap.add_argument("--mixes", default=",".join(MIXES), help=f"comma-separated subset of {','.join(MIXES)}")
     ap.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
-    ap.add_argument("--requests", type=int, default=2, help="requests per client per mix (default 2)")
+    ap.add_argument("--requests", type=int, default=2, help="requests per client per mix and round (default 2)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="rounds; each runs every mix once, in turn, so a machine whose load drifts during the "
+                         "invocation weighs on every mix alike (default 2)")
     ap.add_argument("--max-tokens", type=int, default=48, help="max_tokens per request (default 48)")
     ap.add_argument("--max-batch", type=int, default=16, help="in-process server: max batch (default 16)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
@@ -249,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in mixes if m not in MIXES]
     if unknown or not mixes:
         ap.error(f"--mixes: unknown {unknown}; choose from {MIXES}")
-    if args.clients < 1 or args.requests < 1 or args.max_tokens < 1:
-        ap.error("--clients, --requests and --max-tokens must be >= 1")
+    if args.clients < 1 or args.requests < 1 or args.max_tokens < 1 or args.rounds < 1:
+        ap.error("--clients, --requests, --rounds and --max-tokens must be >= 1")
 
     server = None
     workdir = tempfile.TemporaryDirectory(prefix="steerlib-load-")
@@ -259,20 +287,24 @@ def main(argv: list[str] | None = None) -> int:
     else:
         server = _LocalServer(args.max_batch, args.max_tokens, Path(workdir.name))
         url, model, vector, layer = server.url, server.model, "random", server.layer
-    results = []
+    raw: dict[str, list[_Raw]] = {mix: [] for mix in mixes}
     try:
         run_load(url, "unsteered", 1, 1, args.max_tokens, model=model, vector=vector, layer=layer,
                  api_key=args.api_key)  # warm-up: first-call overheads stay out
-        for mix in mixes:
-            results.append(run_load(url, mix, args.clients, args.requests, args.max_tokens, model=model,
-                                    vector=vector, layer=layer, api_key=args.api_key))
-            if results[-1].first_error:
-                print(f"{mix}: first error: {results[-1].first_error}", file=sys.stderr)
+        for _ in range(args.rounds):
+            for mix in mixes:
+                raw[mix].append(run_load(url, mix, args.clients, args.requests, args.max_tokens, model=model,
+                                         vector=vector, layer=layer, api_key=args.api_key))
     finally:
         if server is not None:
             server.stop()
         workdir.cleanup()
-    print(f"{args.clients} clients x {args.requests} requests x {args.max_tokens} tokens, streaming, greedy")
+    results = [summarise(runs, args.clients) for runs in raw.values()]
+    for r in results:
+        if r.first_error:
+            print(f"{r.mix}: first error: {r.first_error}", file=sys.stderr)
+    print(f"{args.clients} clients x {args.requests} requests x {args.max_tokens} tokens x {args.rounds} rounds "
+          f"(mixes in turn), streaming, greedy")
     print(_table(results))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
