@@ -295,9 +295,31 @@ def test_stop_sequences_and_n(client):
     assert [c.index for c in two.choices] == [0, 1]
     assert two.choices[0].message.content == two.choices[1].message.content == full  # greedy: same text
     assert two.usage.completion_tokens == 2 * _ask(client).usage.completion_tokens
+    chunks = [c for c in _ask(client, n=2, stream=True) if c.choices]
+    for i in (0, 1):
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == i) == full
     sampled = _ask(client, n=2, temperature=1.0, seed=7)
     again = _ask(client, n=2, temperature=1.0, seed=7)
     assert [c.message.content for c in sampled.choices] == [c.message.content for c in again.choices]
+
+
+def test_a_failing_step_fails_its_rows_and_the_server_goes_on(client, service, monkeypatch):
+    real_step = service.engine._step
+    calls = {"n": 0}
+
+    def flaky_step() -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected failure")
+        real_step()
+
+    _wait_idle(service)
+    monkeypatch.setattr(service.engine, "_step", flaky_step)
+    with pytest.raises(openai.InternalServerError) as info:
+        _ask(client, "Say hi.", max_tokens=3)
+    assert info.value.status_code == 500 and "injected failure" in info.value.body["message"]
+    assert _ask(client, "Say hello.", max_tokens=3).choices[0].message.content
+    assert service.engine.alive
 
 
 def test_ollama_client_chat_generate_and_models(live, client):

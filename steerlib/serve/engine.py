@@ -165,13 +165,16 @@ class Engine:
         max_batch: most rows stepped together.
         max_queue: rows waiting beyond this are refused with 429.
         eos_ids: token ids that end a row.
-        device: where step tensors live (default: the model's).
+        prefill_chunk: most prompt tokens of one row fed in one step (longer prompts take several steps).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, monitor: Monitor | None = None, max_batch: int = 16,
-                 max_queue: int = 256, eos_ids: set[int] | None = None):
+                 max_queue: int = 256, eos_ids: set[int] | None = None, prefill_chunk: int = 256):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.model = model
         self.tokenizer = tokenizer
         self.layout = get_layout(model)
@@ -474,8 +477,10 @@ class Engine:
     def _step(self) -> None:
         rows = self._rows
         b = len(rows)
-        lengths = [len(r.pending) for r in rows]
-        prefill = [r.n_seen == 0 for r in rows]
+        # A long prompt is fed in chunks over several steps, so one arrival cannot make the step's mask
+        # [B, T, S + T] huge or stall the decoding rows for long; the row samples once its prompt is in.
+        lengths = [min(len(r.pending), self.prefill_chunk) for r in rows]
+        prefill = [not r.generated for r in rows]
         t = max(lengths)
         s = self._kv_mask.shape[1]
         ids = torch.full((b, t), self.pad_id, dtype=torch.long)
@@ -483,7 +488,7 @@ class Engine:
         step_mask = torch.zeros((b, t), dtype=torch.bool)
         for i, r in enumerate(rows):
             n = lengths[i]
-            ids[i, t - n:] = torch.tensor(r.pending)
+            ids[i, t - n:] = torch.tensor(r.pending[:n])
             pos[i, t - n:] = torch.arange(r.n_seen, r.n_seen + n)
             step_mask[i, t - n:] = True
         ids, pos, step_mask = ids.to(self.device), pos.to(self.device), step_mask.to(self.device)
@@ -512,15 +517,24 @@ class Engine:
             st["rows_stepped"] += b
             st["max_batch_seen"] = max(st["max_batch_seen"], b)
             st["prefill_tokens"] += sum(n for n, p in zip(lengths, prefill, strict=True) if p)
-            st["generated_tokens"] += b
+            st["generated_tokens"] += sum(1 for r, n in zip(rows, lengths, strict=True) if len(r.pending) == n)
             st["mixed_steps"] += int(any(prefill) and not all(prefill))
             st["steered_row_steps"] += sum(1 for r in rows if r.edits)
 
-        tokens = self._sample(logits)
+        ready = [len(r.pending) == lengths[i] for i, r in enumerate(rows)]  # whole input fed: sample
+        tokens = self._sample(logits, ready)
         now = time.monotonic()
         keep = []
         for i, r in enumerate(rows):
             r.n_seen += lengths[i]
+            if not ready[i]:  # mid-prompt: nothing to sample yet
+                r.pending = r.pending[lengths[i]:]
+                if r.cancelled.is_set():
+                    r.finish = "cancelled"
+                    self._complete(r)
+                else:
+                    keep.append(i)
+                continue
             token = tokens[i]
             r.pending = [token]
             r.generated.append(token)
@@ -542,11 +556,11 @@ class Engine:
             else:
                 self._cache, self._kv_mask = None, None
 
-    def _sample(self, logits: Tensor) -> list[int]:
+    def _sample(self, logits: Tensor, ready: list[bool]) -> list[int]:
         out = logits.argmax(-1).tolist()
         for i, r in enumerate(self._rows):
             sp = r.sampling
-            if sp.temperature <= 0:
+            if sp.temperature <= 0 or not ready[i]:
                 continue
             probs = torch.softmax(logits[i] / sp.temperature, dim=-1)
             if sp.top_p < 1.0:
