@@ -214,6 +214,7 @@ def fused_steer_rows(
     monitor: torch.Tensor | None = None,
     inplace: bool = True,
     backend: str = "auto",
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Steer each row with its own vector, coefficient and cap bounds, and read out monitors, in one pass.
 
@@ -232,6 +233,9 @@ def fused_steer_rows(
         monitor: ``[K, D]`` read-out directions, ``K <= 16``, or None.
         inplace: Update ``hidden`` in place (the returned tensor is ``hidden``); else a new tensor.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (as for ``fused_steer_project``).
+        validate: Check the per-row values (one host read of the small per-row tensors). Pass ``False`` only
+            with values checked on the host already: then no device memory is read before the launch, which
+            keeps GPU decode steps free of syncs (see ``rows.prepare_row_inputs``).
 
     Returns:
         ``(updated hidden [N, D] in hidden's dtype, projections [N, K] float32 or None)``.
@@ -243,7 +247,7 @@ def fused_steer_rows(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    spec = prepare_row_inputs(hidden, table, index, coef, cap_min, cap_max, monitor)
+    spec = prepare_row_inputs(hidden, table, index, coef, cap_min, cap_max, monitor, validate=validate)
     name = _resolve_backend(backend, hidden)
     if name == "cuda":
         return cuda_steer.steer_rows_cuda(hidden, spec, inplace=inplace)

@@ -75,7 +75,8 @@ def _row_tensor(name: str, t: torch.Tensor | None, n: int, device: torch.device,
 
 def prepare_row_inputs(hidden: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
                        coef: torch.Tensor | None = None, cap_min: torch.Tensor | None = None,
-                       cap_max: torch.Tensor | None = None, monitor: torch.Tensor | None = None) -> RowSteerSpec:
+                       cap_max: torch.Tensor | None = None, monitor: torch.Tensor | None = None,
+                       validate: bool = True) -> RowSteerSpec:
     """Validate the arguments of ``fused_steer_rows`` and normalise them for any backend.
 
     The checks read the per-row tensors on the host (one sync on a GPU); they are cheap next to a forward pass
@@ -90,6 +91,10 @@ def prepare_row_inputs(hidden: torch.Tensor, table: torch.Tensor, index: torch.T
         cap_min: ``[N]`` lower projection bound per row (None or ``-inf``: unbounded).
         cap_max: ``[N]`` upper projection bound per row (None or ``+inf``: unbounded).
         monitor: ``[K, D]`` directions (K <= 16) read out after the update, or None.
+        validate: Check the values (index range, finite coefficients, ordered bounds, unit rows where bounded).
+            ``False`` is for callers that built the per-row tensors from values they checked on the host (the
+            serving engine): shapes, dtypes and devices are still checked, nothing reads device memory, and
+            the op adds when ``coef`` is given and caps when ``cap_min`` or ``cap_max`` is given.
 
     Returns:
         A ``RowSteerSpec``.
@@ -124,6 +129,14 @@ def prepare_row_inputs(hidden: torch.Tensor, table: torch.Tensor, index: torch.T
     if index.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"index must be int32 or int64, got {index.dtype}")
     index64 = index.to(torch.int64).contiguous()
+    if not validate:
+        coef32 = _row_tensor("coef", coef, n, device, 0.0)
+        lo = _row_tensor("cap_min", cap_min, n, device, float("-inf"))
+        hi = _row_tensor("cap_max", cap_max, n, device, float("inf"))
+        mon = _check_monitor(monitor, d, device)
+        return RowSteerSpec(table=table32, index=index64, coef=coef32, cap_min=lo, cap_max=hi,
+                            has_steer=coef is not None and v > 0,
+                            has_cap=(cap_min is not None or cap_max is not None) and v > 0, monitor=mon)
     if n:
         lo_i, hi_i = int(index64.min()), int(index64.max())
         if lo_i < -1 or hi_i >= v:
@@ -152,17 +165,20 @@ def prepare_row_inputs(hidden: torch.Tensor, table: torch.Tensor, index: torch.T
             raise ValueError(f"table row {int(used[worst])} is used with cap bounds but has norm "
                              f"{float(norms[worst]):.4g}; capped rows need unit vectors")
     has_steer = bool((steered & (coef32 != 0)).any())
-
-    mon = None
-    if monitor is not None:
-        if not isinstance(monitor, torch.Tensor) or monitor.dim() != 2:
-            raise ValueError("monitor must be a 2-D [K, D] tensor")
-        k = monitor.shape[0]
-        if k == 0 or k > MAX_MONITOR_DIRS:
-            raise ValueError(f"monitor must have 1 to {MAX_MONITOR_DIRS} directions, got K={k}")
-        mon = _prepare_vector("monitor", monitor, (k, d), device)
+    mon = _check_monitor(monitor, d, device)
     return RowSteerSpec(table=table32, index=index64, coef=coef32, cap_min=lo, cap_max=hi, has_steer=has_steer,
                         has_cap=has_cap, monitor=mon)
+
+
+def _check_monitor(monitor: torch.Tensor | None, d: int, device: torch.device) -> torch.Tensor | None:
+    if monitor is None:
+        return None
+    if not isinstance(monitor, torch.Tensor) or monitor.dim() != 2:
+        raise ValueError("monitor must be a 2-D [K, D] tensor")
+    k = monitor.shape[0]
+    if k == 0 or k > MAX_MONITOR_DIRS:
+        raise ValueError(f"monitor must have 1 to {MAX_MONITOR_DIRS} directions, got K={k}")
+    return _prepare_vector("monitor", monitor, (k, d), device)
 
 
 def steer_rows_torch(hidden: torch.Tensor, spec: RowSteerSpec,

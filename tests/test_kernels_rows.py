@@ -121,6 +121,24 @@ def test_kernel_add_only_and_no_steering(backend: str) -> None:
     assert_allclose_verbose(proj, hidden @ args["monitor"].T, atol=1e-4, rtol=1e-5, what="read-out only")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_unvalidated_call_equals_validated(backend: str) -> None:
+    """``validate=False`` (the serving engine's sync-free path) computes the same as the checked call, and leaves
+    out the add or the cap when their per-row tensors are not given."""
+    if backend not in available_backends():
+        pytest.skip(f"{backend} backend not usable here")
+    hidden, args = mixed_case(48, 200, 2, torch.float32, seed=9)
+    expected, eproj = fused_steer_rows(hidden.clone(), **args, backend=backend)
+    out, proj = fused_steer_rows(hidden.clone(), **args, backend=backend, validate=False)
+    assert_allclose_verbose(out, expected, atol=1e-5, rtol=1e-5, what="hidden")
+    assert_allclose_verbose(proj, eproj, atol=1e-4, rtol=1e-5, what="proj")
+    no_cap = {**args, "cap_min": None, "cap_max": None}
+    expected, _ = fused_steer_rows(hidden.clone(), **{**no_cap, "cap_min": torch.full((48,), -INF)},
+                                   backend=backend)
+    out, _ = fused_steer_rows(hidden.clone(), **no_cap, backend=backend, validate=False)
+    assert_allclose_verbose(out, expected, atol=1e-5, rtol=1e-5, what="add only")
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

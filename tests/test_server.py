@@ -350,13 +350,15 @@ def test_ollama_client_chat_generate_and_models(live, client):
         ({"extra_body": {"steering": [{"vector": "grumpy", "layer": LAYER, "coef": 2.0}]}}, "steering.0.vector"),
         ({"extra_body": {"steering": [{"vector": "optimistic", "layer": 99, "coef": 2.0}]}}, "steering.0"),
         ({"extra_body": {"steering": [{"vector": "optimistic", "layer": LAYER, "coef": 1e30}]}}, "steering.0.coef"),
+        ({"extra_body": {"steering": [{"vector": "optimistic", "layer": LAYER, "mode": "cap", "cap_min": 2.0,
+                                       "cap_max": 1.0}]}}, "steering.0"),
         ({"messages": []}, "messages"),
         ({"max_tokens": 10_000}, "max_tokens"),
         ({"n": 0}, "n"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ],
     ids=["bad-role", "negative-max-tokens", "unknown-vector", "layer-out-of-range", "absurd-coef",
-         "no-messages", "over-limit", "n-zero", "too-many-stops"],
+         "cap-bounds-reversed", "no-messages", "over-limit", "n-zero", "too-many-stops"],
 )
 def test_invalid_requests_get_openai_errors(client, kwargs, param):
     request = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0,

@@ -87,6 +87,8 @@ def edits_from_ops(ops: Sequence[SteerOp], keys: Sequence[tuple]) -> list[RowEdi
             out.append(RowEdit(op.layer, (*key, "raw"), vec, float(op.coef), -math.inf, math.inf, op.positions))
         else:
             lo, hi = (0.0, 0.0) if op.mode == "ablate" else (op.cap_min, op.cap_max)
+            if lo is not None and hi is not None and lo > hi:
+                raise ValueError(f"cap_min ({lo}) must be <= cap_max ({hi})")
             out.append(RowEdit(op.layer, (*key, "unit"), vec / vec.norm(), 0.0,
                                -math.inf if lo is None else float(lo), math.inf if hi is None else float(hi),
                                op.positions))
@@ -425,8 +427,13 @@ class Engine:
                         continue
                     for j in range((b + 1) * t - lengths[b], (b + 1) * t):
                         index[j], coef[j], lo[j], hi[j] = keys[e.key], e.coef, e.lo, e.hi
-                slots.append((torch.tensor(index, device=self.device), torch.tensor(coef, device=self.device),
-                              torch.tensor(lo, device=self.device), torch.tensor(hi, device=self.device)))
+                # The values were checked on the host (finite coefficients, ordered bounds, unit vectors where
+                # bounded), so the op reads nothing back from the device; unused parts are left out.
+                bounded = any(x != -math.inf for x in lo) or any(x != math.inf for x in hi)
+                slots.append((torch.tensor(index, device=self.device),
+                              torch.tensor(coef, device=self.device) if any(coef) else None,
+                              torch.tensor(lo, device=self.device) if bounded else None,
+                              torch.tensor(hi, device=self.device) if bounded else None))
             layers[layer] = (table, slots)
         if self.monitor_layer is not None and self.monitor_layer not in layers:
             layers[self.monitor_layer] = (torch.zeros((0, self.layout.d_model), device=self.device), [])
@@ -451,8 +458,8 @@ class Engine:
             assert n_rows is None or n_rows == b * t
             for i, (index, coef, lo, hi) in enumerate(calls):
                 last = i == len(calls) - 1
-                flat, proj = fused_steer_rows(flat, table, index, coef, lo, hi,
-                                              monitor=monitor if last else None, inplace=inplace)
+                flat, proj = fused_steer_rows(flat, table, index, coef, lo, hi, monitor=monitor if last else None,
+                                              inplace=inplace, validate=False)
                 if last and monitor is not None:
                     plan.projections = proj
             if inplace:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "MAX_ABS_COEF",
@@ -58,6 +58,12 @@ class SteeringSpec(BaseModel):
     cap_min: float | None = Field(None, ge=-MAX_ABS_BOUND, le=MAX_ABS_BOUND, allow_inf_nan=False)
     cap_max: float | None = Field(None, ge=-MAX_ABS_BOUND, le=MAX_ABS_BOUND, allow_inf_nan=False)
     relative: bool = Field(False, description="coef is a fraction of the typical residual norm at the layer")
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> SteeringSpec:
+        if self.cap_min is not None and self.cap_max is not None and self.cap_min > self.cap_max:
+            raise ValueError(f"cap_min ({self.cap_min}) must be <= cap_max ({self.cap_max})")
+        return self
 
 
 class ContentPart(BaseModel):
