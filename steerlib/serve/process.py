@@ -197,4 +197,11 @@ def serve(options: ServeOptions, **uvicorn_kwargs: Any) -> None:
     service = app.state.service
     log.info("serving %s with vectors %s on http://%s:%d (monitor page at /; %s)", name, sorted(service.vectors),
              options.app.host, options.port, "API key required" if service.options.api_key else "no API key")
+    if options.app.host not in ("127.0.0.1", "localhost", "::1"):
+        if not service.options.api_key:
+            log.warning("listening on %s without --api-key: anyone who can reach the port can use the model",
+                        options.app.host)
+        if options.app.allowed_hosts is None and options.app.host in ("0.0.0.0", "::", ""):
+            log.warning("bound to every interface: the Host header is not checked; name the public host "
+                        "with --allowed-host to guard against DNS rebinding")
     uvicorn.run(app, host=options.app.host, port=options.port, log_level=options.log_level, **uvicorn_kwargs)
