@@ -17,6 +17,7 @@ from types import ModuleType
 import torch
 
 from .reference import SteerSpec
+from .rows import RowSteerSpec
 
 KERNEL_DIR = Path(__file__).resolve().parent
 CUDA_SOURCE = KERNEL_DIR / "steer_cuda.cu"
@@ -103,7 +104,7 @@ def steer_project_cuda(hidden: torch.Tensor, spec: SteerSpec,
     if ext is None:
         raise RuntimeError(f"CUDA steer kernel unavailable: {_build_error}")
     n, d = hidden.shape
-    k = spec.num_monitors
+    k = spec.num_readouts
     out = hidden if inplace else torch.empty((n, d), dtype=hidden.dtype, device=hidden.device)
     proj = torch.empty((n, k), dtype=torch.float32, device=hidden.device) if k else None
     if n == 0 or d == 0:
@@ -113,5 +114,36 @@ def steer_project_cuda(hidden: torch.Tensor, spec: SteerSpec,
     steer = spec.steer if spec.alpha != 0.0 else None
     cap_dir = spec.cap_dir if spec.has_cap else None
     ext.steer_project(hidden, out, steer, spec.alpha, spec.mask, cap_dir, spec.cap_min, spec.cap_max,
-                      spec.monitor, proj)
+                      spec.readout, proj)
+    return out, proj
+
+
+def steer_rows_cuda(hidden: torch.Tensor, spec: RowSteerSpec,
+                    inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the per-row op (``rows.py``) with the CUDA extension.
+
+    Args:
+        hidden: ``[N, D]`` CUDA hidden states.
+        spec: Output of ``prepare_row_inputs`` for this ``hidden``.
+        inplace: Write the result into ``hidden`` instead of a new tensor.
+
+    Returns:
+        ``(updated hidden [N, D], projections [N, K] fp32 or None)``.
+
+    Raises:
+        RuntimeError: if the extension is unavailable (see ``build_error()``).
+    """
+    ext = load_extension()
+    if ext is None:
+        raise RuntimeError(f"CUDA steer kernel unavailable: {_build_error}")
+    n, d = hidden.shape
+    k = spec.num_readouts
+    out = hidden if inplace else torch.empty((n, d), dtype=hidden.dtype, device=hidden.device)
+    proj = torch.empty((n, k), dtype=torch.float32, device=hidden.device) if k else None
+    if n == 0 or d == 0:
+        if proj is not None:
+            proj.zero_()
+        return out, proj
+    ext.steer_rows(hidden, out, spec.table, spec.index, spec.coef, spec.cap_min, spec.cap_max, spec.has_cap,
+                   spec.readout, proj)
     return out, proj

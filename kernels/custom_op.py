@@ -1,4 +1,4 @@
-"""The fused steer/cap/monitor op registered with ``torch.library``, so ``torch.compile`` can place it.
+"""The fused steer/cap/readout op registered with ``torch.library``, so ``torch.compile`` can place it.
 
 ``torch.ops.steerlib.steer_project`` is a functional op (it never writes into its inputs) with a fake
 implementation, so dynamo traces it as one node with known output shapes, inductor calls it as an
@@ -11,7 +11,7 @@ under dynamo. Check the vectors once with ``validate`` when steering is installe
 every forward pass.
 
 Math per row ``h`` with mask ``m``: ``h1 = h + m*alpha*v``; ``p = <h1, u>``;
-``h2 = h1 + m*(clamp(p, lo, hi) - p)*u``; ``proj = h2 @ monitor.T`` (fp32, taken before rounding).
+``h2 = h1 + m*(clamp(p, lo, hi) - p)*u``; ``proj = h2 @ readout.T`` (fp32, taken before rounding).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ OP_NAME = "steerlib::steer_project"
 
 def validate(width: int, device: torch.device, steer_vec: torch.Tensor | None = None,
              cap_dir: torch.Tensor | None = None, cap_min: float | None = None, cap_max: float | None = None,
-             monitor: torch.Tensor | None = None) -> None:
+             readout: torch.Tensor | None = None) -> None:
     """Run the full argument checks of ``fused_steer_project`` once, on a one-row stand-in for hidden.
 
     Args:
@@ -36,18 +36,18 @@ def validate(width: int, device: torch.device, steer_vec: torch.Tensor | None = 
         cap_dir: ``[D]`` unit direction, or None.
         cap_min: Lower projection bound, or None.
         cap_max: Upper projection bound, or None.
-        monitor: ``[K, D]`` read-out directions, or None.
+        readout: ``[K, D]`` read-out directions, or None.
 
     Raises:
         ValueError: naming the offending argument (see ``prepare_inputs``).
     """
     probe = torch.zeros(1, width, device=device)
-    prepare_inputs(probe, steer_vec, 1.0, None, cap_dir, cap_min, cap_max, monitor)
+    prepare_inputs(probe, steer_vec, 1.0, None, cap_dir, cap_min, cap_max, readout)
 
 
 def _spec(steer_vec: torch.Tensor | None, alpha: float, row_mask: torch.Tensor | None,
           cap_dir: torch.Tensor | None, cap_min: float | None, cap_max: float | None,
-          monitor: torch.Tensor | None) -> SteerSpec:
+          readout: torch.Tensor | None) -> SteerSpec:
     """A ``SteerSpec`` from already-validated fp32 tensors, with no checks and no host syncs."""
     return SteerSpec(
         steer=steer_vec if steer_vec is not None else None,
@@ -56,14 +56,14 @@ def _spec(steer_vec: torch.Tensor | None, alpha: float, row_mask: torch.Tensor |
         cap_dir=cap_dir,
         cap_min=cap_min,
         cap_max=cap_max,
-        monitor=monitor,
+        readout=readout,
     )
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
 def steer_project(hidden: torch.Tensor, steer_vec: torch.Tensor | None, alpha: float,
                   row_mask: torch.Tensor | None, cap_dir: torch.Tensor | None, cap_min: float | None,
-                  cap_max: float | None, monitor: torch.Tensor | None,
+                  cap_max: float | None, readout: torch.Tensor | None,
                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Steer, cap and read out ``hidden`` [N, D] into new tensors (see the module docstring for the math).
 
@@ -75,15 +75,15 @@ def steer_project(hidden: torch.Tensor, steer_vec: torch.Tensor | None, alpha: f
         cap_dir: ``[D]`` fp32 unit direction, or None.
         cap_min: Lower bound, or None.
         cap_max: Upper bound, or None.
-        monitor: ``[K, D]`` fp32 read-out directions, or None.
+        readout: ``[K, D]`` fp32 read-out directions, or None.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
-        ``(new hidden [N, D] in hidden's dtype, projections [N, K] fp32)``; K = 0 without a monitor.
+        ``(new hidden [N, D] in hidden's dtype, projections [N, K] fp32)``; K = 0 without a readout.
     """
     from . import load_triton, resolve_backend  # deferred: the package imports this module
 
-    spec = _spec(steer_vec, alpha, row_mask, cap_dir, cap_min, cap_max, monitor)
+    spec = _spec(steer_vec, alpha, row_mask, cap_dir, cap_min, cap_max, readout)
     name = resolve_backend(backend, hidden)
     if name == "cuda":
         out, proj = cuda_steer.steer_project_cuda(hidden, spec, inplace=False)
@@ -101,21 +101,21 @@ def steer_project(hidden: torch.Tensor, steer_vec: torch.Tensor | None, alpha: f
 
 
 @steer_project.register_fake
-def _steer_project_fake(hidden, steer_vec, alpha, row_mask, cap_dir, cap_min, cap_max, monitor, backend):
-    k = 0 if monitor is None else monitor.shape[0]
+def _steer_project_fake(hidden, steer_vec, alpha, row_mask, cap_dir, cap_min, cap_max, readout, backend):
+    k = 0 if readout is None else readout.shape[0]
     return torch.empty_like(hidden), hidden.new_empty((hidden.shape[0], k), dtype=torch.float32)
 
 
 def steer_project_inline(hidden: torch.Tensor, steer_vec: torch.Tensor | None, alpha: float,
                          row_mask: torch.Tensor | None, cap_dir: torch.Tensor | None, cap_min: float | None,
                          cap_max: float | None,
-                         monitor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         readout: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The same math as ``steer_project`` in plain, functional torch ops, for a compiler to fuse.
 
     Inside a compiled graph these ops fuse with the block's own elementwise kernels (the residual add), so
     on a CPU, where there are no CUDA graphs to hide the custom op's Python call, this is the cheaper form.
     Same arguments and returns as ``steer_project`` (less ``backend``), except that the projections are
-    None without a monitor.
+    None without a readout.
     """
     h = hidden.float()
     if steer_vec is not None:
@@ -127,5 +127,5 @@ def steer_project_inline(hidden: torch.Tensor, steer_vec: torch.Tensor | None, a
         if row_mask is not None:
             delta = delta * row_mask
         h = h + delta[:, None] * cap_dir
-    proj = h @ monitor.T if monitor is not None else None
+    proj = h @ readout.T if readout is not None else None
     return h.to(hidden.dtype), proj

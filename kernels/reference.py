@@ -1,4 +1,4 @@
-"""Input contract and plain-torch implementation of the fused steer/cap/monitor op.
+"""Input contract and plain-torch implementation of the fused steer/cap/readout op.
 
 This module is both the numerical reference the Triton and CUDA kernels are tested against
 and the production path for CPU tensors, so it is written to be fast: vectorised, in-place
@@ -10,7 +10,7 @@ Math per row ``h`` with mask ``m`` (1 = steer this row)::
     h1   = h + m * alpha * v
     p    = <h1, u>
     h2   = h1 + m * (clamp(p, lo, hi) - p) * u
-    proj = h2 @ monitor.T
+    proj = h2 @ readout.T
 
 Everything is accumulated in fp32. ``hidden`` is written back in its own dtype, while the
 projections are taken from the fp32 ``h2`` *before* it is rounded to that dtype: the read-out
@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_MONITOR_DIRS = 16
+MAX_READOUT_DIRS = 16
 HIDDEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # fp16/bf16 vectors normalised in fp32 then rounded still have norms within ~1e-3 of one.
-_UNIT_NORM_TOL = 1e-2
+UNIT_NORM_TOL = 1e-2
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class SteerSpec:
         cap_dir: ``[D]`` unit direction or None (no cap).
         cap_min: Lower clamp bound or None (unbounded).
         cap_max: Upper clamp bound or None (unbounded).
-        monitor: ``[K, D]`` read-out directions or None.
+        readout: ``[K, D]`` read-out directions or None.
     """
 
     steer: torch.Tensor | None
@@ -53,7 +53,7 @@ class SteerSpec:
     cap_dir: torch.Tensor | None
     cap_min: float | None
     cap_max: float | None
-    monitor: torch.Tensor | None
+    readout: torch.Tensor | None
 
     @property
     def has_cap(self) -> bool:
@@ -61,9 +61,9 @@ class SteerSpec:
         return self.cap_dir is not None and (self.cap_min is not None or self.cap_max is not None)
 
     @property
-    def num_monitors(self) -> int:
-        """Number of monitor directions K (0 when there is no monitor)."""
-        return 0 if self.monitor is None else int(self.monitor.shape[0])
+    def num_readouts(self) -> int:
+        """Number of readout directions K (0 when there is no readout)."""
+        return 0 if self.readout is None else int(self.readout.shape[0])
 
 
 def _version_of(t: torch.Tensor) -> int | None:
@@ -74,7 +74,7 @@ def _version_of(t: torch.Tensor) -> int | None:
 class _VectorCache:
     """Remembers vectors already checked (finite, unit norm) and their fp32 copies.
 
-    Steering and monitor vectors are reused for every token and layer, and the checks need
+    Steering and readout vectors are reused for every token and layer, and the checks need
     a device->host sync on GPU. Entries are keyed by ``id`` and guarded by a weak reference
     plus the tensor's version counter, so in-place edits or a recycled id force a re-check,
     and an entry disappears with its tensor. Inference-mode tensors have no version counter;
@@ -126,9 +126,9 @@ class _VectorCache:
 _VECTORS = _VectorCache()
 
 
-def _prepare_vector(name: str, t: torch.Tensor, shape: tuple[int, ...], device: torch.device,
+def prepare_vector(name: str, t: torch.Tensor, shape: tuple[int, ...], device: torch.device,
                     unit: bool = False) -> torch.Tensor:
-    """Check one steering/cap/monitor tensor and return it as contiguous fp32.
+    """Check one steering/cap/readout tensor and return it as contiguous fp32.
 
     Args:
         name: Argument name used in error messages.
@@ -159,7 +159,7 @@ def _prepare_vector(name: str, t: torch.Tensor, shape: tuple[int, ...], device: 
     if unit:
         norms = torch.linalg.vector_norm(converted, dim=-1).flatten()
         worst = int((norms - 1.0).abs().argmax())
-        if abs(float(norms[worst]) - 1.0) > _UNIT_NORM_TOL:
+        if abs(float(norms[worst]) - 1.0) > UNIT_NORM_TOL:
             raise ValueError(f"{name} must have unit L2 norm, got norm {float(norms[worst]):.4g} "
                              f"(normalise it first: v / v.norm())")
     _VECTORS.put(t, converted, unit)
@@ -179,7 +179,7 @@ def _check_bound(name: str, value: float | None) -> float | None:
 def prepare_inputs(hidden: torch.Tensor, steer_vec: torch.Tensor | None = None, alpha: float = 0.0,
                    row_mask: torch.Tensor | None = None, cap_dir: torch.Tensor | None = None,
                    cap_min: float | None = None, cap_max: float | None = None,
-                   monitor: torch.Tensor | None = None) -> SteerSpec:
+                   readout: torch.Tensor | None = None) -> SteerSpec:
     """Validate the arguments of ``fused_steer_project`` and normalise them for any backend.
 
     Args:
@@ -190,7 +190,7 @@ def prepare_inputs(hidden: torch.Tensor, steer_vec: torch.Tensor | None = None, 
         cap_dir: ``[D]`` unit direction whose projection is clamped, or None.
         cap_min: Lower bound on the projection, or None.
         cap_max: Upper bound on the projection, or None.
-        monitor: ``[K, D]`` directions (K <= 16) read out after the update, or None.
+        readout: ``[K, D]`` directions (K <= 16) read out after the update, or None.
 
     Returns:
         A ``SteerSpec`` with fp32 contiguous tensors on ``hidden``'s device.
@@ -215,7 +215,7 @@ def prepare_inputs(hidden: torch.Tensor, steer_vec: torch.Tensor | None = None, 
         raise ValueError(f"alpha must be finite, got {alpha}")
     steer = None
     if steer_vec is not None:
-        steer = _prepare_vector("steer_vec", steer_vec, (d,), device)
+        steer = prepare_vector("steer_vec", steer_vec, (d,), device)
     else:
         alpha = 0.0
 
@@ -238,24 +238,24 @@ def prepare_inputs(hidden: torch.Tensor, steer_vec: torch.Tensor | None = None, 
         raise ValueError(f"cap_min ({cap_min}) must be <= cap_max ({cap_max})")
     u = None
     if cap_dir is not None:
-        u = _prepare_vector("cap_dir", cap_dir, (d,), device, unit=True)
+        u = prepare_vector("cap_dir", cap_dir, (d,), device, unit=True)
     elif cap_min is not None or cap_max is not None:
         raise ValueError("cap_min/cap_max were given but cap_dir is None")
 
     mon = None
-    if monitor is not None:
-        if not isinstance(monitor, torch.Tensor):
-            raise ValueError(f"monitor must be a torch.Tensor, got {type(monitor).__name__}")
-        if monitor.dim() != 2:
-            raise ValueError(f"monitor must be 2-D [K, D], got shape {list(monitor.shape)} "
-                             f"(use monitor[None] for a single direction)")
-        k = monitor.shape[0]
-        if k == 0 or k > MAX_MONITOR_DIRS:
-            raise ValueError(f"monitor must have 1 to {MAX_MONITOR_DIRS} directions, got K={k}")
-        mon = _prepare_vector("monitor", monitor, (k, d), device)
+    if readout is not None:
+        if not isinstance(readout, torch.Tensor):
+            raise ValueError(f"readout must be a torch.Tensor, got {type(readout).__name__}")
+        if readout.dim() != 2:
+            raise ValueError(f"readout must be 2-D [K, D], got shape {list(readout.shape)} "
+                             f"(use readout[None] for a single direction)")
+        k = readout.shape[0]
+        if k == 0 or k > MAX_READOUT_DIRS:
+            raise ValueError(f"readout must have 1 to {MAX_READOUT_DIRS} directions, got K={k}")
+        mon = prepare_vector("readout", readout, (k, d), device)
 
     return SteerSpec(steer=steer, alpha=alpha, mask=mask, cap_dir=u, cap_min=cap_min, cap_max=cap_max,
-                     monitor=mon)
+                     readout=mon)
 
 
 def steer_project_torch(hidden: torch.Tensor, spec: SteerSpec,
@@ -291,7 +291,7 @@ def steer_project_torch(hidden: torch.Tensor, spec: SteerSpec,
             delta.mul_(spec.mask)
         h.addr_(delta, spec.cap_dir)
 
-    proj = h @ spec.monitor.T if spec.monitor is not None else None
+    proj = h @ spec.readout.T if spec.readout is not None else None
 
     if fp32:
         out = h
@@ -305,7 +305,7 @@ def steer_project_torch(hidden: torch.Tensor, spec: SteerSpec,
 def steer_project_reference(hidden: torch.Tensor, steer_vec: torch.Tensor | None = None, alpha: float = 0.0,
                             row_mask: torch.Tensor | None = None, cap_dir: torch.Tensor | None = None,
                             cap_min: float | None = None, cap_max: float | None = None,
-                            monitor: torch.Tensor | None = None,
+                            readout: torch.Tensor | None = None,
                             inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Validate then apply the fused op with torch; same signature as ``fused_steer_project``.
 
@@ -317,11 +317,11 @@ def steer_project_reference(hidden: torch.Tensor, steer_vec: torch.Tensor | None
         cap_dir: ``[D]`` unit cap/ablation direction, or None.
         cap_min: Lower projection bound, or None.
         cap_max: Upper projection bound, or None.
-        monitor: ``[K, D]`` read-out directions, or None.
+        readout: ``[K, D]`` read-out directions, or None.
         inplace: Write into ``hidden``.
 
     Returns:
         ``(updated hidden, projections [N, K] fp32 or None)``.
     """
-    spec = prepare_inputs(hidden, steer_vec, alpha, row_mask, cap_dir, cap_min, cap_max, monitor)
+    spec = prepare_inputs(hidden, steer_vec, alpha, row_mask, cap_dir, cap_min, cap_max, readout)
     return steer_project_torch(hidden, spec, inplace=inplace)

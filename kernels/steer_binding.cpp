@@ -20,6 +20,12 @@ extern "C" int steer_project_cuda_launch(int dtype, const void* hidden, void* ou
                                          float cap_hi, const float* monitor, int n_mon, float* proj,
                                          void* stream);
 
+extern "C" int steer_rows_cuda_launch(int dtype, const void* hidden, void* out, int64_t rows, int64_t width,
+                                      int64_t stride_in, int64_t stride_out, const float* table,
+                                      const int64_t* index, const float* coef, const float* lo,
+                                      const float* hi, int has_cap, const float* monitor, int n_mon,
+                                      float* proj, void* stream);
+
 namespace {
 
 int dtype_code(const torch::Tensor& t) {
@@ -89,10 +95,53 @@ void steer_project(const torch::Tensor& hidden, const torch::Tensor& out,
   TORCH_CHECK(err == 0, "steer kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
+// Per-row variant: `table` [V, D] fp32, `index` [N] int64 (-1 = none), `coef`/`lo`/`hi` [N] fp32.
+void steer_rows(const torch::Tensor& hidden, const torch::Tensor& out, const torch::Tensor& table,
+                const torch::Tensor& index, const torch::Tensor& coef, const torch::Tensor& lo,
+                const torch::Tensor& hi, bool has_cap, const std::optional<torch::Tensor>& monitor,
+                const std::optional<torch::Tensor>& proj) {
+  TORCH_CHECK(hidden.is_cuda(), "steer kernel: hidden must be a CUDA tensor");
+  TORCH_CHECK(hidden.dim() == 2 && out.dim() == 2 && out.sizes() == hidden.sizes(),
+              "steer kernel: hidden and out must be [N, D] of the same shape");
+  TORCH_CHECK(out.scalar_type() == hidden.scalar_type() && out.device() == hidden.device(),
+              "steer kernel: out must match hidden's dtype and device");
+  const int64_t rows = hidden.size(0);
+  const int64_t width = hidden.size(1);
+  TORCH_CHECK(width <= 1 || (hidden.stride(1) == 1 && out.stride(1) == 1),
+              "steer kernel: rows must be contiguous");
+  TORCH_CHECK(table.dim() == 2 && (table.size(0) == 0 || table.size(1) == width),
+              "steer kernel: table must be [V, D]");
+  const float* table_ptr = table.size(0) ? vector_ptr(table, hidden, table.numel(), "table") : nullptr;
+  TORCH_CHECK(index.device() == hidden.device() && index.scalar_type() == torch::kInt64 &&
+                  index.is_contiguous() && index.numel() == rows,
+              "steer kernel: index must be a contiguous int64 [N] tensor on hidden's device");
+  const int n_mon = monitor.has_value() ? static_cast<int>(monitor->size(0)) : 0;
+  TORCH_CHECK(n_mon <= 16, "steer kernel: at most 16 monitor directions, got ", n_mon);
+  const float* mon_ptr = vector_ptr(monitor, hidden, static_cast<int64_t>(n_mon) * width, "monitor");
+  float* proj_ptr = nullptr;
+  if (n_mon > 0) {
+    TORCH_CHECK(proj.has_value() && proj->is_contiguous() && proj->scalar_type() == torch::kFloat32 &&
+                    proj->device() == hidden.device() && proj->numel() == rows * n_mon,
+                "steer kernel: proj must be a contiguous float32 [N, K] tensor on hidden's device");
+    proj_ptr = proj->data_ptr<float>();
+  }
+  const c10::cuda::OptionalCUDAGuard guard(hidden.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden.device().index()).stream();
+  const int err = steer_rows_cuda_launch(
+      dtype_code(hidden), hidden.data_ptr(), out.data_ptr(), rows, width, rows > 0 ? hidden.stride(0) : 0,
+      rows > 0 ? out.stride(0) : 0, table_ptr, index.data_ptr<int64_t>(), vector_ptr(coef, hidden, rows, "coef"),
+      vector_ptr(lo, hidden, rows, "cap_min"), vector_ptr(hi, hidden, rows, "cap_max"), has_cap ? 1 : 0,
+      mon_ptr, n_mon, proj_ptr, static_cast<void*>(stream));
+  TORCH_CHECK(err == 0, "steer kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("steer_project", &steer_project, "Fused steer / cap / monitor update (CUDA)", py::arg("hidden"),
         py::arg("out"), py::arg("steer"), py::arg("alpha"), py::arg("mask"), py::arg("cap_dir"),
         py::arg("cap_min"), py::arg("cap_max"), py::arg("monitor"), py::arg("proj"));
+  m.def("steer_rows", &steer_rows, "Per-row fused steer / cap / monitor update (CUDA)", py::arg("hidden"),
+        py::arg("out"), py::arg("table"), py::arg("index"), py::arg("coef"), py::arg("lo"), py::arg("hi"),
+        py::arg("has_cap"), py::arg("monitor"), py::arg("proj"));
 }

@@ -200,6 +200,121 @@ cudaError_t launch_typed(const Params& P, int64_t rows, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// ---- per-row variant: each row picks a table entry (or none), a coefficient and cap bounds ----
+//   i = index[row];  i < 0: h2 = h
+//   else t = table[i]; h1 = h + coef[row] * t; p = <h1, t>;
+//        h2 = h1 + (clamp(p, lo[row], hi[row]) - p) * t    (rows with a finite bound; t is unit there)
+struct RowParams {
+  const void* hidden;
+  void* out;
+  int64_t width;
+  int64_t stride_in;
+  int64_t stride_out;
+  const float* table;    // [V, D]
+  const int64_t* index;  // [N], -1 = unsteered
+  const float* coef;     // [N]
+  const float* lo;       // [N], -inf = unbounded
+  const float* hi;       // [N], +inf = unbounded
+  int has_cap;           // some row has a finite bound: run the projection pass
+  const float* monitor;  // [K, D] or nullptr
+  int n_mon;
+  float* proj;  // [N, K] or nullptr
+};
+
+template <typename T, bool kHasMon>
+__global__ void steer_rows_kernel(RowParams P) {
+  __shared__ float smem[32 * kMaxMonitor];
+  const int64_t row = blockIdx.x;
+  const T* in_row = static_cast<const T*>(P.hidden) + row * P.stride_in;
+  T* out_row = static_cast<T*>(P.out) + row * P.stride_out;
+  const int64_t D = P.width;
+  const int tid = threadIdx.x;
+  const int nt = blockDim.x;
+
+  const int64_t idx = P.index[row];
+  const bool steered = idx >= 0;
+  const float* t = steered ? P.table + idx * D : nullptr;
+  const float c = steered ? P.coef[row] : 0.f;
+  const float lo = P.lo[row];
+  const float hi = P.hi[row];
+  const bool bounded = steered && P.has_cap && (lo > -INFINITY || hi < INFINITY);
+
+  float cache[kCached];
+  float dot = 0.f;
+#pragma unroll
+  for (int j = 0; j < kCached; ++j) {
+    const int64_t i = tid + static_cast<int64_t>(j) * nt;
+    float x = 0.f;
+    if (i < D) {
+      x = load_f32(in_row + i);
+      if (steered) x = fmaf(c, t[i], x);
+      if (bounded) dot = fmaf(x, t[i], dot);
+    }
+    cache[j] = x;
+  }
+  const int64_t tail = static_cast<int64_t>(kCached) * nt;
+  if (bounded) {
+    for (int64_t i = tail + tid; i < D; i += nt) {
+      float x = load_f32(in_row + i);
+      x = fmaf(c, t[i], x);
+      dot = fmaf(x, t[i], dot);
+    }
+  }
+  // Every thread of the block takes the same branch (bounded is per row), so the barrier is uniform.
+  float scale = 0.f;
+  if (bounded) {
+    float total[1] = {dot};
+    block_sum<1>(total, smem);
+    const float p = total[0];
+    scale = fminf(fmaxf(p, lo), hi) - p;
+  }
+
+  float acc[kMaxMonitor];
+#pragma unroll
+  for (int k = 0; k < kMaxMonitor; ++k) acc[k] = 0.f;
+  auto finish = [&](int64_t i, float x) {
+    if (bounded) x = fmaf(scale, t[i], x);
+    store_f32(out_row + i, x);
+    if (kHasMon) {
+#pragma unroll
+      for (int k = 0; k < kMaxMonitor; ++k) {
+        if (k < P.n_mon) acc[k] = fmaf(x, __ldg(P.monitor + k * D + i), acc[k]);
+      }
+    }
+  };
+#pragma unroll
+  for (int j = 0; j < kCached; ++j) {
+    const int64_t i = tid + static_cast<int64_t>(j) * nt;
+    if (i < D) finish(i, cache[j]);
+  }
+  for (int64_t i = tail + tid; i < D; i += nt) {
+    float x = load_f32(in_row + i);
+    if (steered) x = fmaf(c, t[i], x);
+    finish(i, x);
+  }
+  if (kHasMon) {
+    block_sum<kMaxMonitor>(acc, smem);
+    if (tid == 0) {
+#pragma unroll
+      for (int k = 0; k < kMaxMonitor; ++k) {
+        if (k < P.n_mon) P.proj[row * P.n_mon + k] = acc[k];
+      }
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch_rows_typed(const RowParams& P, int64_t rows, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned int>(rows));
+  const dim3 block(threads_for_width(P.width));
+  if (P.n_mon > 0) {
+    steer_rows_kernel<T, true><<<grid, block, 0, stream>>>(P);
+  } else {
+    steer_rows_kernel<T, false><<<grid, block, 0, stream>>>(P);
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 // Launches the fused kernel on `stream`. dtype: 0 = fp32, 1 = fp16, 2 = bf16. `out` may equal
@@ -243,6 +358,51 @@ extern "C" int steer_project_cuda_launch(int dtype, const void* hidden, void* ou
       return static_cast<int>(launch_typed<__half>(P, rows, s));
     case kBFloat16:
       return static_cast<int>(launch_typed<__nv_bfloat16>(P, rows, s));
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+// Launches the per-row kernel (see RowParams). index/coef/lo/hi are [rows]; table is [V, width]
+// fp32. Returns a cudaError_t value (0 = success).
+extern "C" int steer_rows_cuda_launch(int dtype, const void* hidden, void* out, int64_t rows, int64_t width,
+                                      int64_t stride_in, int64_t stride_out, const float* table,
+                                      const int64_t* index, const float* coef, const float* lo,
+                                      const float* hi, int has_cap, const float* monitor, int n_mon,
+                                      float* proj, void* stream) {
+  if (rows < 0 || width < 0 || n_mon < 0 || n_mon > kMaxMonitor || rows > 0x7fffffffLL) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  if ((monitor == nullptr) != (n_mon == 0) || (n_mon > 0 && proj == nullptr)) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  if (rows == 0 || width == 0) return 0;
+  if (index == nullptr || coef == nullptr || lo == nullptr || hi == nullptr) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  RowParams P;
+  P.hidden = hidden;
+  P.out = out;
+  P.width = width;
+  P.stride_in = stride_in;
+  P.stride_out = stride_out;
+  P.table = table;
+  P.index = index;
+  P.coef = coef;
+  P.lo = lo;
+  P.hi = hi;
+  P.has_cap = has_cap;
+  P.monitor = monitor;
+  P.n_mon = n_mon;
+  P.proj = proj;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case kFloat32:
+      return static_cast<int>(launch_rows_typed<float>(P, rows, s));
+    case kFloat16:
+      return static_cast<int>(launch_rows_typed<__half>(P, rows, s));
+    case kBFloat16:
+      return static_cast<int>(launch_rows_typed<__nv_bfloat16>(P, rows, s));
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }

@@ -1,4 +1,4 @@
-"""Triton implementation of the fused steer/cap/monitor op.
+"""Triton implementation of the fused steer/cap/readout op.
 
 Importing this module imports triton, so the package only imports it on first use. The
 ``@triton.jit`` decorator reads ``TRITON_INTERPRET`` when this module is imported: set it
@@ -8,7 +8,7 @@ Each program owns ``BLOCK_M`` rows and streams D in ``BLOCK_D`` chunks:
 
 * pass 1 (only with a cap): accumulate ``p = <h + m*alpha*v, u>`` per row;
 * pass 2: recompute ``h1``, add the clamp correction, store the row in its own dtype and
-  accumulate the monitor projections from the fp32 result with a small ``tl.dot``.
+  accumulate the readout projections from the fp32 result with a small ``tl.dot``.
 
 The second read of a row block usually hits L2, since the block is only a few KiB per row.
 """
@@ -23,8 +23,8 @@ import triton.language as tl
 
 from .reference import SteerSpec
 
-# tl.dot needs every dimension >= 16, so monitor blocks are at least 16 rows by 16 directions.
-_MIN_DOT = 16
+# tl.dot needs every dimension >= 16, so readout blocks are at least 16 rows by 16 directions.
+MIN_DOT = 16
 
 
 @triton.jit
@@ -72,7 +72,7 @@ def _steer_project_kernel(
             c = tl.minimum(c, cap_hi)
         scale = (c - p) * m
 
-    # Pass 2: apply the update, store, and read out the monitor directions from fp32.
+    # Pass 2: apply the update, store, and read out the readout directions from fp32.
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for d0 in range(0, width, BLOCK_D):
@@ -102,13 +102,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _block_sizes(n_rows: int, width: int, has_mon: bool) -> tuple[int, int, int]:
+def block_sizes(n_rows: int, width: int, has_mon: bool) -> tuple[int, int, int]:
     """Pick ``(BLOCK_M, BLOCK_D, num_warps)`` for a launch.
 
     Args:
         n_rows: Number of rows N.
         width: Hidden width D.
-        has_mon: Whether monitor projections (a tl.dot) are computed.
+        has_mon: Whether readout projections (a tl.dot) are computed.
 
     Returns:
         Block sizes and warp count.
@@ -116,13 +116,13 @@ def _block_sizes(n_rows: int, width: int, has_mon: bool) -> tuple[int, int, int]
     d_pow2 = triton.next_power_of_2(width)
     if interpreting():
         # The interpreter pays per op, not per element: few, large blocks are fastest.
-        block_m = min(128, max(_MIN_DOT, triton.next_power_of_2(n_rows)))
-        return block_m, max(_MIN_DOT, min(1024, d_pow2)), 1
+        block_m = min(128, max(MIN_DOT, triton.next_power_of_2(n_rows)))
+        return block_m, max(MIN_DOT, min(1024, d_pow2)), 1
     if has_mon:
-        # 16 rows share each monitor chunk, so [K, D] is read from L2 N/16 times rather than N.
-        return _MIN_DOT, max(_MIN_DOT, min(128, d_pow2)), 4
+        # 16 rows share each readout chunk, so [K, D] is read from L2 N/16 times rather than N.
+        return MIN_DOT, max(MIN_DOT, min(128, d_pow2)), 4
     block_m = min(4, triton.next_power_of_2(n_rows))
-    return block_m, max(_MIN_DOT, min(1024, d_pow2)), 4
+    return block_m, max(MIN_DOT, min(1024, d_pow2)), 4
 
 
 def steer_project_triton(hidden: torch.Tensor, spec: SteerSpec,
@@ -138,7 +138,7 @@ def steer_project_triton(hidden: torch.Tensor, spec: SteerSpec,
         ``(updated hidden [N, D], projections [N, K] fp32 or None)``.
     """
     n, d = hidden.shape
-    k = spec.num_monitors
+    k = spec.num_readouts
     out = hidden if inplace else torch.empty((n, d), dtype=hidden.dtype, device=hidden.device)
     proj = torch.empty((n, k), dtype=torch.float32, device=hidden.device) if k else None
     if n == 0 or d == 0:
@@ -146,7 +146,7 @@ def steer_project_triton(hidden: torch.Tensor, spec: SteerSpec,
             proj.zero_()
         return out, proj
 
-    block_m, block_d, num_warps = _block_sizes(n, d, k > 0)
+    block_m, block_d, num_warps = block_sizes(n, d, k > 0)
     # Unused pointer arguments still need a tensor; the constexpr flags keep them unread.
     dummy = out
     grid = (triton.cdiv(n, block_m),)
@@ -155,7 +155,7 @@ def steer_project_triton(hidden: torch.Tensor, spec: SteerSpec,
         spec.steer if spec.steer is not None else dummy,
         spec.mask if spec.mask is not None else dummy,
         spec.cap_dir if spec.cap_dir is not None else dummy,
-        spec.monitor if spec.monitor is not None else dummy,
+        spec.readout if spec.readout is not None else dummy,
         proj if proj is not None else dummy,
         n, d, hidden.stride(0), out.stride(0), k,
         spec.alpha,
@@ -167,7 +167,7 @@ def steer_project_triton(hidden: torch.Tensor, spec: SteerSpec,
         HAS_LO=spec.cap_min is not None,
         HAS_HI=spec.cap_max is not None,
         HAS_MON=k > 0,
-        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=max(_MIN_DOT, triton.next_power_of_2(max(k, 1))),
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=max(MIN_DOT, triton.next_power_of_2(max(k, 1))),
         num_warps=num_warps,
     )
     return out, proj

@@ -1,4 +1,4 @@
-"""Benchmark the fused steer/cap/monitor op and print one table of ratios.
+"""Benchmark the fused steer/cap/readout op and print one table of ratios.
 
 GPU (default): for bf16 [rows, width] over widths 2048-8192 and rows 1-512 it reports, per backend
 (torch, Triton, CUDA, and ``op:<backend>``: the same through the ``torch.ops.steerlib.steer_project``
@@ -7,7 +7,7 @@ custom op that compiled decoding uses, which writes a new tensor instead of in p
     a plain ``dst.copy_(src)`` of the same bytes (the practically reachable peak);
   * the speed-up over the same math written as separate torch ops (add, matmul, cap, matmul);
   * the slowdown of a batch-1 decode step of a randomly initialised 7B-shaped Llama
-    (hidden 4096, 32 layers, bf16, KV cache) with steer+monitor hooked on 1 layer and on all.
+    (hidden 4096, 32 layers, bf16, KV cache) with steer+readout hooked on 1 layer and on all.
 
 ``--cpu`` runs the torch path against the unfused torch ops (and a small Llama) on CPU, so the
 script does something on machines without a GPU; ``--tiny`` shrinks the matrix (widths 256 and 1024,
@@ -52,7 +52,7 @@ class Inputs:
     hidden: torch.Tensor
     steer: torch.Tensor
     cap_dir: torch.Tensor
-    monitor: torch.Tensor
+    readout: torch.Tensor
     mask: torch.Tensor
 
 
@@ -62,7 +62,7 @@ def make_inputs(tokens: int, hidden: int, k: int, dtype: torch.dtype, device: st
     Args:
         tokens: Rows N.
         hidden: Width D.
-        k: Monitor directions.
+        k: Read-out directions.
         dtype: Hidden-state dtype.
         device: Torch device.
     """
@@ -72,7 +72,7 @@ def make_inputs(tokens: int, hidden: int, k: int, dtype: torch.dtype, device: st
         hidden=torch.randn(tokens, hidden, generator=g).to(device=device, dtype=dtype),
         steer=(torch.randn(hidden, generator=g) / hidden**0.5).to(device),
         cap_dir=(u / u.norm()).to(device),
-        monitor=(torch.randn(k, hidden, generator=g) / hidden**0.5).to(device),
+        readout=(torch.randn(k, hidden, generator=g) / hidden**0.5).to(device),
         mask=torch.ones(tokens, dtype=torch.bool).to(device),
     )
 
@@ -132,7 +132,7 @@ def unfused_steer(x: Inputs, alpha: float, lo: float, hi: float) -> torch.Tensor
     h.add_(m * (alpha * x.steer).to(h.dtype))
     p = h.float() @ x.cap_dir
     h.add_((m.float() * (p.clamp(lo, hi) - p)[:, None] * x.cap_dir).to(h.dtype))
-    return h.float() @ x.monitor.T
+    return h.float() @ x.readout.T
 
 
 def bench_ops(args: argparse.Namespace, device: str, dtype: torch.dtype, backends: list[str]) -> list[Row]:
@@ -152,7 +152,7 @@ def bench_ops(args: argparse.Namespace, device: str, dtype: torch.dtype, backend
         t_unfused = time_fn(lambda x=x: unfused_steer(x, alpha, lo, hi), device)
         for backend in backends:
             def fused(x: Inputs = x, backend: str = backend) -> object:
-                return fused_steer_project(x.hidden, x.steer, alpha, x.mask, x.cap_dir, lo, hi, x.monitor,
+                return fused_steer_project(x.hidden, x.steer, alpha, x.mask, x.cap_dir, lo, hi, x.readout,
                                            backend=backend)
 
             t = time_fn(fused, device)
@@ -164,7 +164,7 @@ def bench_ops(args: argparse.Namespace, device: str, dtype: torch.dtype, backend
             mask = x.mask.float()
 
             def via_op(x: Inputs = x, mask: torch.Tensor = mask, backend: str = backend) -> object:
-                return steer_project_op(x.hidden, x.steer, alpha, mask, x.cap_dir, lo, hi, x.monitor, backend)
+                return steer_project_op(x.hidden, x.steer, alpha, mask, x.cap_dir, lo, hi, x.readout, backend)
 
             t_op = time_fn(via_op, device)
             if device == "cuda":
@@ -219,7 +219,7 @@ def decode_step_time(model: torch.nn.Module, prompt: torch.Tensor, steps: int, d
 
 
 def add_steer_hooks(model: torch.nn.Module, layer_ids: list[int], backend: str, k: int) -> list:
-    """Hook ``fused_steer_project`` (steer + ablate + K monitors, in place) onto decoder layers.
+    """Hook ``fused_steer_project`` (steer + ablate + K readouts, in place) onto decoder layers.
 
     Returns:
         The hook handles (call ``.remove()`` on each to undo).
@@ -233,14 +233,14 @@ def add_steer_hooks(model: torch.nn.Module, layer_ids: list[int], backend: str, 
     def hook(_module: torch.nn.Module, _args: tuple, output: object) -> None:
         hidden = output[0] if isinstance(output, tuple) else output
         flat = hidden.view(-1, width)
-        _, proj = fused_steer_project(flat, x.steer, 0.5, None, x.cap_dir, 0.0, 0.0, x.monitor, backend=backend)
-        readouts[:] = [proj]  # keep the read-out alive like a real monitor would, without syncing
+        _, proj = fused_steer_project(flat, x.steer, 0.5, None, x.cap_dir, 0.0, 0.0, x.readout, backend=backend)
+        readouts[:] = [proj]  # keep the read-out alive like a real readout would, without syncing
 
     return [layers[i].register_forward_hook(hook) for i in layer_ids]
 
 
 def bench_decode(args: argparse.Namespace, device: str, dtype: torch.dtype, backends: list[str]) -> list[Row]:
-    """Decode-step overhead of steer+monitor hooks at one layer and at every layer."""
+    """Decode-step overhead of steer+readout hooks at one layer and at every layer."""
     model = build_llama(args, device, dtype)
     n_layers = len(model.model.layers)
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), device=device)
@@ -287,7 +287,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated row counts (default 1,8,32,128,512; --tiny 1,64)")
     p.add_argument("--widths", type=lambda s: [int(t) for t in s.split(",")], default=None,
                    help="comma-separated hidden widths (default 2048,4096,8192; --tiny 256,1024)")
-    p.add_argument("--k", type=int, default=16, help="monitor directions (<= 16)")
+    p.add_argument("--k", type=int, default=16, help="readout directions (<= 16)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bfloat16 (CPU: float32)")
     p.add_argument("--peak-tbps", type=float, default=3.35, help="HBM peak in TB/s (H100 SXM: 3.35)")
     p.add_argument("--backends", type=lambda s: s.split(","), default=None,

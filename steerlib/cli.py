@@ -225,34 +225,56 @@ def serve(
     monitor_layer: int | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
-    max_batch: int = 8,
-    batch_wait_ms: float = 20.0,
+    max_batch: int = 16,
     max_queue: int = 256,
     max_tokens_limit: int = 512,
     default_max_tokens: int = 128,
+    api_key: Annotated[str | None, typer.Option(help="require this bearer token on every route but /health "
+                                                     "(or set STEERLIB_API_KEY)")] = None,
+    cors_origin: Annotated[list[str] | None, typer.Option("--cors-origin", help="allowed CORS origin (repeatable)")] = None,
+    allowed_host: Annotated[list[str] | None, typer.Option(
+        "--allowed-host", help="Host header values to accept (default: the bound host; '*' = any)")] = None,
+    vector_dir: Annotated[list[Path] | None, typer.Option(
+        "--vector-dir", help="folder POST /v1/vectors may load from (repeatable; default: none)")] = None,
+    max_body_bytes: int = 1_000_000,
     drift_window: int = 20,
     drift_method: str = "zscore",
     drift_threshold: float = 3.0,
     drift_reference_size: int = 50,
+    drift_include_steered: bool = False,
     alerts_path: Path | None = None,
     dtype: str = "float32",
     model: ModelOpt = None,
 ) -> None:
-    """OpenAI-compatible chat server with per-request steering, trait projections and drift alerts."""
+    """OpenAI- and Ollama-compatible chat server: continuous batching with per-request steering, per-token
+    trait projections and drift alerts."""
     from steerlib.jobs import check_serve
-    from steerlib.server import serve as run_server
+    from steerlib.serve import AppOptions, ServeOptions
+    from steerlib.serve import serve as run_server
 
     check_serve(model, _named_paths(vector), steer=_layer_coefs(steer or []), steer_mode=steer_mode,
                 steer_positions=steer_positions, monitor_layer=monitor_layer, port=port, max_batch=max_batch,
-                max_queue=max_queue, max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens,
-                batch_wait_ms=batch_wait_ms)
-    run_server(model, _named_paths(vector), steer=_layer_coefs(steer or []), steer_vector=steer_vector,
-               steer_mode=steer_mode, steer_positions=steer_positions, monitor_traits=monitor,
-               monitor_layer=monitor_layer, host=host, port=port, max_batch=max_batch,
-               batch_wait_ms=batch_wait_ms, max_queue=max_queue, max_tokens_limit=max_tokens_limit,
-               default_max_tokens=default_max_tokens, drift_window=drift_window, drift_method=drift_method,
-               drift_threshold=drift_threshold, drift_reference_size=drift_reference_size,
-               alerts_path=alerts_path, dtype=dtype)
+                max_queue=max_queue, max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens)
+
+    try:
+        app_options = AppOptions(
+            monitor_traits=tuple(monitor) if monitor else None, monitor_layer=monitor_layer, max_batch=max_batch,
+            max_queue=max_queue, max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens,
+            api_key=api_key, cors_origins=tuple(cors_origin or ()), host=host,
+            allowed_hosts=tuple(allowed_host) if allowed_host else None, max_body_bytes=max_body_bytes,
+            vector_dirs=tuple(vector_dir or ()), drift_include_steered=drift_include_steered)
+        options = ServeOptions(model_path=model, vectors=_named_paths(vector), steer=tuple(_layer_coefs(steer or [])),
+                               steer_vector=steer_vector, steer_mode=steer_mode, steer_positions=steer_positions,
+                               app=app_options, port=port, drift_window=drift_window, drift_method=drift_method,
+                               drift_threshold=drift_threshold, drift_reference_size=drift_reference_size,
+                               alerts_path=alerts_path, dtype=dtype)
+        options.check()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    try:
+        run_server(options)
+    except ValueError as exc:  # found once the model is loaded: a layer it does not have, a vector of another model
+        raise typer.BadParameter(str(exc)) from None
 
 
 @app.command()

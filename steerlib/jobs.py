@@ -596,7 +596,6 @@ def check_serve(
     max_queue: int = 256,
     max_tokens_limit: int = 512,
     default_max_tokens: int = 128,
-    batch_wait_ms: float = 20.0,
 ) -> None:
     """Check what ``steerlib serve`` was given before the model loads and the server binds its port.
 
@@ -609,7 +608,6 @@ def check_serve(
         check_int(value, what)
     if default_max_tokens > max_tokens_limit:
         raise ValueError(f"--default-max-tokens {default_max_tokens} exceeds --max-tokens-limit {max_tokens_limit}")
-    check_number(batch_wait_ms, "--batch-wait-ms", minimum=0)
     check_choice(steer_mode, "steering mode", MODES)
     check_choice(steer_positions, "positions", POSITIONS)
     if not vectors:

@@ -270,3 +270,17 @@ def test_monitor_file_cli_entry(tmp_path, pessimism, drifting_log):
     assert {a.index for a in report.alerts} == {8, 9, 10, 11}
     with pytest.raises(ValueError, match="pass layer"):
         jobs.monitor_file(drifting_log, [vec_path], out_dir=tmp_path / "out2", device="cpu")
+
+
+def test_robust_calibration_ignores_an_extreme_reference_value():
+    """One absurd value in the reference (a client's 1e30 request) must not switch alerts off."""
+    reference = [{"t": v} for v in (1.0, 1.2, 0.9, 1.1, 1.0, 0.95, 1.05, 1e30)]
+    plain = DriftMonitor(["t"], method="zscore", threshold=3.0)
+    robust = DriftMonitor(["t"], method="zscore", threshold=3.0, robust=True)
+    plain.calibrate(reference)
+    robust.calibrate(reference)
+    assert plain.limits("t")[1] > 1e29  # the mean/std reference is wrecked: nothing below 1e29 alerts
+    upper = robust.limits("t")[1]
+    assert 1.1 < upper < 1.5  # median 1.0, MAD-based scale 0.074 -> about 1.22
+    assert robust.update({"t": 5.0}) and not plain.update({"t": 5.0})
+    assert DriftMonitor.from_state_dict(robust.state_dict()).robust

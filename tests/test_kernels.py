@@ -70,7 +70,7 @@ def make_case(n: int, d: int, k: int, mode: str, masked: bool, dtype: torch.dtyp
     Args:
         n: Rows.
         d: Width.
-        k: Monitor directions (0 for none).
+        k: Read-out directions (0 for none).
         mode: ``add`` (steer only), ``ablate`` (cap 0..0), ``cap`` (steer + upper cap) or
             ``all`` (steer + two-sided cap).
         masked: Use a random bool row mask.
@@ -89,7 +89,7 @@ def make_case(n: int, d: int, k: int, mode: str, masked: bool, dtype: torch.dtyp
     kwargs: dict[str, Any] = {"inplace": False}
     if k:
         # Scaled so projections are O(1) and absolute tolerances mean the same at every width.
-        kwargs["monitor"] = torch.randn(k, d, generator=g) / d**0.5
+        kwargs["readout"] = torch.randn(k, d, generator=g) / d**0.5
     if masked:
         kwargs["row_mask"] = torch.rand(n, generator=g) < 0.5
     if mode in ("add", "cap", "all"):
@@ -111,7 +111,7 @@ def _covering_cases() -> list[tuple[int, int, int, str, bool, torch.dtype]]:
     for i, (dtype, d) in enumerate((dt, w) for dt in DTYPES for w in WIDTHS):
         n = ROWS[(i + i // 4) % len(ROWS)]
         cases.append((n, d, KS[i % len(KS)], MODES[i % len(MODES)], bool((i // 2) % 2), dtype))
-    # Corners the rotation misses: no monitor, every mode at the largest shapes.
+    # Corners the rotation misses: no readout, every mode at the largest shapes.
     cases += [
         (512, 4097, 16, "all", True, torch.bfloat16),
         (64, 4096, 0, "cap", False, torch.float16),
@@ -210,15 +210,15 @@ def test_kernel_inplace_strided_rows_and_float_mask(backend: str) -> None:
 
 @pytest.mark.parametrize("backend", _kernel_backends())
 def test_kernel_empty_and_monitor_only(backend: str) -> None:
-    """Zero rows work, and monitor-only calls leave hidden bit-identical."""
+    """Zero rows work, and readout-only calls leave hidden bit-identical."""
     device = _device_for(backend)
     mon = torch.randn(2, 896, device=device)
-    out, proj = fused_steer_project(torch.empty(0, 896, device=device), monitor=mon, backend=backend)
+    out, proj = fused_steer_project(torch.empty(0, 896, device=device), readout=mon, backend=backend)
     assert out.shape == (0, 896) and proj.shape == (0, 2)
     hidden = torch.randn(5, 896, dtype=torch.float16, device=device)
-    out, proj = fused_steer_project(hidden, monitor=mon, inplace=False, backend=backend)
+    out, proj = fused_steer_project(hidden, readout=mon, inplace=False, backend=backend)
     assert torch.equal(out, hidden)
-    assert_allclose_verbose(proj, hidden.float() @ mon.T, atol=1e-3, rtol=1e-4, what="monitor only")
+    assert_allclose_verbose(proj, hidden.float() @ mon.T, atol=1e-3, rtol=1e-4, what="readout only")
 
 
 # --------------------------------------------------------------------------- reference semantics
@@ -251,7 +251,7 @@ def test_reference_ablation_zeroes_projection(dtype: torch.dtype) -> None:
     u /= u.norm()
     mask = torch.arange(8) % 2 == 0
     out, proj = steer_project_reference(h, cap_dir=u, cap_min=0.0, cap_max=0.0, row_mask=mask,
-                                        monitor=u[None], inplace=False)
+                                        readout=u[None], inplace=False)
     # The read-out is taken from fp32 before rounding, so it is ~0 in every dtype ...
     assert_allclose_verbose(proj[mask, 0], torch.zeros(4), atol=1e-5, rtol=0, what="ablated proj")
     # ... while the stored rows keep only the dtype's rounding of it.
@@ -268,7 +268,7 @@ def test_reference_cap_clamps_and_leaves_in_range_rows() -> None:
     u[0] = 1.0
     h = torch.randn(10, 32, generator=g)
     h[:, 0] = torch.linspace(-3, 3, 10)
-    out, proj = steer_project_reference(h, cap_dir=u, cap_min=-1.0, cap_max=2.0, monitor=u[None],
+    out, proj = steer_project_reference(h, cap_dir=u, cap_min=-1.0, cap_max=2.0, readout=u[None],
                                         inplace=False)
     assert_allclose_verbose(proj[:, 0], h[:, 0].clamp(-1.0, 2.0), atol=1e-6, rtol=0, what="capped proj")
     inside = (h[:, 0] >= -1.0) & (h[:, 0] <= 2.0)
@@ -351,11 +351,11 @@ def _with_nan(d: int) -> torch.Tensor:
 ERROR_CASES = [
     ("width", {"steer_vec": torch.ones(575)}, "steer_vec has width 575 but hidden has width 576"),
     ("cap-width", {"cap_dir": _unit(577), "cap_max": 0.0}, "cap_dir has width 577 but hidden has width 576"),
-    ("monitor-width", {"monitor": torch.ones(2, 100)}, "monitor has width 100 but hidden has width 576"),
-    ("k17", {"monitor": torch.ones(17, 576)}, "1 to 16 directions, got K=17"),
-    ("monitor-1d", {"monitor": torch.ones(576)}, "monitor must be 2-D"),
+    ("readout-width", {"readout": torch.ones(2, 100)}, "readout has width 100 but hidden has width 576"),
+    ("k17", {"readout": torch.ones(17, 576)}, "1 to 16 directions, got K=17"),
+    ("readout-1d", {"readout": torch.ones(576)}, "readout must be 2-D"),
     ("nan-steer", {"steer_vec": _with_nan(576)}, "steer_vec contains NaN or inf"),
-    ("inf-monitor", {"monitor": torch.full((2, 576), float("inf"))}, "monitor contains NaN or inf"),
+    ("inf-readout", {"readout": torch.full((2, 576), float("inf"))}, "readout contains NaN or inf"),
     ("nan-cap", {"cap_dir": _with_nan(576), "cap_min": 0.0}, "cap_dir contains NaN or inf"),
     ("device", {"steer_vec": torch.ones(576, device="meta")}, "steer_vec is on meta but hidden is on cpu"),
     ("mask-device", {"row_mask": torch.ones(4, device="meta")}, "row_mask is on meta but hidden is on cpu"),
@@ -390,7 +390,7 @@ def test_triton_on_cpu_without_interpreter_explains(monkeypatch: pytest.MonkeyPa
         pytest.skip("triton not installed")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        fused_steer_project(torch.zeros(2, 8), monitor=torch.ones(1, 8), backend="triton")
+        fused_steer_project(torch.zeros(2, 8), readout=torch.ones(1, 8), backend="triton")
 
 
 # --------------------------------------------------------------------------- CUDA source builds

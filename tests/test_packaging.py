@@ -42,6 +42,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path]:
     [
         ("steerlib/*.py", "steerlib/*.py"),
         ("steerlib/kernels/*.py", "kernels/*.py"),
+        ("steerlib/serve/*.py", "steerlib/serve/*.py"),
         ("steerlib/kernels/*.cu", "kernels/*.cu"),
         ("steerlib/data/traits/*.json", "steerlib/data/traits/*.json"),
         ("steerlib/data/inventory/*.json", "steerlib/data/inventory/*.json"),

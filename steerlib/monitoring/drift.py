@@ -89,6 +89,9 @@ class DriftMonitor:
         alerts_path: JSONL file each alert is appended to as it is raised (None: keep in memory only).
         two_sided: also alert when a trait falls below the reference by the same margin.
         max_history: updates (and alerts) kept in memory; older ones are dropped.
+        robust: calibrate on the median and the scaled median absolute deviation instead of mean and standard
+            deviation, so a few extreme reference values (one client's absurd request) cannot widen the limits
+            until nothing alerts.
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class DriftMonitor:
         alerts_path: str | Path | None = None,
         two_sided: bool = False,
         max_history: int = 100_000,
+        robust: bool = False,
     ) -> None:
         if isinstance(traits, str) or not traits:
             raise ValueError("traits must be a non-empty list of trait names")
@@ -125,6 +129,7 @@ class DriftMonitor:
         self.reference_size = reference_size
         self.two_sided = bool(two_sided)
         self.max_history = max_history
+        self.robust = bool(robust)
         self.alerts_path = Path(alerts_path) if alerts_path is not None else None
         self._alerts_store: ResultsStore | None = None
         self._reset()
@@ -167,8 +172,13 @@ class DriftMonitor:
         self._stats = {t: self._fit(np.array([r[t] for r in rows]), t) for t in self.traits}
 
     def _fit(self, values: np.ndarray, trait: str) -> dict[str, Any]:
-        stats: dict[str, Any] = {"n": int(values.size), "mean": float(values.mean()),
-                                 "std": float(values.std(ddof=1))}
+        if self.robust:
+            # 1.4826 * MAD estimates the standard deviation of normal data and ignores outliers.
+            center = float(np.median(values))
+            stats: dict[str, Any] = {"n": int(values.size), "mean": center,
+                                     "std": float(1.4826 * np.median(np.abs(values - center)))}
+        else:
+            stats = {"n": int(values.size), "mean": float(values.mean()), "std": float(values.std(ddof=1))}
         floor = 1e-8 * max(1.0, abs(stats["mean"]))
         if stats["std"] < floor:
             warnings.warn(f"reference values of {trait!r} are (nearly) constant; any change will alert",
@@ -275,7 +285,7 @@ class DriftMonitor:
     def config(self) -> dict[str, Any]:
         return {"traits": list(self.traits), "window": self.window, "method": self.method,
                 "threshold": self.threshold, "reference_size": self.reference_size,
-                "two_sided": self.two_sided, "max_history": self.max_history}
+                "two_sided": self.two_sided, "max_history": self.max_history, "robust": self.robust}
 
     def state_dict(self) -> dict:
         """Everything needed to resume monitoring, as JSON-serialisable data."""
@@ -301,10 +311,11 @@ class DriftMonitor:
         # Building a throwaway monitor validates the stored configuration.
         fresh = DriftMonitor(cfg["traits"], window=cfg["window"], method=cfg["method"],
                              threshold=cfg["threshold"], reference_size=cfg["reference_size"],
-                             two_sided=cfg["two_sided"], max_history=cfg["max_history"])
+                             two_sided=cfg["two_sided"], max_history=cfg["max_history"],
+                             robust=cfg.get("robust", False))
         self.window, self.method, self.threshold = fresh.window, fresh.method, fresh.threshold
         self.reference_size, self.two_sided = fresh.reference_size, fresh.two_sided
-        self.max_history = fresh.max_history
+        self.max_history, self.robust = fresh.max_history, fresh.robust
         self._reset()
         self._count = int(d["count"])
         self._stats = d["stats"]

@@ -145,7 +145,7 @@ class CompiledSteering:
             for i, layer in enumerate(readout.layers):
                 layer = self.layout.check_layer(layer, allow_embeddings=False)
                 dirs = readout.directions[layer].to(device=self.device, dtype=torch.float32).contiguous()
-                validate_steer_inputs(self.layout.d_model, self.device, monitor=dirs)
+                validate_steer_inputs(self.layout.d_model, self.device, readout=dirs)
                 self._readout_dirs[layer] = dirs
                 self._readout_index[layer] = i
             k = len(readout.names)

@@ -215,7 +215,7 @@ class ResidualEditor:
                     cap_dir=plan.get("cap_dir"),
                     cap_min=plan.get("cap_min"),
                     cap_max=plan.get("cap_max"),
-                    monitor=readout_dirs if last else None,
+                    readout=readout_dirs if last else None,
                     inplace=inplace,
                 )
                 if last:

@@ -1,0 +1,228 @@
+"""Per-row steering: every row of the hidden states picks its own steering vector, coefficient and cap.
+
+This is the op a continuous-batching server needs: one forward pass carries many requests, each with its own
+steering, and a prefill row and a decode row of the same step may want different edits. The vectors live in one
+table ``[V, D]``; each row names an entry (or ``-1`` for none) and brings its coefficient and cap bounds.
+
+Math per row ``h`` with index ``i``, coefficient ``c`` and bounds ``lo <= hi`` (``-inf``/``+inf`` = unbounded)::
+
+    i < 0:   h2 = h
+    else:    t  = table[i]
+             h1 = h + c * t
+             p  = <h1, t>                      (only rows with a finite bound; t must be unit there)
+             h2 = h1 + (clamp(p, lo, hi) - p) * t
+    proj = h2 @ readout.T                      (every row, steered or not)
+
+So an ``add`` row is ``(i, coef, -inf, +inf)`` with a raw vector in the table, an ``ablate`` row is
+``(i, 0, 0, 0)`` and a ``cap`` row ``(i, 0, lo, hi)`` with a unit vector in the table. Several edits at one layer
+are several calls (the server passes the readout with the last). Math is fp32 and ``hidden`` keeps its dtype; the
+projections come from the fp32 ``h2`` before rounding, as in ``fused_steer_project``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .reference import HIDDEN_DTYPES, MAX_READOUT_DIRS, UNIT_NORM_TOL, prepare_vector
+
+
+@dataclass(frozen=True)
+class RowSteerSpec:
+    """Validated, backend-ready arguments of ``fused_steer_rows`` (tensors on ``hidden``'s device).
+
+    Attributes:
+        table: ``[V, D]`` fp32 contiguous steering vectors (V may be 0 when no row is steered).
+        index: ``[N]`` int64 entry of ``table`` per row, ``-1`` for none.
+        coef: ``[N]`` fp32 coefficient per row.
+        cap_min: ``[N]`` fp32 lower bound per row (``-inf``: unbounded).
+        cap_max: ``[N]`` fp32 upper bound per row (``+inf``: unbounded).
+        has_steer: Whether any row adds (a nonzero coefficient on a steered row).
+        has_cap: Whether any steered row has a finite bound.
+        readout: ``[K, D]`` fp32 read-out directions or None.
+    """
+
+    table: torch.Tensor
+    index: torch.Tensor
+    coef: torch.Tensor
+    cap_min: torch.Tensor
+    cap_max: torch.Tensor
+    has_steer: bool
+    has_cap: bool
+    readout: torch.Tensor | None
+
+    @property
+    def num_readouts(self) -> int:
+        """Number of readout directions K (0 when there is no readout)."""
+        return 0 if self.readout is None else int(self.readout.shape[0])
+
+
+def _row_tensor(name: str, t: torch.Tensor | None, n: int, device: torch.device, fill: float) -> torch.Tensor:
+    """A per-row fp32 tensor ``[n]`` (``fill`` everywhere when ``t`` is None)."""
+    if t is None:
+        return torch.full((n,), fill, dtype=torch.float32, device=device)
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but hidden is on {device}")
+    if tuple(t.shape) != (n,):
+        raise ValueError(f"{name} must have shape [{n}] (one entry per row of hidden), got {list(t.shape)}")
+    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"{name} must be a real tensor, got {t.dtype}")
+    return t.to(torch.float32).contiguous()
+
+
+def prepare_row_inputs(hidden: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
+                       coef: torch.Tensor | None = None, cap_min: torch.Tensor | None = None,
+                       cap_max: torch.Tensor | None = None, readout: torch.Tensor | None = None,
+                       validate: bool = True) -> RowSteerSpec:
+    """Validate the arguments of ``fused_steer_rows`` and normalise them for any backend.
+
+    The checks read the per-row tensors on the host (one sync on a GPU); they are cheap next to a forward pass
+    of a served batch, and they are what turns a NaN coefficient or an out-of-range index into a clear error
+    instead of a silently wrong row.
+
+    Args:
+        hidden: ``[N, D]`` fp32/fp16/bf16 hidden states with unit stride along D.
+        table: ``[V, D]`` steering vectors.
+        index: ``[N]`` integer entry of ``table`` per row, ``-1`` for an unsteered row.
+        coef: ``[N]`` coefficient per row (None: 0 everywhere).
+        cap_min: ``[N]`` lower projection bound per row (None or ``-inf``: unbounded).
+        cap_max: ``[N]`` upper projection bound per row (None or ``+inf``: unbounded).
+        readout: ``[K, D]`` directions (K <= 16) read out after the update, or None.
+        validate: Check the values (index range, finite coefficients, ordered bounds, unit rows where bounded).
+            ``False`` is for callers that built the per-row tensors from values they checked on the host (the
+            serving engine): shapes, dtypes and devices are still checked, nothing reads device memory, and
+            the op adds when ``coef`` is given and caps when ``cap_min`` or ``cap_max`` is given.
+
+    Returns:
+        A ``RowSteerSpec``.
+
+    Raises:
+        ValueError: naming the offending argument and what is wrong with it.
+    """
+    if not isinstance(hidden, torch.Tensor):
+        raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D [N, D], got shape {list(hidden.shape)}")
+    if hidden.dtype not in HIDDEN_DTYPES:
+        raise ValueError(f"hidden must be float32, float16 or bfloat16, got {hidden.dtype}")
+    n, d = hidden.shape
+    if d > 1 and hidden.stride(1) != 1:
+        raise ValueError("hidden rows must be contiguous (stride 1 along D); call .contiguous() first")
+    device = hidden.device
+
+    if not isinstance(table, torch.Tensor) or table.dim() != 2:
+        raise ValueError(f"table must be a 2-D [V, D] tensor, got "
+                         f"{list(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__}")
+    v = int(table.shape[0])
+    table32 = prepare_vector("table", table, (v, d), device) if v else torch.zeros(
+        (0, d), dtype=torch.float32, device=device)
+
+    if not isinstance(index, torch.Tensor):
+        raise ValueError(f"index must be a torch.Tensor, got {type(index).__name__}")
+    if index.device != device:
+        raise ValueError(f"index is on {index.device} but hidden is on {device}")
+    if tuple(index.shape) != (n,):
+        raise ValueError(f"index must have shape [{n}] (one entry per row of hidden), got {list(index.shape)}")
+    if index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"index must be int32 or int64, got {index.dtype}")
+    index64 = index.to(torch.int64).contiguous()
+    if not validate:
+        coef32 = _row_tensor("coef", coef, n, device, 0.0)
+        lo = _row_tensor("cap_min", cap_min, n, device, float("-inf"))
+        hi = _row_tensor("cap_max", cap_max, n, device, float("inf"))
+        mon = _check_readout(readout, d, device)
+        return RowSteerSpec(table=table32, index=index64, coef=coef32, cap_min=lo, cap_max=hi,
+                            has_steer=coef is not None and v > 0,
+                            has_cap=(cap_min is not None or cap_max is not None) and v > 0, readout=mon)
+    if n:
+        lo_i, hi_i = int(index64.min()), int(index64.max())
+        if lo_i < -1 or hi_i >= v:
+            raise ValueError(f"index must lie in -1..{v - 1} (table has {v} rows), got values {lo_i}..{hi_i}")
+
+    coef32 = _row_tensor("coef", coef, n, device, 0.0)
+    lo = _row_tensor("cap_min", cap_min, n, device, float("-inf"))
+    hi = _row_tensor("cap_max", cap_max, n, device, float("inf"))
+    if not bool(torch.isfinite(coef32).all()):
+        raise ValueError("coef contains NaN or inf values")
+    if bool(lo.isnan().any()) or bool(hi.isnan().any()):
+        raise ValueError("cap_min/cap_max contain NaN (use -inf/+inf for an unbounded side)")
+    if bool((lo > hi).any()):
+        row = int((lo > hi).nonzero()[0])
+        raise ValueError(f"cap_min must be <= cap_max in every row; row {row} has {float(lo[row])} > {float(hi[row])}")
+
+    steered = index64 >= 0
+    bounded = steered & (torch.isfinite(lo) | torch.isfinite(hi))
+    has_cap = bool(bounded.any())
+    if has_cap:
+        # A clamp along a non-unit direction would move the projection by the wrong amount.
+        used = index64[bounded].unique()
+        norms = torch.linalg.vector_norm(table32[used], dim=-1)
+        worst = int((norms - 1.0).abs().argmax())
+        if abs(float(norms[worst]) - 1.0) > UNIT_NORM_TOL:
+            raise ValueError(f"table row {int(used[worst])} is used with cap bounds but has norm "
+                             f"{float(norms[worst]):.4g}; capped rows need unit vectors")
+    has_steer = bool((steered & (coef32 != 0)).any())
+    mon = _check_readout(readout, d, device)
+    return RowSteerSpec(table=table32, index=index64, coef=coef32, cap_min=lo, cap_max=hi, has_steer=has_steer,
+                        has_cap=has_cap, readout=mon)
+
+
+def _check_readout(readout: torch.Tensor | None, d: int, device: torch.device) -> torch.Tensor | None:
+    if readout is None:
+        return None
+    if not isinstance(readout, torch.Tensor) or readout.dim() != 2:
+        raise ValueError("readout must be a 2-D [K, D] tensor")
+    k = readout.shape[0]
+    if k == 0 or k > MAX_READOUT_DIRS:
+        raise ValueError(f"readout must have 1 to {MAX_READOUT_DIRS} directions, got K={k}")
+    return prepare_vector("readout", readout, (k, d), device)
+
+
+def steer_rows_torch(hidden: torch.Tensor, spec: RowSteerSpec,
+                     inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply a validated ``RowSteerSpec`` with plain torch ops (the CPU production path and the reference).
+
+    Args:
+        hidden: ``[N, D]`` hidden states, already checked by ``prepare_row_inputs``.
+        spec: Output of ``prepare_row_inputs`` for this ``hidden``.
+        inplace: Write the result into ``hidden`` instead of a new tensor.
+
+    Returns:
+        ``(updated hidden [N, D] in hidden's dtype, projections [N, K] fp32 or None)``.
+    """
+    fp32 = hidden.dtype == torch.float32
+    if fp32:
+        h = hidden if inplace else hidden.clone()
+    else:
+        h = hidden.to(torch.float32)
+    if spec.has_steer or spec.has_cap:
+        steered = spec.index >= 0
+        # Unsteered rows gather row 0 (or nothing when the table is empty) with a zero weight.
+        t = spec.table[spec.index.clamp_min(0)] if spec.table.shape[0] else torch.zeros_like(h)
+        if spec.has_steer:
+            h.add_(t * torch.where(steered, spec.coef, 0.0)[:, None])
+        if spec.has_cap:
+            p = (h * t).sum(-1)
+            bounded = steered & (torch.isfinite(spec.cap_min) | torch.isfinite(spec.cap_max))
+            delta = torch.where(bounded, torch.clamp(p, min=spec.cap_min, max=spec.cap_max) - p, 0.0)
+            h.add_(t * delta[:, None])
+    proj = h @ spec.readout.T if spec.readout is not None else None
+    if fp32:
+        out = h
+    elif inplace:
+        out = hidden.copy_(h)
+    else:
+        out = h.to(hidden.dtype)
+    return out, proj
+
+
+def steer_rows_reference(hidden: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
+                         coef: torch.Tensor | None = None, cap_min: torch.Tensor | None = None,
+                         cap_max: torch.Tensor | None = None, readout: torch.Tensor | None = None,
+                         inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate then apply the per-row op with torch; same arguments as ``fused_steer_rows``."""
+    spec = prepare_row_inputs(hidden, table, index, coef, cap_min, cap_max, readout)
+    return steer_rows_torch(hidden, spec, inplace=inplace)

@@ -1,0 +1,35 @@
+"""The steered, monitored chat server: many users, each with their own steering, in one continuous batch.
+
+``schema`` (request models and validation) -> ``engine`` (continuous batching with per-row steering) ->
+``app`` (OpenAI and Ollama routes, guards) -> ``process`` (options, uvicorn).
+"""
+
+from steerlib.serve.app import AppOptions, Service, create_app
+from steerlib.serve.engine import Completion, Engine, Sampling
+from steerlib.serve.process import (
+    API_KEY_ENV,
+    BackgroundServer,
+    ServeOptions,
+    default_steering_specs,
+    named_vectors,
+    serve,
+)
+from steerlib.serve.schema import ApiError, ChatCompletionRequest, SteeringSpec
+
+__all__ = [
+    "API_KEY_ENV",
+    "ApiError",
+    "AppOptions",
+    "BackgroundServer",
+    "ChatCompletionRequest",
+    "Completion",
+    "Engine",
+    "Sampling",
+    "ServeOptions",
+    "Service",
+    "SteeringSpec",
+    "create_app",
+    "default_steering_specs",
+    "named_vectors",
+    "serve",
+]

@@ -1,0 +1,210 @@
+"""Running the server: load the model and vectors, build the app, hand it to uvicorn.
+
+``ServeOptions`` gathers what ``steerlib serve`` takes, checked before the model loads (a bad port, a NaN
+steering coefficient or an unknown layer is an error at start, not after minutes of loading).
+``BackgroundServer`` runs an app on a thread (tests, notebooks, the load test).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI
+
+from steerlib.core.loading import load_vectors
+from steerlib.core.vectors import TraitVectors
+from steerlib.monitoring.drift import METHODS, DriftMonitor
+from steerlib.serve.app import AppOptions, create_app
+from steerlib.serve.schema import MAX_ABS_COEF, SteeringSpec
+
+__all__ = ["API_KEY_ENV", "BackgroundServer", "ServeOptions", "default_steering_specs", "named_vectors",
+           "resolve_api_key", "serve"]
+
+log = logging.getLogger("steerlib.serve")
+
+API_KEY_ENV = "STEERLIB_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What ``steerlib serve`` runs with.
+
+    Attributes:
+        model_path: local HF folder or .gguf; None = the embedded SmolLM2-135M-Instruct.
+        vectors: trait name -> saved TraitVectors (folder or .safetensors file).
+        steer: default steering as (layer, coef) pairs for ``steer_vector``.
+        steer_vector, steer_mode, steer_positions: which vector, mode and positions the default steering uses.
+        app: the HTTP and engine options (``AppOptions``; its ``default_steering`` is filled from ``steer``).
+        port: where to listen (the host is ``app.host``).
+        drift_*: ``DriftMonitor`` window, method, threshold and reference size (robust calibration).
+        alerts_path: JSONL file the drift monitor appends alerts to.
+        dtype, device: how to load the model.
+        log_level: uvicorn log level.
+    """
+
+    model_path: str | Path | None = None
+    vectors: Mapping[str, str | Path] = field(default_factory=dict)
+    steer: tuple[tuple[int, float], ...] = ()
+    steer_vector: str | None = None
+    steer_mode: str = "add"
+    steer_positions: str = "all"
+    app: AppOptions = field(default_factory=AppOptions)
+    port: int = 8000
+    drift_window: int = 20
+    drift_method: str = "zscore"
+    drift_threshold: float = 3.0
+    drift_reference_size: int = 50
+    alerts_path: str | Path | None = None
+    dtype: str = "float32"
+    device: str | None = None
+    log_level: str = "info"
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first bad option (called before anything loads)."""
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        for layer, coef in self.steer:
+            if not math.isfinite(coef) or abs(coef) > MAX_ABS_COEF:
+                raise ValueError(f"--steer {layer}:{coef}: the coefficient must be finite and at most "
+                                 f"{MAX_ABS_COEF:g} in size")
+        if self.drift_method not in METHODS:
+            raise ValueError(f"unknown drift method {self.drift_method!r}; choose from {METHODS}")
+        if not math.isfinite(self.drift_threshold):
+            raise ValueError(f"drift threshold must be finite, got {self.drift_threshold}")
+        if self.drift_window < 1 or self.drift_reference_size < 2:
+            raise ValueError("drift window must be >= 1 and drift reference size >= 2")
+        for folder in self.app.vector_dirs:
+            if not Path(folder).is_dir():
+                raise ValueError(f"--vector-dir {folder}: not a folder")
+        for name, path in self.vectors.items():
+            if not Path(path).exists():
+                raise ValueError(f"vector {name!r}: {path} does not exist")
+
+
+class BackgroundServer:
+    """Run an app with uvicorn on a background thread; ``port=0`` picks a free port; ``url`` is the base URL."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.app = app
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.host, self.port = self._sock.getsockname()[:2]
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                        name="steerlib-uvicorn", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> BackgroundServer:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the server thread exited during start-up (see the log above)")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server did not start within {timeout} s")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        self._sock.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def named_vectors(model: torch.nn.Module, vectors: Mapping[str, str | Path | TraitVectors] | None
+                  ) -> dict[str, TraitVectors]:
+    """name -> TraitVectors through the one loader (any format it reads), checked against ``model``."""
+    out = {}
+    for name, src in (vectors or {}).items():
+        tv = load_vectors(src, model)
+        if not isinstance(tv, TraitVectors):
+            raise ValueError(f"vector {name!r}: the server needs trait vectors with one row per layer, not a "
+                             "single-direction tensor")
+        out[name] = tv
+    return out
+
+
+def default_steering_specs(steer: Sequence[tuple[int, float]], steer_vector: str | None, names: Sequence[str],
+                           mode: str = "add", positions: str = "all") -> list[SteeringSpec]:
+    """CLI-style ``--steer LAYER:COEF`` pairs for one named vector -> specs."""
+    if not steer:
+        return []
+    if steer_vector is None:
+        if len(names) != 1:
+            raise ValueError(f"say which vector to steer with (loaded: {sorted(names)})")
+        steer_vector = names[0]
+    if steer_vector not in names:
+        raise ValueError(f"cannot steer with {steer_vector!r}: not among the loaded vectors {sorted(names)}")
+    return [SteeringSpec(vector=steer_vector, layer=int(layer), coef=float(coef), mode=mode,  # type: ignore[arg-type]
+                         positions=positions)  # type: ignore[arg-type]
+            for layer, coef in steer]
+
+
+def resolve_api_key(explicit: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The API key to require: the explicit one, else ``$STEERLIB_API_KEY``, else None (an open server)."""
+    if explicit:
+        return explicit
+    value = (os.environ if environ is None else environ).get(API_KEY_ENV, "").strip()
+    return value or None
+
+
+def build(options: ServeOptions) -> tuple[FastAPI, str]:
+    """Load the model and vectors and build the app; returns (app, model name)."""
+    from steerlib.core.models import load_model
+
+    options.check()
+    loaded = load_model(options.model_path, dtype=options.dtype, device=options.device)
+    trait_vectors = named_vectors(loaded.model, options.vectors)
+    names = list(trait_vectors)
+    app_options = options.app
+    specs = default_steering_specs(options.steer, options.steer_vector, names, options.steer_mode,
+                                   options.steer_positions)
+    app_options = replace(app_options, default_steering=tuple(specs),
+                          model_name=loaded.name if app_options.model_name == "steerlib" else app_options.model_name,
+                          api_key=resolve_api_key(app_options.api_key))
+    traits = names if app_options.monitor_traits is None else list(app_options.monitor_traits)
+    drift = DriftMonitor(traits, window=options.drift_window, method=options.drift_method,
+                         threshold=options.drift_threshold, reference_size=options.drift_reference_size,
+                         alerts_path=options.alerts_path, robust=True) if traits else None
+    return create_app(loaded.model, loaded.tokenizer, trait_vectors, app_options, drift), loaded.name
+
+
+def serve(options: ServeOptions, **uvicorn_kwargs: Any) -> None:
+    """Load everything and serve until interrupted (what ``steerlib serve`` runs)."""
+    import uvicorn
+
+    logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app, name = build(options)
+    service = app.state.service
+    log.info("serving %s with vectors %s on http://%s:%d (monitor page at /; %s)", name, sorted(service.vectors),
+             options.app.host, options.port, "API key required" if service.options.api_key else "no API key")
+    if options.app.host not in ("127.0.0.1", "localhost", "::1"):
+        if not service.options.api_key:
+            log.warning("listening on %s without --api-key: anyone who can reach the port can use the model",
+                        options.app.host)
+        if options.app.allowed_hosts is None and options.app.host in ("0.0.0.0", "::", ""):
+            log.warning("bound to every interface: the Host header is not checked; name the public host "
+                        "with --allowed-host to guard against DNS rebinding")
+    uvicorn.run(app, host=options.app.host, port=options.port, log_level=options.log_level, **uvicorn_kwargs)

@@ -1,0 +1,232 @@
+"""Request models of the server (OpenAI and Ollama wire formats) and the error shape it answers with.
+
+Everything a client sends is checked here, before any work is queued: numbers must be finite and within sane
+bounds (a NaN or 1e30 coefficient is a 400, not a 500 or a wrecked monitor), text must be valid Unicode (a lone
+surrogate cannot be tokenised), and fields that would change the meaning of the answer but are not implemented
+(``tools``, ``logprobs``) are refused rather than ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "MAX_ABS_COEF",
+    "ApiError",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "OllamaChatRequest",
+    "OllamaGenerateRequest",
+    "OllamaOptions",
+    "SteeringSpec",
+    "validation_message",
+]
+
+# Residual norms of the models steerlib targets are in the tens to hundreds; a coefficient beyond this is a
+# typo or an attack, and it would push activations to inf.
+MAX_ABS_COEF = 1000.0
+MAX_ABS_BOUND = 1e6
+MAX_STOP = 4
+MAX_N = 8
+
+
+def _valid_unicode(text: str) -> str:
+    """Refuse strings that cannot be encoded as UTF-8 (lone surrogates from ``"\\ud800"`` escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains an invalid Unicode code point at index {exc.start} (a lone surrogate)") from None
+    return text
+
+
+class SteeringSpec(BaseModel):
+    """One steering edit requested by a client (see ``steerlib.steer.build_ops``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vector: str = Field(description="name of a trait vector loaded by the server")
+    layer: int | None = Field(None, ge=1, le=10_000,
+                              description="residual layer 1..n_layers (default: the vector's recommended one)")
+    coef: float = Field(1.0, ge=-MAX_ABS_COEF, le=MAX_ABS_COEF, allow_inf_nan=False,
+                        description="scale of the added vector for mode 'add'")
+    mode: Literal["add", "ablate", "cap"] = "add"
+    positions: Literal["all", "prompt", "response"] = "all"
+    cap_min: float | None = Field(None, ge=-MAX_ABS_BOUND, le=MAX_ABS_BOUND, allow_inf_nan=False)
+    cap_max: float | None = Field(None, ge=-MAX_ABS_BOUND, le=MAX_ABS_BOUND, allow_inf_nan=False)
+    relative: bool = Field(False, description="coef is a fraction of the typical residual norm at the layer")
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> SteeringSpec:
+        if self.cap_min is not None and self.cap_max is not None and self.cap_min > self.cap_max:
+            raise ValueError(f"cap_min ({self.cap_min}) must be <= cap_max ({self.cap_max})")
+        return self
+
+
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+    _check = field_validator("text")(_valid_unicode)
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _unicode(cls, value: Any) -> Any:
+        return _valid_unicode(value) if isinstance(value, str) else value
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+def _stop_list(value: str | list[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else list(value)
+    if len(items) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(items)}")
+    for s in items:
+        if not s:
+            raise ValueError("stop sequences must be non-empty strings")
+        _valid_unicode(s)
+    return tuple(items)
+
+
+class ChatCompletionRequest(BaseModel):
+    """The subset of OpenAI's chat completion request the server honours, plus ``steering``.
+
+    Unknown fields are ignored (clients send many optional ones).
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    tools: list[Any] | None = None
+    logprobs: bool | None = None
+    steering: list[SteeringSpec] | None = Field(None, max_length=64)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: Any) -> Any:
+        _stop_list(value)
+        return value
+
+    def stop_sequences(self) -> tuple[str, ...]:
+        return _stop_list(self.stop)
+
+
+class OllamaMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+    images: list[Any] | None = None
+
+    _check = field_validator("content")(_valid_unicode)
+
+
+class OllamaOptions(BaseModel):
+    """The Ollama ``options`` the server honours, plus ``steer`` (a list of steering specs)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    num_predict: int | None = Field(None, ge=-1)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: list[str] | None = None
+    steer: list[SteeringSpec] | None = Field(None, max_length=64)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: Any) -> Any:
+        _stop_list(value)
+        return value
+
+
+class OllamaChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[OllamaMessage] = Field(min_length=1)
+    stream: bool = True  # Ollama streams unless told otherwise
+    options: OllamaOptions | None = None
+    tools: list[Any] | None = None
+    format: Any = None
+
+
+class OllamaGenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+    stream: bool = True
+    options: OllamaOptions | None = None
+    format: Any = None
+
+    _check = field_validator("prompt", "system")(lambda v: _valid_unicode(v) if isinstance(v, str) else v)
+
+
+class VectorLoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str = Field(min_length=1, max_length=4096)
+
+    _check = field_validator("path")(_valid_unicode)
+
+
+class ApiError(Exception):
+    """An error returned to the client in OpenAI's shape ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type_: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """(one-line message, dotted parameter path) for the first problem pydantic found."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid value")
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param
