@@ -186,3 +186,23 @@ def test_loaded_vectors_of_wrong_model_rejected(setup, tmp_path):
 def test_steer_op_validation():
     with pytest.raises(ValueError, match="needs cap_min"):
         SteerOp(layer=3, vector=torch.ones(4), mode="cap")
+
+
+def test_hook_handles_register_all_or_none():
+    from torch import nn
+
+    from steerlib.core.hooks import HookHandles
+
+    module = nn.Linear(2, 2)
+    handles = HookHandles()
+    with pytest.raises(RuntimeError, match="third registration failed"):
+        with handles.registering():
+            handles.add(module.register_forward_hook(lambda *a: None))
+            handles.add(module.register_forward_pre_hook(lambda *a: None))
+            raise RuntimeError("third registration failed")
+    assert len(handles) == 0 and not module._forward_hooks and not module._forward_pre_hooks
+    with handles.registering():
+        handles.add(module.register_forward_hook(lambda *a: None))
+    assert len(module._forward_hooks) == 1
+    handles.remove()
+    assert not module._forward_hooks

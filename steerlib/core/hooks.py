@@ -14,6 +14,35 @@ from torch import Tensor, nn
 from steerlib.core.arch import Layout, get_layout
 
 
+class HookHandles:
+    """Hook handles that come and go as a unit: registered all or none, removed in reverse order.
+
+    ``add`` inside ``registering()``: if any registration raises, the ones already made are removed before the
+    error propagates, so a model is never left half-hooked.
+    """
+
+    def __init__(self) -> None:
+        self._handles: list = []
+
+    def add(self, handle) -> None:
+        self._handles.append(handle)
+
+    @contextlib.contextmanager
+    def registering(self) -> Iterator[HookHandles]:
+        try:
+            yield self
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+
 class StopForward(Exception):
     """Raised inside a hook to end a forward pass early once every needed layer has been seen."""
 
@@ -81,16 +110,15 @@ def record_residual(
 
         return hook
 
-    handles = []
+    handles = HookHandles()
     try:
         for layer in layers:
             if layer == 0:
-                handles.append(layout.blocks[0].register_forward_pre_hook(pre_block_hook(0), with_kwargs=True))
+                handles.add(layout.blocks[0].register_forward_pre_hook(pre_block_hook(0), with_kwargs=True))
             elif layer == layout.n_layers:
-                handles.append(layout.final_norm.register_forward_hook(post_hook(layer)))
+                handles.add(layout.final_norm.register_forward_hook(post_hook(layer)))
             else:
-                handles.append(layout.blocks[layer - 1].register_forward_hook(post_hook(layer)))
+                handles.add(layout.blocks[layer - 1].register_forward_hook(post_hook(layer)))
         yield records
     finally:
-        for handle in reversed(handles):
-            handle.remove()
+        handles.remove()

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from steerlib.core.arch import Layout, get_layout
+from steerlib.core.hooks import HookHandles
 from steerlib.kernels import steer_project_inline, steer_project_op, validate_steer_inputs
 from steerlib.steering.steer import SteerOp, TraitReadout
 
@@ -153,7 +154,7 @@ class CompiledSteering:
             if self.device.type == "cuda":
                 # A fixed address lets CUDA graphs write into this buffer instead of refusing a mutated input.
                 torch._dynamo.mark_static_address(self.buffer)
-        self._handles: list = []
+        self._handles = HookHandles()
 
     def _plan(self, ops: list[SteerOp], row_coefs: Tensor | None) -> dict[int, list[_FusedStep | _ShiftStep]]:
         """Per layer, the steps to run in op order; consecutive adds with the same positions are merged."""
@@ -284,21 +285,14 @@ class CompiledSteering:
         if self.buffer is not None:
             self.buffer.zero_()
         layers = sorted(set(self._steps) | set(self._readout_dirs))
-        try:
+        with self._handles.registering() as handles:
             for layer in layers:
                 block = self.layout.blocks[layer - 1]
-                self._handles.append(block.register_forward_hook(self._make_hook(layer), with_kwargs=True))
-        except BaseException:
-            self._remove()
-            raise
+                handles.add(block.register_forward_hook(self._make_hook(layer), with_kwargs=True))
         return self
 
-    def _remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
-
     def __exit__(self, *exc) -> None:
-        self._remove()
+        self._handles.remove()
 
 
 def generate_batch(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, generate_kwargs: dict, *,

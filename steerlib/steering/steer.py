@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from steerlib.core.arch import Layout, get_layout
 from steerlib.core.checks import check_choice, check_number
 from steerlib.core.compat import find_cache, past_length
+from steerlib.core.hooks import HookHandles
 from steerlib.core.loading import load_vectors, pick_layer, resolve_vector
 from steerlib.core.vectors import TraitVectors, VectorSource, check_vector
 
@@ -167,7 +168,7 @@ class ResidualEditor:
         self.ops = list(ops)
         self.readout = readout
         self.positions = _PositionTracker()
-        self._handles: list = []
+        self._handles = HookHandles()
         device = next(model.parameters()).device
         self._plans: dict[int, list[dict]] = {}
         for op in self.ops:
@@ -235,24 +236,14 @@ class ResidualEditor:
         if self.readout is not None:
             self.readout.clear()
         layers = sorted(set(self._plans) | set(self._readout_dirs))
-        try:
-            self._handles.append(
-                self.layout.body.register_forward_pre_hook(self.positions.pre_hook, with_kwargs=True)
-            )
+        with self._handles.registering() as handles:
+            handles.add(self.layout.body.register_forward_pre_hook(self.positions.pre_hook, with_kwargs=True))
             for layer in layers:
-                block = self.layout.blocks[layer - 1]
-                self._handles.append(block.register_forward_hook(self._make_hook(layer)))
-        except BaseException:
-            self._remove()
-            raise
+                handles.add(self.layout.blocks[layer - 1].register_forward_hook(self._make_hook(layer)))
         return self
 
-    def _remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
-
     def __exit__(self, *exc) -> None:
-        self._remove()
+        self._handles.remove()
 
 
 def _as_list(value, n: int, what: str) -> list:
