@@ -20,14 +20,14 @@ def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
 
 
 @app.command()
@@ -208,9 +208,9 @@ def _layer_coefs(items: list[str]) -> list[tuple[int, float]]:
         try:
             out.append((int(layer), float(coef)))
         except ValueError:
-            raise typer.BadParameter(f"--steer expects LAYER:COEF, got {item!r}") from None
+            raise ValueError(f"--steer expects LAYER:COEF, got {item!r}") from None
         if not sep:
-            raise typer.BadParameter(f"--steer expects LAYER:COEF, got {item!r}")
+            raise ValueError(f"--steer expects LAYER:COEF, got {item!r}")
     return out
 
 
@@ -256,25 +256,20 @@ def serve(
                 steer_positions=steer_positions, monitor_layer=monitor_layer, port=port, max_batch=max_batch,
                 max_queue=max_queue, max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens)
 
-    try:
-        app_options = AppOptions(
-            monitor_traits=tuple(monitor) if monitor else None, monitor_layer=monitor_layer, max_batch=max_batch,
-            max_queue=max_queue, max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens,
-            api_key=api_key, cors_origins=tuple(cors_origin or ()), host=host,
-            allowed_hosts=tuple(allowed_host) if allowed_host else None, max_body_bytes=max_body_bytes,
-            vector_dirs=tuple(vector_dir or ()), drift_include_steered=drift_include_steered)
-        options = ServeOptions(model_path=model, vectors=_named_paths(vector), steer=tuple(_layer_coefs(steer or [])),
-                               steer_vector=steer_vector, steer_mode=steer_mode, steer_positions=steer_positions,
-                               app=app_options, port=port, drift_window=drift_window, drift_method=drift_method,
-                               drift_threshold=drift_threshold, drift_reference_size=drift_reference_size,
-                               alerts_path=alerts_path, dtype=dtype)
-        options.check()
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    try:
-        run_server(options)
-    except ValueError as exc:  # found once the model is loaded: a layer it does not have, a vector of another model
-        raise typer.BadParameter(str(exc)) from None
+    # Bad options are ValueErrors: main() prints them as one line, like every other command's.
+    app_options = AppOptions(
+        monitor_traits=tuple(monitor) if monitor else None, monitor_layer=monitor_layer, max_batch=max_batch,
+        max_queue=max_queue, max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens,
+        api_key=api_key, cors_origins=tuple(cors_origin or ()), host=host,
+        allowed_hosts=tuple(allowed_host) if allowed_host else None, max_body_bytes=max_body_bytes,
+        vector_dirs=tuple(vector_dir or ()), drift_include_steered=drift_include_steered)
+    options = ServeOptions(model_path=model, vectors=_named_paths(vector), steer=tuple(_layer_coefs(steer or [])),
+                           steer_vector=steer_vector, steer_mode=steer_mode, steer_positions=steer_positions,
+                           app=app_options, port=port, drift_window=drift_window, drift_method=drift_method,
+                           drift_threshold=drift_threshold, drift_reference_size=drift_reference_size,
+                           alerts_path=alerts_path, dtype=dtype)
+    options.check()
+    run_server(options)
 
 
 @app.command()
@@ -390,7 +385,7 @@ def export(
     from steerlib.jobs import export_file
 
     if format != "gguf":
-        raise typer.BadParameter(f"unknown format {format!r}; supported: gguf")
+        raise ValueError(f"unknown format {format!r}; supported: gguf")
     path, written, names = export_file(vectors, out, layers=_ints(layers) if layers else None, coef=coef,
                                        kind=kind, model_hint=model_hint)
     typer.echo(f"wrote {path}: layers {written} as {', '.join(names)} (coef {coef:g})")

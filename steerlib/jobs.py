@@ -20,7 +20,13 @@ from steerlib.core.gguf_vectors import direction_index, export_gguf
 from steerlib.core.loading import load_vectors, pick_layer
 from steerlib.core.models import load_model, resolve_model_path
 from steerlib.core.vectors import TraitVectors
-from steerlib.evaluation.inventory import InventoryMatrix, InventoryResult, administer, inventory_matrix
+from steerlib.evaluation.inventory import (
+    Inventory,
+    InventoryMatrix,
+    InventoryResult,
+    administer,
+    inventory_matrix,
+)
 from steerlib.evaluation.prompt_shift import ShiftCheck, prompt_shift
 from steerlib.evaluation.report import run_dose, write_report
 from steerlib.extraction.extract import ExtractionConfig, ExtractionResult, extract_trait
@@ -471,11 +477,17 @@ def shiftcheck_file(
 ) -> tuple[ShiftCheck, Path]:
     """The prompt-shift experiment for saved vectors, written to ``out_dir`` (default: beside the vectors)."""
     vectors_path = Path(vectors_path)
-    model, tok = load_model(model_path)
-    tv = load_vectors(vectors_path, model)
+    tv = load_vectors(vectors_path)  # the files and every number first: nothing loads a model before they pass
     if not isinstance(tv, TraitVectors):
         raise ValueError(f"{vectors_path}: shiftcheck needs saved TraitVectors (an extraction run), not a bare tensor")
     t = load_trait(trait or tv.trait)
+    check_int(n_questions, "n_questions", minimum=3, maximum=len(t.eval_questions))
+    check_int(max_new_tokens, "max_new_tokens")
+    check_int(batch_size, "batch_size")
+    for k in shots:
+        check_int(k, "shots", minimum=0)
+    model, tok = load_model(model_path)
+    tv = _fit_vectors(tv, vectors_path, model)
     trait_judge = make_judge(judge, t, model=model, tokenizer=tok)
     folder = Path(out_dir) if out_dir is not None else (
         vectors_path if vectors_path.is_dir() else vectors_path.parent) / "shiftcheck"
@@ -496,10 +508,16 @@ def inventory_file(
     out: str | Path | None = None,
 ) -> InventoryResult | InventoryMatrix:
     """Administer an inventory; with named vectors, the steering-effect matrix (saved to ``out`` if given)."""
+    items = Inventory.load(inventory)  # the files and numbers first: nothing loads a model before they pass
+    check_number(coef, "coef")
+    if out is not None:
+        check_out_dir(Path(out).parent)
+    loaded = {name: load_vectors(path) for name, path in (vectors or {}).items()}
     model, tok = load_model(model_path)
-    if not vectors:
-        return administer(model, tok, inventory)
-    matrix = inventory_matrix(model, tok, vectors, inventory=inventory, coef=coef, relative=relative, layer=layer)
+    if not loaded:
+        return administer(model, tok, items)
+    loaded = {name: _fit_vectors(v, vectors[name], model) for name, v in loaded.items()}
+    matrix = inventory_matrix(model, tok, loaded, inventory=items, coef=coef, relative=relative, layer=layer)
     if out is not None:
         matrix.save(out)
     return matrix
@@ -516,6 +534,12 @@ def report_file(
     max_new_tokens: int = 32,
 ) -> Path:
     """One self-contained HTML report of an extraction run; with ``dose_coefs``, a dose-response is run first."""
+    if not (Path(run_dir) / "vectors.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not an extraction run folder (no vectors.json; run steerlib extract)")
+    for c in dose_coefs or ():
+        check_number(c, "dose coefficient")
+    check_int(n_questions, "n_questions")
+    check_int(max_new_tokens, "max_new_tokens")
     if dose_coefs:
         model, tok = load_model(model_path)
         run_dose(model, tok, run_dir, list(dose_coefs), n_questions=n_questions, max_new_tokens=max_new_tokens,

@@ -194,6 +194,12 @@ BEFORE_WORK = [
      "trait name '../../evil' must be"),
     (["traits", "new", "ok", "--description", "x", "--base-url", "http://127.0.0.1:9", "--out", "{a_file}/t.json"],
      "is an existing file, not a folder"),
+    (["shiftcheck", "--vector", "{vec}", "--n-questions", "2"], "n_questions must be within 3..20, got 2"),
+    (["shiftcheck", "--vector", "{vec}", "--shots", "0,-1"], "shots must be >= 0, got -1"),
+    (["report", "{out}"], "is not an extraction run folder (no vectors.json"),
+    (["report", "{vec}", "--dose-coefs=0,nan"], "dose coefficient must be a finite number, got nan"),
+    (["inventory", "--inventory", "no_such_inventory"], "no_such_inventory"),
+    (["export", "{vec}", "--out", "{out}/v.gguf", "--format", "ggml"], "unknown format 'ggml'"),
     # damaged vector files: named, with the line where JSON has one
     ([*STEER[:2], "{st_truncated}", *STEER[3:]], "st_truncated/vectors.safetensors: not a readable safetensors"),
     ([*STEER[:2], "{st_empty}", *STEER[3:]], "vectors.safetensors: not a readable safetensors file (the file is "

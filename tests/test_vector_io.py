@@ -148,7 +148,7 @@ def test_cli_export(tmp_path, tiny_vectors):
     back = read_control_vector(out)
     torch.testing.assert_close(back.vectors["response_mean"][2:], 2 * tiny_vectors.vectors["response_mean"][2:])
     bad = CliRunner().invoke(app, ["export", str(folder), "--format", "onnx", "--out", str(out)])
-    assert bad.exit_code != 0 and "unknown format 'onnx'; supported: gguf" in bad.output
+    assert bad.exit_code != 0 and "unknown format 'onnx'; supported: gguf" in str(bad.exception)
 
 
 # -- imports from other tools ------------------------------------------------------------------------------
