@@ -205,7 +205,7 @@ def flag_file(
     and ``summary.json``.
 
     Args:
-        data_path: JSONL/CSV training data (see ``steerlib.data_io.read_samples``).
+        data_path: JSONL/CSV training data (see ``steerlib.store.samples.read_samples``).
         vectors_path: saved TraitVectors (folder or .safetensors) or a ``.pt`` tensor.
         out_dir: output folder.
         model_path: model to score with (None: embedded SmolLM2).

@@ -1,7 +1,7 @@
 """Batched capture of residual-stream activations, pooled per sample.
 
 ``capture_activations`` tokenises (prompt, response) pairs, runs them through one of three backends and
-pools per sample; ``steerlib.hooks.record_residual`` is the hook-level primitive underneath.
+pools per sample; ``steerlib.core.hooks.record_residual`` is the hook-level primitive underneath.
 
 Layer ``L`` means ``output_hidden_states[L]``: 0 = embeddings, ``L`` = output of block ``L - 1``, and the last
 one after the final norm.
@@ -170,7 +170,7 @@ def capture_activations(
     Args:
         model: HF causal LM.
         tokenizer: its tokenizer.
-        prompts: fully formatted prompt strings (see ``steerlib.chat.format_prompt``).
+        prompts: fully formatted prompt strings (see ``steerlib.core.chat.format_prompt``).
         responses: the assistant's reply to each prompt, or None (prompt-only samples).
         layers: residual-stream layers to keep (None = all).
         backend: "torch" (hooks), "transformer_lens" (TransformerBridge) or "nnsight".

@@ -199,7 +199,7 @@ def administer(
         model: HF causal LM.
         tokenizer: its tokenizer (with a chat template).
         inventory: an ``Inventory``, a built-in name or a JSON path.
-        steering: ``SteerOp``s active while the items are read (see ``steerlib.steer.build_ops``).
+        steering: ``SteerOp``s active while the items are read (see ``steerlib.steering.steer.build_ops``).
         batch_size: items per forward pass.
     """
     inv = inventory if isinstance(inventory, Inventory) else Inventory.load(inventory)

@@ -5,7 +5,7 @@ so the optimiser has less reason to move the weights toward it; steering is off 
 variant (``mode="ablate"``, concept-ablation finetuning) removes the direction from the residual stream
 while training instead.
 
-Both are thin wrappers over ``steerlib.steer.steer``, which edits out of place whenever autograd records the
+Both are thin wrappers over ``steerlib.steering.steer.steer``, which edits out of place whenever autograd records the
 pass, so gradients flow through the edit. PEFT-wrapped models are unwrapped to place the hooks.
 """
 

@@ -44,7 +44,7 @@ def _valid_unicode(text: str) -> str:
 
 
 class SteeringSpec(BaseModel):
-    """One steering edit requested by a client (see ``steerlib.steer.build_ops``)."""
+    """One steering edit requested by a client (see ``steerlib.steering.steer.build_ops``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -1,6 +1,6 @@
 """Steering and per-token read-out that ``torch.compile(fullgraph=True)`` traces with no graph break.
 
-The eager path (``steerlib.steer.ResidualEditor``) decides in Python whether a pass is the prefill (by asking
+The eager path (``steerlib.steering.steer.ResidualEditor``) decides in Python whether a pass is the prefill (by asking
 the KV cache how long it is) and appends each read-out to a Python list. Both are fine eagerly, but under
 ``torch.compile`` the first is a data-dependent graph break and the second makes every step a new graph.
 Here every decision is a tensor operation:
@@ -279,7 +279,7 @@ class CompiledSteering:
                 "torch._dynamo.config.skip_nnmodule_hook_guards is True (torch's default): a model compiled "
                 "before these hooks were installed keeps running its old graph without them, and one compiled "
                 "with them keeps them after they are removed. Set it to False before compiling, or use "
-                "steerlib.compiled.generate_batch / generate(compile=True), which do.",
+                "steerlib.steering.compiled.generate_batch / generate(compile=True), which do.",
                 RuntimeWarning, stacklevel=2,
             )
         if self.buffer is not None:

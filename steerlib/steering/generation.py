@@ -144,8 +144,8 @@ def generate(
     Args:
         model: HF causal LM.
         tokenizer: its tokenizer.
-        prompts: formatted prompts (``steerlib.chat.format_prompt``).
-        steering: ``SteerOp``s applied during generation (see ``steerlib.steer.build_ops``).
+        prompts: formatted prompts (``steerlib.core.chat.format_prompt``).
+        steering: ``SteerOp``s applied during generation (see ``steerlib.steering.steer.build_ops``).
         readout: a ``TraitReadout`` whose traits are read out per generated token.
         monitor: the first release's name for ``readout``.
         max_new_tokens: generation length cap.
@@ -155,7 +155,7 @@ def generate(
         seed: seed for sampling.
         progress: show a progress bar.
         compile: decode with a static KV cache and a ``torch.compile(fullgraph=True)`` decode step, the
-            steering and read-out traced into it (``steerlib.compiled``); a dict gives ``CompileConfig``
+            steering and read-out traced into it (``steerlib.steering.compiled``); a dict gives ``CompileConfig``
             overrides such as ``{"backend": "aot_eager"}``. Each new (batch, prompt length) shape compiles
             again, so it pays off for long generations or repeated shapes. Default: eager, as before.
     """

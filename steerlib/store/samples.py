@@ -314,7 +314,7 @@ def as_samples(samples: Sequence[Sample] | ReadResult | str | Path, what: str = 
     seen = set()
     for s in samples:
         if not isinstance(s, Sample):
-            raise ValueError(f"samples must be steerlib.data_io.Sample objects, got {type(s).__name__}")
+            raise ValueError(f"samples must be steerlib.store.samples.Sample objects, got {type(s).__name__}")
         if s.index in seen:
             raise ValueError(f"two samples share index {s.index}; indices identify samples in the results "
                              "file")

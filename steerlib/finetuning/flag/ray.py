@@ -1,7 +1,7 @@
 """Data flagging as a Ray Data pipeline: the scoring of ``steerlib.finetuning.flag.scoring`` spread over model-holding actors.
 
 ``ray.data.from_items(samples).map_batches(RayScorer, compute=ActorPoolStrategy(size=n), batch_size=b)``:
-each actor loads the model once (``steerlib.models.load_model``) and scores batches with the same
+each actor loads the model once (``steerlib.core.models.load_model``) and scores batches with the same
 ``flag.score_pairs`` as the single-process path, so results agree up to float noise. Results stream back
 to the driver, which appends them to the same resumable JSONL as ``flag.score_dataset``.
 """

@@ -127,7 +127,7 @@ class SelfJudge(BaseJudge):
             ``"Score: "``; small models rarely open a reply with a number, so without it almost no
             probability lands on integers and every score is None.
         format_fn: ``(tokenizer, user, system) -> str`` building the prompt; defaults to
-            :func:`steerlib.chat.format_prompt`.
+            :func:`steerlib.core.chat.format_prompt`.
         use_cache: reuse the prompt's KV cache for the digit branches (falls back automatically when the
             model returns no cache); False recomputes each branch from scratch.
     """
