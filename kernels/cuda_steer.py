@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-from .reference import SteerSpec
+from .reference import SteerSpec, allocate_outputs
 from .rows import RowSteerSpec
 
 KERNEL_DIR = Path(__file__).resolve().parent
@@ -105,11 +105,8 @@ def steer_project_cuda(hidden: torch.Tensor, spec: SteerSpec,
         raise RuntimeError(f"CUDA steer kernel unavailable: {_build_error}")
     n, d = hidden.shape
     k = spec.num_readouts
-    out = hidden if inplace else torch.empty((n, d), dtype=hidden.dtype, device=hidden.device)
-    proj = torch.empty((n, k), dtype=torch.float32, device=hidden.device) if k else None
+    out, proj = allocate_outputs(hidden, k, inplace)
     if n == 0 or d == 0:
-        if proj is not None:
-            proj.zero_()
         return out, proj
     steer = spec.steer if spec.alpha != 0.0 else None
     cap_dir = spec.cap_dir if spec.has_cap else None
@@ -138,11 +135,8 @@ def steer_rows_cuda(hidden: torch.Tensor, spec: RowSteerSpec,
         raise RuntimeError(f"CUDA steer kernel unavailable: {_build_error}")
     n, d = hidden.shape
     k = spec.num_readouts
-    out = hidden if inplace else torch.empty((n, d), dtype=hidden.dtype, device=hidden.device)
-    proj = torch.empty((n, k), dtype=torch.float32, device=hidden.device) if k else None
+    out, proj = allocate_outputs(hidden, k, inplace)
     if n == 0 or d == 0:
-        if proj is not None:
-            proj.zero_()
         return out, proj
     ext.steer_rows(hidden, out, spec.table, spec.index, spec.coef, spec.cap_min, spec.cap_max, spec.has_cap,
                    spec.readout, proj)

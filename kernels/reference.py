@@ -258,6 +258,35 @@ def prepare_inputs(hidden: torch.Tensor, steer_vec: torch.Tensor | None = None, 
                      readout=mon)
 
 
+def allocate_outputs(hidden: torch.Tensor, k: int, inplace: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output buffers every backend writes: ``hidden`` itself (in place) or a new ``[N, D]`` tensor, and
+    ``[N, K]`` fp32 projections, or None for K = 0. The projections are left uninitialised (the kernel writes
+    every value; no extra fill on the decode path) except for an empty input, where no kernel runs."""
+    n, d = hidden.shape
+    out = hidden if inplace else torch.empty((n, d), dtype=hidden.dtype, device=hidden.device)
+    if not k:
+        return out, None
+    alloc = torch.zeros if n == 0 or d == 0 else torch.empty
+    return out, alloc((n, k), dtype=torch.float32, device=hidden.device)
+
+
+def fp32_working_copy(hidden: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """The fp32 tensor the torch paths compute in: ``hidden`` itself when it is fp32 and may be overwritten,
+    else the one copy needed."""
+    if hidden.dtype == torch.float32:
+        return hidden if inplace else hidden.clone()
+    return hidden.to(torch.float32)
+
+
+def write_back(hidden: torch.Tensor, h: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """The result of a torch path in ``hidden``'s dtype, written into ``hidden`` when ``inplace``."""
+    if h.dtype == hidden.dtype:
+        return h  # fp32: h is hidden itself (inplace) or its clone
+    if inplace:
+        return hidden.copy_(h)
+    return h.to(hidden.dtype)
+
+
 def steer_project_torch(hidden: torch.Tensor, spec: SteerSpec,
                         inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply a validated ``SteerSpec`` with plain torch ops (the CPU production path).
@@ -270,12 +299,7 @@ def steer_project_torch(hidden: torch.Tensor, spec: SteerSpec,
     Returns:
         ``(updated hidden [N, D] in hidden's dtype, projections [N, K] fp32 or None)``.
     """
-    fp32 = hidden.dtype == torch.float32
-    # The fp32 working copy: hidden itself when we may overwrite it, else the one needed copy.
-    if fp32:
-        h = hidden if inplace else hidden.clone()
-    else:
-        h = hidden.to(torch.float32)
+    h = fp32_working_copy(hidden, inplace)
 
     if spec.steer is not None and spec.alpha != 0.0:
         if spec.mask is None:
@@ -292,14 +316,7 @@ def steer_project_torch(hidden: torch.Tensor, spec: SteerSpec,
         h.addr_(delta, spec.cap_dir)
 
     proj = h @ spec.readout.T if spec.readout is not None else None
-
-    if fp32:
-        out = h
-    elif inplace:
-        out = hidden.copy_(h)
-    else:
-        out = h.to(hidden.dtype)
-    return out, proj
+    return write_back(hidden, h, inplace), proj
 
 
 def steer_project_reference(hidden: torch.Tensor, steer_vec: torch.Tensor | None = None, alpha: float = 0.0,

@@ -25,7 +25,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import HIDDEN_DTYPES, MAX_READOUT_DIRS, UNIT_NORM_TOL, prepare_vector
+from .reference import (
+    HIDDEN_DTYPES,
+    MAX_READOUT_DIRS,
+    UNIT_NORM_TOL,
+    fp32_working_copy,
+    prepare_vector,
+    write_back,
+)
 
 
 @dataclass(frozen=True)
@@ -193,11 +200,7 @@ def steer_rows_torch(hidden: torch.Tensor, spec: RowSteerSpec,
     Returns:
         ``(updated hidden [N, D] in hidden's dtype, projections [N, K] fp32 or None)``.
     """
-    fp32 = hidden.dtype == torch.float32
-    if fp32:
-        h = hidden if inplace else hidden.clone()
-    else:
-        h = hidden.to(torch.float32)
+    h = fp32_working_copy(hidden, inplace)
     if spec.has_steer or spec.has_cap:
         steered = spec.index >= 0
         # Unsteered rows gather row 0 (or nothing when the table is empty) with a zero weight.
@@ -210,13 +213,7 @@ def steer_rows_torch(hidden: torch.Tensor, spec: RowSteerSpec,
             delta = torch.where(bounded, torch.clamp(p, min=spec.cap_min, max=spec.cap_max) - p, 0.0)
             h.add_(t * delta[:, None])
     proj = h @ spec.readout.T if spec.readout is not None else None
-    if fp32:
-        out = h
-    elif inplace:
-        out = hidden.copy_(h)
-    else:
-        out = h.to(hidden.dtype)
-    return out, proj
+    return write_back(hidden, h, inplace), proj
 
 
 def steer_rows_reference(hidden: torch.Tensor, table: torch.Tensor, index: torch.Tensor,

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import allocate_outputs
 from .rows import RowSteerSpec
 from .triton_steer import MIN_DOT, block_sizes
 
@@ -93,11 +94,8 @@ def steer_rows_triton(hidden: torch.Tensor, spec: RowSteerSpec,
     """
     n, d = hidden.shape
     k = spec.num_readouts
-    out = hidden if inplace else torch.empty((n, d), dtype=hidden.dtype, device=hidden.device)
-    proj = torch.empty((n, k), dtype=torch.float32, device=hidden.device) if k else None
+    out, proj = allocate_outputs(hidden, k, inplace)
     if n == 0 or d == 0:
-        if proj is not None:
-            proj.zero_()
         return out, proj
     block_m, block_d, num_warps = block_sizes(n, d, k > 0)
     dummy = out

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import SteerSpec
+from .reference import SteerSpec, allocate_outputs
 
 # tl.dot needs every dimension >= 16, so readout blocks are at least 16 rows by 16 directions.
 MIN_DOT = 16
@@ -139,11 +139,8 @@ def steer_project_triton(hidden: torch.Tensor, spec: SteerSpec,
     """
     n, d = hidden.shape
     k = spec.num_readouts
-    out = hidden if inplace else torch.empty((n, d), dtype=hidden.dtype, device=hidden.device)
-    proj = torch.empty((n, k), dtype=torch.float32, device=hidden.device) if k else None
+    out, proj = allocate_outputs(hidden, k, inplace)
     if n == 0 or d == 0:
-        if proj is not None:
-            proj.zero_()
         return out, proj
 
     block_m, block_d, num_warps = block_sizes(n, d, k > 0)
