@@ -14,6 +14,7 @@ from steerlib.core.gguf_vectors import export_gguf, read_control_vector
 from steerlib.core.hooks import StopForward, record_residual
 from steerlib.core.loading import load_vectors, pick_layer
 from steerlib.core.models import LoadedModel, load_model
+from steerlib.core.renamed import warn_renamed
 from steerlib.core.vector_imports import load_persona_vectors, load_saklas_profile
 from steerlib.core.vectors import TraitVectors
 from steerlib.core.version import __version__ as __version__
@@ -38,14 +39,11 @@ from steerlib.steering.compiled import CompiledSteering
 from steerlib.steering.dose import DoseResponse, dose_response
 from steerlib.steering.generation import Generation, generate, stream
 from steerlib.steering.steer import (
-    Monitor,
     ResidualEditor,
     SteerOp,
     TraitReadout,
-    build_monitor,
     build_ops,
     build_readout,
-    monitoring,
     read_out,
     steer,
 )
@@ -84,7 +82,6 @@ __all__ = [
     "Layout",
     "LexiconJudge",
     "LoadedModel",
-    "Monitor",
     "PreventativeSteeringCallback",
     "ResidualEditor",
     "SelfJudge",
@@ -96,7 +93,6 @@ __all__ = [
     "TraitReadout",
     "TraitVectors",
     "administer",
-    "build_monitor",
     "build_ops",
     "build_readout",
     "capture_activations",
@@ -121,7 +117,6 @@ __all__ = [
     "make_judge",
     "monitor_conversations",
     "pick_layer",
-    "monitoring",
     "preventative_steering",
     "prompt_shift",
     "rank",
@@ -134,3 +129,16 @@ __all__ = [
     "stream",
     "write_report",
 ]
+
+
+_RENAMED = {"Monitor": "TraitReadout", "build_monitor": "build_readout"}
+"""The first release's names (the read-out was called a monitor). ``steerlib.monitoring``, the old name of
+``read_out``, is the ``steerlib.monitoring`` package, which stays callable with the same warning."""
+
+
+def __getattr__(name: str) -> object:
+    """Serve the first release's names with a DeprecationWarning (PEP 562)."""
+    if name in _RENAMED:
+        warn_renamed(f"steerlib.{name}", f"steerlib.{_RENAMED[name]}")
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module 'steerlib' has no attribute {name!r}")

@@ -20,6 +20,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from steerlib.core.capture import check_context, pad_batch, pad_token_id
 from steerlib.core.checks import check_int, check_number, check_text
+from steerlib.core.renamed import warn_renamed
 from steerlib.steering.compiled import generate_batch
 from steerlib.steering.steer import ResidualEditor, SteerOp, TraitReadout
 
@@ -68,9 +69,13 @@ class Generation:
 
 
 def _one_readout(readout: TraitReadout | None, monitor: TraitReadout | None) -> TraitReadout | None:
-    if readout is not None and monitor is not None:
+    """The read-out to use; ``monitor=`` (the first release's name) still works, with a DeprecationWarning."""
+    if monitor is None:
+        return readout
+    if readout is not None:
         raise ValueError("pass readout= only (monitor= is its old name)")
-    return readout if readout is not None else monitor
+    warn_renamed("monitor=", "readout=")
+    return monitor
 
 
 def eos_ids(model: nn.Module, tokenizer) -> set[int]:
@@ -147,7 +152,7 @@ def generate(
         prompts: formatted prompts (``steerlib.core.chat.format_prompt``).
         steering: ``SteerOp``s applied during generation (see ``steerlib.steering.steer.build_ops``).
         readout: a ``TraitReadout`` whose traits are read out per generated token.
-        monitor: the first release's name for ``readout``.
+        monitor: the first release's name for ``readout`` (deprecated: warns).
         max_new_tokens: generation length cap.
         temperature: 0 for greedy decoding.
         top_p: nucleus sampling when temperature > 0.
