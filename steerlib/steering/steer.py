@@ -75,6 +75,7 @@ class SteerOp:
             if getattr(self, name) is not None:
                 check_number(getattr(self, name), name)
         check_vector(self.vector, name=f"steering vector at layer {self.layer}")
+        object.__setattr__(self, "vector", self.vector.detach().clone())  # the caller's tensor may change later
 
 
 class _PositionTracker:
