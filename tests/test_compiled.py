@@ -175,7 +175,9 @@ def test_per_row_vectors_under_inductor_match_eager_rows(make_tiny):
             eager_proj = torch.stack(
                 [torch.stack([r[0, -1] for r in monitor.records[layer]]) for layer in monitor.layers], dim=1)
         assert new[row].tolist() == out[0, 5:].tolist()
-        torch.testing.assert_close(readout[row], eager_proj, atol=1e-4, rtol=1e-4)
+        # The last step is the closing pass over the last token (its own read-out); the others pair with tokens.
+        assert readout.shape[1] == new.shape[1] + 1
+        torch.testing.assert_close(readout[row, :-1], eager_proj, atol=1e-4, rtol=1e-4)
     assert not torch.equal(plain, new)
     assert torch.equal(plain_compiled, plain)
 
