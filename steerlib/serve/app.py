@@ -4,7 +4,8 @@
 (``openai_routes``) and Ollama (``ollama_routes``) routers, and serves the operations routes itself: ``/health``
 (always open), ``/v1/stats`` (engine counters: steps, batch sizes), ``GET /v1/models``, ``/v1/monitor`` (drift
 history and alerts; ``GET /`` draws it), and the runtime vector registry ``GET/POST /v1/vectors``,
-``DELETE /v1/vectors/{name}`` (loads only from folders the operator allowed at start). Errors have one shape per
+``DELETE /v1/vectors/{name}`` (loads only from folders the operator allowed at start), ``GET /metrics``
+(Prometheus; see ``metrics``) and the per-conversation turn series ``GET /v1/conversations[/{id}]``. Errors have one shape per
 API (OpenAI's error object; Ollama's ``{"error": ...}`` under ``/api/``). The guards (``guard``) wrap it all.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steerlib.core.vectors import TraitVectors
@@ -116,8 +117,34 @@ def create_app(model: torch.nn.Module, tokenizer: Any, vectors: Mapping[str, Tra
         service.unload_vector(name)
         return {"name": name, "unloaded": True}
 
+    @app.get("/v1/conversations")
+    async def list_conversations(last: int = Query(50, ge=1, le=10_000)) -> dict:
+        recent = service.conversations.recent(last)
+        return {"conversations": [{"id": cid, "turns": n, "last_turn_at": latest.timestamp}
+                                  for cid, n, _, latest in recent],
+                "tracked": len(service.conversations), "max_conversations": options.conversations,
+                "max_turns": options.conversation_turns}
+
+    @app.get("/v1/conversations/{conversation_id}")
+    async def conversation(conversation_id: str) -> dict:
+        found = service.conversations.get(conversation_id)
+        if found is None:
+            raise ApiError(404, f"no conversation {conversation_id!r} (ids come from X-Conversation-Id or "
+                                f"conversation_id; the least recently active are dropped)",
+                           code="conversation_not_found")
+        return {**found, "layer": engine.monitor_layer, "traits": list(service.monitored)}
+
+    metrics = service.metrics
+    if metrics is not None:
+        @app.get("/metrics")
+        async def prometheus_metrics(request: Request) -> Response:
+            body, content_type = await asyncio.to_thread(metrics.render, request.headers.get("accept"))
+            return Response(body, media_type=content_type)
+
     app.include_router(openai_router(service))
     app.include_router(ollama_router(service))
     install_guards(app, api_key=options.api_key, host=options.host, allowed_hosts=options.allowed_hosts,
-                   max_body=options.max_body_bytes, cors_origins=options.cors_origins)
+                   max_body=options.max_body_bytes, cors_origins=options.cors_origins,
+                   route_keys={"/metrics": options.metrics_key} if options.metrics_key else None,
+                   open_paths=("/metrics",) if options.metrics_no_auth else ())
     return app

@@ -3,14 +3,16 @@
 ``Guard`` is a pure ASGI middleware (streaming and disconnects pass straight through): the Host header must name
 the bound host unless configured otherwise (DNS rebinding), request bodies are limited (413), and with an API key
 every route but ``/health`` and the static page ``/`` needs ``Authorization: Bearer <key>`` (401; open the page as
-``/#key=<key>``). ``install_guards`` adds it, and CORS outside it, to an app.
+``/#key=<key>``). A route may also accept a key of its own (``/metrics`` with ``--metrics-key``, so the scraper
+holds a key that opens nothing else) or be opened explicitly (``--metrics-no-auth``). ``install_guards`` adds the
+guard, and CORS outside it, to an app.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI
@@ -30,19 +32,25 @@ OPEN_PATHS = ("/health", "/")
 class Guard:
     """Refuse requests before any route runs: wrong Host (400), too large a body (413), no key (401)."""
 
-    def __init__(self, app: Any, *, api_key: str | None, allowed_hosts: set[str] | None, max_body: int):
+    def __init__(self, app: Any, *, api_key: str | None, allowed_hosts: set[str] | None, max_body: int,
+                 route_keys: Mapping[str, str] | None = None, open_paths: Collection[str] = ()):
         """Wrap an ASGI app.
 
         Args:
             app: the inner ASGI app.
-            api_key: bearer token every route but ``OPEN_PATHS`` requires (None: open).
+            api_key: bearer token every route but the open ones requires (None: open).
             allowed_hosts: Host header names accepted (None: no check).
             max_body: larger request bodies get 413.
+            route_keys: path -> a further key that opens that path (and nothing else), even on a server without
+                an API key.
+            open_paths: paths opened on purpose, besides ``OPEN_PATHS``.
         """
         self.app = app
         self.api_key = api_key
         self.allowed_hosts = allowed_hosts
         self.max_body = max_body
+        self.route_keys = dict(route_keys or {})
+        self.open_paths = frozenset(OPEN_PATHS) | frozenset(open_paths)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -56,8 +64,9 @@ class Guard:
                 await _reply(send, 400, path, f"host {host!r} is not served here (allowed: "
                                               f"{sorted(self.allowed_hosts)}); see --allowed-host")
                 return
-        if self.api_key is not None and path not in OPEN_PATHS and scope.get("method") != "OPTIONS":
-            if not bearer_matches(headers, self.api_key):
+        keys = [k for k in (self.api_key, self.route_keys.get(path)) if k is not None]
+        if keys and path not in self.open_paths and scope.get("method") != "OPTIONS":
+            if not any(bearer_matches(headers, k) for k in keys):
                 await _reply(send, 401, path, "missing or wrong API key (send Authorization: Bearer <key>)",
                              extra=[(b"www-authenticate", b"Bearer")])
                 return
@@ -137,17 +146,19 @@ def allowed_hosts_for(host: str, configured: Sequence[str] | None) -> set[str] |
 
 
 def install_guards(app: FastAPI, *, api_key: str | None, host: str, allowed_hosts: Sequence[str] | None,
-                   max_body: int, cors_origins: Sequence[str]) -> None:
+                   max_body: int, cors_origins: Sequence[str], route_keys: Mapping[str, str] | None = None,
+                   open_paths: Collection[str] = ()) -> None:
     """Add the guard and (when origins are given) CORS to ``app``.
 
     Args:
         app: the FastAPI app.
         api_key, host, allowed_hosts, max_body: as in ``AppOptions``.
         cors_origins: origins allowed by CORS (empty: no CORS headers).
+        route_keys, open_paths: as in ``Guard``.
     """
     # Outermost last: CORS answers preflights before the guard asks for a key.
     app.add_middleware(Guard, api_key=api_key, allowed_hosts=allowed_hosts_for(host, allowed_hosts),
-                       max_body=max_body)
+                       max_body=max_body, route_keys=route_keys, open_paths=open_paths)
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
                            allow_headers=["*"])

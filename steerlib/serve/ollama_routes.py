@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from steerlib.core.version import __version__
+from steerlib.serve.conversations import CONVERSATION_HEADER, check_conversation_id
 from steerlib.serve.engine import Completion, Sampling
 from steerlib.serve.runs import RequestRun, batch_meta, token_projections
 from steerlib.serve.schema import ApiError, OllamaChatRequest, OllamaGenerateRequest
@@ -46,11 +47,12 @@ def ollama_router(service: Service) -> APIRouter:
                         seed=opts.seed if opts and temperature > 0 else None,
                         stop=tuple(opts.stop or ()) if opts else ())
 
-    async def ollama_run(request: Request, prompt_ids: list[int], opts: Any, stream: bool, chat: bool) -> Any:
+    async def ollama_run(request: Request, prompt_ids: list[int], opts: Any, stream: bool, chat: bool,
+                         conversation: str | None) -> Any:
         sampling = ollama_sampling(opts)
         service.check_length(len(prompt_ids), sampling.max_tokens)
         edits, steering = service.steering_for(opts.steer if opts else None, "options.steer")
-        run = RequestRun(service, prompt_ids, edits, steering, [sampling])
+        run = RequestRun(service, prompt_ids, edits, steering, [sampling], conversation)
         started = time.monotonic_ns()
         names = list(service.monitored)
 
@@ -99,14 +101,16 @@ def ollama_router(service: Service) -> APIRouter:
             raise ApiError(400, "format (structured output) is not supported", param="format")
         if any(m.images for m in req.messages):
             raise ApiError(400, "images are not supported", param="messages")
+        conversation = check_conversation_id(request.headers.get(CONVERSATION_HEADER), req.conversation_id)
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
         prompt_ids = await asyncio.to_thread(service.encode_messages, messages)
-        return await ollama_run(request, prompt_ids, req.options, req.stream, chat=True)
+        return await ollama_run(request, prompt_ids, req.options, req.stream, chat=True, conversation=conversation)
 
     @router.post("/api/generate")
     async def ollama_generate(req: OllamaGenerateRequest, request: Request) -> Any:
         if req.format:
             raise ApiError(400, "format (structured output) is not supported", param="format")
+        conversation = check_conversation_id(request.headers.get(CONVERSATION_HEADER), req.conversation_id)
         if not req.prompt:  # Ollama answers an empty prompt by loading the model; there is nothing to load
             return {"model": service.options.model_name, "created_at": _now(), "response": "", "done": True,
                     "done_reason": "load"}
@@ -116,7 +120,7 @@ def ollama_router(service: Service) -> APIRouter:
             messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
                 {"role": "user", "content": req.prompt}]
             prompt_ids = await asyncio.to_thread(service.encode_messages, messages)
-        return await ollama_run(request, prompt_ids, req.options, req.stream, chat=False)
+        return await ollama_run(request, prompt_ids, req.options, req.stream, chat=False, conversation=conversation)
 
     @router.get("/api/version")
     async def ollama_version() -> dict:

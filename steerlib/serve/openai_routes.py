@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from steerlib.serve.conversations import CONVERSATION_HEADER, check_conversation_id
 from steerlib.serve.engine import Completion, Sampling
 from steerlib.serve.runs import RequestRun, batch_meta, token_projections
 from steerlib.serve.schema import ApiError, ChatCompletionRequest
@@ -44,6 +45,7 @@ def openai_router(service: Service) -> APIRouter:
             raise ApiError(400, "tools are not supported", param="tools")
         if req.logprobs:
             raise ApiError(400, "logprobs are not supported", param="logprobs")
+        conversation = check_conversation_id(request.headers.get(CONVERSATION_HEADER), req.conversation_id)
         max_tokens = service.max_tokens(req.max_completion_tokens or req.max_tokens)
         edits, steering = service.steering_for(req.steering, "steering")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -54,7 +56,7 @@ def openai_router(service: Service) -> APIRouter:
                              top_p=req.top_p if req.temperature > 0 else 1.0,
                              seed=None if req.seed is None or req.temperature == 0 else req.seed + i,
                              stop=req.stop_sequences()) for i in range(req.n)]
-        run = RequestRun(service, prompt_ids, edits, steering, sampling)
+        run = RequestRun(service, prompt_ids, edits, steering, sampling, conversation)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if not req.stream:

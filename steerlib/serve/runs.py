@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import Request
 
 from steerlib.serve.engine import Completion, RowEdit, Sampling
+from steerlib.serve.metrics import steering_label
 from steerlib.serve.schema import ApiError
 from steerlib.serve.service import Service
 
@@ -24,7 +25,20 @@ class RequestRun:
     """The rows of one request (``n`` choices) and the event queue the worker feeds."""
 
     def __init__(self, service: Service, prompt_ids: list[int], edits: list[RowEdit], steering: list[dict],
-                 sampling: list[Sampling]):
+                 sampling: list[Sampling], conversation_id: str | None = None):
+        """Submit one row per choice.
+
+        Args:
+            service: the service whose engine runs the rows.
+            prompt_ids: the tokenised prompt.
+            edits: the resolved steering (empty: unsteered).
+            steering: the steering as the client wrote it (reported back and logged with drift alerts).
+            sampling: one ``Sampling`` per choice.
+            conversation_id: the client's conversation; choice 0's reply becomes its next turn.
+        """
+        self.service = service
+        self.conversation_id = conversation_id
+        self.steered = bool(edits)
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.rows = []
@@ -38,6 +52,8 @@ class RequestRun:
         except ApiError:
             self.cancel()  # a full queue refused choice i: the choices already queued must not run for nobody
             raise
+        if service.metrics is not None:
+            service.metrics.count_request(steering_label(self.steered))
 
     def _sink(self, index: int):
         def sink(item: tuple) -> None:
@@ -55,6 +71,9 @@ class RequestRun:
             index, item = await self.events.get()
             if item[0] in ("done", "error"):
                 open_rows -= 1
+            if item[0] == "done" and index == 0 and self.conversation_id is not None \
+                    and item[1].finish_reason != "cancelled":
+                self.service.record_turn(self.conversation_id, item[1], self.steered)
             yield index, item
 
     async def results(self, request: Request) -> list[Completion]:

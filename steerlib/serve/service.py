@@ -20,8 +20,11 @@ import torch
 
 from steerlib.core.chat import format_messages
 from steerlib.core.vectors import TraitVectors
-from steerlib.monitoring.drift import DriftMonitor
+from steerlib.core.version import __version__
+from steerlib.monitoring.drift import Alert, DriftMonitor
+from steerlib.serve.conversations import ConversationLog, turn_bucket
 from steerlib.serve.engine import Completion, Engine, RowEdit, edits_from_ops, eos_ids
+from steerlib.serve.metrics import ServerMetrics, steering_label
 from steerlib.serve.registry import VectorRegistry
 from steerlib.serve.schema import ApiError, SteeringSpec
 from steerlib.steering.steer import build_ops, build_readout
@@ -50,6 +53,13 @@ class AppOptions:
         vector_dirs: folders ``POST /v1/vectors`` may load from (empty: the registry is read-only).
         drift_include_steered: feed steered responses into the drift monitor's reference too (by default
             only unsteered responses calibrate it, so a client cannot shift the baseline).
+        metrics: serve Prometheus metrics at ``/metrics`` (False: no route, nothing observed).
+        metrics_key: a second bearer token that opens ``/metrics`` only (for the scraper); the API key opens it too.
+        metrics_no_auth: serve ``/metrics`` without any key (say so explicitly; exclusive with ``metrics_key``).
+        metrics_buckets: histogram buckets of the projection series (None: ``metrics.DEFAULT_BUCKETS``).
+        metrics_conversations: most recently active conversations exported by id (bounds the label set).
+        conversations: conversations whose per-turn projections are kept (LRU; 0: off).
+        conversation_turns: turns kept per conversation (the newest).
     """
 
     model_name: str = "steerlib"
@@ -67,6 +77,13 @@ class AppOptions:
     max_body_bytes: int = 1_000_000
     vector_dirs: tuple[Path, ...] = ()
     drift_include_steered: bool = False
+    metrics: bool = True
+    metrics_key: str | None = None
+    metrics_no_auth: bool = False
+    metrics_buckets: tuple[float, ...] | None = None
+    metrics_conversations: int = 10
+    conversations: int = 1024
+    conversation_turns: int = 256
 
     def __post_init__(self) -> None:
         if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
@@ -76,6 +93,16 @@ class AppOptions:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty")
+        if self.metrics_key is not None and not self.metrics_key.strip():
+            raise ValueError("metrics_key is empty")
+        if self.metrics_key is not None and self.metrics_no_auth:
+            raise ValueError("give either a metrics key or metrics without auth, not both")
+        if self.metrics_buckets is not None:
+            b = self.metrics_buckets
+            if not b or not all(math.isfinite(x) for x in b) or len(set(b)) != len(b):
+                raise ValueError(f"metrics buckets must be distinct finite numbers, got {list(b)}")
+        if self.metrics_conversations < 0 or self.conversations < 0 or self.conversation_turns < 1:
+            raise ValueError("metrics_conversations and conversations must be >= 0, conversation_turns >= 1")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -105,7 +132,14 @@ class Service:
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         self.engine = Engine(model, tokenizer, readout=self.readout, max_batch=options.max_batch,
                              max_queue=options.max_queue, eos_ids=eos_ids(model, tokenizer))
-        self.engine.on_finish = self._feed_drift
+        self.engine.on_finish = self._finished
+        self.conversations = ConversationLog(options.conversations, options.conversation_turns)
+        self.metrics = ServerMetrics(
+            model_name=options.model_name, version=__version__, traits=self.monitored, layer=self.engine.monitor_layer,
+            engine_stats=self.engine.stats, drift_state=self.drift_state, conversations=self.conversations,
+            conversation_series=options.metrics_conversations,
+            **({"buckets": options.metrics_buckets} if options.metrics_buckets is not None else {}),
+        ) if options.metrics else None
         self.default_steering = list(options.default_steering)
         try:
             self._default_edits = self.resolve_steering(self.default_steering, "default steering")
@@ -179,17 +213,55 @@ class Service:
         return n
 
     # -- drift --------------------------------------------------------------------------------------------
-    def _feed_drift(self, row: Any, completion: Completion) -> None:
+    def _finished(self, row: Any, completion: Completion) -> None:
+        """The engine's completion callback (worker thread, once per finished reply): drift, then metrics."""
+        steering = steering_label(row.steered)
+        alerts = self._feed_drift(row, completion)
+        if self.metrics is not None:
+            self.metrics.observe_response(completion.trait_projections, steering, completion.finish_reason)
+            self.metrics.count_alerts([a.trait for a in alerts])
+
+    def _feed_drift(self, row: Any, completion: Completion) -> list[Alert]:
         if self.drift is None:
-            return
+            return []
         scores = {t: p["mean"] for t, p in completion.trait_projections.items() if p.get("mean") is not None}
         if len(scores) < len(completion.trait_projections) or not scores:
-            return  # an empty reply has no projection; the monitor needs a value for every trait
+            return []  # an empty reply has no projection; the monitor needs a value for every trait
         with self._drift_lock:
             if row.steered and not self.drift.calibrated and not self.options.drift_include_steered:
-                return  # steered traffic must not become the baseline it is judged against
+                return []  # steered traffic must not become the baseline it is judged against
             meta = {"steering": row.meta_steering, "text": completion.text[:200]}
-            self.drift.update(scores, timestamp=time.time(), meta=meta)
+            return self.drift.update(scores, timestamp=time.time(), meta=meta)
+
+    def drift_state(self) -> dict[str, Any] | None:
+        """What the metrics export of the drift monitor: per trait the last tested value and the limits.
+
+        Returns:
+            ``{"method", "calibrated", "n_updates", "traits": {trait: {"value", "lower", "upper"}}}``, or None
+            without a monitor. The tested value is the rolling mean for ``method="rolling"``, else the last
+            reply's projection, so it compares with the limits in the same units.
+        """
+        if self.drift is None:
+            return None
+        with self._drift_lock:
+            drift = self.drift
+            last = drift.history(last=1)
+            key = "rolling_mean" if drift.method == "rolling" else "scores"
+            traits = {}
+            for t in drift.traits:
+                lower, upper = drift.limits(t)
+                traits[t] = {"value": last[0][key][t] if last else None, "lower": lower, "upper": upper}
+            return {"method": drift.method, "calibrated": drift.calibrated, "n_updates": drift.n_updates,
+                    "traits": traits}
+
+    # -- conversations ------------------------------------------------------------------------------------
+    def record_turn(self, conversation_id: str, completion: Completion, steered: bool) -> None:
+        """Add a finished reply to its conversation's per-turn series (and the per-turn metric)."""
+        turn = self.conversations.record(conversation_id, completion.trait_projections,
+                                         steering=steering_label(steered),
+                                         completion_tokens=completion.completion_tokens)
+        if turn is not None and self.metrics is not None:
+            self.metrics.observe_turn(turn, turn_bucket(turn.turn))
 
     def monitor_snapshot(self, last: int = 200, last_alerts: int = 50) -> dict[str, Any]:
         out: dict[str, Any] = {"traits": list(self.monitored), "layer": self.engine.monitor_layer, "history": [],
