@@ -11,6 +11,10 @@ many apps (tests, notebooks) without their series colliding. Two kinds of series
   ``stats()`` counters and gauges (only the keys the running engine reports, so any engine with the same
   ``stats()`` keys is covered), the drift monitor's state, and the most recently active conversations.
 
+Projections are signed, so the projection histograms have negative buckets and therefore (as OpenMetrics
+requires, and ``prometheus_client`` does) no ``_sum``: a sum that can fall would read as a counter reset to
+``rate()``. Their centre and spread come from ``histogram_quantile``; the drift monitor's value is a gauge.
+
 Cardinality is bounded by construction: labels are the monitored traits, their read-out layer, fixed label sets
 (``steering``, ``finish_reason``, ``turns``) and at most ``conversation_series`` conversation ids.
 The full list of series is ``SERIES`` (and the README's table).
