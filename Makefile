@@ -12,9 +12,9 @@ EXTRAS := triton,serve,ray,train,dev
 PIP_VERSION := 26.3
 CANARY := .venv-canary
 
-.PHONY: setup demo test lint bench canary lock clean browser
+.PHONY: setup demo test lint bench canary lock clean browser prometheus
 
-setup: $(STAMP) browser
+setup: $(STAMP) browser prometheus
 
 # Headless Chromium renders the server's live page and the HTML report in the tests. Installed from Debian's
 # packages where we can (root with apt); elsewhere those screenshot tests skip and say so.
@@ -22,6 +22,13 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
 		echo "chromium not installed: page screenshot tests will be skipped"
+
+# Prometheus and promtool (Debian's package): the scrape test runs a real server and promtool runs the alert rules'
+# unit tests. Installed like chromium; without apt those tests skip and say so.
+prometheus:
+	@command -v promtool >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) ; } || \
+		echo "prometheus not installed: the scrape and alert-rule tests will be skipped"
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -74,6 +81,7 @@ lint: setup
 bench: setup
 	$(PY) scripts/bench_capture.py
 	$(PY) scripts/bench_decode.py
+	$(PY) scripts/bench_metrics.py
 
 clean:
 	rm -rf $(VENV) $(CANARY) build dist *.egg-info
