@@ -7,6 +7,7 @@ The live tests compare what ``/metrics`` reports with what the same server told 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 
 import httpx
@@ -168,6 +169,29 @@ def test_bad_metrics_options_fail_at_start():
         AppOptions(metrics_buckets=(1.0, math.inf))
     with pytest.raises(ValueError, match="conversation_turns >= 1"):
         AppOptions(conversation_turns=0)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--metrics-key", "k", "--metrics-no-auth"], "give either a metrics key or metrics without auth, not both"),
+    (["--metrics-buckets", "1,1"], "metrics buckets must be distinct finite numbers, got [1.0, 1.0]"),
+    (["--metrics-buckets", "1,x"], "expected comma-separated numbers, got '1,x'"),
+    (["--conversation-turns", "0"], "conversation_turns >= 1"),
+])
+def test_cli_refuses_bad_metrics_flags_before_loading(args, message, optimism_vectors, tmp_path, monkeypatch,
+                                                       capsys):
+    import steerlib.jobs
+    from steerlib.cli import main
+
+    def no_model(*_a, **_k):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(steerlib.jobs, "load_model", no_model)
+    path = optimism_vectors.save(tmp_path / "optimistic")
+    monkeypatch.setattr(sys, "argv", ["steerlib", "serve", "--vector", f"optimistic={path.parent}", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.count("\n") == 0 and err.startswith("error: ") and message in err, err
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -132,7 +132,6 @@ class Service:
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         self.engine = Engine(model, tokenizer, readout=self.readout, max_batch=options.max_batch,
                              max_queue=options.max_queue, eos_ids=eos_ids(model, tokenizer))
-        self.engine.on_finish = self._finished
         self.conversations = ConversationLog(options.conversations, options.conversation_turns)
         self.metrics = ServerMetrics(
             model_name=options.model_name, version=__version__, traits=self.monitored, layer=self.engine.monitor_layer,
@@ -140,6 +139,7 @@ class Service:
             conversation_series=options.metrics_conversations,
             **({"buckets": options.metrics_buckets} if options.metrics_buckets is not None else {}),
         ) if options.metrics else None
+        self.engine.on_finish = self._finished  # after what it feeds exists
         self.default_steering = list(options.default_steering)
         try:
             self._default_edits = self.resolve_steering(self.default_steering, "default steering")
