@@ -23,6 +23,7 @@ from steerlib.monitoring.drift import DriftMonitor  # noqa: E402
 from steerlib.serve import AppOptions, BackgroundServer, create_app  # noqa: E402
 from steerlib.serve.conversations import ConversationLog, check_conversation_id, turn_bucket  # noqa: E402
 from steerlib.serve.metrics import DEFAULT_BUCKETS, SERIES, ServerMetrics  # noqa: E402
+from steerlib.serve.process import API_KEY_ENV, METRICS_KEY_ENV, resolve_api_key  # noqa: E402
 from steerlib.serve.schema import ApiError  # noqa: E402
 
 LAYER = 10
@@ -169,6 +170,7 @@ def test_bad_metrics_options_fail_at_start():
         AppOptions(metrics_buckets=(1.0, math.inf))
     with pytest.raises(ValueError, match="conversation_turns >= 1"):
         AppOptions(conversation_turns=0)
+    assert resolve_api_key(None, {METRICS_KEY_ENV: "k", API_KEY_ENV: "a"}, env=METRICS_KEY_ENV) == "k"
 
 
 @pytest.mark.parametrize(("args", "message"), [
