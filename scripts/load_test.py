@@ -191,14 +191,14 @@ def summarise(runs: list[_Raw], clients: int) -> Result:
     )
 
 
-class _LocalServer:
+class LocalServer:
     """``steerlib serve`` on the embedded model in a child process, with one random (seeded) vector ``random``.
 
     A separate process, as in a real deployment: clients in the server's own process would compete with the
     engine for the GIL and slow every step down.
     """
 
-    def __init__(self, max_batch: int, max_tokens: int, workdir: Path):
+    def __init__(self, max_batch: int, max_tokens: int, workdir: Path, extra_args: tuple[str, ...] = ()):
         import torch
 
         from steerlib.core.models import load_model
@@ -221,8 +221,8 @@ class _LocalServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "steerlib.cli", "serve", "--vector", f"random={path.parent}", "--port", str(port),
              "--max-batch", str(max_batch), "--default-max-tokens", str(max_tokens),
-             "--max-tokens-limit", str(max(max_tokens, 512))],
-            stdout=subprocess.DEVNULL, stderr=(workdir / "server.log").open("w"))
+             "--max-tokens-limit", str(max(max_tokens, 512)), *extra_args],
+            stdout=subprocess.DEVNULL, stderr=(workdir / f"server-{port}.log").open("w"))
         deadline = time.monotonic() + 180
         while True:
             try:
@@ -232,7 +232,7 @@ class _LocalServer:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"the server did not start; see {workdir / 'server.log'}")
+                raise RuntimeError(f"the server did not start; see {workdir / f'server-{port}.log'}")
             time.sleep(0.2)
 
     def stop(self) -> None:
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         url, model, vector, layer = args.url.rstrip("/"), args.model, args.vector, args.layer
     else:
-        server = _LocalServer(args.max_batch, args.max_tokens, Path(workdir.name))
+        server = LocalServer(args.max_batch, args.max_tokens, Path(workdir.name))
         url, model, vector, layer = server.url, server.model, "random", server.layer
     raw: dict[str, list[_Raw]] = {mix: [] for mix in mixes}
     try:

@@ -237,6 +237,18 @@ def serve(
     vector_dir: Annotated[list[Path] | None, typer.Option(
         "--vector-dir", help="folder POST /v1/vectors may load from (repeatable; default: none)")] = None,
     max_body_bytes: int = 1_000_000,
+    metrics: Annotated[bool, typer.Option(help="serve Prometheus metrics at /metrics (behind the API key)")] = True,
+    metrics_key: Annotated[str | None, typer.Option(
+        help="a bearer token that opens /metrics only, for the scraper (or set STEERLIB_METRICS_KEY)")] = None,
+    metrics_no_auth: Annotated[bool, typer.Option(
+        "--metrics-no-auth", help="serve /metrics without any key (e.g. behind a private network)")] = False,
+    metrics_buckets: Annotated[str | None, typer.Option(
+        help="comma-separated histogram buckets of the projection series")] = None,
+    metrics_conversations: Annotated[int, typer.Option(
+        help="most recently active conversations exported by id")] = 10,
+    conversations: Annotated[int, typer.Option(
+        help="conversations whose per-turn projections are kept (least recently active dropped; 0: off)")] = 1024,
+    conversation_turns: Annotated[int, typer.Option(help="turns kept per conversation")] = 256,
     drift_window: int = 20,
     drift_method: str = "zscore",
     drift_threshold: float = 3.0,
@@ -262,7 +274,11 @@ def serve(
         max_queue=max_queue, max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens,
         api_key=api_key, cors_origins=tuple(cors_origin or ()), host=host,
         allowed_hosts=tuple(allowed_host) if allowed_host else None, max_body_bytes=max_body_bytes,
-        vector_dirs=tuple(vector_dir or ()), drift_include_steered=drift_include_steered)
+        vector_dirs=tuple(vector_dir or ()), drift_include_steered=drift_include_steered, metrics=metrics,
+        metrics_key=metrics_key, metrics_no_auth=metrics_no_auth,
+        metrics_buckets=tuple(_floats(metrics_buckets)) if metrics_buckets else None,
+        metrics_conversations=metrics_conversations, conversations=conversations,
+        conversation_turns=conversation_turns)
     options = ServeOptions(model_path=model, vectors=_named_paths(vector), steer=tuple(_layer_coefs(steer or [])),
                            steer_vector=steer_vector, steer_mode=steer_mode, steer_positions=steer_positions,
                            app=app_options, port=port, drift_window=drift_window, drift_method=drift_method,

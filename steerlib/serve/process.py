@@ -27,12 +27,13 @@ from steerlib.monitoring.drift import METHODS, DriftMonitor
 from steerlib.serve.app import AppOptions, create_app
 from steerlib.serve.schema import MAX_ABS_COEF, SteeringSpec
 
-__all__ = ["API_KEY_ENV", "BackgroundServer", "ServeOptions", "default_steering_specs", "named_vectors",
+__all__ = ["API_KEY_ENV", "METRICS_KEY_ENV", "BackgroundServer", "ServeOptions", "default_steering_specs", "named_vectors",
            "resolve_api_key", "serve"]
 
 log = logging.getLogger("steerlib.serve")
 
 API_KEY_ENV = "STEERLIB_API_KEY"
+METRICS_KEY_ENV = "STEERLIB_METRICS_KEY"
 
 
 @dataclass(frozen=True)
@@ -162,11 +163,12 @@ def default_steering_specs(steer: Sequence[tuple[int, float]], steer_vector: str
             for layer, coef in steer]
 
 
-def resolve_api_key(explicit: str | None, environ: Mapping[str, str] | None = None) -> str | None:
-    """The API key to require: the explicit one, else ``$STEERLIB_API_KEY``, else None (an open server)."""
+def resolve_api_key(explicit: str | None, environ: Mapping[str, str] | None = None, env: str = API_KEY_ENV
+                    ) -> str | None:
+    """The key to require: the explicit one, else ``$STEERLIB_API_KEY`` (or the variable ``env``), else None."""
     if explicit:
         return explicit
-    value = (os.environ if environ is None else environ).get(API_KEY_ENV, "").strip()
+    value = (os.environ if environ is None else environ).get(env, "").strip()
     return value or None
 
 
@@ -183,7 +185,9 @@ def build(options: ServeOptions) -> tuple[FastAPI, str]:
                                    options.steer_positions)
     app_options = replace(app_options, default_steering=tuple(specs),
                           model_name=loaded.name if app_options.model_name == "steerlib" else app_options.model_name,
-                          api_key=resolve_api_key(app_options.api_key))
+                          api_key=resolve_api_key(app_options.api_key),
+                          metrics_key=None if app_options.metrics_no_auth else
+                          resolve_api_key(app_options.metrics_key, env=METRICS_KEY_ENV))
     traits = names if app_options.monitor_traits is None else list(app_options.monitor_traits)
     drift = DriftMonitor(traits, window=options.drift_window, method=options.drift_method,
                          threshold=options.drift_threshold, reference_size=options.drift_reference_size,
@@ -200,6 +204,9 @@ def serve(options: ServeOptions, **uvicorn_kwargs: Any) -> None:
     service = app.state.service
     log.info("serving %s with vectors %s on http://%s:%d (monitor page at /; %s)", name, sorted(service.vectors),
              options.app.host, options.port, "API key required" if service.options.api_key else "no API key")
+    if service.options.metrics_no_auth and options.app.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("/metrics is open to anyone who can reach %s (--metrics-no-auth): it shows trait "
+                    "projections and conversation ids", options.app.host)
     if options.app.host not in ("127.0.0.1", "localhost", "::1"):
         if not service.options.api_key:
             log.warning("listening on %s without --api-key: anyone who can reach the port can use the model",

@@ -128,6 +128,7 @@ class ChatCompletionRequest(BaseModel):
     tools: list[Any] | None = None
     logprobs: bool | None = None
     steering: list[SteeringSpec] | None = Field(None, max_length=64)
+    conversation_id: str | None = None  # steerlib extension (or the X-Conversation-Id header): multi-turn drift
 
     @field_validator("stop")
     @classmethod
@@ -175,6 +176,7 @@ class OllamaChatRequest(BaseModel):
     options: OllamaOptions | None = None
     tools: list[Any] | None = None
     format: Any = None
+    conversation_id: str | None = None
 
 
 class OllamaGenerateRequest(BaseModel):
@@ -187,6 +189,7 @@ class OllamaGenerateRequest(BaseModel):
     stream: bool = True
     options: OllamaOptions | None = None
     format: Any = None
+    conversation_id: str | None = None
 
     _check = field_validator("prompt", "system")(lambda v: _valid_unicode(v) if isinstance(v, str) else v)
 
