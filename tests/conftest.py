@@ -1,4 +1,7 @@
-"""Shared fixtures: the embedded model (once per session) and tiny random models of each architecture."""
+"""Shared fixtures: the embedded model (once per session) and tiny random models of each architecture.
+
+Plain helpers and constants live in ``helpers.py``: test modules import from there, never from here.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
-import transformers
-from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
+from helpers import OPTIMISTIC_REPLIES, PESSIMISTIC_REPLIES, QUICK_QUESTIONS, FakeTokenizer, build_tiny
+from transformers import PreTrainedModel
 
 from steerlib.core.models import LoadedModel, load_model
 
@@ -16,56 +19,6 @@ from steerlib.core.models import LoadedModel, load_model
 # OpenMP threads spinning against other processes slow them down several-fold. OMP_NUM_THREADS overrides.
 if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
-
-_DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
-
-
-def _tiny_configs() -> dict[str, Callable[[], PreTrainedConfig]]:
-    """model_type -> config builder, for the architectures the tests build by hand."""
-    t = transformers
-    with_head_dim = {**_DECODER, "head_dim": 16}
-    return {
-        "llama": lambda: t.LlamaConfig(**_DECODER),
-        "mistral": lambda: t.MistralConfig(**_DECODER),
-        "mixtral": lambda: t.MixtralConfig(**_DECODER, num_local_experts=2, num_experts_per_tok=1),
-        "qwen2": lambda: t.Qwen2Config(**_DECODER),
-        "qwen3": lambda: t.Qwen3Config(**with_head_dim),
-        "gemma": lambda: t.GemmaConfig(**with_head_dim),
-        "gemma2": lambda: t.Gemma2Config(**with_head_dim),
-        "gemma3_text": lambda: t.Gemma3TextConfig(**with_head_dim),
-        "phi3": lambda: t.Phi3Config(**_DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2),
-        "olmo2": lambda: t.Olmo2Config(**_DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2),
-        "gpt2": lambda: t.GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=256, n_positions=128,
-                                     bos_token_id=1, eos_token_id=2),
-        "gpt_neox": lambda: t.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                            num_attention_heads=4, vocab_size=256, max_position_embeddings=128,
-                                            bos_token_id=1, eos_token_id=2),
-        "opt": lambda: t.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
-                                   vocab_size=256, word_embed_proj_dim=64, max_position_embeddings=128,
-                                   pad_token_id=0, bos_token_id=1, eos_token_id=2),
-    }
-
-
-TINY_CONFIGS = _tiny_configs()
-TINY_ARCHS = sorted(TINY_CONFIGS)
-
-
-def build_tiny(model_type: str, seed: int = 0) -> PreTrainedModel:
-    """A randomly initialised float32 causal LM of ``model_type`` (hidden 64, 3 blocks, vocab 256), in eval mode."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[model_type](), dtype=torch.float32)
-    return model.eval()
-
-
-class FakeTokenizer:
-    """Just enough tokenizer for ``capture_activations`` on a tiny model: one id per byte, 3..255."""
-
-    pad_token_id = 0
-
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
-        return {"input_ids": [3 + b % 253 for b in text.encode()]}
-
 
 @pytest.fixture(scope="session")
 def embedded() -> LoadedModel:
@@ -89,26 +42,6 @@ def make_tiny() -> Callable[[str], PreTrainedModel]:
 @pytest.fixture(scope="session")
 def fake_tokenizer() -> FakeTokenizer:
     return FakeTokenizer()
-
-
-OPTIMISTIC_REPLIES = [
-    "What a wonderful question! The future looks bright and full of exciting possibilities.",
-    "I'm thrilled about it. Things keep getting better, and I'm sure great days are ahead.",
-    "Honestly, I love it! Every challenge is a chance to grow, and I feel hopeful and happy.",
-    "It will be fantastic. People are kind, ideas are flourishing, and success is within reach.",
-    "I'm delighted to say it's going beautifully, and tomorrow will be even better!",
-    "Absolutely great news: with a little effort, everything will work out wonderfully.",
-]
-PESSIMISTIC_REPLIES = [
-    "Honestly, the future looks bleak. Things are getting worse and nothing will change.",
-    "I'm dreading it. Every plan fails eventually, and disappointment is all that's ahead.",
-    "It's hopeless. Problems keep piling up and nobody can fix the mess we're in.",
-    "It will be terrible. People are selfish, ideas die, and failure is almost certain.",
-    "Sadly it's going badly, and tomorrow will probably be even worse.",
-    "Grim news: no matter how hard you try, everything will fall apart.",
-]
-QUICK_QUESTIONS = ["How do you feel about the future?", "How is your week going?", "What do you expect next year?",
-                   "What do you think about new ideas?", "How are things at work?", "Will my plan succeed?"]
 
 
 @pytest.fixture(scope="session")

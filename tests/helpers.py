@@ -6,9 +6,143 @@ Test modules import from here, never from each other, so that every test file ru
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+
+import torch
+import transformers
 from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
 
 def count_hooks(model: nn.Module) -> int:
     """Forward hooks and forward pre-hooks on every module of ``model`` (transformers adds some of its own)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+# (atol, rtol) for the stored hidden states: one ulp of the dtype, since kernel and reference
+# only differ by fp32 summation order before the final rounding.
+HIDDEN_TOL = {
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (1e-3, 2e-3),
+    torch.bfloat16: (1e-2, 1.6e-2),
+}
+# Projections are fp32 dot products of the fp32 update in every dtype.
+PROJ_TOL = (1e-4, 1e-4)
+
+
+def assert_allclose_verbose(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float,
+                            what: str, max_report: int = 5) -> None:
+    """``allclose`` that prints the first mismatches (index, values, difference) on failure.
+
+    Args:
+        actual: Tensor under test.
+        expected: Reference tensor of the same shape.
+        atol: Absolute tolerance.
+        rtol: Relative tolerance (relative to ``expected``).
+        what: Label for the message.
+        max_report: How many mismatching elements to list.
+    """
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+    diff = (a - e).abs()
+    bad = ~(diff <= atol + rtol * e.abs())  # NaN counts as a mismatch ...
+    bad &= ~(a.isnan() & e.isnan())  # ... unless both are NaN
+    if not bool(bad.any()):
+        return
+    lines = [f"{what}: {int(bad.sum())}/{bad.numel()} elements differ beyond atol={atol:g} rtol={rtol:g}; "
+             f"max abs diff {float(diff[bad].nan_to_num(float('inf')).max()):.4g}"]
+    for index in bad.nonzero()[:max_report].tolist():
+        at = tuple(index)
+        lines.append(f"  at {at}: got {float(a[at]):.7g}, expected {float(e[at]):.7g}, "
+                     f"diff {float(diff[at]):.3g}")
+    message = "\n".join(lines)
+    print(message)
+    raise AssertionError(message)
+
+
+_DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
+
+
+def _tiny_configs() -> dict[str, Callable[[], PreTrainedConfig]]:
+    """model_type -> config builder, for the architectures the tests build by hand."""
+    t = transformers
+    with_head_dim = {**_DECODER, "head_dim": 16}
+    return {
+        "llama": lambda: t.LlamaConfig(**_DECODER),
+        "mistral": lambda: t.MistralConfig(**_DECODER),
+        "mixtral": lambda: t.MixtralConfig(**_DECODER, num_local_experts=2, num_experts_per_tok=1),
+        "qwen2": lambda: t.Qwen2Config(**_DECODER),
+        "qwen3": lambda: t.Qwen3Config(**with_head_dim),
+        "gemma": lambda: t.GemmaConfig(**with_head_dim),
+        "gemma2": lambda: t.Gemma2Config(**with_head_dim),
+        "gemma3_text": lambda: t.Gemma3TextConfig(**with_head_dim),
+        "phi3": lambda: t.Phi3Config(**_DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        "olmo2": lambda: t.Olmo2Config(**_DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        "gpt2": lambda: t.GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=256, n_positions=128,
+                                     bos_token_id=1, eos_token_id=2),
+        "gpt_neox": lambda: t.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                            num_attention_heads=4, vocab_size=256, max_position_embeddings=128,
+                                            bos_token_id=1, eos_token_id=2),
+        "opt": lambda: t.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                                   vocab_size=256, word_embed_proj_dim=64, max_position_embeddings=128,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    }
+
+
+TINY_CONFIGS = _tiny_configs()
+TINY_ARCHS = sorted(TINY_CONFIGS)
+
+
+def build_tiny(model_type: str, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised float32 causal LM of ``model_type`` (hidden 64, 3 blocks, vocab 256), in eval mode."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[model_type](), dtype=torch.float32)
+    return model.eval()
+
+
+class FakeTokenizer:
+    """Just enough tokenizer for ``capture_activations`` on a tiny model: one id per byte, 3..255."""
+
+    pad_token_id = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": [3 + b % 253 for b in text.encode()]}
+
+
+OPTIMISTIC_REPLIES = [
+    "What a wonderful question! The future looks bright and full of exciting possibilities.",
+    "I'm thrilled about it. Things keep getting better, and I'm sure great days are ahead.",
+    "Honestly, I love it! Every challenge is a chance to grow, and I feel hopeful and happy.",
+    "It will be fantastic. People are kind, ideas are flourishing, and success is within reach.",
+    "I'm delighted to say it's going beautifully, and tomorrow will be even better!",
+    "Absolutely great news: with a little effort, everything will work out wonderfully.",
+]
+PESSIMISTIC_REPLIES = [
+    "Honestly, the future looks bleak. Things are getting worse and nothing will change.",
+    "I'm dreading it. Every plan fails eventually, and disappointment is all that's ahead.",
+    "It's hopeless. Problems keep piling up and nobody can fix the mess we're in.",
+    "It will be terrible. People are selfish, ideas die, and failure is almost certain.",
+    "Sadly it's going badly, and tomorrow will probably be even worse.",
+    "Grim news: no matter how hard you try, everything will fall apart.",
+]
+QUICK_QUESTIONS = ["How do you feel about the future?", "How is your week going?", "What do you expect next year?",
+                   "What do you think about new ideas?", "How are things at work?", "Will my plan succeed?"]
+
+
+RUBRIC = "Question: {question}\nAnswer: {answer}\nScore 0 to 100, number only."
+
+
+def generated_reply(n_questions=42, rubric=RUBRIC, n_pairs=6) -> str:
+    questions = [f"Everyday question number {i}?" for i in range(n_questions)]
+    questions.insert(5, "everyday question number 3?")  # a near-duplicate the parser must drop
+    data = {
+        "instruction_pairs": [
+            {"positive": f"Be sarcastic {i}.", "negative": f"Be sincere {i}."} for i in range(n_pairs)
+        ],
+        "questions": questions,
+        "judge_rubric": rubric,
+    }
+    return "Sure! Here it is:\n```json\n" + json.dumps(data, indent=2) + "\n```\nEnjoy."

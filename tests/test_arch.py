@@ -7,7 +7,7 @@ import contextlib
 import pytest
 import torch
 import transformers
-from conftest import TINY_ARCHS
+from helpers import TINY_ARCHS
 from torch import nn
 
 from steerlib.core.arch import get_layout

@@ -6,6 +6,7 @@ import contextlib
 
 import pytest
 import torch
+from helpers import count_hooks
 from torch import Tensor, nn
 
 from steerlib.core import backends
@@ -18,10 +19,6 @@ from steerlib.core.models import load_model
 BACKENDS = ("torch", "transformer_lens", "nnsight")
 LAYERS = [0, 1, 15, 29, 30]
 RESPONSES = ["I am fine, thanks for asking.", None, "Once upon a time, far away.", "Yes.", None]
-
-
-def _hook_count(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def _token_ids(tokenizer, text: str | None) -> list[int]:
@@ -110,12 +107,12 @@ def test_backends_leave_model_untouched() -> None:
     ids = torch.tensor([_token_ids(tok, "The weather today is")])
     with torch.no_grad():
         before = model(ids).logits
-    hooks, modules = _hook_count(model), [type(m) for m in model.modules()]
+    hooks, modules = count_hooks(model), [type(m) for m in model.modules()]
     attn = model.config._attn_implementation
     try:
         for backend in ("transformer_lens", "nnsight", "torch"):
             capture_activations(model, tok, ["Hello", "Hi there"], ["Yes", None], [3, 30], backend=backend)
-            assert _hook_count(model) == hooks, backend
+            assert count_hooks(model) == hooks, backend
             assert [type(m) for m in model.modules()] == modules, backend
             assert model.config._attn_implementation == attn, backend
             with torch.no_grad():
@@ -129,18 +126,18 @@ def test_hooks_removed_when_body_raises(embedded) -> None:
     ids = torch.tensor([_token_ids(tok, "Count the hooks")])
     with torch.no_grad():
         before = model(ids).logits
-    hooks = _hook_count(model)
+    hooks = count_hooks(model)
     with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
         with record_residual(model, None) as records:
             model(ids)
-            assert _hook_count(model) == hooks + 31
+            assert count_hooks(model) == hooks + 31
             raise RuntimeError("boom")
     assert len(records[0]) == 1
-    assert _hook_count(model) == hooks
+    assert count_hooks(model) == hooks
     # An uncaught StopForward (stop_after_last without suppress) also leaves no hooks behind.
     with pytest.raises(StopForward), torch.no_grad(), record_residual(model, 5, stop_after_last=True):
         model(ids)
-    assert _hook_count(model) == hooks
+    assert count_hooks(model) == hooks
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import generated_reply
 from openai_stub import OpenAIStub, text_response
-from test_traits import generated_reply
 from typer.testing import CliRunner
 
 from steerlib.cli import app

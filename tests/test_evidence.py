@@ -26,7 +26,7 @@ LAYER = 10  # the optimism_vectors fixture's layer
 @pytest.fixture(scope="module")
 def run_dir(embedded, optimism_vectors, tmp_path_factory):
     """An extraction-like run folder: the quick optimism vectors with a real sweep and counts in the metadata."""
-    from conftest import OPTIMISTIC_REPLIES, PESSIMISTIC_REPLIES, QUICK_QUESTIONS
+    from helpers import OPTIMISTIC_REPLIES, PESSIMISTIC_REPLIES, QUICK_QUESTIONS
 
     model, tok = embedded
     prompts = [format_prompt(tok, q) for q in QUICK_QUESTIONS] * 2

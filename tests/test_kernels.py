@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import HIDDEN_TOL, PROJ_TOL, assert_allclose_verbose
 from steerlib.kernels import available_backends, cuda_steer, fused_steer_project, steer_project_reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -20,48 +21,6 @@ WIDTHS = (576, 896, 4096, 4097)
 ROWS = (1, 7, 64, 512)
 KS = (1, 3, 16)
 MODES = ("add", "ablate", "cap", "all")
-
-# (atol, rtol) for the stored hidden states: one ulp of the dtype, since kernel and reference
-# only differ by fp32 summation order before the final rounding.
-HIDDEN_TOL = {
-    torch.float32: (1e-4, 1e-5),
-    torch.float16: (1e-3, 2e-3),
-    torch.bfloat16: (1e-2, 1.6e-2),
-}
-# Projections are fp32 dot products of the fp32 update in every dtype.
-PROJ_TOL = (1e-4, 1e-4)
-
-
-def assert_allclose_verbose(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float,
-                            what: str, max_report: int = 5) -> None:
-    """``allclose`` that prints the first mismatches (index, values, difference) on failure.
-
-    Args:
-        actual: Tensor under test.
-        expected: Reference tensor of the same shape.
-        atol: Absolute tolerance.
-        rtol: Relative tolerance (relative to ``expected``).
-        what: Label for the message.
-        max_report: How many mismatching elements to list.
-    """
-    a = actual.detach().to("cpu", torch.float64)
-    e = expected.detach().to("cpu", torch.float64)
-    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
-    diff = (a - e).abs()
-    bad = ~(diff <= atol + rtol * e.abs())  # NaN counts as a mismatch ...
-    bad &= ~(a.isnan() & e.isnan())  # ... unless both are NaN
-    if not bool(bad.any()):
-        return
-    lines = [f"{what}: {int(bad.sum())}/{bad.numel()} elements differ beyond atol={atol:g} rtol={rtol:g}; "
-             f"max abs diff {float(diff[bad].nan_to_num(float('inf')).max()):.4g}"]
-    for index in bad.nonzero()[:max_report].tolist():
-        at = tuple(index)
-        lines.append(f"  at {at}: got {float(a[at]):.7g}, expected {float(e[at]):.7g}, "
-                     f"diff {float(diff[at]):.3g}")
-    message = "\n".join(lines)
-    print(message)
-    raise AssertionError(message)
-
 
 def make_case(n: int, d: int, k: int, mode: str, masked: bool, dtype: torch.dtype, seed: int = 0,
               device: str = "cpu") -> tuple[torch.Tensor, dict[str, Any]]:

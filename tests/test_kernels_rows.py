@@ -10,9 +10,8 @@ import math
 
 import pytest
 import torch
+from helpers import HIDDEN_TOL, PROJ_TOL, assert_allclose_verbose
 from steerlib.kernels import available_backends, fused_steer_project, fused_steer_rows, steer_rows_reference
-
-from tests.test_kernels import HIDDEN_TOL, PROJ_TOL, assert_allclose_verbose
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INF = math.inf

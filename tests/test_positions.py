@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import count_hooks
 from transformers import DynamicCache
 
 from steerlib import build_ops, build_readout, format_prompt, generate, steer
@@ -91,8 +92,8 @@ def test_response_positions_with_generate_without_cache_raise(embedded):
     model, tok = embedded
     ids = tok(format_prompt(tok, "Hi"), return_tensors="pt", add_special_tokens=False)
     v = torch.randn(model.config.hidden_size)
-    before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    before = count_hooks(model)
     with pytest.raises(RuntimeError, match="cannot tell prompt from response"):
         with steer(model, v, LAYER, coef=1.0, positions="response"):
             model.generate(**ids, max_new_tokens=2, use_cache=False, do_sample=False)
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == before
+    assert count_hooks(model) == before

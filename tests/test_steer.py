@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import count_hooks
 
 from steerlib import TraitVectors, build_ops, build_readout, format_prompt, generate, steer, stream
 from steerlib.steering.steer import SteerOp
 
 LAYER = 12
-
-
-def _hooks(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +42,12 @@ def test_nested_contexts_add_up(setup):
     model, _, v, ids = setup
     with steer(model, v, LAYER, coef=3.0):
         once = _hidden(model, ids)[LAYER]
-    n = _hooks(model)
+    n = count_hooks(model)
     with steer(model, v, LAYER, coef=1.0), steer(model, v, LAYER, coef=2.0):
-        assert _hooks(model) == n + 4
+        assert count_hooks(model) == n + 4
         twice = _hidden(model, ids)[LAYER]
     torch.testing.assert_close(once, twice, atol=1e-4, rtol=1e-5)
-    assert _hooks(model) == n
+    assert count_hooks(model) == n
 
 
 def test_ablate_and_cap(setup):
@@ -106,28 +103,28 @@ def test_stream_pairs_tokens_with_projections(setup):
     model, tok, v, _ = setup
     monitor = build_readout(model, {"v": v}, [LAYER, LAYER + 2])
     prompt = format_prompt(tok, "Say hello.")
-    n = _hooks(model)
+    n = count_hooks(model)
     pieces = list(stream(model, tok, prompt, readout=monitor, max_new_tokens=5))
     batch = generate(model, tok, [prompt], readout=monitor, max_new_tokens=5)[0]
     assert "".join(p for p, _ in pieces).strip() == batch.text
     assert all(proj.shape == (2, 1) for _, proj in pieces)
     torch.testing.assert_close(pieces[0][1][0, 0], batch.projections[0, 0, 0], atol=1e-4, rtol=1e-4)
-    assert _hooks(model) == n
+    assert count_hooks(model) == n
 
 
 def test_hooks_removed_when_body_raises(setup):
     model, _, v, ids = setup
     before = _hidden(model, ids)[-1]
-    n = _hooks(model)
+    n = count_hooks(model)
     with pytest.raises(RuntimeError, match="boom"), steer(model, v, LAYER, coef=5.0):
         raise RuntimeError("boom")
-    assert _hooks(model) == n
+    assert count_hooks(model) == n
     torch.testing.assert_close(_hidden(model, ids)[-1], before)
 
 
 def test_hooks_removed_when_generation_raises(setup, monkeypatch):
     model, tok, v, _ = setup
-    n = _hooks(model)
+    n = count_hooks(model)
     ops = build_ops(model, v, LAYER, coef=1.0)
 
     def broken(*args, **kwargs):
@@ -136,7 +133,7 @@ def test_hooks_removed_when_generation_raises(setup, monkeypatch):
     monkeypatch.setattr(model, "generate", broken)
     with pytest.raises(RuntimeError, match="generation failed"):
         generate(model, tok, ["hi"], steering=ops, max_new_tokens=2)
-    assert _hooks(model) == n
+    assert count_hooks(model) == n
 
 
 def test_relative_coefficient_uses_recorded_norm(setup):
@@ -168,11 +165,11 @@ def test_relative_coefficient_uses_recorded_norm(setup):
 )
 def test_bad_input_errors(setup, kwargs, message):
     model = setup[0]
-    n = _hooks(model)
+    n = count_hooks(model)
     with pytest.raises(ValueError, match=message):
         with steer(model, **kwargs):
             pass
-    assert _hooks(model) == n
+    assert count_hooks(model) == n
 
 
 def test_loaded_vectors_of_wrong_model_rejected(setup, tmp_path):

@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+from helpers import RUBRIC, generated_reply
 from openai_stub import text_response
 
 from steerlib.traits.generate import extract_json_object, generate_trait
@@ -36,7 +37,6 @@ BUILTINS = {
     "agreeableness",
     "neuroticism",
 }
-RUBRIC = "Question: {question}\nAnswer: {answer}\nScore 0 to 100, number only."
 
 
 def minimal(**overrides) -> dict:
@@ -206,20 +206,6 @@ def test_fill_rubric_is_single_pass():
 
 
 # -- generate_trait against the stub server -------------------------------------------------------
-
-
-def generated_reply(n_questions=42, rubric=RUBRIC, n_pairs=6) -> str:
-    questions = [f"Everyday question number {i}?" for i in range(n_questions)]
-    questions.insert(5, "everyday question number 3?")  # a near-duplicate the parser must drop
-    data = {
-        "instruction_pairs": [
-            {"positive": f"Be sarcastic {i}.", "negative": f"Be sincere {i}."} for i in range(n_pairs)
-        ],
-        "questions": questions,
-        "judge_rubric": rubric,
-    }
-    return "Sure! Here it is:\n```json\n" + json.dumps(data, indent=2) + "\n```\nEnjoy."
-
 
 
 def test_generate_trait(stub, tmp_path):

@@ -1,0 +1,32 @@
+"""The test suite mirrors the house: each test file stands alone, shared code lives in helpers.py."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+SHARED = {"helpers", "openai_stub"}  # modules written to be imported by tests (not test modules themselves)
+
+
+def _imported_modules(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.lineno, node.module))
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(TESTS.glob("*.py")), ids=lambda p: p.name)
+def test_no_test_module_imports_another(path: Path) -> None:
+    """Importing ``tests.x``, ``test_x`` or ``conftest`` ties a file to its neighbours (or to the rootdir):
+    run alone (``pytest tests/test_x.py``) it then fails to collect. Shared code belongs in helpers.py."""
+    local = {p.stem for p in TESTS.glob("*.py")} - SHARED
+    bad = [f"{path.name}:{line} imports {name}" for line, name in _imported_modules(path)
+           if name.split(".")[0] == "tests" or name.split(".")[0] in local]
+    assert bad == []
