@@ -82,6 +82,16 @@ def test_preventative_steering_through_peft_adds_and_ablates_with_gradients(make
             pass
 
 
+def _trainer(model, tmp_path, callbacks: list[TrainerCallback]) -> Trainer:
+    """Two CPU steps of 4 random rows each, no logging, saving or progress bars."""
+    torch.manual_seed(0)
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 250, (8, 6)).tolist()]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                             report_to=[], save_strategy="no", use_cpu=True, logging_strategy="no",
+                             disable_tqdm=True)
+    return Trainer(model=model, args=args, train_dataset=rows, callbacks=callbacks)
+
+
 def test_trainer_callback_steers_only_during_training(make_tiny, tmp_path):
     peft_model = _lora(copy.deepcopy(make_tiny("llama")))
     block = get_layout(unwrap_model(peft_model)).blocks[1]
@@ -93,13 +103,8 @@ def test_trainer_callback_steers_only_during_training(make_tiny, tmp_path):
         def on_step_end(self, args, state, control, **kwargs):
             seen.append(len(block._forward_hooks))
 
-    torch.manual_seed(0)
-    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 250, (8, 6)).tolist()]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
-                             report_to=[], save_strategy="no", use_cpu=True, logging_strategy="no",
-                             disable_tqdm=True)
     callback = PreventativeSteeringCallback(torch.randn(64), layer=2, coef=2.0)
-    Trainer(model=peft_model, args=args, train_dataset=rows, callbacks=[callback, Probe()]).train()
+    _trainer(peft_model, tmp_path, [callback, Probe()]).train()
     assert seen == [base + 1, base + 1]  # the steering hook was on the edited block at every step
     assert len(block._forward_hooks) == base  # and removed when training ended
 
@@ -115,13 +120,9 @@ def test_trainer_callback_removes_its_hooks_when_training_raises(make_tiny, tmp_
             seen.append(len(block._forward_hooks))
             raise RuntimeError("boom in step")
 
-    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 250, (8, 6)).tolist()]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
-                             report_to=[], save_strategy="no", use_cpu=True, logging_strategy="no",
-                             disable_tqdm=True)
     with pytest.raises(RuntimeError, match="boom in step"):
         with PreventativeSteeringCallback(torch.randn(64), layer=2, coef=2.0) as callback:
-            Trainer(model=peft_model, args=args, train_dataset=rows, callbacks=[callback, Crash()]).train()
+            _trainer(peft_model, tmp_path, [callback, Crash()]).train()
     assert seen == [base + 1]  # steering was on when the step failed
     assert len(block._forward_hooks) == base  # and is gone although on_train_end never came
     callback.close()  # idempotent
