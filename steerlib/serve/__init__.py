@@ -1,7 +1,9 @@
 """The steered, monitored chat server: many users, each with their own steering, in one continuous batch.
 
 ``schema`` (request models and validation) -> ``engine`` (continuous batching with per-row steering) ->
-``app`` (OpenAI and Ollama routes, guards) -> ``process`` (options, uvicorn).
+``registry`` (named vectors) -> ``service`` (engine, tokenizer, steering resolution, drift) -> ``runs`` (one
+request's rows) -> ``openai_routes`` / ``ollama_routes`` (routers) -> ``guard`` (Host, key, body limit, CORS) ->
+``app`` (``create_app``: routers, operations routes, error shapes) -> ``process`` (options, uvicorn).
 """
 
 from steerlib.serve.app import AppOptions, Service, create_app

@@ -1,0 +1,153 @@
+"""The server's front door: every request passes these checks before any route runs.
+
+``Guard`` is a pure ASGI middleware (streaming and disconnects pass straight through): the Host header must name
+the bound host unless configured otherwise (DNS rebinding), request bodies are limited (413), and with an API key
+every route but ``/health`` and the static page ``/`` needs ``Authorization: Bearer <key>`` (401; open the page as
+``/#key=<key>``). ``install_guards`` adds it, and CORS outside it, to an app.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from steerlib.serve.schema import ApiError
+
+__all__ = ["LOCAL_HOSTS", "Guard", "allowed_hosts_for", "install_guards"]
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+# Routes that answer without a key: the health probe and the static monitor page (it holds no data and sends the
+# key from its URL fragment to /v1/monitor).
+OPEN_PATHS = ("/health", "/")
+
+
+class Guard:
+    """Refuse requests before any route runs: wrong Host (400), too large a body (413), no key (401)."""
+
+    def __init__(self, app: Any, *, api_key: str | None, allowed_hosts: set[str] | None, max_body: int):
+        """Wrap an ASGI app.
+
+        Args:
+            app: the inner ASGI app.
+            api_key: bearer token every route but ``OPEN_PATHS`` requires (None: open).
+            allowed_hosts: Host header names accepted (None: no check).
+            max_body: larger request bodies get 413.
+        """
+        self.app = app
+        self.api_key = api_key
+        self.allowed_hosts = allowed_hosts
+        self.max_body = max_body
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        path = scope.get("path", "")
+        if self.allowed_hosts is not None:
+            host = _host_name(headers.get("host", ""))
+            if host not in self.allowed_hosts:
+                await _reply(send, 400, path, f"host {host!r} is not served here (allowed: "
+                                              f"{sorted(self.allowed_hosts)}); see --allowed-host")
+                return
+        if self.api_key is not None and path not in OPEN_PATHS and scope.get("method") != "OPTIONS":
+            if not bearer_matches(headers, self.api_key):
+                await _reply(send, 401, path, "missing or wrong API key (send Authorization: Bearer <key>)",
+                             extra=[(b"www-authenticate", b"Bearer")])
+                return
+        length = headers.get("content-length")
+        if length is not None and not length.isdigit():
+            await _reply(send, 400, path, f"invalid Content-Length {length!r}")
+            return
+        if length is not None and int(length) > self.max_body:
+            await _reply(send, 413, path, f"request body over the limit of {self.max_body} bytes")
+            return
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise ApiError(413, f"request body over the limit of {self.max_body} bytes")
+            return message
+
+        await self.app(scope, limited_receive if "content-length" not in headers else receive, send)
+
+
+def bearer_matches(headers: dict[str, str], key: str) -> bool:
+    """Whether ``Authorization: Bearer <token>`` carries ``key`` (constant-time comparison).
+
+    Args:
+        headers: request headers, names lower-cased.
+        key: the expected token.
+
+    Returns:
+        True when the header names the bearer scheme and the token equals ``key``.
+    """
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+def _host_name(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:8000
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+async def _reply(send: Any, status: int, path: str, message: str, extra: list | None = None) -> None:
+    if path.startswith("/api/"):
+        body = {"error": message}
+    else:
+        body = ApiError(status, message, type_="invalid_request_error" if status != 401 else "authentication_error"
+                        ).body()
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *(extra or [])]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def allowed_hosts_for(host: str, configured: Sequence[str] | None) -> set[str] | None:
+    """The Host names to accept: configured ones (``*`` = any), else the bound host (None = no check).
+
+    Args:
+        host: the address the server binds.
+        configured: the operator's ``--allowed-host`` names, or None.
+
+    Returns:
+        The accepted names, or None when nothing is checked.
+    """
+    if configured is not None:
+        names = {h.strip().lower() for h in configured}
+        return None if "*" in names else names
+    if host in LOCAL_HOSTS:
+        return set(LOCAL_HOSTS)
+    if host in ("0.0.0.0", "::", ""):
+        return None  # every interface: the operator must name the public host to get the check
+    return {host.lower()}
+
+
+def install_guards(app: FastAPI, *, api_key: str | None, host: str, allowed_hosts: Sequence[str] | None,
+                   max_body: int, cors_origins: Sequence[str]) -> None:
+    """Add the guard and (when origins are given) CORS to ``app``.
+
+    Args:
+        app: the FastAPI app.
+        api_key, host, allowed_hosts, max_body: as in ``AppOptions``.
+        cors_origins: origins allowed by CORS (empty: no CORS headers).
+    """
+    # Outermost last: CORS answers preflights before the guard asks for a key.
+    app.add_middleware(Guard, api_key=api_key, allowed_hosts=allowed_hosts_for(host, allowed_hosts),
+                       max_body=max_body)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])

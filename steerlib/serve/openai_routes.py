@@ -1,0 +1,128 @@
+"""The OpenAI-compatible routes: ``POST /v1/chat/completions`` (streamed or not, ``n``, ``stop``, ``seed``).
+
+Steering is an extension field (``extra_body={"steering": [{"vector": "optimistic", "layer": 15, "coef": 4.0}]}``;
+``[]`` turns the server's default steering off). Every answer carries ``trait_projections`` (mean / max /
+``prompt_last`` per monitored trait) and ``batch`` (the ``[step id, batch size]`` each token came from); every
+streamed chunk carries ``token_projections``: the per-token values of the tokens it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from steerlib.serve.engine import Completion, Sampling
+from steerlib.serve.runs import RequestRun, batch_meta, token_projections
+from steerlib.serve.schema import ApiError, ChatCompletionRequest
+from steerlib.serve.service import Service
+
+__all__ = ["openai_router"]
+
+
+def openai_router(service: Service) -> APIRouter:
+    """The OpenAI chat route over ``service``.
+
+    Args:
+        service: the engine, registry and read-out the route uses.
+
+    Returns:
+        An ``APIRouter`` to include in the app.
+    """
+    router = APIRouter()
+
+    # -- OpenAI -------------------------------------------------------------------------------------------
+    @router.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
+        if req.tools:
+            raise ApiError(400, "tools are not supported", param="tools")
+        if req.logprobs:
+            raise ApiError(400, "logprobs are not supported", param="logprobs")
+        max_tokens = service.max_tokens(req.max_completion_tokens or req.max_tokens)
+        edits, steering = service.steering_for(req.steering, "steering")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        prompt_ids = await asyncio.to_thread(service.encode_messages, messages)
+        service.check_length(len(prompt_ids), max_tokens)
+        sampling = [Sampling(max_tokens=max_tokens, temperature=req.temperature,
+                             top_p=req.top_p if req.temperature > 0 else 1.0,
+                             seed=None if req.seed is None or req.temperature == 0 else req.seed + i,
+                             stop=req.stop_sequences()) for i in range(req.n)]
+        run = RequestRun(service, prompt_ids, edits, steering, sampling)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if not req.stream:
+            try:
+                done = await run.results(request)
+            finally:
+                run.cancel()  # no-op for finished rows; frees the slots of an abandoned request
+            return {
+                "id": completion_id, "object": "chat.completion", "created": created, "model": service.options.model_name,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
+                             "finish_reason": _openai_finish(c.finish_reason), "logprobs": None,
+                             "trait_projections": c.trait_projections, "batch": batch_meta(c)}
+                            for i, c in enumerate(done)],
+                "usage": _usage(run.prompt_tokens, done),
+                "trait_projections": done[0].trait_projections,
+                "steering": steering,
+                "batch": batch_meta(done[0]),
+            }
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        names = list(service.monitored)
+
+        def chunk(index: int, delta: dict, finish: str | None = None, **extra: Any) -> dict:
+            return {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                    "model": service.options.model_name,
+                    "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                    **extra}
+
+        async def body() -> AsyncIterator[str]:
+            finished: list[Completion] = []
+            try:
+                for i in range(req.n):
+                    yield _sse(chunk(i, {"role": "assistant", "content": ""}))
+                async for index, item in run.events_until_done():
+                    if item[0] == "token":
+                        _, text, values, step = item
+                        yield _sse(chunk(index, {"content": text}, token_projections=token_projections(names, values),
+                                         step=step))
+                    elif item[0] == "done":
+                        c = item[1]
+                        finished.append(c)
+                        yield _sse(chunk(index, {}, _openai_finish(c.finish_reason),
+                                         trait_projections=c.trait_projections, steering=steering,
+                                         batch=batch_meta(c)))
+                    else:  # the response has started: report the failure in-band, as OpenAI does
+                        yield _sse(item[1].body())
+                        return
+                if include_usage:
+                    yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                "model": service.options.model_name, "choices": [],
+                                "usage": _usage(run.prompt_tokens, finished)})
+                yield "data: [DONE]\n\n"
+            finally:
+                run.cancel()  # client gone or stream over: the rows leave the batch at the next step
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return router
+
+
+def _openai_finish(reason: str) -> str:
+    return reason if reason in ("stop", "length") else "stop"
+
+
+def _usage(prompt_tokens: int, completions: Sequence[Completion]) -> dict[str, int]:
+    gen = sum(c.completion_tokens for c in completions)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": gen, "total_tokens": prompt_tokens + gen}
+
+
+def _sse(payload: Any) -> str:
+    return f"data: {json.dumps(payload)}\n\n"

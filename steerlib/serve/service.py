@@ -1,0 +1,240 @@
+"""The state behind the routes: the engine and tokenizer, the vector registry, steering resolution and drift.
+
+``AppOptions`` says how the HTTP side and the engine run; ``Service`` owns the engine (one continuous batch), the
+``VectorRegistry``, the per-token read-out and the drift monitor fed from each finished response. The routers
+(``openai_routes``, ``ollama_routes``) and ``app`` use it; it knows nothing about HTTP routes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from steerlib.core.chat import format_messages
+from steerlib.core.vectors import TraitVectors
+from steerlib.monitoring.drift import DriftMonitor
+from steerlib.serve.engine import Completion, Engine, RowEdit, edits_from_ops, eos_ids
+from steerlib.serve.registry import VectorRegistry
+from steerlib.serve.schema import ApiError, SteeringSpec
+from steerlib.steering.steer import build_ops, build_readout
+
+__all__ = ["AppOptions", "Service"]
+
+
+@dataclass(frozen=True)
+class AppOptions:
+    """Everything about the HTTP side and the engine that is not the model itself.
+
+    Attributes:
+        model_name: id reported by ``/v1/models`` and ``/api/tags``.
+        default_steering: steering for requests that give none.
+        monitor_traits: traits read out per token (default: every loaded vector).
+        monitor_layer: layer of the read-out (default: the monitored vectors' shared recommended layer).
+        max_batch: most rows stepped together.
+        max_queue: queued rows beyond this get 429.
+        max_tokens_limit, default_max_tokens: bounds on generation length.
+        api_key: bearer token every route but ``/health`` requires (None: open).
+        cors_origins: origins allowed by CORS (empty: no CORS headers).
+        host: the bound host; with ``allowed_hosts`` None the Host header must name it (loopback names are
+            interchangeable; a server bound to all interfaces checks nothing unless ``allowed_hosts`` is given).
+        allowed_hosts: host names accepted in the Host header; ``("*",)`` turns the check off.
+        max_body_bytes: larger request bodies get 413.
+        vector_dirs: folders ``POST /v1/vectors`` may load from (empty: the registry is read-only).
+        drift_include_steered: feed steered responses into the drift monitor's reference too (by default
+            only unsteered responses calibrate it, so a client cannot shift the baseline).
+    """
+
+    model_name: str = "steerlib"
+    default_steering: tuple[SteeringSpec, ...] = ()
+    monitor_traits: tuple[str, ...] | None = None
+    monitor_layer: int | None = None
+    max_batch: int = 16
+    max_queue: int = 256
+    max_tokens_limit: int = 512
+    default_max_tokens: int = 128
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    allowed_hosts: tuple[str, ...] | None = None
+    max_body_bytes: int = 1_000_000
+    vector_dirs: tuple[Path, ...] = ()
+    drift_include_steered: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
+            raise ValueError(f"default_max_tokens must be in 1..max_tokens_limit ({self.max_tokens_limit}), "
+                             f"got {self.default_max_tokens}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is empty")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The service: vectors, steering resolution, tokenising, drift
+# ----------------------------------------------------------------------------------------------------------
+class Service:
+    """The state behind the routes: the engine, the vector registry, the read-out and the drift monitor."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, vectors: Mapping[str, TraitVectors],
+                 options: AppOptions, drift: DriftMonitor | None = None):
+        self.model = model
+        self.options = options
+        self.registry = VectorRegistry(model, vectors, options.vector_dirs)
+        traits = list(self.vectors) if options.monitor_traits is None else list(options.monitor_traits)
+        unknown = [t for t in traits if t not in self.vectors]
+        if unknown:
+            raise ValueError(f"cannot monitor {unknown}: no such vectors (loaded: {sorted(self.vectors)})")
+        self.readout = build_readout(model, {t: self.vectors[t] for t in traits}, options.monitor_layer) \
+            if traits else None
+        self.monitored = tuple(traits)
+        self.drift = drift if drift is not None or not traits else DriftMonitor(traits, robust=True)
+        self._drift_lock = threading.Lock()
+        # Fast tokenizers must not be shared across threads; the worker decodes with the original while
+        # request threads encode with this copy, one at a time.
+        self._encoder = copy.deepcopy(tokenizer)
+        self._encode_lock = threading.Lock()
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        self.engine = Engine(model, tokenizer, readout=self.readout, max_batch=options.max_batch,
+                             max_queue=options.max_queue, eos_ids=eos_ids(model, tokenizer))
+        self.engine.on_finish = self._feed_drift
+        self.default_steering = list(options.default_steering)
+        try:
+            self._default_edits = self.resolve_steering(self.default_steering, "default steering")
+        except ApiError as exc:  # a start-up problem, not a request's
+            raise ValueError(exc.message) from None
+        self.started_at = time.time()
+
+    # -- steering -----------------------------------------------------------------------------------------
+    def resolve_steering(self, specs: Sequence[SteeringSpec], param: str = "steering") -> list[RowEdit]:
+        """Validate steering specs against the loaded vectors and turn them into per-row edits (400 if bad)."""
+        edits: list[RowEdit] = []
+        for i, spec in enumerate(specs):
+            tv, load, names = self.registry.lookup(spec.vector)
+            if tv is None:
+                raise ApiError(400, f"unknown steering vector {spec.vector!r}; available: {names}",
+                               param=f"{param}.{i}.vector", code="unknown_vector")
+            cap = (spec.cap_min, spec.cap_max) if spec.mode == "cap" else None
+            try:
+                ops = build_ops(self.model, tv, spec.layer, spec.coef, mode=spec.mode, positions=spec.positions,
+                                cap=cap, relative=spec.relative)
+            except ValueError as exc:
+                raise ApiError(400, f"{param}[{i}]: {exc}", param=f"{param}.{i}") from exc
+            for op in ops:
+                if not math.isfinite(op.coef) or abs(op.coef) > 1e6:
+                    raise ApiError(400, f"{param}[{i}]: the effective coefficient {op.coef:g} is not usable",
+                                   param=f"{param}.{i}.coef")
+            # Rows share a table entry only for the same load of the same vector at the same layer.
+            edits.extend(edits_from_ops(ops, [(spec.vector, load, op.layer) for op in ops]))
+        return edits
+
+    def steering_for(self, specs: list[SteeringSpec] | None, param: str) -> tuple[list[RowEdit], list[dict]]:
+        if specs is None:
+            return self._default_edits, [s.model_dump(exclude_defaults=True) for s in self.default_steering]
+        return self.resolve_steering(specs, param), [s.model_dump(exclude_defaults=True) for s in specs]
+
+    # -- prompts ------------------------------------------------------------------------------------------
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """Chat template + tokenise (run off the event loop and off the worker)."""
+        if messages[-1]["role"] == "assistant":
+            raise ApiError(400, "the last message is from the assistant; continuing a reply is not supported",
+                           param="messages")
+        with self._encode_lock:
+            try:
+                prompt, _ = format_messages(self._encoder, messages)
+            except Exception as exc:  # jinja templates raise their own errors (e.g. role order)
+                raise ApiError(400, f"cannot format messages: {exc}", param="messages") from exc
+            return self.encode_text(prompt)
+
+    def encode_raw(self, text: str) -> list[int]:
+        """Tokenise a prompt used as is (no chat template), serialised like ``encode_messages``."""
+        with self._encode_lock:
+            return self.encode_text(text)
+
+    def encode_text(self, text: str) -> list[int]:
+        ids = list(self._encoder(text, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param="messages")
+        return ids
+
+    def check_length(self, n_prompt: int, max_tokens: int) -> None:
+        if self.max_context and n_prompt + max_tokens > self.max_context:
+            raise ApiError(400, f"prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+                                f"context of {self.max_context} tokens", param="messages",
+                           code="context_length_exceeded")
+
+    def max_tokens(self, requested: int | None) -> int:
+        n = requested or self.options.default_max_tokens
+        if n > self.options.max_tokens_limit:
+            raise ApiError(400, f"max_tokens {n} exceeds this server's limit {self.options.max_tokens_limit}",
+                           param="max_tokens")
+        return n
+
+    # -- drift --------------------------------------------------------------------------------------------
+    def _feed_drift(self, row: Any, completion: Completion) -> None:
+        if self.drift is None:
+            return
+        scores = {t: p["mean"] for t, p in completion.trait_projections.items() if p.get("mean") is not None}
+        if len(scores) < len(completion.trait_projections) or not scores:
+            return  # an empty reply has no projection; the monitor needs a value for every trait
+        with self._drift_lock:
+            if row.steered and not self.drift.calibrated and not self.options.drift_include_steered:
+                return  # steered traffic must not become the baseline it is judged against
+            meta = {"steering": row.meta_steering, "text": completion.text[:200]}
+            self.drift.update(scores, timestamp=time.time(), meta=meta)
+
+    def monitor_snapshot(self, last: int = 200, last_alerts: int = 50) -> dict[str, Any]:
+        out: dict[str, Any] = {"traits": list(self.monitored), "layer": self.engine.monitor_layer, "history": [],
+                               "alerts": [], "server": self.engine.stats()}
+        if self.drift is not None:
+            with self._drift_lock:
+                out["history"] = _jsonable(self.drift.history(last=last))
+                alerts = list(self.drift.alerts)[-last_alerts:] if last_alerts else []
+                limits = {t: list(self.drift.limits(t)) for t in self.drift.traits}
+                drift = {**self.drift.config(), "calibrated": self.drift.calibrated,
+                         "n_updates": self.drift.n_updates}
+            out["alerts"] = [_jsonable(asdict(a)) for a in alerts]
+            out["drift"] = _jsonable({**drift, "limits": limits})
+        return out
+
+    # -- registry -----------------------------------------------------------------------------------------
+    @property
+    def vectors(self) -> dict[str, TraitVectors]:
+        """The loaded vectors by name (the registry's live mapping; change it only through the registry)."""
+        return self.registry.vectors
+
+    def vector_info(self) -> dict[str, dict]:
+        """Name -> what ``/v1/models`` and ``/v1/vectors`` say about each loaded vector."""
+        return self.registry.info(self.monitored)
+
+    def load_vector(self, name: str, path: str) -> dict:
+        """Load vectors at runtime from an allowed folder; returns their info."""
+        self.registry.load(name, path)
+        return self.vector_info()[name]
+
+    def unload_vector(self, name: str) -> None:
+        """Unload a vector the read-out and the default steering do not use."""
+        self.registry.unload(name, self.monitored, {s.vector for s in self.default_steering})
+
+
+def _jsonable(obj: Any) -> Any:
+    """Make drift records JSON-safe (NaN/inf become null; tensors and numpy scalars become numbers)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, str | int | bool) or obj is None:
+        return obj
+    if hasattr(obj, "item"):
+        return _jsonable(obj.item())
+    return str(obj)
