@@ -237,6 +237,10 @@ def serve(
     vector_dir: Annotated[list[Path] | None, typer.Option(
         "--vector-dir", help="folder POST /v1/vectors may load from (repeatable; default: none)")] = None,
     max_body_bytes: int = 1_000_000,
+    preset: Annotated[list[str] | None, typer.Option(
+        "--preset", help="steering preset served as a model of its own, NAME=VECTOR@LAYER:COEF (repeatable; a "
+                         "name given twice steers at each); listed in /v1/models and /api/tags, selected by a "
+                         "request's model")] = None,
     drift_window: int = 20,
     drift_method: str = "zscore",
     drift_threshold: float = 3.0,
@@ -251,10 +255,14 @@ def serve(
     from steerlib.jobs import check_serve
     from steerlib.serve import AppOptions, ServeOptions
     from steerlib.serve import serve as run_server
+    from steerlib.serve.schema import parse_presets
+
+    presets = parse_presets(preset or [])
 
     check_serve(model, _named_paths(vector), steer=_layer_coefs(steer or []), steer_mode=steer_mode,
                 steer_positions=steer_positions, monitor_layer=monitor_layer, port=port, max_batch=max_batch,
-                max_queue=max_queue, max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens)
+                max_queue=max_queue, max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens,
+                presets=presets)
 
     # Bad options are ValueErrors: main() prints them as one line, like every other command's.
     app_options = AppOptions(
@@ -262,7 +270,7 @@ def serve(
         max_queue=max_queue, max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens,
         api_key=api_key, cors_origins=tuple(cors_origin or ()), host=host,
         allowed_hosts=tuple(allowed_host) if allowed_host else None, max_body_bytes=max_body_bytes,
-        vector_dirs=tuple(vector_dir or ()), drift_include_steered=drift_include_steered)
+        vector_dirs=tuple(vector_dir or ()), drift_include_steered=drift_include_steered, presets=presets)
     options = ServeOptions(model_path=model, vectors=_named_paths(vector), steer=tuple(_layer_coefs(steer or [])),
                            steer_vector=steer_vector, steer_mode=steer_mode, steer_positions=steer_positions,
                            app=app_options, port=port, drift_window=drift_window, drift_method=drift_method,

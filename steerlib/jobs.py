@@ -630,6 +630,7 @@ def check_serve(
     max_queue: int = 256,
     max_tokens_limit: int = 512,
     default_max_tokens: int = 128,
+    presets: Sequence[tuple[str, Sequence[Any]]] = (),
 ) -> None:
     """Check what ``steerlib serve`` was given before the model loads and the server binds its port.
 
@@ -658,6 +659,12 @@ def check_serve(
             check_int(layer, "--steer layer", maximum=n_layers)
     if monitor_layer is not None and n_layers is not None:
         check_int(monitor_layer, "--monitor-layer", maximum=n_layers)
+    for name, specs in presets:
+        for spec in specs:
+            if spec.vector not in vectors:
+                raise ValueError(f"--preset {name}: no vector named {spec.vector!r} (given: {sorted(vectors)})")
+            if n_layers is not None:
+                check_int(spec.layer, f"--preset {name} layer", maximum=n_layers)
     for name, path in vectors.items():
         source = load_vectors(path)
         if isinstance(source, TraitVectors) and n_layers is not None and source.n_positions != n_layers + 1:
