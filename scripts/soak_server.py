@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import logging
 import random
 import threading
 import time
@@ -41,6 +42,19 @@ from steerlib.serve.schema import SteeringSpec
 MODEL = "soak"
 PROMPTS = ["How do you feel about the future?", "What do you think about your job?", "Describe your city.",
            "What will tomorrow bring?"]
+
+
+class _HungHandlers(logging.Handler):
+    """Counts the handlers uvicorn had to cancel at shutdown: requests whose answer never came."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        if "graceful shutdown exceeded" in f"{record.getMessage()} {exc}":
+            self.count += 1
 
 
 def _configs(layer: int) -> dict[str, dict]:
@@ -149,6 +163,8 @@ def main() -> None:
                          max_tokens_limit=64, default_max_tokens=args.max_tokens, max_body_bytes=max_body,
                          presets=(("cheerful", (SteeringSpec(vector="trait", layer=args.layer, coef=4.0),)),))
     configs = _configs(args.layer)
+    hung = _HungHandlers()
+    logging.getLogger("uvicorn.error").addHandler(hung)
     counts: collections.Counter = collections.Counter()
     failures: list[str] = []
     lock = threading.Lock()
@@ -216,6 +232,9 @@ def main() -> None:
           f"steps={stats['steps']} mean_batch_size={stats['mean_batch_size']}")
     if stats["active_rows"] or stats["queue_depth"]:
         failures.append(f"rows left: active {stats['active_rows']}, queued {stats['queue_depth']}")
+    print(f"request handlers still waiting at shutdown (cancelled by uvicorn's graceful timeout): {hung.count}")
+    if hung.count:
+        failures.append(f"{hung.count} request handlers never ended (their rows gave no done/error signal)")
     print(f"failures: {len(failures)}")
     for line in failures[:20]:
         print(f"  {line}")

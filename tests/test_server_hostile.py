@@ -35,6 +35,7 @@ litellm = pytest.importorskip("litellm")
 langchain_openai = pytest.importorskip("langchain_openai")
 
 from steerlib.core.vectors import TraitVectors  # noqa: E402
+from steerlib.jobs import check_serve  # noqa: E402
 from steerlib.serve import AppOptions, BackgroundServer, create_app  # noqa: E402
 from steerlib.serve.schema import SteeringSpec, parse_preset, parse_presets  # noqa: E402
 
@@ -224,7 +225,10 @@ def test_tiny_temperature_is_greedy_and_leaves_its_neighbours_alone(live, greedy
     assert ollama.result().status_code == 200 and ollama.result().json()["message"]["content"] == greedy["plain"]
 
 
-def test_queued_request_whose_client_leaves_ends_and_shutdown_is_bounded(embedded, vector_dir):
+@pytest.mark.xfail(strict=False, reason="issue 21 class 2 (a queued row whose client leaves gets no done/error "
+                   "signal) is fixed in the engine rewrite; this HTTP-level test runs against whatever engine is in "
+                   "the tree: drop the mark when it passes")
+def test_queued_request_whose_client_leaves_ends_and_shutdown_is_bounded(embedded, vector_dir, caplog):
     model, tok = embedded
     tv = TraitVectors.load(vector_dir / "optimistic", model=model)
     app = create_app(model, tok, {"optimistic": tv},
@@ -249,9 +253,12 @@ def test_queued_request_whose_client_leaves_ends_and_shutdown_is_bounded(embedde
             time.sleep(0.05)
     finally:
         started = time.monotonic()
-        srv.stop(timeout=30)
-    assert not srv._thread.is_alive(), "shutdown hung with a request that never ended"
-    assert time.monotonic() - started < 30
+        with caplog.at_level("ERROR", logger="uvicorn.error"):
+            srv.stop(timeout=30)
+    # uvicorn cancels handlers still waiting after its graceful timeout (5 s) and logs it: a handler that never
+    # got its row's end would show here.
+    assert not [r for r in caplog.records if "graceful shutdown exceeded" in r.getMessage()]
+    assert time.monotonic() - started < 5, "shutdown waited for a request that never ended"
 
 
 # -- class 11: real client packages ---------------------------------------------------------------------------
@@ -334,6 +341,15 @@ def test_presets_group_by_name_and_bad_ones_stop_start_up(embedded, vector_dir):
         create_app(model, tok, {"optimistic": tv}, AppOptions(presets=(("x", (SteeringSpec(vector="nope"),)),)))
     with pytest.raises(ValueError, match=r"preset 'steerlib' is defined twice \(or is the model's own name\)"):
         create_app(model, tok, {"optimistic": tv}, AppOptions(presets=(("steerlib", (SteeringSpec(**UP[0]),)),)))
+
+
+def test_serve_checks_presets_before_the_model_loads(vector_dir):
+    vectors = {"optimistic": str(vector_dir / "optimistic")}
+    with pytest.raises(ValueError, match=r"^--preset c: no vector named 'nope' \(given: \['optimistic'\]\)$"):
+        check_serve(None, vectors, presets=parse_presets(["c=nope@3:1"]))
+    with pytest.raises(ValueError, match=r"^--preset c layer must be within 1\.\.30, got 31$"):
+        check_serve(None, vectors, presets=parse_presets(["c=optimistic@31:1"]))
+    check_serve(None, vectors, presets=parse_presets(["c=optimistic@30:1"]))
 
 
 assert os.sep == "/"  # the symlink cases need a POSIX file system
