@@ -182,6 +182,26 @@ def test_threads_any_lets_a_streamer_thread_through_steered(tiny, vec):
         steer(tiny, vec, layers=2, threads="all").__enter__()
 
 
+def test_second_thread_entering_steer_is_refused(tiny, vec):
+    errors: list[BaseException] = []
+
+    def other():
+        try:
+            with steer(tiny, vec, layers=2, coef=-8.0):
+                pass
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test thread
+            errors.append(exc)
+
+    with steer(tiny, vec, layers=2, coef=8.0), steer(tiny, vec, layers=3, coef=1.0):  # nested: one guard
+        assert len(tiny._forward_pre_hooks) == 1
+        thread = threading.Thread(target=other, name="second-steerer")
+        thread.start()
+        thread.join(30)
+    assert len(errors) == 1 and isinstance(errors[0], ForeignThreadForward)
+    assert "thread 'second-steerer' entered steer() on a model that thread 'MainThread' is steering" in str(errors[0])
+    assert not tiny._forward_pre_hooks
+
+
 def test_thread_guard_is_removed_when_the_body_raises(tiny, vec):
     with pytest.raises(RuntimeError, match="boom"), steer(tiny, vec, layers=2):
         raise RuntimeError("boom")

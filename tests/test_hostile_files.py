@@ -139,7 +139,7 @@ CASES: list[tuple[str, Callable[[Path], Path], str]] = [
      r"k array length is 5000 but only 0 bytes follow"),
     ("saklas layer_20000000", _saklas({"layer_20000000": torch.ones(WIDTH)}),
      r"layer index of layer_20000000 is 20000000, outside 0\.\.4095"),
-    ("paper .pt with 10^5 rows", _pt(torch.ones(100_000, 2)), r"outside 1\.\.4096"),
+    ("paper .pt with 10^5 rows", _pt(torch.ones(100_000, 2)), r"row count - 1 \(blocks\) is 99999, outside 0\.\.4096"),
     # class 5: damaged files end in one line, not a traceback
     ("gguf of 24 bytes", _raw(_header(1, 1)), r"tensor count is 1 but only 8 bytes follow: the file is truncated"),
     ("gguf of 3 bytes", _raw(b"GGU"), r"not a GGUF file"),

@@ -86,7 +86,7 @@ def load_persona_vectors(path: str | Path, *, model=None, trait: str | None = No
         raise ValueError(f"{path}: expected a tensor [n_layers + 1, d_model], got {shape}")
     check_dtype_of(table, path)
     check_table(table.shape[0], table.shape[1], path, "the tensor")
-    check_size(table.shape[0] - 1, "row count - 1 (blocks)", path, MAX_LAYERS, minimum=1)
+    check_size(table.shape[0] - 1, "row count - 1 (blocks)", path, MAX_LAYERS)
     bad = first_nonfinite_row(table)
     if bad is not None:
         raise ValueError(f"{path}: row {bad} (layer {bad}) contains NaN or inf values")
