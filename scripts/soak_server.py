@@ -26,6 +26,7 @@ import collections
 import json
 import logging
 import random
+import re
 import threading
 import time
 from pathlib import Path
@@ -52,9 +53,9 @@ class _HungHandlers(logging.Handler):
         self.count = 0
 
     def emit(self, record: logging.LogRecord) -> None:
-        exc = record.exc_info[1] if record.exc_info else None
-        if "graceful shutdown exceeded" in f"{record.getMessage()} {exc}":
-            self.count += 1
+        found = re.search(r"Cancel (\d+) running task", record.getMessage())
+        if found:
+            self.count += int(found.group(1))
 
 
 def _configs(layer: int) -> dict[str, dict]:
@@ -164,11 +165,11 @@ def main() -> None:
                          presets=(("cheerful", (SteeringSpec(vector="trait", layer=args.layer, coef=4.0),)),))
     configs = _configs(args.layer)
     hung = _HungHandlers()
-    logging.getLogger("uvicorn.error").addHandler(hung)
     counts: collections.Counter = collections.Counter()
     failures: list[str] = []
     lock = threading.Lock()
     with BackgroundServer(create_app(model, tok, {"trait": tv}, options)) as srv:
+        logging.getLogger("uvicorn.error").addHandler(hung)  # after uvicorn configured its loggers
         solo = {}
         for prompt in PROMPTS:
             for name, cfg in configs.items():
