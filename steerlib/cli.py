@@ -249,6 +249,10 @@ def serve(
     conversations: Annotated[int, typer.Option(
         help="conversations whose per-turn projections are kept (least recently active dropped; 0: off)")] = 1024,
     conversation_turns: Annotated[int, typer.Option(help="turns kept per conversation")] = 256,
+    preset: Annotated[list[str] | None, typer.Option(
+        "--preset", help="steering preset served as a model of its own, NAME=VECTOR@LAYER:COEF (repeatable; a "
+                         "name given twice steers at each); listed in /v1/models and /api/tags, selected by a "
+                         "request's model")] = None,
     drift_window: int = 20,
     drift_method: str = "zscore",
     drift_threshold: float = 3.0,
@@ -263,10 +267,14 @@ def serve(
     from steerlib.jobs import check_serve
     from steerlib.serve import AppOptions, ServeOptions
     from steerlib.serve import serve as run_server
+    from steerlib.serve.schema import parse_presets
+
+    presets = parse_presets(preset or [])
 
     check_serve(model, _named_paths(vector), steer=_layer_coefs(steer or []), steer_mode=steer_mode,
                 steer_positions=steer_positions, monitor_layer=monitor_layer, port=port, max_batch=max_batch,
-                max_queue=max_queue, max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens)
+                max_queue=max_queue, max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens,
+                presets=presets)
 
     # Bad options are ValueErrors: main() prints them as one line, like every other command's.
     app_options = AppOptions(
@@ -278,7 +286,7 @@ def serve(
         metrics_key=metrics_key, metrics_no_auth=metrics_no_auth,
         metrics_buckets=tuple(_floats(metrics_buckets)) if metrics_buckets else None,
         metrics_conversations=metrics_conversations, conversations=conversations,
-        conversation_turns=conversation_turns)
+        conversation_turns=conversation_turns, presets=presets)
     options = ServeOptions(model_path=model, vectors=_named_paths(vector), steer=tuple(_layer_coefs(steer or [])),
                            steer_vector=steer_vector, steer_mode=steer_mode, steer_positions=steer_positions,
                            app=app_options, port=port, drift_window=drift_window, drift_method=drift_method,

@@ -5,6 +5,7 @@ library, and write its outputs. The CLI parses arguments and calls exactly one f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ from steerlib.monitoring.drift import DriftMonitor
 from steerlib.steering.dose import DoseResponse, dose_response
 from steerlib.steering.generation import Generation, generate
 from steerlib.steering.steer import MODES, POSITIONS, build_ops, build_readout
+from steerlib.store.results import exclusive_output
 from steerlib.store.samples import read_samples
 from steerlib.traits.judges import make_judge
 from steerlib.traits.library import Trait, TraitError, check_trait_name, load_trait
@@ -73,15 +75,16 @@ def extract_file(
     config = config or ExtractionConfig()  # its numbers are checked when it is built
     t = load_trait(trait)
     out_dir = check_out_dir(out_dir or Path("runs") / t.name)
-    loaded = load_model(model_path)
-    model, tok = loaded
-    trait_judge = make_judge(judge, t, model=model, tokenizer=tok)
-    coherence = None
-    if config.coherence_threshold is not None:
-        coherence = make_judge(judge if judge.startswith("openai:") else "self", t, model=model, tokenizer=tok,
-                               rubric=t.coherence_rubric)
-    return extract_trait(model, tok, t, out_dir, judge=trait_judge,
-                         coherence_judge=coherence, config=config, model_name=loaded.name)
+    with exclusive_output(out_dir, f"steerlib extract {t.name}"):
+        loaded = load_model(model_path)
+        model, tok = loaded
+        trait_judge = make_judge(judge, t, model=model, tokenizer=tok)
+        coherence = None
+        if config.coherence_threshold is not None:
+            coherence = make_judge(judge if judge.startswith("openai:") else "self", t, model=model, tokenizer=tok,
+                                   rubric=t.coherence_rubric)
+        return extract_trait(model, tok, t, out_dir, judge=trait_judge,
+                             coherence_judge=coherence, config=config, model_name=loaded.name)
 
 
 def sweep_judge(trait: str):
@@ -234,43 +237,44 @@ def flag_file(
     check_int(ray_concurrency, "ray_concurrency")
     check_choice(on_error, "on_error", ON_ERROR)
     check_choice(baseline, "baseline", BASELINES)
-    out_dir = check_out_dir(out_dir)
-    read = read_samples(data_path, on_error=on_error)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not read.samples:
-        raise ValueError(f"{data_path}: no valid samples ({len(read.problems)} malformed lines)")
-    scores_path = out_dir / "scores.jsonl"
-    vectors = load_vectors(vectors_path)
-    layer = pick_layer(vectors, layer)
-    if negate:
-        # The other pole is the negated direction: every projection flips sign, so highest-first ranks it.
-        vectors = -vectors
-    if use_ray:
-        from steerlib.finetuning.flag.ray import score_dataset_ray  # ray is an optional extra
+    with exclusive_output(check_out_dir(out_dir), "steerlib flag"):
+        out_dir = check_out_dir(out_dir)
+        read = read_samples(data_path, on_error=on_error)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not read.samples:
+            raise ValueError(f"{data_path}: no valid samples ({len(read.problems)} malformed lines)")
+        scores_path = out_dir / "scores.jsonl"
+        vectors = load_vectors(vectors_path)
+        layer = pick_layer(vectors, layer)
+        if negate:
+            # The other pole is the negated direction: every projection flips sign, so highest-first ranks it.
+            vectors = -vectors
+        if use_ray:
+            from steerlib.finetuning.flag.ray import score_dataset_ray  # ray is an optional extra
 
-        result = score_dataset_ray(
-            model_path, read.samples, vectors, layer, out_path=scores_path, batch_size=batch_size,
-            baseline=baseline, max_new_tokens=max_new_tokens, resume=resume, kind=kind,
-            concurrency=ray_concurrency, address=ray_address, dtype=dtype, progress=progress,
-        )
-    else:
-        model, tokenizer = load_model(model_path, dtype=dtype, device=device)
-        vectors = _fit_vectors(vectors, vectors_path, model)
-        result = score_dataset(
-            model, tokenizer, read, vectors, layer, out_path=scores_path, batch_size=batch_size,
-            baseline=baseline, max_new_tokens=max_new_tokens, resume=resume, progress=progress, kind=kind,
-        )
-    ranked = rank(result, samples=read.samples, out_path=out_dir / "ranked.jsonl")
-    write_rows(ranked, out_dir / "ranked.csv")
-    hist = plot_histogram(result, out_dir / "histogram.png", top_k=min(top_k, len(ranked)),
-                          label_key=label_key)
-    summary = {**result.summary(), "data": str(data_path), "negated": negate,
-               "problems": [str(p) for p in read.problems]}
-    summary_path = out_dir / "summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2))
-    return FlagReport(summary=summary, top=ranked[:top_k], scores_path=scores_path,
-                      ranked_jsonl=out_dir / "ranked.jsonl", ranked_csv=out_dir / "ranked.csv",
-                      histogram=hist, summary_path=summary_path, problems=list(read.problems))
+            result = score_dataset_ray(
+                model_path, read.samples, vectors, layer, out_path=scores_path, batch_size=batch_size,
+                baseline=baseline, max_new_tokens=max_new_tokens, resume=resume, kind=kind,
+                concurrency=ray_concurrency, address=ray_address, dtype=dtype, progress=progress,
+            )
+        else:
+            model, tokenizer = load_model(model_path, dtype=dtype, device=device)
+            vectors = _fit_vectors(vectors, vectors_path, model)
+            result = score_dataset(
+                model, tokenizer, read, vectors, layer, out_path=scores_path, batch_size=batch_size,
+                baseline=baseline, max_new_tokens=max_new_tokens, resume=resume, progress=progress, kind=kind,
+            )
+        ranked = rank(result, samples=read.samples, out_path=out_dir / "ranked.jsonl")
+        write_rows(ranked, out_dir / "ranked.csv")
+        hist = plot_histogram(result, out_dir / "histogram.png", top_k=min(top_k, len(ranked)),
+                              label_key=label_key)
+        summary = {**result.summary(), "data": str(data_path), "negated": negate,
+                   "problems": [str(p) for p in read.problems]}
+        summary_path = out_dir / "summary.json"
+        summary_path.write_text(json.dumps(summary, indent=2))
+        return FlagReport(summary=summary, top=ranked[:top_k], scores_path=scores_path,
+                          ranked_jsonl=out_dir / "ranked.jsonl", ranked_csv=out_dir / "ranked.csv",
+                          histogram=hist, summary_path=summary_path, problems=list(read.problems))
 
 
 def monitor_file(
@@ -315,31 +319,32 @@ def monitor_file(
     check_choice(on_error, "on_error", ON_ERROR)
     check_int(batch_size, "batch_size")
     check_out_dir(out_dir)
-    if not vectors_paths:
-        raise ValueError("no trait vectors given")
-    with warnings.catch_warnings():  # skipped lines are reported once, by the run itself
-        warnings.simplefilter("ignore")
-        read_conversations(conversations_path, on_error=on_error)  # a malformed log fails now, naming its line
-    specs = [str(spec).rpartition("=") if "=" in str(spec) else ("", "", str(spec)) for spec in vectors_paths]
-    loaded = [load_vectors(path) for _, _, path in specs]  # damaged files fail before the model loads
-    model, tokenizer = load_model(model_path, dtype=dtype, device=device)
-    vectors: dict[str, TraitVectors | Tensor] = {}
-    for (name, _, path), vec in zip(specs, loaded, strict=True):
-        vec = _fit_vectors(vec, path, model)
-        name = name or (vec.trait if isinstance(vec, TraitVectors) else Path(path).stem)
-        if name in vectors:
-            raise ValueError(f"two vector files for trait {name!r}; name them with name=path")
-        vectors[name] = vec
-    if layer is None:
-        recs = {v.recommended_layer for v in vectors.values() if isinstance(v, TraitVectors)}
-        all_saved = all(isinstance(v, TraitVectors) for v in vectors.values())
-        if len(recs) != 1 or None in recs or not all_saved:
-            raise ValueError("pass layer: the vectors do not share one recommended layer")
-        layer = recs.pop()
-    return monitor_conversations(model, tokenizer, vectors, layer, conversations_path, out_dir=out_dir,
-                                 window=window, method=method, threshold=threshold,
-                                 reference_size=reference_size, batch_size=batch_size, resume=resume,
-                                 on_error=on_error, progress=progress)
+    with exclusive_output(out_dir, "steerlib monitor"):
+        if not vectors_paths:
+            raise ValueError("no trait vectors given")
+        with warnings.catch_warnings():  # skipped lines are reported once, by the run itself
+            warnings.simplefilter("ignore")
+            read_conversations(conversations_path, on_error=on_error)  # a malformed log fails now, naming its line
+        specs = [str(spec).rpartition("=") if "=" in str(spec) else ("", "", str(spec)) for spec in vectors_paths]
+        loaded = [load_vectors(path) for _, _, path in specs]  # damaged files fail before the model loads
+        model, tokenizer = load_model(model_path, dtype=dtype, device=device)
+        vectors: dict[str, TraitVectors | Tensor] = {}
+        for (name, _, path), vec in zip(specs, loaded, strict=True):
+            vec = _fit_vectors(vec, path, model)
+            name = name or (vec.trait if isinstance(vec, TraitVectors) else Path(path).stem)
+            if name in vectors:
+                raise ValueError(f"two vector files for trait {name!r}; name them with name=path")
+            vectors[name] = vec
+        if layer is None:
+            recs = {v.recommended_layer for v in vectors.values() if isinstance(v, TraitVectors)}
+            all_saved = all(isinstance(v, TraitVectors) for v in vectors.values())
+            if len(recs) != 1 or None in recs or not all_saved:
+                raise ValueError("pass layer: the vectors do not share one recommended layer")
+            layer = recs.pop()
+        return monitor_conversations(model, tokenizer, vectors, layer, conversations_path, out_dir=out_dir,
+                                     window=window, method=method, threshold=threshold,
+                                     reference_size=reference_size, batch_size=batch_size, resume=resume,
+                                     on_error=on_error, progress=progress)
 
 
 def shift_file(
@@ -486,15 +491,16 @@ def shiftcheck_file(
     check_int(batch_size, "batch_size")
     for k in shots:
         check_int(k, "shots", minimum=0)
-    model, tok = load_model(model_path)
-    tv = _fit_vectors(tv, vectors_path, model)
-    trait_judge = make_judge(judge, t, model=model, tokenizer=tok)
     folder = Path(out_dir) if out_dir is not None else (
         vectors_path if vectors_path.is_dir() else vectors_path.parent) / "shiftcheck"
-    result = prompt_shift(model, tok, tv, folder, trait=t, judge=trait_judge, n_questions=n_questions, pair=pair,
-                          shots=list(shots), negative_shots=negative_shots, max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, resume=resume, progress=True)
-    return result, folder
+    with exclusive_output(check_out_dir(folder), "steerlib shiftcheck"):
+        model, tok = load_model(model_path)
+        tv = _fit_vectors(tv, vectors_path, model)
+        trait_judge = make_judge(judge, t, model=model, tokenizer=tok)
+        result = prompt_shift(model, tok, tv, folder, trait=t, judge=trait_judge, n_questions=n_questions, pair=pair,
+                              shots=list(shots), negative_shots=negative_shots, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, resume=resume, progress=True)
+        return result, folder
 
 
 def inventory_file(
@@ -513,14 +519,18 @@ def inventory_file(
     if out is not None:
         check_out_dir(Path(out).parent)
     loaded = {name: load_vectors(path) for name, path in (vectors or {}).items()}
-    model, tok = load_model(model_path)
-    if not loaded:
-        return administer(model, tok, items)
-    loaded = {name: _fit_vectors(v, vectors[name], model) for name, v in loaded.items()}
-    matrix = inventory_matrix(model, tok, loaded, inventory=items, coef=coef, relative=relative, layer=layer)
-    if out is not None:
-        matrix.save(out)
-    return matrix
+    # The lock is the output file's own (a run folder also holds other jobs' outputs).
+    lock = (contextlib.nullcontext() if out is None or not loaded else
+            exclusive_output(Path(out).parent, "steerlib inventory", lock_name=f".{Path(out).name}.lock"))
+    with lock:
+        model, tok = load_model(model_path)
+        if not loaded:
+            return administer(model, tok, items)
+        loaded = {name: _fit_vectors(v, vectors[name], model) for name, v in loaded.items()}
+        matrix = inventory_matrix(model, tok, loaded, inventory=items, coef=coef, relative=relative, layer=layer)
+        if out is not None:
+            matrix.save(out)
+        return matrix
 
 
 def report_file(
@@ -620,6 +630,7 @@ def check_serve(
     max_queue: int = 256,
     max_tokens_limit: int = 512,
     default_max_tokens: int = 128,
+    presets: Sequence[tuple[str, Sequence[Any]]] = (),
 ) -> None:
     """Check what ``steerlib serve`` was given before the model loads and the server binds its port.
 
@@ -648,6 +659,12 @@ def check_serve(
             check_int(layer, "--steer layer", maximum=n_layers)
     if monitor_layer is not None and n_layers is not None:
         check_int(monitor_layer, "--monitor-layer", maximum=n_layers)
+    for name, specs in presets:
+        for spec in specs:
+            if spec.vector not in vectors:
+                raise ValueError(f"--preset {name}: no vector named {spec.vector!r} (given: {sorted(vectors)})")
+            if n_layers is not None:
+                check_int(spec.layer, f"--preset {name} layer", maximum=n_layers)
     for name, path in vectors.items():
         source = load_vectors(path)
         if isinstance(source, TraitVectors) and n_layers is not None and source.n_positions != n_layers + 1:

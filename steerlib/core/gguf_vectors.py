@@ -26,12 +26,14 @@ of ``model.layers[i]`` and exports it as ``direction.i``; saklas hooks ``layers[
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from steerlib.core.limits import MAX_ENTRIES, MAX_LAYERS, check_size, check_table
 from steerlib.core.vectors import TraitVectors
 
 ARCH = "controlvector"
@@ -44,6 +46,92 @@ _KEY_KIND = "steerlib.kind"
 _KEY_N_LAYERS = "steerlib.n_layers"
 _KEY_COEF = "steerlib.coef"
 _DIRECTION = re.compile(r"direction\.(\d+)")
+# GGUF metadata value types with a fixed size (bytes); 8 = string, 9 = array.
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_STRING = 1 << 20  # longest metadata string or name (tokenizer vocabularies are arrays of short strings)
+
+
+class _Header:
+    """A bounds-checked walk over a GGUF header, so no count in it can make the reader loop or allocate.
+
+    ``gguf.GGUFReader`` trusts the counts it reads (an array claiming 2^40 elements past the end of the file is
+    walked element by element, appending empty parts forever), so the header is walked here first: every count
+    and length must fit in the bytes that remain.
+    """
+
+    def __init__(self, path: Path, data: bytes):
+        self.path, self.data, self.pos = path, data, 0
+        self.order = "<"
+
+    def take(self, fmt: str, field: str):
+        size = struct.calcsize(self.order + fmt)
+        if self.pos + size > len(self.data):
+            raise ValueError(f"{self.path}: the file ends inside the GGUF header (reading {field} at byte "
+                             f"{self.pos} of {len(self.data)})")
+        value = struct.unpack_from(self.order + fmt, self.data, self.pos)[0]
+        self.pos += size
+        return value
+
+    def count(self, field: str, item_bytes: int, maximum: int) -> int:
+        """A count read from the file, bounded by ``maximum`` and by the bytes left for its items."""
+        value = check_size(self.take("Q", field), field, self.path, maximum)
+        left = len(self.data) - self.pos
+        if value * item_bytes > left:
+            raise ValueError(f"{self.path}: {field} is {value} but only {left} bytes follow: the file is truncated "
+                             "or damaged")
+        return value
+
+    def string(self, field: str) -> bytes:
+        length = self.count(f"{field} length", 1, MAX_STRING)
+        self.pos += length
+        return self.data[self.pos - length:self.pos]
+
+    def value(self, vtype: int, field: str, depth: int = 0) -> None:
+        if vtype in _SCALAR_BYTES:
+            self.take({1: "B", 2: "H", 4: "I", 8: "Q"}[_SCALAR_BYTES[vtype]], field)
+        elif vtype == _STRING:
+            self.string(field)
+        elif vtype == _ARRAY and depth == 0:
+            itype = self.take("I", f"{field} element type")
+            item = _SCALAR_BYTES.get(itype, 8)  # a string or nested array takes at least its 8-byte length
+            n = self.count(f"{field} array length", item, MAX_ENTRIES * 64)
+            if itype in _SCALAR_BYTES:
+                self.pos += n * item
+            else:
+                for _ in range(n):
+                    self.value(itype, field, depth + 1)
+        else:
+            raise ValueError(f"{self.path}: metadata {field} has an unknown GGUF value type {vtype}")
+
+    def walk(self) -> None:
+        if self.data[:4] != b"GGUF":
+            raise ValueError(f"{self.path}: not a GGUF file (no GGUF magic in the first 4 bytes)")
+        self.pos = 4
+        version = self.take("I", "version")
+        if version & 0xFFFF == 0:  # written on a machine of the other byte order
+            self.order = ">"
+            version = struct.unpack(">I", struct.pack("<I", version))[0]
+        if version not in (2, 3):
+            raise ValueError(f"{self.path}: GGUF version {version} is not supported (2 or 3)")
+        n_tensors = self.count("tensor count", 33, MAX_ENTRIES)  # a tensor entry takes >= 33 bytes
+        n_keys = self.count("metadata key count", 13, MAX_ENTRIES)  # a key entry takes >= 13 bytes
+        for _ in range(n_keys):
+            key = self.string("metadata key").decode("utf-8", "replace")
+            self.value(self.take("I", f"{key} type"), key)
+        for _ in range(n_tensors):
+            name = self.string("tensor name").decode("utf-8", "replace")
+            n_dims = check_size(self.take("I", f"{name} dimension count"), f"{name} dimension count", self.path,
+                                _MAX_DIMS, minimum=1)
+            dims = [self.take("Q", f"{name} shape") for _ in range(n_dims)]
+            elements = 1
+            for d in dims:
+                elements *= d
+            # The largest tensor type takes 8 bytes per element; the data must fit in the file.
+            check_size(elements, f"{name} element count", self.path, len(self.data))
+            self.take("I", f"{name} type")
+            self.take("Q", f"{name} offset")
 
 
 def direction_index(layer: int) -> int:
@@ -134,6 +222,14 @@ def _field_value(reader, key: str):
         return bytes(part).decode() if part.dtype == np.uint8 else part.tolist()[0]
 
 
+def _text_field(reader, key: str, path: Path) -> str | None:
+    """A string metadata value, or None when absent; any other type names the file and the key."""
+    value = _field_value(reader, key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{path}: metadata {key} must be a string, got {type(value).__name__}")
+    return value
+
+
 def read_control_vector(
     path: str | Path,
     *,
@@ -162,11 +258,12 @@ def read_control_vector(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no control vector file at {path}")
+    _Header(path, path.read_bytes()).walk()
     try:
         reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable GGUF file ({exc})") from None
-    arch = _field_value(reader, "general.architecture")
+    except Exception as exc:  # noqa: BLE001 - the reader raises many types on damaged files; one line names it
+        raise ValueError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+    arch = _text_field(reader, "general.architecture", path)
     if arch is not None and arch != ARCH:
         raise ValueError(f"{path}: general.architecture is {arch!r}, not {ARCH!r}: this GGUF is not a control vector")
     directions: dict[int, np.ndarray] = {}
@@ -175,7 +272,8 @@ def read_control_vector(
         match = _DIRECTION.fullmatch(tensor.name)
         if match is None:
             raise ValueError(f"{path}: tensor {tensor.name!r} is not named direction.<layer>")
-        index = int(match.group(1))
+        index = check_size(int(match.group(1)), f"the layer index of {tensor.name}", path,
+                           MAX_LAYERS - 1)
         if index == 0:
             raise ValueError(f"{path}: direction.0 is invalid (llama.cpp never steers block 0)")
         if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
@@ -184,6 +282,10 @@ def read_control_vector(
         if data.ndim != 1 and not (data.ndim == 2 and 1 in data.shape):
             raise ValueError(f"{path}: {tensor.name} has shape {tuple(data.shape)}, control vectors must be 1-D")
         data = data.reshape(-1)
+        if data.size == 0:
+            raise ValueError(f"{path}: {tensor.name} is empty (width 0)")
+        if not np.isfinite(data).all():
+            raise ValueError(f"{path}: {tensor.name} (steerlib layer {index + 1}) contains NaN or inf values")
         if width is None:
             width = data.shape[0]
         elif data.shape[0] != width:
@@ -197,26 +299,33 @@ def read_control_vector(
         n_layers = get_layout(model).n_layers
     if n_layers is None:
         stored = _field_value(reader, _KEY_N_LAYERS)
-        n_layers = int(stored) if stored is not None else max(directions) + 1
+        n_layers = max(directions) + 1 if stored is None else check_size(
+            stored, _KEY_N_LAYERS, path, MAX_LAYERS, minimum=1)
     deepest = max(directions)
     if deepest + 1 > n_layers:
         raise ValueError(f"{path}: direction.{deepest} edits layer {deepest + 1}, past the model's {n_layers} blocks")
+    check_table(n_layers + 1, width, path, "the direction tensors")
     table = torch.zeros(n_layers + 1, width, dtype=torch.float32)
     for index, data in directions.items():
-        table[index + 1] = torch.from_numpy(np.array(data, dtype=np.float32))
-    kind = _field_value(reader, _KEY_KIND) or kind
+        summed = torch.from_numpy(np.array(data, dtype=np.float32))
+        if not torch.isfinite(summed).all():  # two finite directions with the same index can overflow
+            raise ValueError(f"{path}: direction.{index} (steerlib layer {index + 1}) sums to NaN or inf values")
+        table[index + 1] = summed
+    kind = _text_field(reader, _KEY_KIND, path) or kind
     layers = sorted(i + 1 for i in directions)
     metadata = {"source": "llama.cpp control vector", "path": str(path), "layers": layers,
-                "model_hint": _field_value(reader, _KEY_HINT)}
+                "model_hint": _text_field(reader, _KEY_HINT, path)}
     coef = _field_value(reader, _KEY_COEF)
     if coef is not None:
+        if isinstance(coef, bool) or not isinstance(coef, int | float) or not np.isfinite(coef):
+            raise ValueError(f"{path}: metadata {_KEY_COEF} must be a finite number, got {coef!r}")
         metadata["coef"] = float(coef)
     if len(layers) == 1:
         metadata["recommended_layer"] = layers[0]
     tv = TraitVectors(
         vectors={kind: table},
-        model_name=_field_value(reader, _KEY_MODEL) or "unknown",
-        trait=trait or _field_value(reader, _KEY_TRAIT) or path.stem,
+        model_name=_text_field(reader, _KEY_MODEL, path) or "unknown",
+        trait=trait or _text_field(reader, _KEY_TRAIT, path) or path.stem,
         method="gguf_import",
         metadata=metadata,
     )

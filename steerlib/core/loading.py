@@ -14,7 +14,7 @@ from torch import Tensor
 
 from steerlib.core.arch import get_layout
 from steerlib.core.vector_imports import load_foreign
-from steerlib.core.vectors import TraitVectors, VectorSource, check_dtype, check_vector
+from steerlib.core.vectors import TraitVectors, VectorSource, check_dtype, check_vector, first_nonfinite_row
 
 __all__ = ["load_vectors", "pick_layer", "resolve_vector"]
 
@@ -77,8 +77,11 @@ def _check_tensor(tensor: Tensor, name: str) -> Tensor:
     if tensor.ndim not in (1, 2) or tensor.shape[-1] == 0:
         raise ValueError(f"{name} must be a [d_model] or [n_layers + 1, d_model] tensor, got shape "
                          f"{tuple(tensor.shape)}")
-    if not torch.isfinite(tensor).all():
+    if tensor.ndim == 1 and not torch.isfinite(tensor).all():
         raise ValueError(f"{name} contains NaN or inf values")
+    bad = first_nonfinite_row(tensor) if tensor.ndim == 2 else None
+    if bad is not None:
+        raise ValueError(f"{name} contains NaN or inf values at layer {bad} (row {bad})")
     return tensor
 
 

@@ -19,14 +19,15 @@ Layer conventions (steerlib layer ``L`` = ``output_hidden_states[L]``: 0 = embed
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from steerlib.core.vectors import TraitVectors
+from steerlib.core.checks import load_json
+from steerlib.core.limits import MAX_LAYERS, check_size, check_table
+from steerlib.core.vectors import TraitVectors, check_dtype_of, first_nonfinite_row, read_safetensors
 
 Format = Literal["gguf", "persona_vectors", "saklas"]
 
@@ -45,8 +46,11 @@ def detect_format(path: str | Path) -> Format | None:
     if path.suffix == ".safetensors" and path.is_file():
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+        except Exception:  # noqa: BLE001 - not readable as safetensors: the steerlib reader says why, in one line
+            return None
         if keys and all(_SAKLAS_KEY.fullmatch(k) for k in keys):
             return "saklas"
     return None
@@ -80,8 +84,12 @@ def load_persona_vectors(path: str | Path, *, model=None, trait: str | None = No
     if not isinstance(table, torch.Tensor) or table.ndim != 2:
         shape = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
         raise ValueError(f"{path}: expected a tensor [n_layers + 1, d_model], got {shape}")
-    if not torch.isfinite(table).all():
-        raise ValueError(f"{path}: contains NaN or inf values")
+    check_dtype_of(table, path)
+    check_table(table.shape[0], table.shape[1], path, "the tensor")
+    check_size(table.shape[0] - 1, "row count - 1 (blocks)", path, MAX_LAYERS)
+    bad = first_nonfinite_row(table)
+    if bad is not None:
+        raise ValueError(f"{path}: row {bad} (layer {bad}) contains NaN or inf values")
     stem = path.stem
     kind, name = "response_mean", stem
     for suffix, k in _PAPER_KINDS.items():
@@ -108,33 +116,38 @@ def load_saklas_profile(path: str | Path, *, model=None, n_layers: int | None = 
         n_layers: number of blocks when no model is given (default: the deepest profile layer + 1).
         trait: trait name (default: the sidecar's ``concept``/``name`` or the file stem).
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no saklas profile at {path}")
-    tensors = load_file(str(path))
+    tensors = read_safetensors(path)
     blocks: dict[int, torch.Tensor] = {}
     for key, tensor in tensors.items():
         if not _SAKLAS_KEY.fullmatch(key):
             raise ValueError(f"{path}: key {key!r} is not a saklas profile key layer_<i>")
-        if tensor.ndim != 1:
+        block = check_size(int(key.removeprefix("layer_")), f"the layer index of {key}", path,
+                           MAX_LAYERS - 1)
+        if tensor.ndim != 1 or tensor.shape[0] == 0:
             raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, expected [d_model]")
-        blocks[int(key.removeprefix("layer_"))] = tensor.float()
+        check_dtype_of(tensor, path, key)
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: {key} (steerlib layer {block + 1}) contains NaN or inf values")
+        blocks[block] = tensor.float()
     if not blocks:
         raise ValueError(f"{path}: no layer_<i> tensors")
     widths = {t.shape[0] for t in blocks.values()}
     if len(widths) != 1:
         raise ValueError(f"{path}: layers have different widths {sorted(widths)}")
+    if n_layers is not None:
+        check_size(n_layers, "n_layers", path, MAX_LAYERS, minimum=1)
     n_layers = _model_n_layers(model) or n_layers or max(blocks) + 1
     if max(blocks) + 1 > n_layers:
         raise ValueError(f"{path}: layer_{max(blocks)} is block {max(blocks)}, past the model's {n_layers} blocks")
-    table = torch.zeros(n_layers + 1, widths.pop())
+    width = widths.pop()
+    check_table(n_layers + 1, width, path, "the layer tensors")
+    table = torch.zeros(n_layers + 1, width)
     for block, tensor in blocks.items():
         table[block + 1] = tensor
-    sidecar = path.with_suffix(".json")
-    info = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-    provenance = info.get("provenance", {}) if isinstance(info, dict) else {}
+    info, provenance = _saklas_sidecar(path.with_suffix(".json"))
     name = trait or provenance.get("concept") or provenance.get("name") or path.stem
     layers = sorted(b + 1 for b in blocks)
     metadata = {"source": "saklas profile", "path": str(path), "layers": layers, "saklas": info}
@@ -145,6 +158,22 @@ def load_saklas_profile(path: str | Path, *, model=None, n_layers: int | None = 
     if model is not None:
         tv.check_model(model)
     return tv
+
+
+def _saklas_sidecar(sidecar: Path) -> tuple[dict, dict]:
+    """The sidecar's JSON object and its ``provenance`` object (empty when absent); other shapes name the file."""
+    if not sidecar.is_file():
+        return {}, {}
+    info = load_json(sidecar, "saklas sidecar")
+    if not isinstance(info, dict):
+        raise ValueError(f"{sidecar}: a saklas sidecar must be a JSON object, got {type(info).__name__}")
+    provenance = info.get("provenance", {})
+    if not isinstance(provenance, dict):
+        raise ValueError(f"{sidecar}: provenance must be a JSON object, got {type(provenance).__name__}")
+    for key in ("concept", "name", "model_id"):
+        if key in provenance and not isinstance(provenance[key], str):
+            raise ValueError(f"{sidecar}: provenance.{key} must be a string, got {type(provenance[key]).__name__}")
+    return info, provenance
 
 
 def load_foreign(path: str | Path, *, model=None) -> TraitVectors | None:

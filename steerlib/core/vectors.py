@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,10 +27,55 @@ META_FILE = "vectors.json"
 
 
 def check_dtype(tensor: Tensor, name: str) -> Tensor:
-    """Refuse integer, boolean and complex tensors: a direction is real and floating point."""
+    """Refuse integer, boolean and complex tensors, and tensors without data (the meta device)."""
     if tensor.is_complex() or not tensor.is_floating_point():
         raise ValueError(f"{name} must hold real floating-point values, got dtype {str(tensor.dtype).removeprefix('torch.')}")
+    if tensor.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (a shape without values): load or materialise its values "
+                         "first (e.g. .to_empty() then load the weights)")
     return tensor
+
+
+def check_dtype_of(tensor: Tensor, path: str | Path, key: str | None = None) -> Tensor:
+    """``check_dtype`` for a tensor read from a file: the error names the file (and the tensor's key)."""
+    try:
+        return check_dtype(tensor, "tensor" if key is None else f"tensor {key!r}")
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def first_nonfinite_row(table: Tensor) -> int | None:
+    """The first row (layer) of a [n_rows, d_model] table holding NaN or inf, or None if every value is finite."""
+    bad = (~torch.isfinite(table)).reshape(table.shape[0], -1).any(dim=1).nonzero()
+    return int(bad[0, 0]) if bad.numel() else None
+
+
+def read_safetensors(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors file; a truncated, foreign or oversized file fails with one line naming it.
+
+    The 8-byte header length is checked against the file size first, so a header claiming 2^62 bytes is refused
+    before the safetensors library sees it.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path}: not a readable safetensors file (the file is empty); re-extract or re-save the "
+                         "vectors")
+    with path.open("rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise ValueError(f"{path}: not a readable safetensors file (only {size} bytes, shorter than its 8-byte "
+                         "header length)")
+    header_len = struct.unpack("<Q", head)[0]
+    if header_len > size - 8:
+        raise ValueError(f"{path}: not a readable safetensors file (its header length field says {header_len} "
+                         f"bytes but the file has {size - 8} after it: truncated or not safetensors)")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}"
+        raise ValueError(f"{path}: not a readable safetensors file ({detail}); re-extract or re-save the "
+                         "vectors") from None
 
 
 def _check_norms(norms: object, n_positions: int) -> None:
@@ -43,7 +89,7 @@ def check_vector(vector: Tensor, d_model: int | None = None, name: str = "vector
     """Validate a single direction: 1-D, finite, non-zero, of the expected width."""
     if not isinstance(vector, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(vector).__name__}")
-    check_dtype(vector, name)
+    check_dtype(vector, name)  # also refuses the meta device, where the checks below cannot read values
     if vector.ndim != 1:
         raise ValueError(f"{name} must be 1-D [d_model], got shape {tuple(vector.shape)}")
     if d_model is not None and vector.shape[0] != d_model:
@@ -104,6 +150,16 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
     if path.suffix == ".safetensors":
         return path, path.with_suffix(".json")
     return path / WEIGHTS_FILE, path / META_FILE
+
+
+def _check_info(info: dict, meta: Path) -> None:
+    """The metadata fields steerlib reads back must have their types; anything else is kept as written."""
+    for key in ("model", "trait", "method"):
+        if key in info and not isinstance(info[key], str):
+            raise ValueError(f"{meta}: {key} must be a string, got {type(info[key]).__name__}")
+    rec = info.get("recommended_layer")
+    if rec is not None and (isinstance(rec, bool) or not isinstance(rec, int)):
+        raise ValueError(f"{meta}: recommended_layer must be an integer layer, got {rec!r}")
 
 
 @dataclass(frozen=True)
@@ -254,21 +310,20 @@ class TraitVectors:
         weights, meta = _paths(path)
         if not weights.is_file():
             raise FileNotFoundError(f"no trait vectors at {path} (expected {weights})")
-        try:
-            vectors = load_file(str(weights))
-        except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
-            size = weights.stat().st_size
-            detail = "the file is empty" if size == 0 else f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-            raise ValueError(f"{weights}: not a readable safetensors file ({detail}); re-extract or re-save the "
-                             "vectors") from None
+        vectors = read_safetensors(weights)
         if not vectors:
             raise ValueError(f"{weights}: the file holds no tensors")
         info = load_json(meta, "vectors metadata file") if meta.exists() else {}
         if not isinstance(info, dict):
             raise ValueError(f"{meta}: vector metadata must be a JSON object, got {type(info).__name__}")
+        _check_info(info, meta)
         for key, value in vectors.items():
-            if not torch.isfinite(value).all():
-                raise ValueError(f"{weights}: tensor {key!r} contains NaN or inf values")
+            check_dtype_of(value, weights, key)
+            bad = first_nonfinite_row(value) if value.ndim == 2 else (
+                None if torch.isfinite(value).all() else 0)
+            if bad is not None:
+                where = f"layer {bad}" if value.ndim == 2 else "its values"
+                raise ValueError(f"{weights}: tensor {key!r} contains NaN or inf values at {where}")
         rows = {v.shape[0] for v in vectors.values() if v.ndim == 2}
         if len(rows) == 1:
             try:
@@ -285,6 +340,9 @@ class TraitVectors:
             )
         except ValueError as exc:
             raise ValueError(f"{weights}: {exc}") from None
+        rec = tv.recommended_layer
+        if rec is not None and not 0 <= rec < tv.n_positions:
+            raise ValueError(f"{meta}: recommended_layer {rec} is outside the vectors' layers 0..{tv.n_positions - 1}")
         if model is not None:
             tv.check_model(model)
         if model_name is not None and tv.model_name != model_name:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from steerlib.core.checks import load_json
 from steerlib.steering.dose import DoseResponse
 
 DOSE_FILE = "dose.json"
@@ -45,6 +46,40 @@ img { max-width: 100%; border: 1px solid #ddd; }
 code, pre { background: #f6f6f6; padding: 1px 4px; font-size: 13px; }
 pre { padding: .6em; overflow-x: auto; }
 """
+
+
+def _e(value: object) -> str:
+    """Any value from a run's files as page text: every value that reaches the page goes through here."""
+    return html.escape(str(value), quote=True)
+
+
+class _FileError(ValueError):
+    """A run file whose content the report cannot use; the message names the file."""
+
+
+def _object(path: Path, what: str) -> dict:
+    """A run file that must hold a JSON object (a list or a string is refused naming the file)."""
+    data = load_json(path, what)
+    if not isinstance(data, dict):
+        raise _FileError(f"{path}: the {what} must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _section(path: Path, what: str, build: Callable[[], str]) -> str:
+    """Build one section from ``path``; a field of the wrong type or shape becomes one line naming the file.
+
+    The run's files are data written by other runs (or by hand): a missing key, an extra key, a string where a
+    number belongs, lists of different lengths all fail in the dataclass or the formatting, here.
+    """
+    try:
+        return build()
+    except _FileError:
+        raise
+    except (TypeError, KeyError, ValueError, AttributeError, IndexError, OverflowError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, KeyError):
+            detail = f"missing field {exc}"
+        raise _FileError(f"{path}: malformed {what} ({detail}); re-run the command that wrote it") from None
 
 
 def _png(plot: Callable[[Path], Path]) -> str:
@@ -85,8 +120,11 @@ def save_dose(dose: DoseResponse, path: str | Path, questions: Sequence[str], re
 
 
 def load_dose(path: str | Path) -> tuple[DoseResponse, list[str], bool]:
-    data = json.loads(Path(path).read_text())
+    """A saved dose-response, its questions and whether its coefficients were relative."""
+    data = _object(Path(path), "dose-response file")
     questions, relative = data.pop("questions", []), bool(data.pop("relative", False))
+    if not isinstance(questions, list):
+        raise ValueError(f"questions must be a list, got {type(questions).__name__}")
     return DoseResponse(**data), questions, relative
 
 
@@ -154,8 +192,8 @@ def _counts_section(meta: dict) -> str:
     rows = [(pol, c.get("generated"), c.get("kept"), c.get("dropped"), c.get("unscored"))
             for pol, c in counts.items()]
     th = meta.get("thresholds", {})
-    note = (f"<p>Positive responses are kept when the judge scores them at least {th.get('positive')}, negative ones "
-            f"when at most {th.get('negative')}.</p>") if th else ""
+    note = (f"<p>Positive responses are kept when the judge scores them at least {_e(th.get('positive'))}, negative "
+            f"ones when at most {_e(th.get('negative'))}.</p>") if th else ""
     return ("<h2>Kept and dropped responses</h2>" + note +
             _table(["polarity", "generated", "kept", "dropped", "unscored"], rows))
 
@@ -165,7 +203,7 @@ def _sweep_section(run: Path, meta: dict) -> str:
 
     data = None
     if (run / "sweep.json").is_file():
-        data = json.loads((run / "sweep.json").read_text())
+        data = _object(run / "sweep.json", "layer sweep file")
     elif "sweep" in meta:
         data = meta["sweep"]
     if data is None:
@@ -173,9 +211,9 @@ def _sweep_section(run: Path, meta: dict) -> str:
     sweep = LayerSweep(**data)
     best = sweep.layers.index(sweep.recommended_layer)
     return ("<h2>Layer sweep</h2>"
-            f"<p>Separation of positive from negative {sweep.evaluated_on} responses along the vector, per layer. "
-            f"Recommended layer <b>{sweep.recommended_layer}</b> (Cohen's d {sweep.cohens_d[best]:.2f}, AUROC "
-            f"{sweep.auroc[best]:.3f}).</p>" + _png(lambda p: sweep.plot(p)))
+            f"<p>Separation of positive from negative {_e(sweep.evaluated_on)} responses along the vector, per "
+            f"layer. Recommended layer <b>{_e(sweep.recommended_layer)}</b> (Cohen's d {sweep.cohens_d[best]:.2f}, "
+            f"AUROC {sweep.auroc[best]:.3f}).</p>" + _png(lambda p: sweep.plot(p)))
 
 
 def _dose_section(run: Path) -> str:
@@ -186,7 +224,8 @@ def _dose_section(run: Path) -> str:
     dose, questions, relative = load_dose(path)
     unit = "x typical residual norm" if relative else "(raw)"
     rows = [(c, s, p) for c, s, p in zip(dose.coefs, dose.scores, dose.projections, strict=True)]
-    out = [head, f"<p>Steering at layer {dose.layer}, coefficients {unit}, on {len(questions)} held-out questions.</p>",
+    out = [head, f"<p>Steering at layer {_e(dose.layer)}, coefficients {unit}, on {len(questions)} held-out "
+           "questions.</p>",
            _png(lambda p: dose.plot(p)), _table(["coef", "mean judge score", "mean projection"], rows)]
     for q, question in enumerate(questions):
         out.append(f"<h3>{html.escape(question)}</h3>")
@@ -206,10 +245,10 @@ def _shift_section(run: Path) -> str:
     li = res.layers.index(res.best_layer)
     rows = [(c.name, c.n, c.mean_score, c.mean_projection[li]) for c in res.conditions]
     return (head +
-            f'<p class="verdict">Best layer <b>{res.best_layer}</b>: Pearson r = <b>{res.best_r:.2f}</b> between the '
-            f"last-prompt-token projection and the judge score over {len(res.conditions)} conditions "
+            f'<p class="verdict">Best layer <b>{_e(res.best_layer)}</b>: Pearson r = <b>{res.best_r:.2f}</b> between '
+            f"the last-prompt-token projection and the judge score over {len(res.conditions)} conditions "
             f"(r = {res.r_responses[li]:.2f} over {len(res.responses)} single responses; "
-            + "; ".join(f"{fam} ladder alone r = {v[li]:.2f}" for fam, v in res.r_family.items())
+            + "; ".join(f"{_e(fam)} ladder alone r = {v[li]:.2f}" for fam, v in res.r_family.items())
             + ").</p>"
             + _png(lambda p: res.plot_scatter(p)) + _png(lambda p: res.plot_layers(p))
             + _table(["condition", "n", "mean judge score", f"mean projection (layer {res.best_layer})"], rows,
@@ -235,7 +274,7 @@ def _inventory_section(run: Path) -> str:
                    "scale.</p>")
     return (head + "<p>Scores 1-5 from the model's next-token probabilities of the Likert options (expected value, "
             f"reverse-keyed items flipped). Rows: change while steering with coefficient {mat.coef:g} {unit} at "
-            f"layers {list(mat.layers)}.</p>" + verdict + _diagnostics(mat) + _png(lambda p: mat.plot(p))
+            f"layers {_e(list(mat.layers))}.</p>" + verdict + _diagnostics(mat) + _png(lambda p: mat.plot(p))
             + _table(["", *mat.scales], rows, text_cols=(0,)))
 
 
@@ -262,10 +301,15 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     meta_path = run / "vectors.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{run} is not an extraction run folder (no vectors.json; run steerlib extract)")
-    meta = json.loads(meta_path.read_text())
+    meta = _object(meta_path, "vectors metadata file")
     title = f"steerlib report: {meta.get('trait', '?')} on {meta.get('model', '?')}"
-    sections = [_settings_section(meta), _counts_section(meta), _sweep_section(run, meta), _dose_section(run),
-                _shift_section(run), _inventory_section(run)]
+    sweep_from = run / "sweep.json" if (run / "sweep.json").is_file() else meta_path
+    sections = [_section(meta_path, "vectors metadata", lambda: _settings_section(meta)),
+                _section(meta_path, "vectors metadata", lambda: _counts_section(meta)),
+                _section(sweep_from, "layer sweep", lambda: _sweep_section(run, meta)),
+                _section(run / DOSE_FILE, "dose-response", lambda: _dose_section(run)),
+                _section(run / SHIFT_DIR / "shiftcheck.json", "prompt-shift results", lambda: _shift_section(run)),
+                _section(run / INVENTORY_FILE, "inventory matrix", lambda: _inventory_section(run))]
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p>Run folder <code>{html.escape(str(run.resolve()))}</code>; written "

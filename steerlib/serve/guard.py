@@ -77,18 +77,43 @@ class Guard:
         if length is not None and int(length) > self.max_body:
             await _reply(send, 413, path, f"request body over the limit of {self.max_body} bytes")
             return
-        seen = 0
-
-        async def limited_receive() -> dict:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+        if path.startswith("/api/") and "json" not in headers.get("content-type", ""):
+            # Ollama reads every body as JSON whatever its Content-Type; clients rely on it (LiteLLM's ollama/
+            # and ollama_chat/ providers send none), so the Ollama routes do the same.
+            scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
+                     + [(b"content-type", b"application/json")]}
+        if length is None:
+            # A chunked body has no length to check up front: read it here, up to the limit, so that an
+            # over-limit body gets 413 (raising inside the app's body parsing would surface as a 400).
+            chunks: list[bytes] = []
+            seen = 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":  # the client left before sending its body
+                    return
+                chunks.append(message.get("body", b""))
+                seen += len(chunks[-1])
                 if seen > self.max_body:
-                    raise ApiError(413, f"request body over the limit of {self.max_body} bytes")
-            return message
+                    await _reply(send, 413, path, f"request body over the limit of {self.max_body} bytes")
+                    return
+                if not message.get("more_body", False):
+                    break
+            receive = _replay(b"".join(chunks), receive)
+        await self.app(scope, receive, send)
 
-        await self.app(scope, limited_receive if "content-length" not in headers else receive, send)
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A ``receive`` that hands the already-read body over once, then passes through (disconnect events)."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def bearer_matches(headers: dict[str, str], key: str) -> bool:

@@ -15,12 +15,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 
 from steerlib.core.version import __version__
 from steerlib.serve.conversations import CONVERSATION_HEADER, check_conversation_id
 from steerlib.serve.engine import Completion, Sampling
 from steerlib.serve.runs import RequestRun, batch_meta, token_projections
-from steerlib.serve.schema import ApiError, OllamaChatRequest, OllamaGenerateRequest
+from steerlib.serve.schema import ApiError, OllamaChatRequest, OllamaGenerateRequest, OllamaShowRequest
 from steerlib.serve.service import Service
 
 __all__ = ["ollama_router"]
@@ -48,10 +49,10 @@ def ollama_router(service: Service) -> APIRouter:
                         stop=tuple(opts.stop or ()) if opts else ())
 
     async def ollama_run(request: Request, prompt_ids: list[int], opts: Any, stream: bool, chat: bool,
-                         conversation: str | None) -> Any:
+                         conversation: str | None, model: str | None) -> Any:
         sampling = ollama_sampling(opts)
         service.check_length(len(prompt_ids), sampling.max_tokens)
-        edits, steering = service.steering_for(opts.steer if opts else None, "options.steer")
+        edits, steering = service.steering_for(opts.steer if opts else None, "options.steer", model)
         run = RequestRun(service, prompt_ids, edits, steering, [sampling], conversation)
         started = time.monotonic_ns()
         names = list(service.monitored)
@@ -104,7 +105,8 @@ def ollama_router(service: Service) -> APIRouter:
         conversation = check_conversation_id(request.headers.get(CONVERSATION_HEADER), req.conversation_id)
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
         prompt_ids = await asyncio.to_thread(service.encode_messages, messages)
-        return await ollama_run(request, prompt_ids, req.options, req.stream, chat=True, conversation=conversation)
+        return await ollama_run(request, prompt_ids, req.options, req.stream, chat=True,
+                                conversation=conversation, model=req.model)
 
     @router.post("/api/generate")
     async def ollama_generate(req: OllamaGenerateRequest, request: Request) -> Any:
@@ -120,17 +122,19 @@ def ollama_router(service: Service) -> APIRouter:
             messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
                 {"role": "user", "content": req.prompt}]
             prompt_ids = await asyncio.to_thread(service.encode_messages, messages)
-        return await ollama_run(request, prompt_ids, req.options, req.stream, chat=False, conversation=conversation)
+        return await ollama_run(request, prompt_ids, req.options, req.stream, chat=False,
+                                conversation=conversation, model=req.model)
 
     @router.get("/api/version")
     async def ollama_version() -> dict:
         return {"version": __version__}
 
-    def ollama_model() -> dict:
+    def ollama_model(name: str | None = None) -> dict:
+        name = name or service.options.model_name
         n_params = sum(p.numel() for p in service.model.parameters())
-        return {"name": service.options.model_name, "model": service.options.model_name, "modified_at": _now(),
+        return {"name": name, "model": name, "modified_at": _now(),
                 "size": int(sum(p.numel() * p.element_size() for p in service.model.parameters())),
-                "digest": uuid.uuid5(uuid.NAMESPACE_URL, service.options.model_name).hex,
+                "digest": uuid.uuid5(uuid.NAMESPACE_URL, name).hex,
                 "details": {"format": "safetensors", "family": getattr(service.model.config, "model_type", ""),
                             "families": [getattr(service.model.config, "model_type", "")],
                             "parameter_size": f"{n_params / 1e6:.0f}M", "quantization_level": str(service.engine.dtype)
@@ -138,15 +142,29 @@ def ollama_router(service: Service) -> APIRouter:
 
     @router.get("/api/tags")
     async def ollama_tags() -> dict:
-        return {"models": [ollama_model()]}
+        # Steering presets are listed as models of their own, so a client that can only pick a model can steer.
+        presets = [{**ollama_model(name), "steering": steering} for name, (_, steering) in service.presets.items()]
+        return {"models": [ollama_model(), *presets]}
 
     @router.post("/api/show")
     async def ollama_show(request: Request) -> dict:
-        body = await request.json() if await request.body() else {}
-        name = body.get("model") or body.get("name")
-        if name not in (None, service.options.model_name):
-            raise ApiError(404, f"model {name!r} not found (this server serves {service.options.model_name!r})")
-        info = ollama_model()
+        raw = await request.body()
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            raise ApiError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+        try:
+            req = OllamaShowRequest.model_validate(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ApiError(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        name = req.model or req.name
+        if name not in (None, service.options.model_name) and service.preset_named(name) is None:
+            known = [service.options.model_name, *service.presets]
+            raise ApiError(404, f"model {name!r} not found (this server serves {known})")
+        info = ollama_model(name)
         return {"modelfile": "", "parameters": "", "template": "", "details": info["details"],
                 "model_info": {"general.architecture": info["details"]["family"],
                                "steerlib.trait_vectors": sorted(service.vector_info()),

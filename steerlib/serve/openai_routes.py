@@ -47,7 +47,7 @@ def openai_router(service: Service) -> APIRouter:
             raise ApiError(400, "logprobs are not supported", param="logprobs")
         conversation = check_conversation_id(request.headers.get(CONVERSATION_HEADER), req.conversation_id)
         max_tokens = service.max_tokens(req.max_completion_tokens or req.max_tokens)
-        edits, steering = service.steering_for(req.steering, "steering")
+        edits, steering = service.steering_for(req.steering, "steering", req.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
         prompt_ids = await asyncio.to_thread(service.encode_messages, messages)

@@ -15,10 +15,17 @@ from pathlib import Path
 import torch
 
 from steerlib.core.loading import load_vectors
-from steerlib.core.vectors import TraitVectors
+from steerlib.core.vectors import META_FILE, WEIGHTS_FILE, TraitVectors
 from steerlib.serve.schema import ApiError
 
 __all__ = ["VectorRegistry"]
+
+
+def _files_read(target: Path) -> list[Path]:
+    """The files ``load_vectors(target)`` may open: a folder's weights and metadata, or a file and its sidecar."""
+    if target.is_dir():
+        return [target / WEIGHTS_FILE, target / META_FILE]
+    return [target, target.with_suffix(".json")]
 
 
 class VectorRegistry:
@@ -105,6 +112,13 @@ class VectorRegistry:
             if candidate.is_relative_to(root):
                 if not candidate.exists():
                     raise ApiError(404, f"no vectors at {path!r} in the allowed folders", param="path")
+                for read in _files_read(candidate):
+                    # Every file the loader opens, not only the folder: a symlink inside an allowed folder
+                    # may point anywhere.
+                    if (read.exists() or read.is_symlink()) and not read.resolve().is_relative_to(root):
+                        raise ApiError(403, f"path {path!r}: {read.name} resolves outside the folders vectors "
+                                       "may be loaded from", param="path", code="path_not_allowed",
+                                       type_="permission_error")
                 return candidate
         raise ApiError(403, f"path {path!r} is outside the folders vectors may be loaded from", param="path",
                        code="path_not_allowed", type_="permission_error")

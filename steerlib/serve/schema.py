@@ -12,17 +12,21 @@ from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "MAX_ABS_COEF",
+    "MIN_TEMPERATURE",
     "ApiError",
     "ChatCompletionRequest",
     "ChatMessage",
     "OllamaChatRequest",
     "OllamaGenerateRequest",
     "OllamaOptions",
+    "OllamaShowRequest",
     "SteeringSpec",
+    "parse_preset",
+    "parse_presets",
     "validation_message",
 ]
 
@@ -32,6 +36,15 @@ MAX_ABS_COEF = 1000.0
 MAX_ABS_BOUND = 1e6
 MAX_STOP = 4
 MAX_N = 8
+# Sampling divides the logits by the temperature: below this, logits / T overflows float32 for ordinary logits
+# (1e-40 turned a row's probabilities into NaN). Such temperatures mean "as good as greedy", so they are treated
+# as greedy (0) instead of being refused: clients that send 1e-6 to ask for near-determinism keep working.
+MIN_TEMPERATURE = 1e-2
+
+
+def _greedy_below_floor(value: float | None) -> float | None:
+    """Temperatures in (0, MIN_TEMPERATURE) become 0 (greedy); None and others pass unchanged."""
+    return 0.0 if value is not None and 0.0 < value < MIN_TEMPERATURE else value
 
 
 def _valid_unicode(text: str) -> str:
@@ -127,14 +140,28 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     tools: list[Any] | None = None
     logprobs: bool | None = None
+    response_format: Any = None
     steering: list[SteeringSpec] | None = Field(None, max_length=64)
     conversation_id: str | None = None  # steerlib extension (or the X-Conversation-Id header): multi-turn drift
+
+    _greedy = field_validator("temperature")(_greedy_below_floor)
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, value: Any) -> Any:
         _stop_list(value)
         return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _plain_text_only(cls, value: Any) -> Any:
+        # Structured output changes what a valid answer is; accepting and ignoring it would hand back prose
+        # to a client that will parse JSON. Only the default, {"type": "text"}, is honoured.
+        if value is None or value == {"type": "text"}:
+            return value
+        kind = value.get("type") if isinstance(value, dict) else value
+        raise ValueError(f"{kind!r} is not supported (structured output is not implemented; only "
+                         "{\"type\": \"text\"} is accepted)")
 
     def stop_sequences(self) -> tuple[str, ...]:
         return _stop_list(self.stop)
@@ -159,6 +186,8 @@ class OllamaOptions(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: list[str] | None = None
     steer: list[SteeringSpec] | None = Field(None, max_length=64)
+
+    _greedy = field_validator("temperature")(_greedy_below_floor)
 
     @field_validator("stop")
     @classmethod
@@ -200,7 +229,50 @@ class VectorLoadRequest(BaseModel):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     path: str = Field(min_length=1, max_length=4096)
 
-    _check = field_validator("path")(_valid_unicode)
+    @field_validator("path")
+    @classmethod
+    def _usable_path(cls, value: str) -> str:
+        _valid_unicode(value)
+        if "\x00" in value:  # no file system takes it; Path.resolve would raise deep inside the registry
+            raise ValueError("contains a NUL character")
+        return value
+
+
+class OllamaShowRequest(BaseModel):
+    """``POST /api/show``: the model to describe (``model``, or ``name`` from older clients)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    name: str | None = None
+
+
+def parse_preset(text: str) -> tuple[str, SteeringSpec]:
+    """One ``--preset NAME=VECTOR@LAYER:COEF`` option as (name, steering spec); bad text is one line.
+
+    Args:
+        text: e.g. ``"cheerful=optimistic@22:+4"``.
+
+    Returns:
+        The preset name and its steering edit (a name given twice collects several edits).
+    """
+    name, eq, rest = text.partition("=")
+    vector, at, layer_coef = rest.partition("@")
+    layer, colon, coef = layer_coef.partition(":")
+    form = "NAME=VECTOR@LAYER:COEF, e.g. cheerful=optimistic@22:+4"
+    if not (eq and at and colon and name.strip() and vector.strip()):
+        raise ValueError(f"--preset {text!r}: expected {form}")
+    name = name.strip()
+    if not all(c.isalnum() or c in "_.-" for c in name) or len(name) > 64:
+        raise ValueError(f"--preset {text!r}: the name may hold letters, digits, '_', '.' and '-' (at most 64)")
+    try:
+        spec = SteeringSpec(vector=vector.strip(), layer=int(layer), coef=float(coef))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ValueError(f"--preset {text!r}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    except ValueError as exc:  # int() or float() of text that is no number
+        raise ValueError(f"--preset {text!r}: {exc} (expected {form})") from None
+    return name, spec
 
 
 class ApiError(Exception):
@@ -233,3 +305,12 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     msg = first.get("msg", "invalid value")
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param
+
+
+def parse_presets(texts: list[str] | tuple[str, ...]) -> tuple[tuple[str, tuple[SteeringSpec, ...]], ...]:
+    """Every ``--preset`` option, grouped by name in the order first given (``AppOptions.presets``)."""
+    grouped: dict[str, list[SteeringSpec]] = {}
+    for text in texts:
+        name, spec = parse_preset(text)
+        grouped.setdefault(name, []).append(spec)
+    return tuple((name, tuple(specs)) for name, specs in grouped.items())

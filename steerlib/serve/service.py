@@ -62,6 +62,9 @@ class AppOptions:
         metrics_conversations: most recently active conversations exported by id (bounds the label set).
         conversations: conversations whose per-turn projections are kept (LRU; 0: off).
         conversation_turns: turns kept per conversation (the newest).
+        presets: steering presets served as models: (name, steering specs) pairs; a request whose ``model``
+            names one (Ollama's ``:latest`` tag allowed) and gives no steering of its own is steered with it,
+            so clients that cannot send extra fields can still pick a steered variant.
     """
 
     model_name: str = "steerlib"
@@ -86,6 +89,7 @@ class AppOptions:
     metrics_conversations: int = 10
     conversations: int = 1024
     conversation_turns: int = 256
+    presets: tuple[tuple[str, tuple[SteeringSpec, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
@@ -145,6 +149,12 @@ class Service:
         self.default_steering = list(options.default_steering)
         try:
             self._default_edits = self.resolve_steering(self.default_steering, "default steering")
+            self.presets: dict[str, tuple[list[RowEdit], list[dict]]] = {}
+            for name, specs in options.presets:
+                if name == options.model_name or name in self.presets:
+                    raise ValueError(f"preset {name!r} is defined twice (or is the model's own name)")
+                self.presets[name] = (self.resolve_steering(specs, f"preset {name}"),
+                                      [s.model_dump(exclude_defaults=True) for s in specs])
         except ApiError as exc:  # a start-up problem, not a request's
             raise ValueError(exc.message) from None
         self.started_at = time.time()
@@ -172,10 +182,29 @@ class Service:
             edits.extend(edits_from_ops(ops, [(spec.vector, load, op.layer) for op in ops]))
         return edits
 
-    def steering_for(self, specs: list[SteeringSpec] | None, param: str) -> tuple[list[RowEdit], list[dict]]:
-        if specs is None:
-            return self._default_edits, [s.model_dump(exclude_defaults=True) for s in self.default_steering]
-        return self.resolve_steering(specs, param), [s.model_dump(exclude_defaults=True) for s in specs]
+    def steering_for(self, specs: list[SteeringSpec] | None, param: str,
+                     model: str | None = None) -> tuple[list[RowEdit], list[dict]]:
+        """The edits and their description for a request: its own steering, else its model's preset, else the
+        server's default.
+
+        Args:
+            specs: the request's steering field (None: not given; ``[]`` turns steering off).
+            param: the field's name, for errors.
+            model: the request's ``model`` field (a preset's name selects the preset).
+        """
+        if specs is not None:
+            return self.resolve_steering(specs, param), [s.model_dump(exclude_defaults=True) for s in specs]
+        preset = self.preset_named(model)
+        if preset is not None:
+            return self.presets[preset]
+        return self._default_edits, [s.model_dump(exclude_defaults=True) for s in self.default_steering]
+
+    def preset_named(self, model: str | None) -> str | None:
+        """The preset a request's ``model`` names (``name`` or Ollama's ``name:latest``), else None."""
+        if model is None:
+            return None
+        name = model.removesuffix(":latest")
+        return name if name in self.presets else None
 
     # -- prompts ------------------------------------------------------------------------------------------
     def encode_messages(self, messages: list[dict]) -> list[int]:

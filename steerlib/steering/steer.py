@@ -32,6 +32,8 @@ from steerlib.core.renamed import renamed_getattr
 from steerlib.core.vectors import TraitVectors, VectorSource, check_vector
 from steerlib.steering.plan import METHODS, POSITION_RULES, SteeringPlan, SteerOp, lower_ops, position_rule
 
+from steerlib.steering.thread_guard import owner_thread_only
+
 __all__ = ["ResidualEditor", "SteerOp", "TraitReadout", "build_ops", "build_readout", "read_out", "steer"]
 
 Mode = Literal["add", "ablate", "cap"]
@@ -219,6 +221,25 @@ class ResidualEditor:
         self._handles.remove()
 
 
+def _layer_list(layers: object, what: str) -> list[int] | None:
+    """``layers`` as a list of ints (None stays None); a float, a string or an empty list is refused here, in
+    one line, rather than deep inside hook installation."""
+    if layers is None:
+        return None
+    items = [layers] if isinstance(layers, int | float | str | bytes) else layers
+    try:
+        items = list(items)
+    except TypeError:
+        raise ValueError(f"{what} must be an int or a list of ints, got {layers!r}") from None
+    if not items:
+        raise ValueError(f"{what} is empty: nothing would be steered or read out; pass at least one layer (or None "
+                         "for the vectors' recommended layer)")
+    for layer in items:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ValueError(f"{what} must be ints, got {layer!r} ({type(layer).__name__})")
+    return items
+
+
 def _as_list(value, n: int, what: str) -> list:
     if isinstance(value, list | tuple):
         if len(value) != n:
@@ -248,16 +269,11 @@ def build_ops(
     if not hasattr(positions, "interval"):
         check_choice(positions, "positions", tuple(POSITION_RULES))
     coefs = [check_number(c, "steering coefficient") for c in _as_list(coef, len(sources), "coefficients")]
-    if layers is not None and not isinstance(layers, int) and len(layers) == 0:
-        raise ValueError("layers is empty: nothing would be steered; pass at least one layer (or None for the "
-                         "vectors' recommended layer)")
+    layers = _layer_list(layers, "layers")
     ops = []
     for source, c in zip(sources, coefs, strict=True):
         source = load_vectors(source, model)  # objects too: vectors of another model's depth are refused
-        if layers is None:
-            chosen = [pick_layer(source, None)]
-        else:
-            chosen = [layers] if isinstance(layers, int) else list(layers)
+        chosen = [pick_layer(source, None)] if layers is None else layers
         for layer in chosen:
             layer = layout.check_layer(layer, allow_embeddings=False)
             vec = resolve_vector(source, layer, kind=kind, d_model=layout.d_model)
@@ -294,12 +310,13 @@ def build_readout(
     if len(traits) > 16:
         raise ValueError(f"at most 16 traits can be read out at once, got {len(traits)}")
     loaded = {name: load_vectors(src) for name, src in traits.items()}
+    layers = _layer_list(layers, "read-out layers")
     if layers is None:
         recs = {pick_layer(tv, None) if isinstance(tv, TraitVectors) else None for tv in loaded.values()}
         if len(recs) != 1 or None in recs:
             raise ValueError("pass read-out layers explicitly (the vectors do not share one recommended layer)")
         layers = [recs.pop()]
-    layers = [layout.check_layer(x, allow_embeddings=False) for x in ([layers] if isinstance(layers, int) else layers)]
+    layers = [layout.check_layer(x, allow_embeddings=False) for x in layers]
     directions = {
         layer: _unit_rows([resolve_vector(src, layer, kind=kind, d_model=layout.d_model) for src in loaded.values()])
         for layer in layers
@@ -320,8 +337,15 @@ def steer(
     relative: bool = False,
     kind: str | None = None,
     readout: TraitReadout | None = None,
+    threads: Literal["owner", "any"] = "owner",
 ) -> Iterator[ResidualEditor]:
     """Steer every forward pass inside the ``with`` block.
+
+    Hooks are global state on the model: while the block is open, a forward pass of this model from any thread
+    would be steered. So by default only the thread that entered the block may run the model; a forward pass
+    from another thread raises ``ForeignThreadForward`` instead of silently returning steered text. To serve
+    steered and unsteered requests at once, use per-request steering: ``steerlib serve`` (each request's
+    ``steering`` field, batched rows steered independently) or one model copy per thread.
 
     Args:
         model: HF causal LM.
@@ -337,14 +361,18 @@ def steer(
         relative: interpret ``coef`` relative to the typical residual norm (see above).
         kind: pooling kind of TraitVectors to use (default response_mean).
         readout: a ``TraitReadout`` (see ``build_readout``) to fill with per-token projections.
+        threads: "owner" (default): forward passes from other threads raise; "any": they run, steered (e.g. a
+            ``TextIteratorStreamer`` pattern where ``generate`` runs in a thread you start inside the block).
 
     Example:
         >>> with steer(model, vectors, layers=16, coef=4.0):
         ...     out = model.generate(**inputs, max_new_tokens=40)
     """
+    check_choice(threads, "threads", ("owner", "any"))
     ops = build_ops(model, vectors, layers, coef, mode=mode, positions=positions, cap=cap, relative=relative,
                     kind=kind)
-    with ResidualEditor(model, ops, readout) as editor:
+    guard = owner_thread_only(model) if threads == "owner" else contextlib.nullcontext()
+    with guard, ResidualEditor(model, ops, readout) as editor:
         yield editor
 
 

@@ -13,12 +13,15 @@ so they share one durability policy:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
 import threading
+import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +29,8 @@ from torch import Tensor
 
 from steerlib.core.serialize import to_jsonable
 
-__all__ = ["ResultsStore", "SettingsChanged", "fingerprint_pairs", "fingerprint_tensor", "meta_path",
-           "read_records"]
+__all__ = ["FolderBusy", "ResultsStore", "SettingsChanged", "exclusive_output", "fingerprint_pairs",
+           "fingerprint_tensor", "meta_path", "read_records"]
 
 
 class SettingsChanged(ValueError):
@@ -158,3 +161,62 @@ class ResultsStore:
             f.flush()
             os.fsync(f.fileno())
             self.records.extend(rows)
+
+
+class FolderBusy(ValueError):
+    """Another run holds the exclusive lock on an output folder."""
+
+
+LOCK_FILE = ".steerlib.lock"
+
+
+@contextlib.contextmanager
+def exclusive_output(folder: str | Path, job: str, *, lock_name: str = LOCK_FILE) -> Iterator[Path]:
+    """Hold an exclusive lock on an output folder for the whole of a long job; a second job is refused.
+
+    Two runs appending to one ``scores.jsonl`` interleave their records (the resume logic of each trusts what
+    it read when it started), so every long job takes this lock before it reads or writes its outputs. The lock
+    is an OS file lock (``flock``): it is released when the job ends, also when it is killed, so a stale lock
+    file never blocks a later run. The file records who holds it, and the refusal names them.
+
+    Args:
+        folder: the output folder (created if missing).
+        job: what is running, for the message another run sees (e.g. ``"steerlib flag"``).
+        lock_name: the lock file's name inside ``folder`` (one folder can hold several independently locked
+            outputs, e.g. ``.inventory.json.lock``).
+
+    Yields:
+        The folder.
+
+    Raises:
+        FolderBusy: another process (or another job in this process) holds the lock; the message names its
+            pid, host and job.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / lock_name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderBusy(f"{folder} is in use by another run ({_holder(path)}); wait for it to finish or "
+                             "choose another output folder") from None
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "job": job,
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        yield folder
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _holder(path: Path) -> str:
+    """Who holds a lock, from the record its holder wrote (best effort: it may be mid-write)."""
+    try:
+        info = json.loads(path.read_text() or "{}")
+        return f"{info['job']}, pid {info['pid']} on {info['host']}, since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"
