@@ -124,3 +124,26 @@ def test_capped_projection_never_crosses_the_calibrated_bound(calibrated, embedd
             crossed += int((sign * (f.projections[:, li, 0] - bounds[layer]) > 1e-3).sum())
             assert float((sign * (c.projections[:, li, 0] - bounds[layer])).max()) <= 1e-3
     assert crossed > 0  # the unsteered answers do cross the median somewhere, so the cap had work to do
+
+
+def test_cli_calibrate_then_steer_with_a_percentile_cap(tmp_path, embedded, optimism_vectors, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from steerlib.cli import app
+    from steerlib.steering import calibration
+
+    monkeypatch.setattr(calibration, "reference_questions", lambda: QUESTIONS[:4])
+    folder = tmp_path / "optimistic"
+    optimism_vectors.save(folder)
+    runner = CliRunner()
+    result = runner.invoke(app, ["calibrate", "--vector", str(folder), "--layers", "8-9", "--max-new-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    assert "4 answers" in result.output and str(folder / "calibration.json") in result.output
+    assert Calibration.load(folder).layers == [8, 9]
+    result = runner.invoke(app, ["steer", "--vector", str(folder), "--prompt", "How was your week?",
+                                 "--cap-percentile", "50", "--layers", "8-9", "--max-new-tokens", "6"])
+    assert result.exit_code == 0, result.output
+    assert "--- unsteered" in result.output and "--- cap max at percentile 50 over layers 8-9" in result.output
+    result = runner.invoke(app, ["steer", "--vector", str(folder), "--prompt", "x", "--cap-percentile", "50",
+                                 "--layers", "8-12"])
+    assert result.exit_code != 0 and "layer 10 was not calibrated (calibrated layers: 8, 9)" in str(result.exception)
