@@ -147,3 +147,35 @@ def test_cli_calibrate_then_steer_with_a_percentile_cap(tmp_path, embedded, opti
     result = runner.invoke(app, ["steer", "--vector", str(folder), "--prompt", "x", "--cap-percentile", "50",
                                  "--layers", "8-12"])
     assert result.exit_code != 0 and "layer 10 was not calibrated (calibrated layers: 8, 9)" in str(result.exception)
+
+
+def test_server_cap_percentile_per_request(calibrated, embedded, optimism_vectors) -> None:
+    """A steering entry with ``cap_percentile`` steers exactly like ``calibrated_cap`` offline; a vector without a
+    calibration, or a percentile cap mixed with another mode, is a 400 naming the problem."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from steerlib.serve import AppOptions, BackgroundServer, create_app
+
+    cal, _ = calibrated
+    model, tok = embedded
+    app = create_app(model, tok, {"optimistic": optimism_vectors, "plain": optimism_vectors},
+                     AppOptions(monitor_traits=(), max_batch=4), calibrations={"optimistic": cal})
+    question = "How was your week?"
+    entry = {"vector": "optimistic", "layers": LAYERS, "cap_percentile": 50, "cap_side": "min"}
+    with BackgroundServer(app) as srv:
+        def ask(steering: list[dict]) -> httpx.Response:
+            return httpx.post(f"{srv.url}/v1/chat/completions", timeout=60, json={
+                "messages": [{"role": "user", "content": question}], "max_tokens": 8, "temperature": 0,
+                "steering": steering})
+
+        reply = ask([entry])
+        assert reply.status_code == 200, reply.text
+        text = reply.json()["choices"][0]["message"]["content"]
+        missing = ask([{**entry, "vector": "plain"}])
+        mixed = ask([{**entry, "mode": "add"}])
+    ops = calibrated_cap(model, optimism_vectors, cal, Percentile(50, "min"), LAYERS)
+    [offline] = generate(model, tok, [format_prompt(tok, question)], steering=ops, max_new_tokens=8)
+    [free] = generate(model, tok, [format_prompt(tok, question)], max_new_tokens=8)
+    assert text == offline.text != free.text
+    assert missing.status_code == 400 and "vector 'plain' has no calibration" in missing.text
+    assert mixed.status_code == 400 and "cap_percentile is a cap; it cannot be combined with mode 'add'" in mixed.text

@@ -60,6 +60,7 @@ from steerlib.serve.schema import (
     VectorLoadRequest,
     validation_message,
 )
+from steerlib.steering.calibration import Calibration, Percentile, calibrated_cap, calibration_path
 from steerlib.steering.steer import build_ops, build_readout
 
 __all__ = ["AppOptions", "Service", "create_app"]
@@ -125,10 +126,16 @@ class Service:
     """The state behind the routes: the engine, the vector registry, the read-out and the drift monitor."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, vectors: Mapping[str, TraitVectors],
-                 options: AppOptions, drift: DriftMonitor | None = None):
+                 options: AppOptions, drift: DriftMonitor | None = None,
+                 calibrations: Mapping[str, Calibration] | None = None):
         self.model = model
         self.options = options
         self.vectors: dict[str, TraitVectors] = {}
+        # name -> calibration of that vector (steerlib calibrate), for caps given as percentiles.
+        self.calibrations: dict[str, Calibration] = {}
+        for name, cal in (calibrations or {}).items():
+            cal.check_model(model, f"calibration of {name!r}")
+            self.calibrations[name] = cal
         # name -> load count: table keys must tell a vector from another loaded later under the same name.
         self._loads: dict[str, int] = {}
         self._vectors_lock = threading.Lock()
@@ -169,13 +176,23 @@ class Service:
                 tv = self.vectors.get(spec.vector)
                 names = sorted(self.vectors)
                 load = self._loads.get(spec.vector, 0)
+                cal = self.calibrations.get(spec.vector)
             if tv is None:
                 raise ApiError(400, f"unknown steering vector {spec.vector!r}; available: {names}",
                                param=f"{param}.{i}.vector", code="unknown_vector")
+            if spec.cap_percentile is not None and cal is None:
+                raise ApiError(400, f"{param}[{i}]: vector {spec.vector!r} has no calibration (run `steerlib "
+                               "calibrate` on it and reload it)", param=f"{param}.{i}.cap_percentile")
             cap = (spec.cap_min, spec.cap_max) if spec.mode == "cap" else None
+            layers = spec.layers if spec.layers is not None else spec.layer
             try:
-                ops = build_ops(self.model, tv, spec.layer, spec.coef, mode=spec.mode, positions=spec.positions,
-                                cap=cap, relative=spec.relative)
+                if spec.cap_percentile is not None:
+                    ops = calibrated_cap(self.model, tv, cal, Percentile(spec.cap_percentile, spec.cap_side),  # type: ignore[arg-type]
+                                         layers if layers is not None else tv.recommended_layer,  # type: ignore[arg-type]
+                                         positions=spec.positions)
+                else:
+                    ops = build_ops(self.model, tv, layers, spec.coef, mode=spec.mode, positions=spec.positions,
+                                    cap=cap, relative=spec.relative)
             except ValueError as exc:
                 raise ApiError(400, f"{param}[{i}]: {exc}", param=f"{param}.{i}") from exc
             for op in ops:
@@ -270,6 +287,8 @@ class Service:
             tv = load_vectors(target, self.model)
             if not isinstance(tv, TraitVectors):
                 raise ValueError("a single-direction tensor has no layers to steer at; save TraitVectors")
+            cal = Calibration.load(calibration_path(target), self.model) \
+                if calibration_path(target).is_file() else None
         except (ValueError, OSError) as exc:
             raise ApiError(400, f"cannot load vectors from {path!r}: {exc}", param="path") from exc
         with self._vectors_lock:
@@ -278,6 +297,9 @@ class Service:
                                code="vector_exists")
             self.vectors[name] = tv
             self._loads[name] = self._loads.get(name, 0) + 1
+            self.calibrations.pop(name, None)
+            if cal is not None:
+                self.calibrations[name] = cal
         return self.vector_info()[name]
 
     def _allowed_path(self, path: str) -> Path:
@@ -301,6 +323,7 @@ class Service:
             if any(s.vector == name for s in self.default_steering):
                 raise ApiError(409, f"{name!r} is used by the default steering", param="name", code="vector_in_use")
             del self.vectors[name]  # rows already running keep their own copy of the edits
+            self.calibrations.pop(name, None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -488,10 +511,14 @@ def allowed_hosts_for(host: str, configured: Sequence[str] | None) -> set[str] |
 # The app
 # ----------------------------------------------------------------------------------------------------------
 def create_app(model: torch.nn.Module, tokenizer: Any, vectors: Mapping[str, TraitVectors],
-               options: AppOptions | None = None, drift: DriftMonitor | None = None) -> FastAPI:
-    """The FastAPI app; the engine starts and stops with its lifespan (``app.state.service`` holds it)."""
+               options: AppOptions | None = None, drift: DriftMonitor | None = None,
+               calibrations: Mapping[str, Calibration] | None = None) -> FastAPI:
+    """The FastAPI app; the engine starts and stops with its lifespan (``app.state.service`` holds it).
+
+    ``calibrations`` (vector name -> ``Calibration``) enable ``cap_percentile`` in that vector's steering entries.
+    """
     options = options or AppOptions()
-    service = Service(model, tokenizer, vectors, options, drift)
+    service = Service(model, tokenizer, vectors, options, drift, calibrations)
     engine = service.engine
 
     @contextlib.asynccontextmanager

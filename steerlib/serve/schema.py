@@ -51,6 +51,8 @@ class SteeringSpec(BaseModel):
     vector: str = Field(description="name of a trait vector loaded by the server")
     layer: int | None = Field(None, ge=1, le=10_000,
                               description="residual layer 1..n_layers (default: the vector's recommended one)")
+    layers: list[int] | None = Field(None, min_length=1, max_length=256,
+                                     description="several layers instead of one (e.g. a calibrated cap's range)")
     coef: float = Field(1.0, ge=-MAX_ABS_COEF, le=MAX_ABS_COEF, allow_inf_nan=False,
                         description="scale of the added vector for mode 'add'")
     mode: Literal["add", "ablate", "cap"] = "add"
@@ -58,11 +60,23 @@ class SteeringSpec(BaseModel):
     cap_min: float | None = Field(None, ge=-MAX_ABS_BOUND, le=MAX_ABS_BOUND, allow_inf_nan=False)
     cap_max: float | None = Field(None, ge=-MAX_ABS_BOUND, le=MAX_ABS_BOUND, allow_inf_nan=False)
     relative: bool = Field(False, description="coef is a fraction of the typical residual norm at the layer")
+    cap_percentile: float | None = Field(None, ge=0.0, le=100.0, allow_inf_nan=False,
+                                         description="cap at this percentile of the vector's calibration")
+    cap_side: Literal["max", "min"] = Field("max", description="cap_percentile caps from above (max) or floors")
 
     @model_validator(mode="after")
     def _bounds_in_order(self) -> SteeringSpec:
         if self.cap_min is not None and self.cap_max is not None and self.cap_min > self.cap_max:
             raise ValueError(f"cap_min ({self.cap_min}) must be <= cap_max ({self.cap_max})")
+        if self.layer is not None and self.layers is not None:
+            raise ValueError("give layer or layers, not both")
+        if any(not 1 <= x <= 10_000 for x in self.layers or ()):
+            raise ValueError("layers must lie in 1..n_layers")
+        if self.cap_percentile is not None:
+            if "mode" in self.model_fields_set and self.mode != "cap":
+                raise ValueError(f"cap_percentile is a cap; it cannot be combined with mode {self.mode!r}")
+            if self.cap_min is not None or self.cap_max is not None:
+                raise ValueError("give cap_percentile or cap_min/cap_max, not both")
         return self
 
 
