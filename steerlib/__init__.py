@@ -34,7 +34,9 @@ from steerlib.finetuning.shift import FinetuningShift, finetuning_shift
 from steerlib.finetuning.training import PreventativeSteeringCallback, lora_finetune, preventative_steering
 from steerlib.monitoring.conversations import monitor_conversations
 from steerlib.monitoring.drift import Alert, DriftMonitor
+from steerlib.steering.calibration import Calibration, Percentile, calibrate, calibrated_cap
 from steerlib.steering.compiled import CompiledSteering
+from steerlib.steering.compose import Component, compose
 from steerlib.steering.dose import DoseResponse, dose_response
 from steerlib.steering.generation import Generation, generate, stream
 from steerlib.steering.steer import (
@@ -65,6 +67,12 @@ from steerlib.traits.library import InstructionPair, Trait, TraitError, list_tra
 __all__ = [
     "Activations",
     "Alert",
+    "Calibration",
+    "Component",
+    "Percentile",
+    "calibrate",
+    "calibrated_cap",
+    "compose",
     "CallableJudge",
     "CompiledSteering",
     "DoseResponse",
