@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from steerlib.kernels import available_backends, cuda_steer, load_triton, steer_rows_reference
+from steerlib.kernels import available_backends, cuda_steer, load_triton_rows, steer_rows_reference
 from steerlib.kernels.rows import prepare_row_inputs
 
 from tests.test_kernels import HIDDEN_TOL, PROJ_TOL, assert_allclose_verbose
@@ -110,7 +110,7 @@ def test_gate_reads_the_row_before_its_own_edit() -> None:
 
 def _backend_fn(backend: str) -> Callable:
     if backend == "triton":
-        load_triton()
+        load_triton_rows()
         from steerlib.kernels import triton_rows
 
         return triton_rows.steer_rows_triton
@@ -186,3 +186,28 @@ def test_gate_out_buffer_is_checked() -> None:
     hidden, args = mixed_case(4, 8, 0, torch.float32, seed=1)
     with pytest.raises(ValueError, match=r"gate_out must be a contiguous bool tensor of shape \[4\]"):
         steer_rows_reference(hidden, **args, gate_out=torch.zeros(4))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gate_through_fused_steer_rows_and_the_registered_op(backend: str) -> None:
+    """The public call and the in-place registered op take the gate arguments and agree with the reference."""
+    if backend not in available_backends():
+        pytest.skip(f"{backend} backend not usable here")
+    from steerlib.kernels import fused_steer_rows
+
+    hidden, args = mixed_case(24, 80, 2, torch.float32, seed=11)
+    gates = add_gates(hidden, args, seed=12)
+    want_open = torch.zeros(24, dtype=torch.bool)
+    expected, eproj = steer_rows_reference(hidden.clone(), **args, **gates, gate_out=want_open)
+    got_open = torch.zeros(24, dtype=torch.bool)
+    out, proj = fused_steer_rows(hidden.clone(), **args, **gates, gate_out=got_open, backend=backend)
+    assert torch.equal(got_open, want_open)
+    assert_allclose_verbose(out, expected, atol=1e-5, rtol=1e-5, what="fused_steer_rows gated")
+    h = hidden.clone()
+    proj_out = torch.empty(24, 2)
+    op_open = torch.zeros(24, dtype=torch.bool)
+    torch.ops.steerlib.steer_rows_(h, args["table"], args["index"], args["coef"], args["cap_min"], args["cap_max"],
+                                   args["readout"], proj_out, backend, gate_out=op_open, **gates)
+    assert torch.equal(op_open, want_open)
+    assert_allclose_verbose(h, expected, atol=1e-5, rtol=1e-5, what="steer_rows_ gated")
+    assert_allclose_verbose(proj_out, eproj, atol=1e-4, rtol=1e-5, what="steer_rows_ read-out")
