@@ -16,12 +16,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers import StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from steerlib.core.capture import check_context, pad_batch, pad_token_id
 from steerlib.core.checks import check_int, check_number, check_text
 from steerlib.steering.compiled import generate_batch
 from steerlib.steering.steer import ResidualEditor, SteerOp, TraitReadout
+
+
+def _marker_kwargs(editor: ResidualEditor, tokenizer, prompt_width: int) -> dict:
+    """``generate`` arguments that let edits starting at a marker string see it appear (none without one)."""
+    watcher = editor.marker_watcher(tokenizer, prompt_width)
+    return {} if watcher is None else {"stopping_criteria": StoppingCriteriaList([watcher])}
 
 
 @dataclass
@@ -181,8 +188,9 @@ def generate(
                                        compile_options=compile if isinstance(compile, dict) else None)
             per_row = list(rows) if rows is not None else [None] * len(idx)
         else:
-            with ResidualEditor(model, steering, readout):
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+            with ResidualEditor(model, steering, readout) as editor:
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs,
+                                     **_marker_kwargs(editor, tokenizer, ids.shape[1]))
                 new = out[:, ids.shape[1]:].cpu()
                 per_row = _split_readout(readout, len(idx), new.shape[1])
         for row, i in enumerate(idx):
@@ -257,8 +265,9 @@ def stream(
 
     def run() -> None:
         try:
-            with torch.inference_mode(), ResidualEditor(model, steering, readout):
-                model.generate(input_ids=torch.tensor([encoded], device=device), streamer=streamer, **kwargs)
+            with torch.inference_mode(), ResidualEditor(model, steering, readout) as editor:
+                model.generate(input_ids=torch.tensor([encoded], device=device), streamer=streamer, **kwargs,
+                               **_marker_kwargs(editor, tokenizer, len(encoded)))
         except BaseException as exc:  # surfaced in the consumer's thread
             errors.append(exc)
             streamer.end()
