@@ -701,6 +701,10 @@ class SteeringPlan:
         fired = opened & self._params["latch"][slot][row_of_token]
         self._latched[slot].scatter_reduce_(0, row_of_token, fired.to(torch.uint8), reduce="amax")
 
+    def latching(self, slot: int) -> bool:
+        """Whether some row's gate at plan slot ``slot`` latches."""
+        return self._slot_latch[slot]
+
     def latched(self) -> Tensor:
         """``[n_slots, n_rows]`` bool: which rows' latching gates have opened (a copy, for the host)."""
         return self._latched.bool().clone()

@@ -1,0 +1,140 @@
+"""Gated steering and finer positions end to end on the embedded model (``generate``, ``stream``, the compiled
+path): a gate that never opens gives the unsteered tokens, one that always opens the ungated ones, and per-token
+and latched gates, first-N / window / marker positions equal hand-written hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steerlib import build_ops, format_prompt, generate, stream
+from steerlib.core.arch import get_layout
+from steerlib.steering.plan import Condition, FirstGenerated, FromMarker, GeneratedWindow, SteerOp
+from steerlib.steering.steer import When
+
+LAYER = 10
+COEF = 8.0
+ABOVE = 4.0  # a pessimism projection at layer 10 that some generated tokens cross and others do not
+PROMPTS = ["How was your week?", "What will tomorrow bring?"]
+N_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def setup(embedded, optimism_vectors):
+    model, tok = embedded
+    prompts = [format_prompt(tok, q) for q in PROMPTS]
+    free = generate(model, tok, prompts, max_new_tokens=N_NEW)
+    ungated = generate(model, tok, prompts, steering=build_ops(model, optimism_vectors, LAYER, COEF),
+                       max_new_tokens=N_NEW)
+    return model, tok, prompts, free, ungated
+
+
+def _manual(model, tok, prompts, v: torch.Tensor, u: torch.Tensor, *, above: float | None = None,
+            latch: bool = False, span=None) -> list[list[int]]:
+    """Greedy generation with a hand-written hook: add COEF * v at LAYER where <h, u> >= above (and, latched,
+    in every later pass of a row once it opened), restricted to absolute positions span(P) = (start, end)."""
+    from steerlib.core.capture import pad_batch, pad_token_id
+
+    ids, mask, _, _ = pad_batch([tok(p, add_special_tokens=False)["input_ids"] for p in prompts], pad_token_id(tok))
+    width = ids.shape[1]
+    state = {"past": 0, "latched": torch.zeros(len(prompts), dtype=torch.bool)}
+
+    def hook(_m, _a, out):
+        h = out[0] if isinstance(out, tuple) else out
+        b, t, _ = h.shape
+        pos = torch.arange(state["past"], state["past"] + t)
+        on = torch.ones(b, t, dtype=torch.bool)
+        if above is not None:
+            on = (h @ u >= above) | state["latched"][:, None]
+            if latch:
+                state["latched"] |= on.any(1)
+        if span is not None:
+            start, end = span(width)
+            on = on & ((pos >= start) & (pos < end))[None, :]
+        state["past"] += t
+        new = h + COEF * v * on[..., None]
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    handle = get_layout(model).blocks[LAYER - 1].register_forward_hook(hook)
+    try:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=N_NEW, do_sample=False,
+                             pad_token_id=pad_token_id(tok))
+    finally:
+        handle.remove()
+    return [row[width:].tolist() for row in out]
+
+
+def _cut(rows: list[list[int]], like: list[list[int]]) -> list[list[int]]:
+    return [r[:len(x)] for r, x in zip(rows, like, strict=True)]
+
+
+def test_never_open_is_unsteered_and_always_open_is_ungated(setup, optimism_vectors) -> None:
+    model, tok, prompts, free, ungated = setup
+    for latch in (False, True):
+        never = build_ops(model, optimism_vectors, LAYER, COEF, when=When(-optimism_vectors, above=1e9, latch=latch))
+        always = build_ops(model, optimism_vectors, LAYER, COEF,
+                           when=When(-optimism_vectors, above=-1e9, latch=latch))
+        assert [g.token_ids for g in generate(model, tok, prompts, steering=never, max_new_tokens=N_NEW)] == \
+            [g.token_ids for g in free]
+        assert [g.token_ids for g in generate(model, tok, prompts, steering=always, max_new_tokens=N_NEW)] == \
+            [g.token_ids for g in ungated]
+    assert [g.token_ids for g in free] != [g.token_ids for g in ungated]
+
+
+@pytest.mark.parametrize("latch", [False, True])
+def test_gate_equals_a_hand_written_hook(setup, optimism_vectors, latch: bool) -> None:
+    model, tok, prompts, free, ungated = setup
+    v = optimism_vectors.get(LAYER)
+    u = -v / v.norm()
+    ops = build_ops(model, optimism_vectors, LAYER, COEF, when=When(-optimism_vectors, above=ABOVE, latch=latch))
+    gated = [g.token_ids for g in generate(model, tok, prompts, steering=ops, max_new_tokens=N_NEW)]
+    manual = _manual(model, tok, prompts, v, u, above=ABOVE, latch=latch)
+    assert gated == _cut(manual, gated)
+    # the gate decided something: the answers are neither the unsteered nor the ungated ones
+    assert gated != [g.token_ids for g in free] and gated != [g.token_ids for g in ungated]
+
+
+def test_stream_and_compiled_paths_gate_like_generate(setup, optimism_vectors) -> None:
+    model, tok, prompts, _, _ = setup
+    for latch in (False, True):
+        ops = build_ops(model, optimism_vectors, LAYER, COEF, when=When(-optimism_vectors, above=ABOVE, latch=latch))
+        eager = generate(model, tok, prompts, steering=ops, max_new_tokens=N_NEW)
+        compiled = generate(model, tok, prompts, steering=ops, max_new_tokens=N_NEW, compile={"backend": "eager"})
+        assert [g.token_ids for g in compiled] == [g.token_ids for g in eager]
+        streamed = "".join(text for text, _ in stream(model, tok, prompts[0], steering=ops, max_new_tokens=N_NEW))
+        [single] = generate(model, tok, prompts[:1], steering=ops, max_new_tokens=N_NEW)
+        assert streamed.strip() == single.text
+
+
+@pytest.mark.parametrize("rule", ["first", "window", "marker"])
+def test_finer_positions_equal_a_hand_written_hook(setup, optimism_vectors, rule: str) -> None:
+    model, tok, prompts, free, _ = setup
+    prompts, free = prompts[:1], free[:1]
+    v = optimism_vectors.get(LAYER)
+    if rule == "first":
+        positions, span = FirstGenerated(3), (lambda p: (p, p + 3))
+    elif rule == "window":
+        positions, span = GeneratedWindow(2, 6), (lambda p: (p + 2, p + 6))
+    else:
+        # The marker is the text of the first three generated tokens: it is complete once token 3 exists, so
+        # steering starts at the position after it.
+        positions, span = FromMarker(tok.decode(free[0].token_ids[:3])), (lambda p: (p + 3, 10**9))
+    ops = [SteerOp(LAYER, v, coef=COEF, positions=positions)]
+    steered = [g.token_ids for g in generate(model, tok, prompts, steering=ops, max_new_tokens=N_NEW)]
+    manual = _manual(model, tok, prompts, v, v, span=span)
+    assert steered == _cut(manual, steered)
+    assert steered != [g.token_ids for g in free]
+
+
+def test_condition_rules_and_errors(embedded, optimism_vectors) -> None:
+    model, _ = embedded
+    with pytest.raises(ValueError, match="a condition needs a threshold"):
+        When(optimism_vectors)
+    with pytest.raises(ValueError, match="the condition is for layer 12 but the edit is at layer 10"):
+        build_ops(model, optimism_vectors, LAYER, COEF, when=When(optimism_vectors, above=0.0, layer=12))
+    with pytest.raises(ValueError, match="latch must be true or false"):
+        Condition(optimism_vectors.get(LAYER), above=0.0, latch="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="window end \\(2\\) is before its start \\(5\\)"):
+        GeneratedWindow(5, 2)
+    with pytest.raises(ValueError, match="a marker must be a non-empty string"):
+        FromMarker("")
