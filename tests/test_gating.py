@@ -138,3 +138,33 @@ def test_condition_rules_and_errors(embedded, optimism_vectors) -> None:
         GeneratedWindow(5, 2)
     with pytest.raises(ValueError, match="a marker must be a non-empty string"):
         FromMarker("")
+
+
+def test_server_gates_per_request_like_generate(setup, optimism_vectors) -> None:
+    """A steering entry with ``when`` (and ``latch``) answers exactly what ``generate`` gives with the same gate;
+    a condition at another layer than the edit is a 400 naming the rule."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from steerlib.serve import AppOptions, BackgroundServer, create_app
+
+    model, tok, prompts, _, _ = setup
+    app = create_app(model, tok, {"optimistic": optimism_vectors, "pessimistic": -optimism_vectors},
+                     AppOptions(monitor_traits=(), max_batch=4))
+    entry = {"vector": "optimistic", "layer": LAYER, "coef": COEF, "when": {"vector": "pessimistic", "above": ABOVE}}
+    with BackgroundServer(app) as srv:
+        def ask(steering: list[dict]) -> httpx.Response:
+            return httpx.post(f"{srv.url}/v1/chat/completions", timeout=120, json={
+                "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": N_NEW, "temperature": 0,
+                "steering": steering})
+
+        answers = {latch: ask([{**entry, "latch": latch}]) for latch in (False, True)}
+        wrong_layer = ask([{**entry, "when": {**entry["when"], "layer": LAYER + 2}}])
+        no_when = ask([{"vector": "optimistic", "layer": LAYER, "latch": True}])
+    for latch, reply in answers.items():
+        assert reply.status_code == 200, reply.text
+        ops = build_ops(model, optimism_vectors, LAYER, COEF, when=When(-optimism_vectors, above=ABOVE, latch=latch))
+        [offline] = generate(model, tok, prompts[:1], steering=ops, max_new_tokens=N_NEW)
+        assert reply.json()["choices"][0]["message"]["content"] == offline.text
+    assert wrong_layer.status_code == 400 and "a condition is evaluated at the layer of the edit it gates" in \
+        wrong_layer.text
+    assert no_when.status_code == 400 and "latch needs a 'when' condition" in no_when.text

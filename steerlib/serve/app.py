@@ -61,7 +61,7 @@ from steerlib.serve.schema import (
     validation_message,
 )
 from steerlib.steering.calibration import Calibration, Percentile, calibrated_cap, calibration_path
-from steerlib.steering.steer import build_ops, build_readout
+from steerlib.steering.steer import When, build_ops, build_readout
 
 __all__ = ["AppOptions", "Service", "create_app"]
 
@@ -183,16 +183,27 @@ class Service:
             if spec.cap_percentile is not None and cal is None:
                 raise ApiError(400, f"{param}[{i}]: vector {spec.vector!r} has no calibration (run `steerlib "
                                "calibrate` on it and reload it)", param=f"{param}.{i}.cap_percentile")
+            when = None
+            if spec.when is not None:
+                with self._vectors_lock:
+                    cond = self.vectors.get(spec.when.vector)
+                    cond_load = self._loads.get(spec.when.vector, 0)
+                if cond is None:
+                    raise ApiError(400, f"unknown condition vector {spec.when.vector!r}; available: {names}",
+                                   param=f"{param}.{i}.when.vector", code="unknown_vector")
+                when = When(cond, spec.when.above, spec.when.below, spec.latch, spec.when.layer)
             cap = (spec.cap_min, spec.cap_max) if spec.mode == "cap" else None
             layers = spec.layers if spec.layers is not None else spec.layer
             try:
                 if spec.cap_percentile is not None:
+                    if when is not None:
+                        raise ValueError("a calibrated cap cannot carry a condition")
                     ops = calibrated_cap(self.model, tv, cal, Percentile(spec.cap_percentile, spec.cap_side),  # type: ignore[arg-type]
                                          layers if layers is not None else tv.recommended_layer,  # type: ignore[arg-type]
                                          positions=spec.positions)
                 else:
                     ops = build_ops(self.model, tv, layers, spec.coef, mode=spec.mode, positions=spec.positions,
-                                    cap=cap, relative=spec.relative)
+                                    cap=cap, relative=spec.relative, when=when)
             except ValueError as exc:
                 raise ApiError(400, f"{param}[{i}]: {exc}", param=f"{param}.{i}") from exc
             for op in ops:
@@ -200,7 +211,8 @@ class Service:
                     raise ApiError(400, f"{param}[{i}]: the effective coefficient {op.coef:g} is not usable",
                                    param=f"{param}.{i}.coef")
             # Rows share a table entry only for the same load of the same vector at the same layer.
-            edits.extend(edits_from_ops(ops, [(spec.vector, load, op.layer) for op in ops]))
+            gate_keys = [(spec.when.vector, cond_load, op.layer) for op in ops] if spec.when is not None else None
+            edits.extend(edits_from_ops(ops, [(spec.vector, load, op.layer) for op in ops], gate_keys))
         return edits
 
     def steering_for(self, specs: list[SteeringSpec] | None, param: str) -> tuple[list[RowEdit], list[dict]]:

@@ -31,6 +31,7 @@ uses only public inputs (``attention_mask``, ``position_ids``, the cache).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -67,6 +68,9 @@ class RowEdit:
         coef: coefficient (0 for ablate/cap).
         lo, hi: cap bounds (-inf/+inf: unbounded).
         positions: "all", "prompt" or "response".
+        gate_key: identity of the condition direction (None: ungated), gate_vector its [d_model] unit vector.
+        gate_lo, gate_hi: the gate's bounds on the projection (measured at this layer, before the edit).
+        latch: once the gate opens at a token of the row, the edit stays on for the rest of the row.
     """
 
     layer: int
@@ -76,22 +80,37 @@ class RowEdit:
     lo: float
     hi: float
     positions: str
+    gate_key: tuple | None = None
+    gate_vector: Tensor | None = None
+    gate_lo: float = -math.inf
+    gate_hi: float = math.inf
+    latch: bool = False
 
 
-def edits_from_ops(ops: Sequence[SteerOp], keys: Sequence[tuple]) -> list[RowEdit]:
-    """Turn validated ``SteerOp``s into per-row edits; ``keys[i]`` names op ``i``'s vector (name, layer...)."""
+def edits_from_ops(ops: Sequence[SteerOp], keys: Sequence[tuple],
+                   gate_keys: Sequence[tuple] | None = None) -> list[RowEdit]:
+    """Turn validated ``SteerOp``s into per-row edits; ``keys[i]`` names op ``i``'s vector (name, layer...) and
+    ``gate_keys[i]`` its condition's vector, for ops with a ``when``."""
     out = []
-    for op, key in zip(ops, keys, strict=True):
+    for i, (op, key) in enumerate(zip(ops, keys, strict=True)):
         vec = op.vector.detach().float().cpu()
         if op.mode == "add":
-            out.append(RowEdit(op.layer, (*key, "raw"), vec, float(op.coef), -math.inf, math.inf, op.positions))
+            edit = RowEdit(op.layer, (*key, "raw"), vec, float(op.coef), -math.inf, math.inf, op.positions)
         else:
             lo, hi = (0.0, 0.0) if op.mode == "ablate" else (op.cap_min, op.cap_max)
             if lo is not None and hi is not None and lo > hi:
                 raise ValueError(f"cap_min ({lo}) must be <= cap_max ({hi})")
-            out.append(RowEdit(op.layer, (*key, "unit"), vec / vec.norm(), 0.0,
-                               -math.inf if lo is None else float(lo), math.inf if hi is None else float(hi),
-                               op.positions))
+            edit = RowEdit(op.layer, (*key, "unit"), vec / vec.norm(), 0.0,
+                           -math.inf if lo is None else float(lo), math.inf if hi is None else float(hi),
+                           op.positions)
+        if op.when is not None:
+            if gate_keys is None:
+                raise ValueError("ops with a condition need gate_keys")
+            g = op.when.vector.detach().float().cpu()
+            glo, ghi = op.when.bounds
+            edit = dataclasses.replace(edit, gate_key=(*gate_keys[i], "gate"), gate_vector=g / g.norm(), gate_lo=glo,
+                                       gate_hi=ghi, latch=op.when.latch)
+        out.append(edit)
     return out
 
 
@@ -138,6 +157,7 @@ class _Row:
     n_seen: int = 0
     generated: list[int] = field(default_factory=list)
     values: list[list[float]] = field(default_factory=list)  # per emitted token: K projections
+    latched: set[int] = field(default_factory=set)  # indices into edits whose latching gate has opened
     steps: list[list[int]] = field(default_factory=list)
     sent: int = 0  # characters of text already emitted
     unsent_values: list[list[float]] = field(default_factory=list)
@@ -156,6 +176,10 @@ class _StepPlan:
         self.layers = layers
         self.monitor_layer = monitor_layer
         self.projections: Tensor | None = None  # [B * T, K] read at the monitor layer
+        # (layer, slot) -> gate arguments of the op (gate_dir, gate_index, gate_lo, gate_hi, gate_out [N] bool)
+        self.gates: dict[tuple[int, int], dict[str, Tensor]] = {}
+        # (layer, slot) -> per batch row, the index into that row's edits when its gate there latches
+        self.latches: dict[tuple[int, int], list[int | None]] = {}
 
 
 class Engine:
@@ -198,6 +222,7 @@ class Engine:
         self._cache: DynamicCache | None = None
         self._kv_mask: Tensor | None = None  # [B, S] bool: which cache slots hold real tokens
         self._tables: dict[int, tuple[Tensor, dict[tuple, int]]] = {}
+        self._gate_tables: dict[int, tuple[Tensor, dict[tuple, int]]] = {}
         self._tables_for: tuple | None = None
         self._stop = threading.Event()
         self._paused = threading.Event()
@@ -397,12 +422,19 @@ class Engine:
         ident = tuple(r.serial for r in self._rows)
         if ident != self._tables_for:
             entries: dict[int, dict[tuple, Tensor]] = {}
+            gates: dict[int, dict[tuple, Tensor]] = {}
             for row in self._rows:
                 for e in row.edits:
                     entries.setdefault(e.layer, {}).setdefault(e.key, e.vector)
+                    if e.gate_key is not None:
+                        gates.setdefault(e.layer, {}).setdefault(e.gate_key, e.gate_vector)
             self._tables = {
                 layer: (torch.stack(list(vecs.values())).to(self.device), {k: i for i, k in enumerate(vecs)})
                 for layer, vecs in entries.items()
+            }
+            self._gate_tables = {
+                layer: (torch.stack(list(vecs.values())).to(self.device), {k: i for i, k in enumerate(vecs)})
+                for layer, vecs in gates.items()
             }
             self._tables_for = ident
         return self._tables
@@ -411,22 +443,44 @@ class Engine:
         tables = self._tables_now()
         n = len(self._rows) * t
         layers: dict[int, tuple[Tensor, list]] = {}
+        gate_args: dict[tuple[int, int], dict[str, Tensor]] = {}
+        latches: dict[tuple[int, int], list[int | None]] = {}
         for layer, (table, keys) in tables.items():
-            per_row = [[e for e in row.edits if e.layer == layer] for row in self._rows]
+            per_row = [[(k, e) for k, e in enumerate(row.edits) if e.layer == layer] for row in self._rows]
+            gate_table, gate_keys = self._gate_tables.get(layer, (None, {}))
             slots = []
             for s in range(max(len(x) for x in per_row)):
                 index = [-1] * n
                 coef = [0.0] * n
                 lo = [-math.inf] * n
                 hi = [math.inf] * n
+                gindex = [-1] * n
+                glo = [-math.inf] * n
+                ghi = [math.inf] * n
+                latch: list[int | None] = [None] * len(per_row)
                 for b, edits in enumerate(per_row):
                     if s >= len(edits):
                         continue
-                    e = edits[s]
+                    k, e = edits[s]
                     if e.positions != "all" and (e.positions == "prompt") != prefill[b]:
                         continue
+                    # A latched gate is open whatever the projection (its bounds become the whole line).
+                    opened = k in self._rows[b].latched
                     for j in range((b + 1) * t - lengths[b], (b + 1) * t):
                         index[j], coef[j], lo[j], hi[j] = keys[e.key], e.coef, e.lo, e.hi
+                        if e.gate_key is not None:
+                            gindex[j] = gate_keys[e.gate_key]
+                            glo[j], ghi[j] = (-math.inf, math.inf) if opened else (e.gate_lo, e.gate_hi)
+                    if e.gate_key is not None and e.latch and not opened:
+                        latch[b] = k
+                if gate_table is not None and any(x >= 0 for x in gindex):
+                    gate_args[(layer, len(slots))] = {
+                        "gate_dir": gate_table, "gate_index": torch.tensor(gindex, device=self.device),
+                        "gate_lo": torch.tensor(glo, device=self.device),
+                        "gate_hi": torch.tensor(ghi, device=self.device),
+                        "gate_out": torch.ones(n, dtype=torch.bool, device=self.device)}
+                    if any(x is not None for x in latch):
+                        latches[(layer, len(slots))] = latch
                 # The values were checked on the host (finite coefficients, ordered bounds, unit vectors where
                 # bounded), so the op reads nothing back from the device; unused parts are left out.
                 bounded = any(x != -math.inf for x in lo) or any(x != math.inf for x in hi)
@@ -437,7 +491,19 @@ class Engine:
             layers[layer] = (table, slots)
         if self.monitor_layer is not None and self.monitor_layer not in layers:
             layers[self.monitor_layer] = (torch.zeros((0, self.layout.d_model), device=self.device), [])
-        return _StepPlan(layers, self.monitor_layer)
+        plan = _StepPlan(layers, self.monitor_layer)
+        plan.gates, plan.latches = gate_args, latches
+        return plan
+
+    def _latch(self, plan: _StepPlan, t: int) -> None:
+        """After a step: rows whose latching gate opened at some token of theirs keep that edit on from now on
+        (the host reads the op's gate_out here, in the same sync as the step's logits)."""
+        for (layer, slot), rows in plan.latches.items():
+            gate = plan.gates[(layer, slot)]
+            opened = (gate["gate_out"] & (gate["gate_index"] >= 0)).view(len(rows), t).any(1).tolist()
+            for b, k in enumerate(rows):
+                if k is not None and opened[b]:
+                    self._rows[b].latched.add(k)
 
     def _hook(self, layer: int, plan: _StepPlan):
         table, slots = plan.layers[layer]
@@ -459,7 +525,7 @@ class Engine:
             for i, (index, coef, lo, hi) in enumerate(calls):
                 last = i == len(calls) - 1
                 flat, proj = fused_steer_rows(flat, table, index, coef, lo, hi, readout=monitor if last else None,
-                                              inplace=inplace, validate=False)
+                                              inplace=inplace, validate=False, **plan.gates.get((layer, i), {}))
                 if last and monitor is not None:
                     plan.projections = proj
             if inplace:
@@ -513,6 +579,7 @@ class Engine:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                              logits_to_keep=1, **{self.cache_kw: self._cache})
         logits = out.logits[:, -1, :].float()
+        self._latch(plan, t)
         self._kv_mask = kv
         if t > 1:
             self._compact()

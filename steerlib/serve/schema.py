@@ -23,6 +23,7 @@ __all__ = [
     "OllamaGenerateRequest",
     "OllamaOptions",
     "SteeringSpec",
+    "WhenSpec",
     "validation_message",
 ]
 
@@ -41,6 +42,24 @@ def _valid_unicode(text: str) -> str:
     except UnicodeEncodeError as exc:
         raise ValueError(f"contains an invalid Unicode code point at index {exc.start} (a lone surrogate)") from None
     return text
+
+
+class WhenSpec(BaseModel):
+    """A steering entry's condition: steer only where the token's projection on ``vector`` is above/below a
+    threshold, measured at the edit's own layer (``layer``, when given, must be that layer)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vector: str = Field(description="name of a loaded trait vector whose projection decides")
+    layer: int | None = Field(None, ge=1, le=10_000, description="must equal the edit's layer when given")
+    above: float | None = Field(None, ge=-MAX_ABS_BOUND, le=MAX_ABS_BOUND, allow_inf_nan=False)
+    below: float | None = Field(None, ge=-MAX_ABS_BOUND, le=MAX_ABS_BOUND, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _threshold(self) -> WhenSpec:
+        if self.above is None and self.below is None:
+            raise ValueError("a condition needs 'above' and/or 'below'")
+        return self
 
 
 class SteeringSpec(BaseModel):
@@ -63,6 +82,8 @@ class SteeringSpec(BaseModel):
     cap_percentile: float | None = Field(None, ge=0.0, le=100.0, allow_inf_nan=False,
                                          description="cap at this percentile of the vector's calibration")
     cap_side: Literal["max", "min"] = Field("max", description="cap_percentile caps from above (max) or floors")
+    when: WhenSpec | None = Field(None, description="steer only where this condition holds")
+    latch: bool = Field(False, description="with 'when': once open for a response, stay open for the rest of it")
 
     @model_validator(mode="after")
     def _bounds_in_order(self) -> SteeringSpec:
@@ -72,6 +93,8 @@ class SteeringSpec(BaseModel):
             raise ValueError("give layer or layers, not both")
         if any(not 1 <= x <= 10_000 for x in self.layers or ()):
             raise ValueError("layers must lie in 1..n_layers")
+        if self.latch and self.when is None:
+            raise ValueError("latch needs a 'when' condition")
         if self.cap_percentile is not None:
             if "mode" in self.model_fields_set and self.mode != "cap":
                 raise ValueError(f"cap_percentile is a cap; it cannot be combined with mode {self.mode!r}")
