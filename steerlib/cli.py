@@ -80,7 +80,8 @@ def steer(
     layer: Annotated[int | None, typer.Option(help="layer to steer (default: the vectors' recommended layer)")] = None,
     coef: float = 4.0,
     mode: Annotated[str, typer.Option(help="add | ablate | cap")] = "add",
-    positions: Annotated[str, typer.Option(help="all | prompt | response")] = "all",
+    positions: Annotated[str, typer.Option(
+        help="all | prompt | response | first:N | window:A-B | marker:TEXT")] = "all",
     relative: Annotated[bool, typer.Option(help="coef as a fraction of the typical residual norm")] = False,
     cap_min: float | None = None,
     cap_max: float | None = None,
@@ -92,16 +93,24 @@ def steer(
         help="cap the projection at this percentile of the calibration (steerlib calibrate)")] = None,
     cap_side: Annotated[str, typer.Option(help="max (cap from above) | min (floor) for --cap-percentile")] = "max",
     layers: Annotated[str | None, typer.Option(help="layers for --cap-percentile: A-B or A,B,C")] = None,
+    when_above: Annotated[float | None, typer.Option(
+        help="steer only tokens whose projection on --when-vector (at the steered layer) is >= this")] = None,
+    when_below: Annotated[float | None, typer.Option(help="steer only tokens whose projection is <= this")] = None,
+    when_vector: Annotated[Path | None, typer.Option(help="condition vectors (default: --vector)")] = None,
+    latch: Annotated[bool, typer.Option(help="once the condition holds, steer the rest of the answer")] = False,
     model: ModelOpt = None,
 ) -> None:
-    """Print the steered answer next to the unsteered one (or a coefficient sweep)."""
+    """Print the steered answer next to the unsteered one (or a coefficient sweep).
+
+    --positions takes all | prompt | response | first:N | window:A-B | marker:TEXT."""
     from steerlib.jobs import steer_file
 
     result = steer_file(vector, prompt, model_path=model, layer=layer, coef=coef, mode=mode, positions=positions,
                         relative=relative, cap=(cap_min, cap_max) if mode == "cap" else None,
                         sweep=_floats(sweep) if sweep is not None else None, system=system, max_new_tokens=max_new_tokens,
                         plot=plot, cap_percentile=cap_percentile, cap_side=cap_side,
-                        layers=_layer_list(layers) if layers is not None else None)
+                        layers=_layer_list(layers) if layers is not None else None, when_vector=when_vector,
+                        when_above=when_above, when_below=when_below, latch=latch)
     if result.dose is not None:
         typer.echo(result.dose.format())
         return

@@ -39,7 +39,8 @@ from steerlib.monitoring.drift import DriftMonitor
 from steerlib.steering.calibration import Calibration, Percentile, calibrate, calibrated_cap, calibration_path
 from steerlib.steering.dose import DoseResponse, dose_response
 from steerlib.steering.generation import Generation, generate
-from steerlib.steering.steer import MODES, POSITIONS, build_ops, build_readout
+from steerlib.steering.plan import position_rule
+from steerlib.steering.steer import MODES, POSITIONS, When, build_ops, build_readout
 from steerlib.store.samples import read_samples
 from steerlib.traits.judges import make_judge
 from steerlib.traits.library import Trait, TraitError, check_trait_name, load_trait
@@ -148,11 +149,17 @@ def steer_file(
     cap_percentile: float | None = None,
     cap_side: str = "max",
     layers: Sequence[int] | None = None,
+    when_vector: str | Path | None = None,
+    when_above: float | None = None,
+    when_below: float | None = None,
+    latch: bool = False,
 ) -> SteeredAnswers:
     """Steered answers next to unsteered ones, or with ``sweep`` a dose-response over coefficients.
 
     With ``cap_percentile`` the steered answers are capped at that percentile of the vectors' calibration
     (``steerlib calibrate``) over ``layers`` (default: ``layer``); ``cap_side="min"`` floors instead.
+    With ``when_above``/``when_below`` the edit is gated on the projection on ``when_vector`` (default: the steering
+    vectors) at the edit's layer, per token or, with ``latch``, for the rest of a response once it opens.
     Every argument is checked before the model is loaded; ``sweep=[]`` is an error, not a plain run.
     """
     if isinstance(prompts, str) or not prompts:
@@ -162,7 +169,7 @@ def steer_file(
     if system is not None:
         check_text(system, "system prompt")
     check_choice(mode, "steering mode", MODES)
-    check_choice(positions, "positions", POSITIONS)
+    position_rule(positions)  # first:N, window:A-B and marker:TEXT too
     check_number(coef, "coef")
     check_int(max_new_tokens, "max_new_tokens")
     if sweep is not None:
@@ -185,6 +192,15 @@ def steer_file(
             calibration.value(x, pct.value)  # an uncalibrated layer fails before the model loads
     elif layers is not None:
         raise ValueError("--layers is for --cap-percentile; use --layer for a single steering layer")
+    gated = when_above is not None or when_below is not None
+    for bound in (when_above, when_below):
+        if bound is not None:
+            check_number(bound, "condition threshold")
+    if (when_vector is not None or latch) and not gated:
+        raise ValueError("--when-vector and --latch need --when-above and/or --when-below")
+    if gated and (sweep is not None or cap_percentile is not None):
+        raise ValueError("a condition (--when-above/--when-below) cannot be combined with --sweep or --cap-percentile")
+    condition_source = load_vectors(when_vector) if when_vector is not None else None
     source = load_vectors(vectors_path)  # a damaged file fails before the model loads
     loaded = load_model(model_path)
     model, tok = loaded
@@ -210,12 +226,22 @@ def steer_file(
         dose = dose_response(model, tok, formatted, source, layer, list(sweep), relative=relative, readout=readout,
                              max_new_tokens=max_new_tokens, judge=sweep_judge(trait), plot_path=plot)
         return SteeredAnswers(layer=layer, coefs=tuple(sweep), dose=dose)
+    when = None
+    labels = {}
+    if gated:
+        condition = _fit_vectors(condition_source, when_vector, model) if condition_source is not None else source
+        when = When(condition, when_above, when_below, latch)
+        side = " and ".join(f"{name} {v:g}" for name, v in (("above", when_above), ("below", when_below))
+                            if v is not None)
+        labels[coef] = (f"{mode} coef={coef:g} layer={layer} when projection {side}"
+                        f"{' (latched)' if latch else ''}")
     answers: dict[float, list[Generation]] = {}
     for c in (0.0, coef):
         ops = [] if c == 0 and mode == "add" else build_ops(model, source, layer, c, mode=mode,  # type: ignore[arg-type]
-                                                           positions=positions, cap=cap, relative=relative)  # type: ignore[arg-type]
+                                                           positions=positions, cap=cap, relative=relative,  # type: ignore[arg-type]
+                                                           when=when if c == coef else None)
         answers[c] = generate(model, tok, formatted, steering=ops, readout=readout, max_new_tokens=max_new_tokens)
-    return SteeredAnswers(layer=layer, coefs=(0.0, coef), answers=answers)
+    return SteeredAnswers(layer=layer, coefs=(0.0, coef), answers=answers, labels=labels)
 
 
 @dataclass

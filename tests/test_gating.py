@@ -168,3 +168,27 @@ def test_server_gates_per_request_like_generate(setup, optimism_vectors) -> None
     assert wrong_layer.status_code == 400 and "a condition is evaluated at the layer of the edit it gates" in \
         wrong_layer.text
     assert no_when.status_code == 400 and "latch needs a 'when' condition" in no_when.text
+
+
+def test_cli_gated_steer_and_position_text(tmp_path, embedded, optimism_vectors) -> None:
+    from typer.testing import CliRunner
+
+    from steerlib.cli import app
+    from steerlib.steering.plan import position_rule
+
+    path = tmp_path / "optimistic"
+    optimism_vectors.save(path)
+    runner = CliRunner()
+    base = ["steer", "--vector", str(path), "--layer", str(LAYER), "--coef", str(COEF), "--prompt", PROMPTS[0],
+            "--max-new-tokens", "6"]
+    result = runner.invoke(app, [*base, "--when-above", "1e9", "--latch"])
+    assert result.exit_code == 0, result.output
+    blocks = result.output.split("--- ")[1:]
+    assert blocks[1].startswith(f"add coef={COEF:g} layer={LAYER} when projection above 1e+09 (latched)")
+    assert blocks[0].split("\n", 1)[1].strip() == blocks[1].split("\n", 1)[1].strip()  # never open: same answer
+    result = runner.invoke(app, [*base, "--latch"])
+    assert result.exit_code != 0 and "--when-vector and --latch need --when-above" in str(result.exception)
+    assert position_rule("first:3") == FirstGenerated(3) and position_rule("window:2-6") == GeneratedWindow(2, 6)
+    assert position_rule("marker:</think>") == FromMarker("</think>")
+    with pytest.raises(ValueError, match="unknown positions 'sideways'"):
+        position_rule("sideways")

@@ -297,12 +297,26 @@ class FromMarker(PositionRule):
 
 
 def position_rule(positions: str | PositionRule) -> PositionRule:
-    """The rule object for a name (``"all"``, ``"prompt"``, ``"response"``...) or the rule itself."""
+    """The rule object for a name (``"all"``, ``"prompt"``, ``"response"``...), a parametrised rule written as
+    text (``"first:N"``, ``"window:A-B"``, ``"marker:TEXT"``), or the rule itself."""
     if isinstance(positions, PositionRule):
         return positions
     rule = POSITION_RULES.get(positions) if isinstance(positions, str) else None
+    if rule is None and isinstance(positions, str) and ":" in positions:
+        kind, _, arg = positions.partition(":")
+        try:
+            if kind == "first":
+                return FirstGenerated(int(arg))
+            if kind == "window":
+                a, _, b = arg.partition("-")
+                return GeneratedWindow(int(a), int(b))
+        except ValueError as exc:
+            raise ValueError(f"positions {positions!r}: {exc}") from None
+        if kind == "marker":
+            return FromMarker(arg)
     if rule is None:
-        raise ValueError(f"unknown positions {positions!r}; choose from {tuple(POSITION_RULES)}")
+        raise ValueError(f"unknown positions {positions!r}; choose from {tuple(POSITION_RULES)} or first:N, "
+                         "window:A-B (generated tokens A..B-1), marker:TEXT")
     return rule
 
 
