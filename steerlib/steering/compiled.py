@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from steerlib.core.arch import Layout, get_layout
+from steerlib.core.compat import cache_keyword
 from steerlib.core.hooks import HookHandles
 from steerlib.kernels import steer_rows_inline, steer_rows_op
 from steerlib.steering.plan import Add, Edit, SteeringPlan, lower_ops
@@ -275,18 +276,36 @@ def generate_batch(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
         backend: fused-op backend.
 
     Returns:
-        ``(generated ids [B, n] on CPU, read-out [B, n, n_readout_layers, K] or None)``.
+        ``(generated ids [B, n] on CPU, read-out [B, n + 1, n_readout_layers, K] or None)``: step ``j < n`` is
+        paired with generated token ``j``, step ``n`` is read at the last generated token's own position.
     """
     max_new = generate_kwargs.get("max_new_tokens")
     if not isinstance(max_new, int) or max_new < 1:
         raise ValueError(f"generate_kwargs needs max_new_tokens >= 1, got {max_new!r}")
-    kwargs = dict(generate_kwargs, cache_implementation="static",
-                  compile_config=compile_config(model, **(compile_options or {})))
+    kwargs = dict(generate_kwargs, compile_config=compile_config(model, **(compile_options or {})))
+    if readout is None:
+        kwargs["cache_implementation"] = "static"
+    else:
+        from transformers import StaticCache
+
+        # generate's own static cache stops one slot short of the last sampled token; the closing pass below
+        # feeds that token, so the cache gets the one extra slot.
+        kwargs[cache_keyword(model)] = StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + max_new)
     # Guard compiled graphs on the hooks present: by default dynamo would reuse a graph traced with other
     # (or no) steering hooks. Graphs compiled here, steered or not, carry the guard.
     with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False), \
             CompiledSteering(model, steering, readout, prompt_lengths=attention_mask.sum(1), max_steps=max_new,
                              row_coefs=row_coefs, backend=backend) as cs:
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    new = out[:, input_ids.shape[1]:].cpu()
-    return new, (cs.projections(new.shape[1]) if readout is not None else None)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, return_dict_in_generate=True,
+                             **kwargs)
+        new = out.sequences[:, input_ids.shape[1]:].cpu()
+        if readout is None:
+            return new, None
+        # One eager pass over each row's last token gives that token's own read-out (see generation.py); it
+        # lands in the buffer's step ``len(new)``.
+        b, n = new.shape
+        mask = torch.cat([attention_mask, attention_mask.new_ones((b, n))], dim=1)
+        model(input_ids=out.sequences[:, -1:], attention_mask=mask, position_ids=(mask.sum(1, keepdim=True) - 1),
+              cache_position=torch.tensor([mask.shape[1] - 1], device=mask.device), use_cache=True,
+              **{cache_keyword(model): out.past_key_values})
+    return new, cs.buffer[:n + 1].transpose(0, 1).float().cpu()

@@ -478,10 +478,12 @@ class SteeringPlan:
         self._slot_latch: list[bool] = []  # per slot: some row's gate latches
         # [n_slots, n_rows] uint8: 1 where a latching gate has opened for that row (kept on the device).
         self._latched = torch.zeros((0, 1), dtype=torch.uint8, device=self.device)
+        self._edit_slots: list[list[int]] = []  # per row, the plan slot of each of its edits
 
     # -- rows -----------------------------------------------------------------------------------------
     def set_rows(self, rows: Sequence[Sequence[Edit]], prompt_lens: Sequence[int],
-                 markers: Sequence[int | None] | None = None, latched: Tensor | None = None) -> None:
+                 markers: Sequence[int | None] | None = None,
+                 latched: Sequence[set[int]] | None = None) -> None:
         """Describe the batch: row ``r`` makes ``rows[r]``'s edits and has a prompt of ``prompt_lens[r]`` tokens.
 
         Runs on the host once per change of the batch's rows (not per forward pass).
@@ -490,8 +492,8 @@ class SteeringPlan:
             rows: each batch row's lowered edits.
             prompt_lens: each row's prompt length ``P``.
             markers: per row, the absolute position a ``FromMarker`` rule starts at (None: not seen yet).
-            latched: ``[n_slots, n_rows]`` latch state to carry over (from ``latched()``), when the rows and
-                their edits are the same as before; default: nothing latched.
+            latched: per row, the indices into ``rows[r]`` of edits whose latching gate has already opened (from
+                ``latched_edits()`` of the rows as they were); default: nothing latched.
         """
         if len(prompt_lens) != len(rows):
             raise ValueError(f"got {len(rows)} rows but {len(prompt_lens)} prompt lengths")
@@ -566,16 +568,28 @@ class SteeringPlan:
                 })
         else:
             self._params = {}
+        # Which plan slot each row's edit landed in: edit k of row r is the s-th of that row at its layer.
+        self._edit_slots = []
+        for edits in rows:
+            seen: dict[int, int] = {}
+            slots_of_row = []
+            for e in edits:
+                s_in_layer = seen.get(e.layer, 0)
+                seen[e.layer] = s_in_layer + 1
+                slots_of_row.append(layers[e.layer].slots.start + s_in_layer)
+            self._edit_slots.append(slots_of_row)
         # A new set of rows starts with no gate latched, unless the caller carries the state over.
         shape = (len(entry), n_rows)
-        if latched is not None and tuple(latched.shape) != shape:
-            raise ValueError(f"latched must have shape [n_slots, n_rows] = {list(shape)}, got {list(latched.shape)}")
         if tuple(self._latched.shape) == shape:
             self._latched.zero_()  # same address: a graph that captured it stays valid
         else:
             self._latched = torch.zeros(shape, dtype=torch.uint8, device=dev)
         if latched is not None:
-            self._latched.copy_(latched.to(torch.uint8))
+            if len(latched) != len(rows):
+                raise ValueError(f"got latch state for {len(latched)} rows but {len(rows)} rows")
+            for r, ks in enumerate(latched):
+                for k in ks:
+                    self._latched[self._edit_slots[r][k], r] = 1
         if self._has_gates and "gindex" not in self._buffers:
             self._buffers = {}  # gate buffers are allocated with the others
         self._ensure_buffers(self._max_tokens)
@@ -719,9 +733,11 @@ class SteeringPlan:
         """Whether some row's gate at plan slot ``slot`` latches."""
         return self._slot_latch[slot]
 
-    def latched(self) -> Tensor:
-        """``[n_slots, n_rows]`` bool: which rows' latching gates have opened (a copy, for the host)."""
-        return self._latched.bool().clone()
+    def latched_edits(self) -> list[set[int]]:
+        """Per row of the last ``set_rows``, the indices of its edits whose latching gate has opened (one read of
+        device memory: call it when the rows change, not per pass)."""
+        state = self._latched.cpu()
+        return [{k for k, s in enumerate(slots) if bool(state[s, r])} for r, slots in enumerate(self._edit_slots)]
 
     def apply_functional(self, layer: int, hidden: Tensor,
                          readout: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

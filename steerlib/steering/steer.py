@@ -212,7 +212,7 @@ class ResidualEditor:
         self._marker_pos[row] = int(position)
         n_rows = len(self._marker_pos)
         self.plan.set_rows([self._edits] * n_rows, [self.positions.prompt_len] * n_rows, self._marker_pos,
-                           latched=self.plan.latched())
+                           latched=self.plan.latched_edits())
 
     def marker_watcher(self, tokenizer, prompt_width: int) -> StoppingCriteria | None:
         """A ``StoppingCriteria`` for ``model.generate`` that never stops but, after each step, finds rows whose
