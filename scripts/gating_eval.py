@@ -58,7 +58,10 @@ def main() -> None:
     parser.add_argument("--vector", default="runs/optimistic")
     parser.add_argument("--layer", type=int, default=16, help="steering and gate layer")
     parser.add_argument("--coef", type=float, default=0.3, help="relative coefficient of the optimism add")
-    parser.add_argument("--gate-percentile", type=float, default=75.0)
+    parser.add_argument("--gate-percentiles", default="75",
+                        help="comma-separated calibrated percentiles of pessimism the gate opens above")
+    parser.add_argument("--gates-only", action="store_true",
+                        help="run only the unsteered baseline and the gates (not the ungated edit or the cap)")
     parser.add_argument("--cap-layers", default="16-22")
     parser.add_argument("--cap-percentile", type=float, default=75.0, help="percentile of pessimism to cap at")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -74,23 +77,24 @@ def main() -> None:
     layer = args.layer
     cap_layers = _layers(args.cap_layers)
     # Pessimism is the negated optimism direction: its p-th percentile is minus optimism's (100 - p)-th.
-    gate_t = -cal.value(layer, 100 - args.gate_percentile)
+    gate_pcts = [float(x) for x in args.gate_percentiles.split(",")]
+    gate_ts = {p: -cal.value(layer, 100 - p) for p in gate_pcts}
     neutral = [sl.format_prompt(tok, q) for q in QUESTIONS]
     pushed = [sl.format_prompt(tok, q, PUSH) for q in QUESTIONS]
     all_layers = list(range(1, sl.get_layout(model).n_layers + 1))
     readout = sl.build_readout(model, {"optimistic": tv}, all_layers)
 
-    add = sl.build_ops(model, tv, layer, args.coef, relative=True)
-    configs = {
-        "unsteered": [],
-        "ungated": add,
-        "gated (per token)": sl.build_ops(model, tv, layer, args.coef, relative=True,
-                                          when=When(-tv, above=gate_t, latch=False)),
-        "gated (latched)": sl.build_ops(model, tv, layer, args.coef, relative=True,
-                                        when=When(-tv, above=gate_t, latch=True)),
-        f"cap p{args.cap_percentile:g} layers {args.cap_layers}": calibrated_cap(
-            model, tv, cal, Percentile(100 - args.cap_percentile, side="min"), cap_layers),
-    }
+    configs = {"unsteered": []}
+    if not args.gates_only:
+        configs["ungated"] = sl.build_ops(model, tv, layer, args.coef, relative=True)
+    for pct, threshold in gate_ts.items():
+        for latch in (False, True):
+            configs[f"gated p{pct:g} ({'latched' if latch else 'per token'})"] = sl.build_ops(
+                model, tv, layer, args.coef, relative=True, when=When(-tv, above=threshold, latch=latch))
+    cap_name = f"cap p{args.cap_percentile:g} layers {args.cap_layers}"
+    if not args.gates_only:
+        configs[cap_name] = calibrated_cap(model, tv, cal, Percentile(100 - args.cap_percentile, side="min"),
+                                           cap_layers)
     vader = SentimentIntensityAnalyzer()
     runs = {}
     for name, ops in configs.items():
@@ -111,48 +115,48 @@ def main() -> None:
         rows.append({"config": name, "neutral_identical": identical,
                      "pushed_vader_change": sum(change) / n, "neutral_vader_change": sum(neutral_change) / n})
 
-    # Per-layer mean pessimism projection of the pushed answers' tokens, before and after the cap.
-    cap_name = list(configs)[-1]
-
-    def per_layer(gens) -> torch.Tensor:
-        return -torch.cat([g.projections[:, :, 0] for g in gens]).mean(0)  # [n_layers]
-
-    before, after = per_layer(base[n:]), per_layer(runs[cap_name][n:])
-    bound = {x: -cal.value(x, 100 - args.cap_percentile) for x in cap_layers}
-    excess = max(float((-torch.cat([g.projections[:, li - 1, 0] for g in runs[cap_name]]) - bound[li]).max())
-                 for li in cap_layers)
-    summary = {"layer": layer, "relative_coef": args.coef, "gate_threshold": gate_t,
-               "gate": f"pessimism projection at layer {layer} >= its calibrated p{args.gate_percentile:g}",
-               "cap": f"pessimism <= its calibrated p{args.cap_percentile:g} at layers {args.cap_layers}",
-               "max_capped_projection_minus_bound": excess, "results": rows,
-               "per_layer_pessimism_pushed": {"layers": all_layers, "before": before.tolist(),
-                                              "after_cap": after.tolist()},
-               "examples": {name: [gens[n].text, gens[0].text] for name, gens in runs.items()},
+    summary = {"layer": layer, "relative_coef": args.coef, "gate_thresholds": gate_ts,
+               "gate": f"pessimism projection at layer {layer} >= its calibrated percentile",
+               "results": rows, "examples": {name: [gens[n].text, gens[0].text] for name, gens in runs.items()},
                "seconds": round(time.time() - started, 1)}
+    if cap_name in runs:
+        # Per-layer mean pessimism projection of the pushed answers' tokens, before and after the cap.
+        def per_layer(gens) -> torch.Tensor:
+            return -torch.cat([g.projections[:, :, 0] for g in gens]).mean(0)  # [n_layers]
+
+        before, after = per_layer(base[n:]), per_layer(runs[cap_name][n:])
+        bound = {x: -cal.value(x, 100 - args.cap_percentile) for x in cap_layers}
+        excess = max(float((-torch.cat([g.projections[:, li - 1, 0] for g in runs[cap_name]]) - bound[li]).max())
+                     for li in cap_layers)
+        summary.update({"cap": f"pessimism <= its calibrated p{args.cap_percentile:g} at layers {args.cap_layers}",
+                        "max_capped_projection_minus_bound": excess,
+                        "per_layer_pessimism_pushed": {"layers": all_layers, "before": before.tolist(),
+                                                       "after_cap": after.tolist()}})
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(all_layers, before.tolist(), marker="o", label="unsteered (pushed prompts)")
+        ax.plot(all_layers, after.tolist(), marker="o",
+                label=f"capped at p{args.cap_percentile:g}, layers {args.cap_layers}")
+        ax.plot(cap_layers, [bound[x] for x in cap_layers], "k--", label=f"calibrated p{args.cap_percentile:g}")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("mean pessimism projection")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "cap_projections.png", dpi=120)
+        print(f"max (capped projection - bound) at the capped layers: {excess:.2e}")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(all_layers, before.tolist(), marker="o", label="unsteered (pushed prompts)")
-    ax.plot(all_layers, after.tolist(), marker="o", label=f"capped at p{args.cap_percentile:g}, layers {args.cap_layers}")
-    ax.plot(cap_layers, [bound[x] for x in cap_layers], "k--", label=f"calibrated p{args.cap_percentile:g}")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("mean pessimism projection")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "cap_projections.png", dpi=120)
-
-    print(f"\ngate threshold (pessimism p{args.gate_percentile:g} at layer {layer}): {gate_t:.3f}")
+    thresholds = {f"p{p:g}": round(t, 3) for p, t in gate_ts.items()}
+    print(f"\ngate thresholds (pessimism at layer {layer}): {thresholds}")
     print(f"{'config':32s} {'neutral identical':>18s} {'pushed VADER change':>20s} {'neutral VADER change':>21s}")
     for r in rows:
         print(f"{r['config']:32s} {r['neutral_identical']:18.2f} {r['pushed_vader_change']:+20.3f} "
               f"{r['neutral_vader_change']:+21.3f}")
-    print(f"max (capped projection - bound) at the capped layers: {excess:.2e}")
-    print(f"wrote {out / 'summary.json'} and {out / 'cap_projections.png'} in {time.time() - started:.0f} s")
+    print(f"wrote {out}/summary.json in {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":
