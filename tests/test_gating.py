@@ -192,3 +192,31 @@ def test_cli_gated_steer_and_position_text(tmp_path, embedded, optimism_vectors)
     assert position_rule("marker:</think>") == FromMarker("</think>")
     with pytest.raises(ValueError, match="unknown positions 'sideways'"):
         position_rule("sideways")
+
+
+def test_plan_latches_per_row_and_carries_latches_across_row_changes() -> None:
+    """The plan latches a row once its gate opened (device-side), reports it per edit, and a new ``set_rows``
+    restores it for the row wherever it now sits (what the server does when its batch changes)."""
+    from steerlib.steering.plan import SteeringPlan, lower_ops
+
+    d = 8
+    u = torch.eye(d)[0]
+    [edit] = lower_ops([SteerOp(1, torch.eye(d)[1], coef=1.0, when=Condition(u, above=1.0, latch=True))])
+    plan = SteeringPlan(d, "cpu")
+    plan.set_rows([[edit], [edit]], [0, 0])
+    rows = torch.tensor([0, 1])
+    hidden = torch.zeros(2, d)
+    hidden[0, 0] = 2.0  # row 0 passes the gate, row 1 does not
+    plan.fill(rows, torch.tensor([0, 0]))
+    plan.apply(1, hidden)
+    assert hidden[:, 1].tolist() == [1.0, 0.0]
+    assert plan.latched_edits() == [{0}, set()]
+    hidden = torch.zeros(2, d)  # nobody passes now, but row 0 is latched
+    plan.fill(rows, torch.tensor([1, 1]))
+    plan.apply(1, hidden)
+    assert hidden[:, 1].tolist() == [1.0, 0.0]
+    plan.set_rows([[edit], [edit]], [0, 0], latched=[set(), {0}])  # the rows swapped places
+    hidden = torch.zeros(2, d)
+    plan.fill(rows, torch.tensor([2, 2]))
+    plan.apply(1, hidden)
+    assert hidden[:, 1].tolist() == [0.0, 1.0]
