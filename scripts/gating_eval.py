@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--coef", type=float, default=0.3, help="relative coefficient of the optimism add")
     parser.add_argument("--gate-percentiles", default="75",
                         help="comma-separated calibrated percentiles of pessimism the gate opens above")
+    parser.add_argument("--positions", default="all",
+                        help="tokens the gated edits (and their gates) cover: all | response | ...")
     parser.add_argument("--gates-only", action="store_true",
                         help="run only the unsteered baseline and the gates (not the ungated edit or the cap)")
     parser.add_argument("--cap-layers", default="16-22")
@@ -90,7 +92,8 @@ def main() -> None:
     for pct, threshold in gate_ts.items():
         for latch in (False, True):
             configs[f"gated p{pct:g} ({'latched' if latch else 'per token'})"] = sl.build_ops(
-                model, tv, layer, args.coef, relative=True, when=When(-tv, above=threshold, latch=latch))
+                model, tv, layer, args.coef, relative=True, positions=args.positions,
+                when=When(-tv, above=threshold, latch=latch))
     cap_name = f"cap p{args.cap_percentile:g} layers {args.cap_layers}"
     if not args.gates_only:
         configs[cap_name] = calibrated_cap(model, tv, cal, Percentile(100 - args.cap_percentile, side="min"),
@@ -115,7 +118,7 @@ def main() -> None:
         rows.append({"config": name, "neutral_identical": identical,
                      "pushed_vader_change": sum(change) / n, "neutral_vader_change": sum(neutral_change) / n})
 
-    summary = {"layer": layer, "relative_coef": args.coef, "gate_thresholds": gate_ts,
+    summary = {"layer": layer, "relative_coef": args.coef, "gate_thresholds": gate_ts, "positions": args.positions,
                "gate": f"pessimism projection at layer {layer} >= its calibrated percentile",
                "results": rows, "examples": {name: [gens[n].text, gens[0].text] for name, gens in runs.items()},
                "seconds": round(time.time() - started, 1)}
