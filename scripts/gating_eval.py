@@ -15,7 +15,8 @@ VADER's compound score (-1..1) on the pushed prompts, and it plots the per-layer
 pushed answers before and after the cap. Needs the vectors (``make demo``, or ``steerlib extract``) and their
 calibration (``steerlib calibrate --vector runs/optimistic``).
 
-    python scripts/gating_eval.py --vector runs/optimistic --layer 16 --coef 0.3 --cap-layers 16-22
+    python scripts/gating_eval.py --vector runs/optimistic --layer 16 --coef 0.3 --cap-layers 16-22 \
+        --gate-percentiles 90,95,99            # results and reading: docs/gating.md
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ def main() -> None:
     parser.add_argument("--vector", default="runs/optimistic")
     parser.add_argument("--layer", type=int, default=16, help="steering and gate layer")
     parser.add_argument("--coef", type=float, default=0.3, help="relative coefficient of the optimism add")
-    parser.add_argument("--gate-percentiles", default="75",
+    parser.add_argument("--gate-percentiles", default="95",
                         help="comma-separated calibrated percentiles of pessimism the gate opens above")
-    parser.add_argument("--positions", default="all",
+    parser.add_argument("--positions", default="response",
                         help="tokens the gated edits (and their gates) cover: all | response | ...")
     parser.add_argument("--gates-only", action="store_true",
                         help="run only the unsteered baseline and the gates (not the ungated edit or the cap)")
@@ -88,7 +89,7 @@ def main() -> None:
 
     configs = {"unsteered": []}
     if not args.gates_only:
-        configs["ungated"] = sl.build_ops(model, tv, layer, args.coef, relative=True)
+        configs["ungated"] = sl.build_ops(model, tv, layer, args.coef, relative=True, positions=args.positions)
     for pct, threshold in gate_ts.items():
         for latch in (False, True):
             configs[f"gated p{pct:g} ({'latched' if latch else 'per token'})"] = sl.build_ops(
