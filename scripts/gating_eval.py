@@ -6,7 +6,8 @@ that pushes the model toward pessimism. Each is answered greedily
 * unsteered;
 * steering toward optimism (``add`` of the optimistic vector at one layer) **ungated**;
 * the same edit **gated** on the pessimism projection (the projection on the negated vector at the edit's layer):
-  it applies only where that projection is above its calibrated 75th percentile, per token and latched;
+  it applies only where that projection is above a calibrated percentile of it (``--gate-percentiles``), per token
+  and latched (the steered edits and their gates cover ``--positions``, by default the generated tokens);
 * with a **calibrated cap**: pessimism capped at its 75th percentile over a layer range (the same as flooring the
   optimism projection at its 25th percentile).
 
