@@ -33,7 +33,7 @@ import torch
 
 from . import cuda_steer
 from .reference import MAX_READOUT_DIRS, SteerSpec, prepare_inputs, steer_project_reference
-from .rows import RowSteerSpec, prepare_row_inputs, steer_rows_reference, steer_rows_torch
+from .rows import RowSteerSpec, check_gate_out, prepare_row_inputs, steer_rows_reference, steer_rows_torch
 
 __all__ = [
     "MAX_READOUT_DIRS",
@@ -238,6 +238,11 @@ def fused_steer_rows(
     inplace: bool = True,
     backend: str = "auto",
     validate: bool = True,
+    gate_dir: torch.Tensor | None = None,
+    gate_index: torch.Tensor | None = None,
+    gate_lo: torch.Tensor | None = None,
+    gate_hi: torch.Tensor | None = None,
+    gate_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Steer each row with its own vector, coefficient and cap bounds, and read out readouts, in one pass.
 
@@ -259,6 +264,12 @@ def fused_steer_rows(
         validate: Check the per-row values (one host read of the small per-row tensors). Pass ``False`` only
             with values checked on the host already: then no device memory is read before the launch, which
             keeps GPU decode steps free of syncs (see ``rows.prepare_row_inputs``).
+        gate_dir: ``[G, D]`` unit condition directions, or None (no gates). A gated row is edited only when
+            ``gate_lo[row] <= <h, gate_dir[gate_index[row]]> <= gate_hi[row]`` on the row before its edit.
+        gate_index: ``[N]`` entry of ``gate_dir`` per row, ``-1`` for an ungated (open) row.
+        gate_lo: ``[N]`` lower gate bound per row (None or ``-inf``: unbounded).
+        gate_hi: ``[N]`` upper gate bound per row (None or ``+inf``: unbounded).
+        gate_out: ``[N]`` bool buffer that receives which rows' gates were open, or None.
 
     Returns:
         ``(updated hidden [N, D] in hidden's dtype, projections [N, K] float32 or None)``.
@@ -270,15 +281,17 @@ def fused_steer_rows(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    spec = prepare_row_inputs(hidden, table, index, coef, cap_min, cap_max, readout, validate=validate)
+    spec = prepare_row_inputs(hidden, table, index, coef, cap_min, cap_max, readout, validate=validate,
+                              gate_dir=gate_dir, gate_index=gate_index, gate_lo=gate_lo, gate_hi=gate_hi)
+    check_gate_out(gate_out, hidden)
     name = resolve_backend(backend, hidden)
     if name == "cuda":
-        return cuda_steer.steer_rows_cuda(hidden, spec, inplace=inplace)
+        return cuda_steer.steer_rows_cuda(hidden, spec, inplace=inplace, gate_out=gate_out)
     if name == "triton":
         rows_backend = load_triton_rows()
         assert rows_backend is not None  # resolve_backend checked triton
-        return rows_backend.steer_rows_triton(hidden, spec, inplace=inplace)
-    return steer_rows_torch(hidden, spec, inplace=inplace)
+        return rows_backend.steer_rows_triton(hidden, spec, inplace=inplace, gate_out=gate_out)
+    return steer_rows_torch(hidden, spec, inplace=inplace, gate_out=gate_out)
 
 
 # Registered last: the custom op's body resolves backends through the functions above.

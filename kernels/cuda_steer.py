@@ -85,14 +85,15 @@ def load_extension() -> ModuleType | None:
     return _extension
 
 
-def steer_rows_cuda(hidden: torch.Tensor, spec: RowSteerSpec,
-                    inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def steer_rows_cuda(hidden: torch.Tensor, spec: RowSteerSpec, inplace: bool = True,
+                    gate_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the per-row op (``rows.py``) with the CUDA extension.
 
     Args:
         hidden: ``[N, D]`` CUDA hidden states.
         spec: Output of ``prepare_row_inputs`` for this ``hidden``.
         inplace: Write the result into ``hidden`` instead of a new tensor.
+        gate_out: Optional ``[N]`` bool buffer that receives which rows' gates were open.
 
     Returns:
         ``(updated hidden [N, D], projections [N, K] fp32 or None)``.
@@ -108,6 +109,9 @@ def steer_rows_cuda(hidden: torch.Tensor, spec: RowSteerSpec,
     out, proj = allocate_outputs(hidden, k, inplace)
     if n == 0 or d == 0:
         return out, proj
+    if gate_out is not None and not spec.has_gate:
+        gate_out.fill_(True)  # no gates: every row is open
     ext.steer_rows(hidden, out, spec.table, spec.index, spec.coef, spec.cap_min, spec.cap_max, spec.has_cap,
-                   spec.readout, proj)
+                   spec.readout, proj, spec.gate_dir, spec.gate_index, spec.gate_lo, spec.gate_hi,
+                   gate_out if spec.has_gate else None)
     return out, proj

@@ -31,25 +31,31 @@ LIB = "steerlib"
 
 def _run(hidden: torch.Tensor, table: torch.Tensor, index: torch.Tensor, coef: torch.Tensor | None,
          cap_min: torch.Tensor | None, cap_max: torch.Tensor | None, readout: torch.Tensor | None,
-         backend: str, inplace: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+         backend: str, inplace: bool, gate_dir: torch.Tensor | None = None, gate_index: torch.Tensor | None = None,
+         gate_lo: torch.Tensor | None = None, gate_hi: torch.Tensor | None = None,
+         gate_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dispatch one call to the backend that runs here (shapes checked, values trusted)."""
     from . import load_triton_rows, resolve_backend  # deferred: the package imports this module
 
-    spec: RowSteerSpec = prepare_row_inputs(hidden, table, index, coef, cap_min, cap_max, readout, validate=False)
+    spec: RowSteerSpec = prepare_row_inputs(hidden, table, index, coef, cap_min, cap_max, readout, validate=False,
+                                            gate_dir=gate_dir, gate_index=gate_index, gate_lo=gate_lo,
+                                            gate_hi=gate_hi)
     name = resolve_backend(backend, hidden)
     if name == "cuda":
-        return cuda_steer.steer_rows_cuda(hidden, spec, inplace=inplace)
+        return cuda_steer.steer_rows_cuda(hidden, spec, inplace=inplace, gate_out=gate_out)
     if name == "triton":
         rows_backend = load_triton_rows()
         assert rows_backend is not None  # resolve_backend checked triton
-        return rows_backend.steer_rows_triton(hidden, spec, inplace=inplace)
-    return steer_rows_torch(hidden, spec, inplace=inplace)
+        return rows_backend.steer_rows_triton(hidden, spec, inplace=inplace, gate_out=gate_out)
+    return steer_rows_torch(hidden, spec, inplace=inplace, gate_out=gate_out)
 
 
-@torch.library.custom_op(f"{LIB}::steer_rows_", mutates_args=("hidden", "proj_out"))
+@torch.library.custom_op(f"{LIB}::steer_rows_", mutates_args=("hidden", "proj_out", "gate_out"))
 def steer_rows_(hidden: torch.Tensor, table: torch.Tensor, index: torch.Tensor, coef: torch.Tensor | None,
                 cap_min: torch.Tensor | None, cap_max: torch.Tensor | None, readout: torch.Tensor | None,
-                proj_out: torch.Tensor | None, backend: str) -> None:
+                proj_out: torch.Tensor | None, backend: str, gate_dir: torch.Tensor | None = None,
+                gate_index: torch.Tensor | None = None, gate_lo: torch.Tensor | None = None,
+                gate_hi: torch.Tensor | None = None, gate_out: torch.Tensor | None = None) -> None:
     """Steer ``hidden`` [N, D] in place, one table row per token, and write the read-out into ``proj_out``.
 
     Args:
@@ -62,8 +68,14 @@ def steer_rows_(hidden: torch.Tensor, table: torch.Tensor, index: torch.Tensor, 
         readout: ``[K, D]`` fp32 read-out directions, or None.
         proj_out: ``[N, K]`` fp32 buffer for the read-out (required with ``readout``).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        gate_dir: ``[G, D]`` fp32 unit condition directions, or None (no gates; see ``rows.py``).
+        gate_index: ``[N]`` int64 entry of ``gate_dir`` per token (``-1``: ungated).
+        gate_lo: ``[N]`` fp32 lower gate bound per token.
+        gate_hi: ``[N]`` fp32 upper gate bound per token.
+        gate_out: ``[N]`` bool buffer receiving which tokens' gates were open, or None.
     """
-    _, proj = _run(hidden, table, index, coef, cap_min, cap_max, readout, backend, inplace=True)
+    _, proj = _run(hidden, table, index, coef, cap_min, cap_max, readout, backend, inplace=True,
+                   gate_dir=gate_dir, gate_index=gate_index, gate_lo=gate_lo, gate_hi=gate_hi, gate_out=gate_out)
     if proj is not None:
         if proj_out is None:
             raise ValueError("steer_rows_ was given a readout but no proj_out buffer")
@@ -71,7 +83,8 @@ def steer_rows_(hidden: torch.Tensor, table: torch.Tensor, index: torch.Tensor, 
 
 
 @steer_rows_.register_fake
-def _steer_rows_inplace_fake(hidden, table, index, coef, cap_min, cap_max, readout, proj_out, backend):
+def _steer_rows_inplace_fake(hidden, table, index, coef, cap_min, cap_max, readout, proj_out, backend,
+                             gate_dir=None, gate_index=None, gate_lo=None, gate_hi=None, gate_out=None):
     return None
 
 

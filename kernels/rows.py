@@ -13,6 +13,20 @@ Math per row ``h`` with index ``i``, coefficient ``c`` and bounds ``lo <= hi`` (
              h2 = h1 + (clamp(p, lo, hi) - p) * t
     proj = h2 @ readout.T                      (every row, steered or not)
 
+**Gate (optional).** A row may carry a condition that decides whether its edit happens at all: ``gate_dir
+[G, D]`` holds unit condition directions, and per row ``gate_index`` (``-1``: no gate, the row is open),
+``gate_lo`` and ``gate_hi``::
+
+    gi < 0:  open = True
+    else:    g    = <h, gate_dir[gi]>          (the row as it enters this op, before its edit)
+             open = gate_lo <= g <= gate_hi     (a NaN g is closed)
+    not open: the row is treated as i < 0 (no add, no cap); its read-out is still computed
+
+The gate reads the hidden state before this call's edit, so an edit can never open or close its own gate.
+When asked (``gate_out``, a caller-owned ``[N]`` bool tensor) every backend writes ``open`` per row, so the
+host can latch a row's gate open for the rest of a generation. ``above T`` is ``(T, +inf)``, ``below T``
+``(-inf, T)``; a gate that can never open is e.g. ``(+inf, +inf)`` and the row is then exactly unsteered.
+
 So an ``add`` row is ``(i, coef, -inf, +inf)`` with a raw vector in the table, an ``ablate`` row is
 ``(i, 0, 0, 0)`` and a ``cap`` row ``(i, 0, lo, hi)`` with a unit vector in the table. Several edits at one layer
 are several calls (the server passes the readout with the last). Math is fp32 and ``hidden`` keeps its dtype; the
@@ -48,6 +62,10 @@ class RowSteerSpec:
         has_steer: Whether any row adds (a nonzero coefficient on a steered row).
         has_cap: Whether any steered row has a finite bound.
         readout: ``[K, D]`` fp32 read-out directions or None.
+        gate_dir: ``[G, D]`` fp32 unit condition directions, or None (no row is gated).
+        gate_index: ``[N]`` int64 entry of ``gate_dir`` per row (``-1``: no gate), or None.
+        gate_lo: ``[N]`` fp32 lower gate bound per row (``-inf``: unbounded), or None.
+        gate_hi: ``[N]`` fp32 upper gate bound per row (``+inf``: unbounded), or None.
     """
 
     table: torch.Tensor
@@ -58,6 +76,15 @@ class RowSteerSpec:
     has_steer: bool
     has_cap: bool
     readout: torch.Tensor | None
+    gate_dir: torch.Tensor | None = None
+    gate_index: torch.Tensor | None = None
+    gate_lo: torch.Tensor | None = None
+    gate_hi: torch.Tensor | None = None
+
+    @property
+    def has_gate(self) -> bool:
+        """Whether rows carry gates (all four gate tensors are set)."""
+        return self.gate_dir is not None
 
     @property
     def num_readouts(self) -> int:
@@ -80,10 +107,59 @@ def _row_tensor(name: str, t: torch.Tensor | None, n: int, device: torch.device,
     return t.to(torch.float32).contiguous()
 
 
+def _index_tensor(name: str, t: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    """A per-row int64 index tensor ``[n]`` (shape, dtype and device checked; values are not read)."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but hidden is on {device}")
+    if tuple(t.shape) != (n,):
+        raise ValueError(f"{name} must have shape [{n}] (one entry per row of hidden), got {list(t.shape)}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
+    return t.to(torch.int64).contiguous()
+
+
+def _check_index_range(name: str, index64: torch.Tensor, v: int, what: str) -> None:
+    """Every value of ``index64`` lies in ``-1..v-1`` (one host read)."""
+    if index64.numel():
+        lo_i, hi_i = int(index64.min()), int(index64.max())
+        if lo_i < -1 or hi_i >= v:
+            raise ValueError(f"{name} must lie in -1..{v - 1} ({what} has {v} rows), got values {lo_i}..{hi_i}")
+
+
+def _prepare_gate(gate_dir: torch.Tensor | None, gate_index: torch.Tensor | None, gate_lo: torch.Tensor | None,
+                  gate_hi: torch.Tensor | None, n: int, d: int, device: torch.device,
+                  validate: bool) -> tuple[torch.Tensor | None, ...]:
+    """Check the gate arguments; ``(gate_dir, gate_index, gate_lo, gate_hi)`` normalised, or four Nones."""
+    if gate_dir is None and gate_index is None:
+        if gate_lo is not None or gate_hi is not None:
+            raise ValueError("gate_lo/gate_hi were given but gate_dir and gate_index are None")
+        return None, None, None, None
+    if gate_dir is None or gate_index is None:
+        raise ValueError("gate_dir and gate_index must be given together")
+    if not isinstance(gate_dir, torch.Tensor) or gate_dir.dim() != 2:
+        raise ValueError("gate_dir must be a 2-D [G, D] tensor")
+    g = int(gate_dir.shape[0])
+    if g == 0:
+        raise ValueError("gate_dir must have at least one direction")
+    dirs = prepare_vector("gate_dir", gate_dir, (g, d), device, unit=validate)
+    gi = _index_tensor("gate_index", gate_index, n, device)
+    lo = _row_tensor("gate_lo", gate_lo, n, device, float("-inf"))
+    hi = _row_tensor("gate_hi", gate_hi, n, device, float("inf"))
+    if validate:
+        _check_index_range("gate_index", gi, g, "gate_dir")
+        if bool(lo.isnan().any()) or bool(hi.isnan().any()):
+            raise ValueError("gate_lo/gate_hi contain NaN (use -inf/+inf for an unbounded side)")
+    return dirs, gi, lo, hi
+
+
 def prepare_row_inputs(hidden: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
                        coef: torch.Tensor | None = None, cap_min: torch.Tensor | None = None,
                        cap_max: torch.Tensor | None = None, readout: torch.Tensor | None = None,
-                       validate: bool = True) -> RowSteerSpec:
+                       validate: bool = True, gate_dir: torch.Tensor | None = None,
+                       gate_index: torch.Tensor | None = None, gate_lo: torch.Tensor | None = None,
+                       gate_hi: torch.Tensor | None = None) -> RowSteerSpec:
     """Validate the arguments of ``fused_steer_rows`` and normalise them for any backend.
 
     The checks read the per-row tensors on the host (one sync on a GPU); they are cheap next to a forward pass
@@ -102,6 +178,10 @@ def prepare_row_inputs(hidden: torch.Tensor, table: torch.Tensor, index: torch.T
             ``False`` is for callers that built the per-row tensors from values they checked on the host (the
             serving engine): shapes, dtypes and devices are still checked, nothing reads device memory, and
             the op adds when ``coef`` is given and caps when ``cap_min`` or ``cap_max`` is given.
+        gate_dir: ``[G, D]`` unit condition directions, or None for no gates.
+        gate_index: ``[N]`` integer entry of ``gate_dir`` per row, ``-1`` for an ungated (open) row.
+        gate_lo: ``[N]`` lower gate bound per row (None or ``-inf``: unbounded).
+        gate_hi: ``[N]`` upper gate bound per row (None or ``+inf``: unbounded).
 
     Returns:
         A ``RowSteerSpec``.
@@ -136,6 +216,7 @@ def prepare_row_inputs(hidden: torch.Tensor, table: torch.Tensor, index: torch.T
     if index.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"index must be int32 or int64, got {index.dtype}")
     index64 = index.to(torch.int64).contiguous()
+    gate = _prepare_gate(gate_dir, gate_index, gate_lo, gate_hi, n, d, device, validate)
     if not validate:
         coef32 = _row_tensor("coef", coef, n, device, 0.0)
         lo = _row_tensor("cap_min", cap_min, n, device, float("-inf"))
@@ -143,11 +224,9 @@ def prepare_row_inputs(hidden: torch.Tensor, table: torch.Tensor, index: torch.T
         mon = _check_readout(readout, d, device)
         return RowSteerSpec(table=table32, index=index64, coef=coef32, cap_min=lo, cap_max=hi,
                             has_steer=coef is not None and v > 0,
-                            has_cap=(cap_min is not None or cap_max is not None) and v > 0, readout=mon)
-    if n:
-        lo_i, hi_i = int(index64.min()), int(index64.max())
-        if lo_i < -1 or hi_i >= v:
-            raise ValueError(f"index must lie in -1..{v - 1} (table has {v} rows), got values {lo_i}..{hi_i}")
+                            has_cap=(cap_min is not None or cap_max is not None) and v > 0, readout=mon,
+                            gate_dir=gate[0], gate_index=gate[1], gate_lo=gate[2], gate_hi=gate[3])
+    _check_index_range("index", index64, v, "table")
 
     coef32 = _row_tensor("coef", coef, n, device, 0.0)
     lo = _row_tensor("cap_min", cap_min, n, device, float("-inf"))
@@ -174,7 +253,8 @@ def prepare_row_inputs(hidden: torch.Tensor, table: torch.Tensor, index: torch.T
     has_steer = bool((steered & (coef32 != 0)).any())
     mon = _check_readout(readout, d, device)
     return RowSteerSpec(table=table32, index=index64, coef=coef32, cap_min=lo, cap_max=hi, has_steer=has_steer,
-                        has_cap=has_cap, readout=mon)
+                        has_cap=has_cap, readout=mon, gate_dir=gate[0], gate_index=gate[1], gate_lo=gate[2],
+                        gate_hi=gate[3])
 
 
 def _check_readout(readout: torch.Tensor | None, d: int, device: torch.device) -> torch.Tensor | None:
@@ -188,21 +268,58 @@ def _check_readout(readout: torch.Tensor | None, d: int, device: torch.device) -
     return prepare_vector("readout", readout, (k, d), device)
 
 
-def steer_rows_torch(hidden: torch.Tensor, spec: RowSteerSpec,
-                     inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def check_gate_out(gate_out: torch.Tensor | None, hidden: torch.Tensor) -> None:
+    """Check a caller-owned gate output buffer: a contiguous ``[N]`` bool tensor on ``hidden``'s device."""
+    if gate_out is None:
+        return
+    n = hidden.shape[0]
+    if (not isinstance(gate_out, torch.Tensor) or gate_out.dtype != torch.bool or tuple(gate_out.shape) != (n,)
+            or gate_out.device != hidden.device or not gate_out.is_contiguous()):
+        raise ValueError(f"gate_out must be a contiguous bool tensor of shape [{n}] on {hidden.device}")
+
+
+def gate_open_torch(h: torch.Tensor, spec: RowSteerSpec) -> torch.Tensor:
+    """Which rows' gates are open, from the fp32 rows ``h`` before the edit: ``[N]`` bool.
+
+    Args:
+        h: ``[N, D]`` fp32 hidden states as they enter the op.
+        spec: A spec with gates (``spec.has_gate``).
+
+    Returns:
+        ``[N]`` bool, True where the row is ungated or ``gate_lo <= <h, gate_dir[gi]> <= gate_hi``.
+    """
+    assert spec.gate_dir is not None and spec.gate_index is not None
+    gi = spec.gate_index
+    # [N, G] then one gather: G is small, and this avoids an [N, D] gathered copy of the directions.
+    g = (h @ spec.gate_dir.T).gather(1, gi.clamp_min(0)[:, None]).squeeze(1)
+    return (gi < 0) | ((g >= spec.gate_lo) & (g <= spec.gate_hi))
+
+
+def steer_rows_torch(hidden: torch.Tensor, spec: RowSteerSpec, inplace: bool = True,
+                     gate_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply a validated ``RowSteerSpec`` with plain torch ops (the CPU production path and the reference).
 
     Args:
         hidden: ``[N, D]`` hidden states, already checked by ``prepare_row_inputs``.
         spec: Output of ``prepare_row_inputs`` for this ``hidden``.
         inplace: Write the result into ``hidden`` instead of a new tensor.
+        gate_out: Optional ``[N]`` bool buffer that receives which rows' gates were open (all True without
+            gates).
 
     Returns:
         ``(updated hidden [N, D] in hidden's dtype, projections [N, K] fp32 or None)``.
     """
     h = fp32_working_copy(hidden, inplace)
+    is_open = gate_open_torch(h, spec) if spec.has_gate else None
+    if gate_out is not None:
+        if is_open is None:
+            gate_out.fill_(True)
+        else:
+            gate_out.copy_(is_open)
     if spec.has_steer or spec.has_cap:
         steered = spec.index >= 0
+        if is_open is not None:
+            steered = steered & is_open
         # Unsteered rows gather row 0 (or nothing when the table is empty) with a zero weight.
         t = spec.table[spec.index.clamp_min(0)] if spec.table.shape[0] else torch.zeros_like(h)
         if spec.has_steer:
@@ -219,7 +336,12 @@ def steer_rows_torch(hidden: torch.Tensor, spec: RowSteerSpec,
 def steer_rows_reference(hidden: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
                          coef: torch.Tensor | None = None, cap_min: torch.Tensor | None = None,
                          cap_max: torch.Tensor | None = None, readout: torch.Tensor | None = None,
-                         inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         inplace: bool = True, gate_dir: torch.Tensor | None = None,
+                         gate_index: torch.Tensor | None = None, gate_lo: torch.Tensor | None = None,
+                         gate_hi: torch.Tensor | None = None,
+                         gate_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Validate then apply the per-row op with torch; same arguments as ``fused_steer_rows``."""
-    spec = prepare_row_inputs(hidden, table, index, coef, cap_min, cap_max, readout)
-    return steer_rows_torch(hidden, spec, inplace=inplace)
+    spec = prepare_row_inputs(hidden, table, index, coef, cap_min, cap_max, readout, gate_dir=gate_dir,
+                              gate_index=gate_index, gate_lo=gate_lo, gate_hi=gate_hi)
+    check_gate_out(gate_out, hidden)
+    return steer_rows_torch(hidden, spec, inplace=inplace, gate_out=gate_out)

@@ -24,7 +24,9 @@ extern "C" int steer_rows_cuda_launch(int dtype, const void* hidden, void* out, 
                                       int64_t stride_in, int64_t stride_out, const float* table,
                                       const int64_t* index, const float* coef, const float* lo,
                                       const float* hi, int has_cap, const float* monitor, int n_mon,
-                                      float* proj, void* stream);
+                                      float* proj, const float* gate_dir, const int64_t* gate_index,
+                                      const float* gate_lo, const float* gate_hi, uint8_t* gate_open,
+                                      void* stream);
 
 namespace {
 
@@ -96,10 +98,14 @@ void steer_project(const torch::Tensor& hidden, const torch::Tensor& out,
 }
 
 // Per-row variant: `table` [V, D] fp32, `index` [N] int64 (-1 = none), `coef`/`lo`/`hi` [N] fp32.
+// Optional gate: `gate_dir` [G, D] fp32 with `gate_index` [N] int64 and `gate_lo`/`gate_hi` [N] fp32;
+// `gate_open` [N] bool receives which rows' gates were open.
 void steer_rows(const torch::Tensor& hidden, const torch::Tensor& out, const torch::Tensor& table,
                 const torch::Tensor& index, const torch::Tensor& coef, const torch::Tensor& lo,
                 const torch::Tensor& hi, bool has_cap, const std::optional<torch::Tensor>& monitor,
-                const std::optional<torch::Tensor>& proj) {
+                const std::optional<torch::Tensor>& proj, const std::optional<torch::Tensor>& gate_dir,
+                const std::optional<torch::Tensor>& gate_index, const std::optional<torch::Tensor>& gate_lo,
+                const std::optional<torch::Tensor>& gate_hi, const std::optional<torch::Tensor>& gate_open) {
   TORCH_CHECK(hidden.is_cuda(), "steer kernel: hidden must be a CUDA tensor");
   TORCH_CHECK(hidden.dim() == 2 && out.dim() == 2 && out.sizes() == hidden.sizes(),
               "steer kernel: hidden and out must be [N, D] of the same shape");
@@ -125,13 +131,38 @@ void steer_rows(const torch::Tensor& hidden, const torch::Tensor& out, const tor
                 "steer kernel: proj must be a contiguous float32 [N, K] tensor on hidden's device");
     proj_ptr = proj->data_ptr<float>();
   }
+  const float* gate_dir_ptr = nullptr;
+  const int64_t* gate_index_ptr = nullptr;
+  const float* gate_lo_ptr = nullptr;
+  const float* gate_hi_ptr = nullptr;
+  if (gate_dir.has_value()) {
+    TORCH_CHECK(gate_index.has_value() && gate_lo.has_value() && gate_hi.has_value(),
+                "steer kernel: gate_dir needs gate_index, gate_lo and gate_hi");
+    TORCH_CHECK(gate_dir->dim() == 2 && gate_dir->size(1) == width, "steer kernel: gate_dir must be [G, D]");
+    gate_dir_ptr = vector_ptr(gate_dir, hidden, gate_dir->numel(), "gate_dir");
+    TORCH_CHECK(gate_index->device() == hidden.device() && gate_index->scalar_type() == torch::kInt64 &&
+                    gate_index->is_contiguous() && gate_index->numel() == rows,
+                "steer kernel: gate_index must be a contiguous int64 [N] tensor on hidden's device");
+    gate_index_ptr = gate_index->data_ptr<int64_t>();
+    gate_lo_ptr = vector_ptr(gate_lo, hidden, rows, "gate_lo");
+    gate_hi_ptr = vector_ptr(gate_hi, hidden, rows, "gate_hi");
+  }
+  uint8_t* gate_open_ptr = nullptr;
+  if (gate_open.has_value()) {
+    TORCH_CHECK(gate_dir.has_value(), "steer kernel: gate_open needs gate_dir");
+    TORCH_CHECK(gate_open->device() == hidden.device() && gate_open->scalar_type() == torch::kBool &&
+                    gate_open->is_contiguous() && gate_open->numel() == rows,
+                "steer kernel: gate_open must be a contiguous bool [N] tensor on hidden's device");
+    gate_open_ptr = reinterpret_cast<uint8_t*>(gate_open->data_ptr<bool>());
+  }
   const c10::cuda::OptionalCUDAGuard guard(hidden.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden.device().index()).stream();
   const int err = steer_rows_cuda_launch(
       dtype_code(hidden), hidden.data_ptr(), out.data_ptr(), rows, width, rows > 0 ? hidden.stride(0) : 0,
       rows > 0 ? out.stride(0) : 0, table_ptr, index.data_ptr<int64_t>(), vector_ptr(coef, hidden, rows, "coef"),
       vector_ptr(lo, hidden, rows, "cap_min"), vector_ptr(hi, hidden, rows, "cap_max"), has_cap ? 1 : 0,
-      mon_ptr, n_mon, proj_ptr, static_cast<void*>(stream));
+      mon_ptr, n_mon, proj_ptr, gate_dir_ptr, gate_index_ptr, gate_lo_ptr, gate_hi_ptr, gate_open_ptr,
+      static_cast<void*>(stream));
   TORCH_CHECK(err == 0, "steer kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
@@ -143,5 +174,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("cap_min"), py::arg("cap_max"), py::arg("monitor"), py::arg("proj"));
   m.def("steer_rows", &steer_rows, "Per-row fused steer / cap / monitor update (CUDA)", py::arg("hidden"),
         py::arg("out"), py::arg("table"), py::arg("index"), py::arg("coef"), py::arg("lo"), py::arg("hi"),
-        py::arg("has_cap"), py::arg("monitor"), py::arg("proj"));
+        py::arg("has_cap"), py::arg("monitor"), py::arg("proj"), py::arg("gate_dir") = py::none(),
+        py::arg("gate_index") = py::none(), py::arg("gate_lo") = py::none(), py::arg("gate_hi") = py::none(),
+        py::arg("gate_open") = py::none());
 }

@@ -204,6 +204,9 @@ cudaError_t launch_typed(const Params& P, int64_t rows, cudaStream_t stream) {
 //   i = index[row];  i < 0: h2 = h
 //   else t = table[i]; h1 = h + coef[row] * t; p = <h1, t>;
 //        h2 = h1 + (clamp(p, lo[row], hi[row]) - p) * t    (rows with a finite bound; t is unit there)
+// Optional gate, decided on the row before the edit: gi = gate_index[row]; gi < 0: open; else
+//   g = <h, gate_dir[gi]>, open = gate_lo[row] <= g <= gate_hi[row]; a closed row is left as it is
+//   (its read-out is still computed) and gate_open[row] receives open when that pointer is set.
 struct RowParams {
   const void* hidden;
   void* out;
@@ -219,7 +222,28 @@ struct RowParams {
   const float* monitor;  // [K, D] or nullptr
   int n_mon;
   float* proj;  // [N, K] or nullptr
+  const float* gate_dir;      // [G, D] or nullptr (no gates)
+  const int64_t* gate_index;  // [N], -1 = ungated; nullptr with gate_dir
+  const float* gate_lo;       // [N]
+  const float* gate_hi;       // [N]
+  uint8_t* gate_open;         // [N] or nullptr
 };
+
+// Whether row `row`'s gate is open: a block-wide dot product on the unedited row. Every thread of the
+// block returns the same value, and the branch on gi is uniform over the block (gi is per row).
+template <typename T>
+__device__ __forceinline__ bool row_gate_open(const RowParams& P, const T* in_row, int64_t row, float* smem) {
+  if (P.gate_dir == nullptr) return true;
+  const int64_t gi = P.gate_index[row];
+  if (gi < 0) return true;
+  const float* u = P.gate_dir + gi * P.width;
+  float dot = 0.f;
+  for (int64_t i = threadIdx.x; i < P.width; i += blockDim.x) dot = fmaf(load_f32(in_row + i), u[i], dot);
+  float total[1] = {dot};
+  block_sum<1>(total, smem);
+  // Written as two comparisons so that a NaN projection is closed.
+  return total[0] >= P.gate_lo[row] && total[0] <= P.gate_hi[row];
+}
 
 template <typename T, bool kHasMon>
 __global__ void steer_rows_kernel(RowParams P) {
@@ -231,8 +255,10 @@ __global__ void steer_rows_kernel(RowParams P) {
   const int tid = threadIdx.x;
   const int nt = blockDim.x;
 
+  const bool open = row_gate_open<T>(P, in_row, row, smem);
+  if (P.gate_open != nullptr && tid == 0) P.gate_open[row] = open ? 1 : 0;
   const int64_t idx = P.index[row];
-  const bool steered = idx >= 0;
+  const bool steered = idx >= 0 && open;
   const float* t = steered ? P.table + idx * D : nullptr;
   const float c = steered ? P.coef[row] : 0.f;
   const float lo = P.lo[row];
@@ -364,12 +390,16 @@ extern "C" int steer_project_cuda_launch(int dtype, const void* hidden, void* ou
 }
 
 // Launches the per-row kernel (see RowParams). index/coef/lo/hi are [rows]; table is [V, width]
-// fp32. Returns a cudaError_t value (0 = success).
+// fp32. gate_dir [G, width] with gate_index/gate_lo/gate_hi [rows] turn on the gate (all nullptr: none);
+// gate_open [rows] (optional) receives 1 where the row's gate was open. Returns a cudaError_t value
+// (0 = success).
 extern "C" int steer_rows_cuda_launch(int dtype, const void* hidden, void* out, int64_t rows, int64_t width,
                                       int64_t stride_in, int64_t stride_out, const float* table,
                                       const int64_t* index, const float* coef, const float* lo,
                                       const float* hi, int has_cap, const float* monitor, int n_mon,
-                                      float* proj, void* stream) {
+                                      float* proj, const float* gate_dir, const int64_t* gate_index,
+                                      const float* gate_lo, const float* gate_hi, uint8_t* gate_open,
+                                      void* stream) {
   if (rows < 0 || width < 0 || n_mon < 0 || n_mon > kMaxMonitor || rows > 0x7fffffffLL) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
@@ -378,6 +408,9 @@ extern "C" int steer_rows_cuda_launch(int dtype, const void* hidden, void* out, 
   }
   if (rows == 0 || width == 0) return 0;
   if (index == nullptr || coef == nullptr || lo == nullptr || hi == nullptr) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  if (gate_dir != nullptr && (gate_index == nullptr || gate_lo == nullptr || gate_hi == nullptr)) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   RowParams P;
@@ -395,6 +428,11 @@ extern "C" int steer_rows_cuda_launch(int dtype, const void* hidden, void* out, 
   P.monitor = monitor;
   P.n_mon = n_mon;
   P.proj = proj;
+  P.gate_dir = gate_dir;
+  P.gate_index = gate_index;
+  P.gate_lo = gate_lo;
+  P.gate_hi = gate_hi;
+  P.gate_open = gate_open;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case kFloat32:

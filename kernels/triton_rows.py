@@ -6,6 +6,8 @@ tensors with the interpreter. Each program owns ``BLOCK_M``
 rows and streams D in ``BLOCK_D`` chunks. A row's steering vector is gathered from the table by its index, so a
 block of rows may mix steered, unsteered and capped rows with different vectors:
 
+* pass 0 (only with gates): ``g = <h, gate_dir[gi]>`` per gated row on the unedited row; a closed row is then
+  handled as unsteered (and ``open`` is stored when the caller asked for it);
 * pass 1 (only when some row has a bound): ``p = <h + c*t, t>`` per row;
 * pass 2: recompute ``h1``, add the clamp correction, store in the row's dtype and accumulate the readout
   projections from the fp32 result with ``tl.dot``.
@@ -57,8 +59,10 @@ def block_sizes(n_rows: int, width: int, has_mon: bool) -> tuple[int, int, int]:
 @triton.jit
 def _steer_rows_kernel(
     h_ptr, out_ptr, table_ptr, index_ptr, coef_ptr, lo_ptr, hi_ptr, mon_ptr, proj_ptr,
+    gdir_ptr, gidx_ptr, glo_ptr, ghi_ptr, gout_ptr,
     n_rows, width, stride_h, stride_o, n_mon,
     HAS_STEER: tl.constexpr, HAS_CAP: tl.constexpr, HAS_MON: tl.constexpr,
+    HAS_GATE: tl.constexpr, GATE_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -70,6 +74,24 @@ def _steer_rows_kernel(
 
     idx = tl.load(index_ptr + rows, mask=row_ok, other=-1)
     steered = (idx >= 0) & row_ok
+    if HAS_GATE:
+        # The gate reads the row before this op touches it; a closed row becomes an unsteered one.
+        gi = tl.load(gidx_ptr + rows, mask=row_ok, other=-1)
+        gated = (gi >= 0) & row_ok
+        g_rows = gdir_ptr + tl.where(gated, gi, 0).to(tl.int64)[:, None] * width
+        g = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for d0 in range(0, width, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < width
+            h = tl.load(h_rows + cols[None, :], mask=gated[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            u = tl.load(g_rows + cols[None, :], mask=gated[:, None] & col_ok[None, :], other=0.0)
+            g += tl.sum(h * u, axis=1)
+        g_lo = tl.load(glo_ptr + rows, mask=gated, other=float("-inf"))
+        g_hi = tl.load(ghi_ptr + rows, mask=gated, other=float("inf"))
+        is_open = (gi < 0) | ((g >= g_lo) & (g <= g_hi))
+        steered = steered & is_open
+        if GATE_OUT:
+            tl.store(gout_ptr + rows, is_open.to(tl.uint8), mask=row_ok)
     # Unsteered rows read table row 0 under a false mask, so no address is ever out of range.
     t_rows = table_ptr + tl.where(steered, idx, 0).to(tl.int64)[:, None] * width
     c = tl.load(coef_ptr + rows, mask=steered, other=0.0)
@@ -114,14 +136,15 @@ def _steer_rows_kernel(
                  mask=row_ok[:, None] & (ks < n_mon)[None, :])
 
 
-def steer_rows_triton(hidden: torch.Tensor, spec: RowSteerSpec,
-                      inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def steer_rows_triton(hidden: torch.Tensor, spec: RowSteerSpec, inplace: bool = True,
+                      gate_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the per-row op with the Triton kernel.
 
     Args:
         hidden: ``[N, D]`` hidden states (CUDA, or CPU under ``TRITON_INTERPRET=1``).
         spec: Output of ``prepare_row_inputs`` for this ``hidden``.
         inplace: Write the result into ``hidden`` instead of a new tensor.
+        gate_out: Optional ``[N]`` bool buffer that receives which rows' gates were open.
 
     Returns:
         ``(updated hidden [N, D], projections [N, K] fp32 or None)``.
@@ -131,16 +154,25 @@ def steer_rows_triton(hidden: torch.Tensor, spec: RowSteerSpec,
     out, proj = allocate_outputs(hidden, k, inplace)
     if n == 0 or d == 0:
         return out, proj
+    if gate_out is not None and not spec.has_gate:
+        gate_out.fill_(True)  # no gates: every row is open
     block_m, block_d, num_warps = block_sizes(n, d, k > 0)
     dummy = out
     table = spec.table if spec.table.shape[0] else dummy
+    gate_out_u8 = gate_out.view(torch.uint8) if gate_out is not None and spec.has_gate else None
     grid = (triton.cdiv(n, block_m),)
     _steer_rows_kernel[grid](
         hidden, out, table, spec.index, spec.coef, spec.cap_min, spec.cap_max,
         spec.readout if spec.readout is not None else dummy,
         proj if proj is not None else dummy,
+        spec.gate_dir if spec.gate_dir is not None else dummy,
+        spec.gate_index if spec.gate_index is not None else spec.index,
+        spec.gate_lo if spec.gate_lo is not None else spec.coef,
+        spec.gate_hi if spec.gate_hi is not None else spec.coef,
+        gate_out_u8 if gate_out_u8 is not None else spec.index,
         n, d, hidden.stride(0), out.stride(0), k,
         HAS_STEER=spec.has_steer, HAS_CAP=spec.has_cap, HAS_MON=k > 0,
+        HAS_GATE=spec.has_gate, GATE_OUT=gate_out_u8 is not None,
         BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=max(MIN_DOT, triton.next_power_of_2(max(k, 1))),
         num_warps=num_warps,
     )

@@ -30,6 +30,20 @@ def _ints(text: str) -> list[int]:
         raise ValueError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _layer_list(text: str) -> list[int]:
+    """Layers as ``16-22`` (inclusive range) or ``16,18,20``."""
+    if "-" in text.strip().lstrip("-"):
+        first, _, last = text.partition("-")
+        try:
+            a, b = int(first), int(last)
+        except ValueError:
+            raise ValueError(f"expected layers as A-B or A,B,C, got {text!r}") from None
+        if b < a:
+            raise ValueError(f"layer range {text!r} is empty (the end is before the start)")
+        return list(range(a, b + 1))
+    return _ints(text)
+
+
 @app.command()
 def extract(
     trait: Annotated[str, typer.Option(help="built-in trait name or trait JSON file")],
@@ -66,7 +80,8 @@ def steer(
     layer: Annotated[int | None, typer.Option(help="layer to steer (default: the vectors' recommended layer)")] = None,
     coef: float = 4.0,
     mode: Annotated[str, typer.Option(help="add | ablate | cap")] = "add",
-    positions: Annotated[str, typer.Option(help="all | prompt | response")] = "all",
+    positions: Annotated[str, typer.Option(
+        help="all | prompt | response | first:N | window:A-B | marker:TEXT")] = "all",
     relative: Annotated[bool, typer.Option(help="coef as a fraction of the typical residual norm")] = False,
     cap_min: float | None = None,
     cap_max: float | None = None,
@@ -74,22 +89,57 @@ def steer(
     system: str | None = None,
     max_new_tokens: int = 48,
     plot: Annotated[Path | None, typer.Option(help="dose-response PNG (with --sweep)")] = None,
+    cap_percentile: Annotated[float | None, typer.Option(
+        help="cap the projection at this percentile of the calibration (steerlib calibrate)")] = None,
+    cap_side: Annotated[str, typer.Option(help="max (cap from above) | min (floor) for --cap-percentile")] = "max",
+    layers: Annotated[str | None, typer.Option(help="layers for --cap-percentile: A-B or A,B,C")] = None,
+    when_above: Annotated[float | None, typer.Option(
+        help="steer only tokens whose projection on --when-vector (at the steered layer) is >= this")] = None,
+    when_below: Annotated[float | None, typer.Option(help="steer only tokens whose projection is <= this")] = None,
+    when_vector: Annotated[Path | None, typer.Option(help="condition vectors (default: --vector)")] = None,
+    latch: Annotated[bool, typer.Option(help="once the condition holds, steer the rest of the answer")] = False,
     model: ModelOpt = None,
 ) -> None:
-    """Print the steered answer next to the unsteered one (or a coefficient sweep)."""
+    """Print the steered answer next to the unsteered one (or a coefficient sweep).
+
+    --positions takes all | prompt | response | first:N | window:A-B | marker:TEXT."""
     from steerlib.jobs import steer_file
 
     result = steer_file(vector, prompt, model_path=model, layer=layer, coef=coef, mode=mode, positions=positions,
                         relative=relative, cap=(cap_min, cap_max) if mode == "cap" else None,
                         sweep=_floats(sweep) if sweep is not None else None, system=system, max_new_tokens=max_new_tokens,
-                        plot=plot)
+                        plot=plot, cap_percentile=cap_percentile, cap_side=cap_side,
+                        layers=_layer_list(layers) if layers is not None else None, when_vector=when_vector,
+                        when_above=when_above, when_below=when_below, latch=latch)
     if result.dose is not None:
         typer.echo(result.dose.format())
         return
     for c, outs in result.answers.items():
-        label = "unsteered" if c == 0 and mode == "add" else f"{mode} coef={c:g} layer={result.layer}"
+        label = result.labels.get(c) or ("unsteered" if c == 0 and mode == "add"
+                                          else f"{mode} coef={c:g} layer={result.layer}")
         for p, g in zip(prompt, outs, strict=True):
             typer.echo(f"--- {label} | {p}\n{g.text}\n(mean projection {g.mean_projection():.2f})")
+
+
+@app.command()
+def calibrate(
+    vector: Annotated[Path, typer.Option(help="trait vectors folder/.safetensors")],
+    layers: Annotated[str | None, typer.Option(help="layers to calibrate: A-B or A,B,C (default: all)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="length of each reference answer")] = 48,
+    batch_size: int = 8,
+    fresh: Annotated[bool, typer.Option(help="ignore earlier partial results")] = False,
+    model: ModelOpt = None,
+) -> None:
+    """Record per-layer percentiles of the trait's projection on the model's answers to ordinary questions
+    (saved beside the vectors as calibration.json; resumable), for caps given as percentiles."""
+    from steerlib.jobs import calibrate_file
+
+    cal, path = calibrate_file(vector, model_path=model, layers=_layer_list(layers) if layers else None,
+                               max_new_tokens=max_new_tokens, batch_size=batch_size, fresh=fresh)
+    typer.echo(f"{cal.n_answers} answers, {cal.n_tokens} tokens per layer -> {path}")
+    typer.echo("layer     p5    p25    p50    p75    p95")
+    for layer in cal.layers:
+        typer.echo(f"{layer:5d} " + " ".join(f"{cal.value(layer, p):6.2f}" for p in (5, 25, 50, 75, 95)))
 
 
 @app.command()

@@ -37,15 +37,17 @@ from steerlib.finetuning.shift import FinetuningShift, finetuning_shift, load_fi
 from steerlib.finetuning.training import TrainMode, TrainResult, lora_finetune
 from steerlib.monitoring.conversations import DriftReport, monitor_conversations, read_conversations
 from steerlib.monitoring.drift import DriftMonitor
+from steerlib.steering.calibration import Calibration, Percentile, calibrate, calibrated_cap, calibration_path
 from steerlib.steering.dose import DoseResponse, dose_response
 from steerlib.steering.generation import Generation, generate
-from steerlib.steering.steer import MODES, POSITIONS, build_ops, build_readout
+from steerlib.steering.plan import position_rule
+from steerlib.steering.steer import MODES, POSITIONS, When, build_ops, build_readout
 from steerlib.store.results import exclusive_output
 from steerlib.store.samples import read_samples
 from steerlib.traits.judges import make_judge
 from steerlib.traits.library import Trait, TraitError, check_trait_name, load_trait
 
-__all__ = ["FlagReport", "check_serve", "export_file", "extract_file", "flag_file", "inventory_file", "monitor_file",
+__all__ = ["FlagReport", "calibrate_file", "check_serve", "export_file", "extract_file", "flag_file", "inventory_file", "monitor_file",
            "new_trait_file", "report_file", "shift_file", "shiftcheck_file", "steer_file", "train_file"]
 
 ON_ERROR = ("raise", "skip")
@@ -103,6 +105,33 @@ class SteeredAnswers:
     coefs: tuple[float, ...]
     answers: dict[float, list[Generation]] = field(default_factory=dict)
     dose: DoseResponse | None = None
+    labels: dict[float, str] = field(default_factory=dict)
+
+
+def calibrate_file(
+    vectors_path: str | Path,
+    *,
+    model_path: str | Path | None = None,
+    layers: Sequence[int] | None = None,
+    max_new_tokens: int = 48,
+    batch_size: int = 8,
+    fresh: bool = False,
+) -> tuple[Calibration, Path]:
+    """Calibrate the vectors at ``vectors_path`` on the shipped reference questions; saved beside them.
+
+    Returns:
+        The calibration and the path it was written to (``<vectors folder>/calibration.json``).
+    """
+    check_int(max_new_tokens, "max_new_tokens")
+    check_int(batch_size, "batch_size")
+    source = load_vectors(vectors_path)  # a damaged file fails before the model loads
+    out = calibration_path(vectors_path)
+    loaded = load_model(model_path)
+    model, tok = loaded
+    source = _fit_vectors(source, vectors_path, model)
+    cal = calibrate(model, tok, source, out, layers=layers, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    resume=not fresh, model_name=loaded.name)
+    return cal, out
 
 
 def steer_file(
@@ -120,9 +149,20 @@ def steer_file(
     system: str | None = None,
     max_new_tokens: int = 48,
     plot: str | Path | None = None,
+    cap_percentile: float | None = None,
+    cap_side: str = "max",
+    layers: Sequence[int] | None = None,
+    when_vector: str | Path | None = None,
+    when_above: float | None = None,
+    when_below: float | None = None,
+    latch: bool = False,
 ) -> SteeredAnswers:
     """Steered answers next to unsteered ones, or with ``sweep`` a dose-response over coefficients.
 
+    With ``cap_percentile`` the steered answers are capped at that percentile of the vectors' calibration
+    (``steerlib calibrate``) over ``layers`` (default: ``layer``); ``cap_side="min"`` floors instead.
+    With ``when_above``/``when_below`` the edit is gated on the projection on ``when_vector`` (default: the steering
+    vectors) at the edit's layer, per token or, with ``latch``, for the rest of a response once it opens.
     Every argument is checked before the model is loaded; ``sweep=[]`` is an error, not a plain run.
     """
     if isinstance(prompts, str) or not prompts:
@@ -132,7 +172,7 @@ def steer_file(
     if system is not None:
         check_text(system, "system prompt")
     check_choice(mode, "steering mode", MODES)
-    check_choice(positions, "positions", POSITIONS)
+    position_rule(positions)  # first:N, window:A-B and marker:TEXT too
     check_number(coef, "coef")
     check_int(max_new_tokens, "max_new_tokens")
     if sweep is not None:
@@ -145,10 +185,42 @@ def steer_file(
             check_number(bound, "cap bound")
     if plot is not None:
         check_out_dir(Path(plot).parent, "--plot folder")
+    pct = calibration = None
+    if cap_percentile is not None:
+        if sweep is not None or any(b is not None for b in cap or ()):
+            raise ValueError("--cap-percentile replaces --cap-min/--cap-max and cannot be combined with --sweep")
+        pct = Percentile(cap_percentile, side=cap_side)  # type: ignore[arg-type]
+        calibration = Calibration.load(calibration_path(vectors_path))
+        for x in layers or ():
+            calibration.value(x, pct.value)  # an uncalibrated layer fails before the model loads
+    elif layers is not None:
+        raise ValueError("--layers is for --cap-percentile; use --layer for a single steering layer")
+    gated = when_above is not None or when_below is not None
+    for bound in (when_above, when_below):
+        if bound is not None:
+            check_number(bound, "condition threshold")
+    if (when_vector is not None or latch) and not gated:
+        raise ValueError("--when-vector and --latch need --when-above and/or --when-below")
+    if gated and (sweep is not None or cap_percentile is not None):
+        raise ValueError("a condition (--when-above/--when-below) cannot be combined with --sweep or --cap-percentile")
+    condition_source = load_vectors(when_vector) if when_vector is not None else None
     source = load_vectors(vectors_path)  # a damaged file fails before the model loads
     loaded = load_model(model_path)
     model, tok = loaded
     source = _fit_vectors(source, vectors_path, model)
+    if pct is not None:
+        calibration.check_model(model, calibration_path(vectors_path))  # type: ignore[union-attr]
+        chosen = list(layers) if layers else [pick_layer(source, layer)]
+        ops = calibrated_cap(model, source, calibration, pct, chosen)  # type: ignore[arg-type]
+        formatted = [format_prompt(tok, p, system) for p in prompts]
+        trait = source.trait if isinstance(source, TraitVectors) else "trait"
+        readout = build_readout(model, {trait: source}, [chosen[-1]])
+        answers = {0.0: generate(model, tok, formatted, readout=readout, max_new_tokens=max_new_tokens),
+                   1.0: generate(model, tok, formatted, steering=ops, readout=readout, max_new_tokens=max_new_tokens)}
+        span = f"{chosen[0]}-{chosen[-1]}" if len(chosen) > 1 else str(chosen[0])
+        label = f"cap {pct.side} at percentile {pct.value:g} over layers {span}"
+        return SteeredAnswers(layer=chosen[-1], coefs=(0.0, 1.0), answers=answers,
+                              labels={0.0: "unsteered", 1.0: label})
     layer = pick_layer(source, layer)
     formatted = [format_prompt(tok, p, system) for p in prompts]
     trait = source.trait if isinstance(source, TraitVectors) else "trait"
@@ -157,12 +229,22 @@ def steer_file(
         dose = dose_response(model, tok, formatted, source, layer, list(sweep), relative=relative, readout=readout,
                              max_new_tokens=max_new_tokens, judge=sweep_judge(trait), plot_path=plot)
         return SteeredAnswers(layer=layer, coefs=tuple(sweep), dose=dose)
+    when = None
+    labels = {}
+    if gated:
+        condition = _fit_vectors(condition_source, when_vector, model) if condition_source is not None else source
+        when = When(condition, when_above, when_below, latch)
+        side = " and ".join(f"{name} {v:g}" for name, v in (("above", when_above), ("below", when_below))
+                            if v is not None)
+        labels[coef] = (f"{mode} coef={coef:g} layer={layer} when projection {side}"
+                        f"{' (latched)' if latch else ''}")
     answers: dict[float, list[Generation]] = {}
     for c in (0.0, coef):
         ops = [] if c == 0 and mode == "add" else build_ops(model, source, layer, c, mode=mode,  # type: ignore[arg-type]
-                                                           positions=positions, cap=cap, relative=relative)  # type: ignore[arg-type]
+                                                           positions=positions, cap=cap, relative=relative,  # type: ignore[arg-type]
+                                                           when=when if c == coef else None)
         answers[c] = generate(model, tok, formatted, steering=ops, readout=readout, max_new_tokens=max_new_tokens)
-    return SteeredAnswers(layer=layer, coefs=(0.0, coef), answers=answers)
+    return SteeredAnswers(layer=layer, coefs=(0.0, coef), answers=answers, labels=labels)
 
 
 @dataclass

@@ -30,15 +30,20 @@ from steerlib.serve.ollama_routes import ollama_router
 from steerlib.serve.openai_routes import openai_router
 from steerlib.serve.schema import ApiError, VectorLoadRequest, validation_message
 from steerlib.serve.service import AppOptions, Service
+from steerlib.steering.calibration import Calibration
 
 __all__ = ["AppOptions", "Service", "create_app"]
 
 
 def create_app(model: torch.nn.Module, tokenizer: Any, vectors: Mapping[str, TraitVectors],
-               options: AppOptions | None = None, drift: DriftMonitor | None = None) -> FastAPI:
-    """The FastAPI app; the engine starts and stops with its lifespan (``app.state.service`` holds it)."""
+               options: AppOptions | None = None, drift: DriftMonitor | None = None,
+               calibrations: Mapping[str, Calibration] | None = None) -> FastAPI:
+    """The FastAPI app; the engine starts and stops with its lifespan (``app.state.service`` holds it).
+
+    ``calibrations`` (vector name -> ``Calibration``) enable ``cap_percentile`` in that vector's steering entries.
+    """
     options = options or AppOptions()
-    service = Service(model, tokenizer, vectors, options, drift)
+    service = Service(model, tokenizer, vectors, options, drift, calibrations)
     engine = service.engine
 
     @contextlib.asynccontextmanager

@@ -126,6 +126,7 @@ class _Row:
     n_seen: int = 0
     generated: list[int] = field(default_factory=list)
     values: list[list[float]] = field(default_factory=list)  # per emitted token: K projections
+    latched: set[int] = field(default_factory=set)  # indices into edits whose latching gate has opened
     steps: list[list[int]] = field(default_factory=list)
     text: TextStream | None = None
     unsent_values: list[list[float]] = field(default_factory=list)
@@ -176,6 +177,7 @@ class Engine:
         self._kv = SlotCache(model, self.device)
         self.plan = SteeringPlan(self.layout.d_model, self.device, max_tokens=max_batch)
         self._plan_for: tuple | None = None  # row serials the plan was built for
+        self._plan_rows: list[_Row] = []  # the rows themselves (their latch state is read back on a change)
         self._hooks = HookHandles()
         self._worker_ident: int | None = None
         self._step_proj: Tensor | None = None  # [B * T, K] read-out of the step in flight
@@ -366,8 +368,14 @@ class Engine:
         """Lower the rows' steering to this step's per-token arguments (rebuilt on the host when rows change)."""
         ident = tuple(r.serial for r in self._rows)
         if ident != self._plan_for:
-            self.plan.set_rows([r.edits for r in self._rows], [len(r.prompt_ids) for r in self._rows])
+            # Latched gates belong to rows, not to plan positions: read them back before the rows are rebuilt.
+            if self._plan_rows:
+                for row, latched in zip(self._plan_rows, self.plan.latched_edits(), strict=True):
+                    row.latched = latched
+            self.plan.set_rows([r.edits for r in self._rows], [len(r.prompt_ids) for r in self._rows],
+                               latched=[r.latched for r in self._rows])
             self._plan_for = ident
+            self._plan_rows = list(self._rows)
         b, t = pos.shape
         row_of_token = torch.arange(b, device=self.device).repeat_interleave(t)
         # Padding gets position -1, which no interval holds: only real tokens are edited.

@@ -30,12 +30,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from steerlib.steering.plan import Edit
 from steerlib.serve.conversations import LAST_TURN_BUCKET, TURN_BUCKETS, ConversationLog, Turn
 
 __all__ = ["DEFAULT_BUCKETS", "ENGINE_COUNTERS", "ENGINE_GAUGES", "SERIES", "STEERING_LABELS", "ServerMetrics",
-           "steering_label"]
+           "edits_label", "steering_label"]
 
-# Label values of ``steering``: no edit, an unconditional edit, an edit behind a gate (filled by gated steering).
+# Label values of ``steering``: no edit, unconditional edits only, at least one edit behind a gate (``when``).
 STEERING_LABELS = ("none", "steered", "gated")
 FINISH_LABELS = ("stop", "length")
 # Projections are dot products with a unit direction; their scale depends on the model and layer, so the buckets
@@ -92,6 +93,11 @@ SERIES: dict[str, str] = {
 def steering_label(steered: bool, gated: bool = False) -> str:
     """The ``steering`` label of a request: ``gated`` wins over ``steered``; no edit is ``none``."""
     return "gated" if gated else "steered" if steered else "none"
+
+
+def edits_label(edits: Sequence[Edit]) -> str:
+    """The ``steering`` label of a row's lowered edits: gated if any carries a condition."""
+    return steering_label(bool(edits), any(e.gate_row is not None for e in edits))
 
 
 class ServerMetrics:

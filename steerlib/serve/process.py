@@ -26,6 +26,7 @@ from steerlib.core.vectors import TraitVectors
 from steerlib.monitoring.drift import METHODS, DriftMonitor
 from steerlib.serve.app import AppOptions, create_app
 from steerlib.serve.schema import MAX_ABS_COEF, SteeringSpec
+from steerlib.steering.calibration import Calibration, calibration_path
 
 __all__ = ["API_KEY_ENV", "METRICS_KEY_ENV", "BackgroundServer", "ServeOptions", "default_steering_specs", "named_vectors",
            "resolve_api_key", "serve"]
@@ -147,6 +148,16 @@ def named_vectors(model: torch.nn.Module, vectors: Mapping[str, str | Path | Tra
     return out
 
 
+def named_calibrations(model: torch.nn.Module, vectors: Mapping[str, str | Path | TraitVectors] | None
+                       ) -> dict[str, Calibration]:
+    """name -> the calibration saved beside that vector path (``steerlib calibrate``), where there is one."""
+    out = {}
+    for name, src in (vectors or {}).items():
+        if isinstance(src, str | Path) and calibration_path(src).is_file():
+            out[name] = Calibration.load(calibration_path(src), model)
+    return out
+
+
 def default_steering_specs(steer: Sequence[tuple[int, float]], steer_vector: str | None, names: Sequence[str],
                            mode: str = "add", positions: str = "all") -> list[SteeringSpec]:
     """CLI-style ``--steer LAYER:COEF`` pairs for one named vector -> specs."""
@@ -192,7 +203,8 @@ def build(options: ServeOptions) -> tuple[FastAPI, str]:
     drift = DriftMonitor(traits, window=options.drift_window, method=options.drift_method,
                          threshold=options.drift_threshold, reference_size=options.drift_reference_size,
                          alerts_path=options.alerts_path, robust=True) if traits else None
-    return create_app(loaded.model, loaded.tokenizer, trait_vectors, app_options, drift), loaded.name
+    calibrations = named_calibrations(loaded.model, options.vectors)
+    return create_app(loaded.model, loaded.tokenizer, trait_vectors, app_options, drift, calibrations), loaded.name
 
 
 def serve(options: ServeOptions, **uvicorn_kwargs: Any) -> None:

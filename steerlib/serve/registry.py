@@ -2,7 +2,8 @@
 
 Vectors loaded at start stay; ``POST /v1/vectors`` may add more, but only from folders the operator allowed with
 ``--vector-dir`` (a path resolving outside them is refused, 403), and ``DELETE /v1/vectors/{name}`` removes one
-unless something depends on it. Each name carries a load count, so a steering table entry built for one load of
+unless something depends on it. A vector may carry a calibration (``steerlib calibrate``, saved beside it), which
+lets requests cap at a percentile of it. Each name carries a load count, so a steering table entry built for one load of
 ``"x"`` is never reused for a different vector loaded later under the same name.
 """
 
@@ -17,6 +18,7 @@ import torch
 from steerlib.core.loading import load_vectors
 from steerlib.core.vectors import META_FILE, WEIGHTS_FILE, TraitVectors
 from steerlib.serve.schema import ApiError
+from steerlib.steering.calibration import Calibration, calibration_path
 
 __all__ = ["VectorRegistry"]
 
@@ -31,13 +33,15 @@ def _files_read(target: Path) -> list[Path]:
 class VectorRegistry:
     """Named ``TraitVectors`` for one model, safe to read and change from request threads."""
 
-    def __init__(self, model: torch.nn.Module, vectors: Mapping[str, TraitVectors], vector_dirs: Sequence[Path]):
+    def __init__(self, model: torch.nn.Module, vectors: Mapping[str, TraitVectors], vector_dirs: Sequence[Path],
+                 calibrations: Mapping[str, Calibration] | None = None):
         """Check and register the start-up vectors.
 
         Args:
             model: the served model (every vector must fit it).
             vectors: name -> vectors loaded at start.
             vector_dirs: folders runtime loads may read from (empty: read-only).
+            calibrations: name -> calibration of that vector (enables percentile caps on it).
         """
         self.model = model
         self.vector_dirs = tuple(vector_dirs)
@@ -49,6 +53,12 @@ class VectorRegistry:
             tv.check_model(model)  # fail at start-up, not on the first request
             self.vectors[name] = tv
             self._loads[name] = 1
+        self.calibrations: dict[str, Calibration] = {}
+        for name, cal in (calibrations or {}).items():
+            if name not in self.vectors:
+                raise ValueError(f"calibration given for {name!r}, which is not a loaded vector")
+            cal.check_model(model, f"calibration of {name!r}")
+            self.calibrations[name] = cal
 
     def names(self) -> list[str]:
         """The loaded names, sorted."""
@@ -66,6 +76,11 @@ class VectorRegistry:
         """
         with self._lock:
             return self.vectors.get(name), self._loads.get(name, 0), sorted(self.vectors)
+
+    def calibration(self, name: str) -> Calibration | None:
+        """The calibration loaded with ``name``, or None."""
+        with self._lock:
+            return self.calibrations.get(name)
 
     def info(self, monitored: Collection[str]) -> dict[str, dict]:
         """Name -> trait, recommended layer, number of layers, method and whether it is monitored."""
@@ -96,6 +111,8 @@ class VectorRegistry:
             tv = load_vectors(target, self.model)
             if not isinstance(tv, TraitVectors):
                 raise ValueError("a single-direction tensor has no layers to steer at; save TraitVectors")
+            cal_file = calibration_path(target)
+            cal = Calibration.load(cal_file, self.model) if cal_file.is_file() else None
         except (ValueError, OSError) as exc:
             raise ApiError(400, f"cannot load vectors from {path!r}: {exc}", param="path") from exc
         with self._lock:
@@ -104,6 +121,9 @@ class VectorRegistry:
                                code="vector_exists")
             self.vectors[name] = tv
             self._loads[name] = self._loads.get(name, 0) + 1
+            self.calibrations.pop(name, None)
+            if cal is not None:
+                self.calibrations[name] = cal
 
     def _allowed_path(self, path: str) -> Path:
         for base in self.vector_dirs:
@@ -140,3 +160,4 @@ class VectorRegistry:
             if name in in_use:
                 raise ApiError(409, f"{name!r} is used by the default steering", param="name", code="vector_in_use")
             del self.vectors[name]  # rows already running keep their own copy of the edits
+            self.calibrations.pop(name, None)

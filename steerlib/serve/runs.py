@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import Request
 
 from steerlib.serve.engine import Completion, EngineError, EngineStopped, QueueFull, RowEdit, Sampling
-from steerlib.serve.metrics import steering_label
+from steerlib.serve.metrics import edits_label
 from steerlib.serve.schema import ApiError
 from steerlib.serve.service import Service
 
@@ -39,6 +39,7 @@ class RequestRun:
         self.service = service
         self.conversation_id = conversation_id
         self.steered = bool(edits)
+        self.label = edits_label(edits)
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.rows = []
@@ -53,7 +54,7 @@ class RequestRun:
             self.cancel()  # a full queue refused choice i: the choices already queued must not run for nobody
             raise engine_api_error(exc) from exc
         if service.metrics is not None:
-            service.metrics.count_request(steering_label(self.steered))
+            service.metrics.count_request(self.label)
 
     def _sink(self, index: int):
         def sink(item: tuple) -> None:
@@ -75,7 +76,7 @@ class RequestRun:
                 open_rows -= 1
             if item[0] == "done" and index == 0 and self.conversation_id is not None \
                     and item[1].finish_reason != "cancelled":
-                self.service.record_turn(self.conversation_id, item[1], self.steered)
+                self.service.record_turn(self.conversation_id, item[1], self.label)
             yield index, item
 
     async def results(self, request: Request) -> list[Completion]:

@@ -27,6 +27,7 @@ __all__ = [
     "SteeringSpec",
     "parse_preset",
     "parse_presets",
+    "WhenSpec",
     "validation_message",
 ]
 
@@ -56,6 +57,24 @@ def _valid_unicode(text: str) -> str:
     return text
 
 
+class WhenSpec(BaseModel):
+    """A steering entry's condition: steer only where the token's projection on ``vector`` is above/below a
+    threshold, measured at the edit's own layer (``layer``, when given, must be that layer)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vector: str = Field(description="name of a loaded trait vector whose projection decides")
+    layer: int | None = Field(None, ge=1, le=10_000, description="must equal the edit's layer when given")
+    above: float | None = Field(None, ge=-MAX_ABS_BOUND, le=MAX_ABS_BOUND, allow_inf_nan=False)
+    below: float | None = Field(None, ge=-MAX_ABS_BOUND, le=MAX_ABS_BOUND, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _threshold(self) -> WhenSpec:
+        if self.above is None and self.below is None:
+            raise ValueError("a condition needs 'above' and/or 'below'")
+        return self
+
+
 class SteeringSpec(BaseModel):
     """One steering edit requested by a client (see ``steerlib.steering.steer.build_ops``)."""
 
@@ -64,6 +83,8 @@ class SteeringSpec(BaseModel):
     vector: str = Field(description="name of a trait vector loaded by the server")
     layer: int | None = Field(None, ge=1, le=10_000,
                               description="residual layer 1..n_layers (default: the vector's recommended one)")
+    layers: list[int] | None = Field(None, min_length=1, max_length=256,
+                                     description="several layers instead of one (e.g. a calibrated cap's range)")
     coef: float = Field(1.0, ge=-MAX_ABS_COEF, le=MAX_ABS_COEF, allow_inf_nan=False,
                         description="scale of the added vector for mode 'add'")
     mode: Literal["add", "ablate", "cap"] = "add"
@@ -71,11 +92,27 @@ class SteeringSpec(BaseModel):
     cap_min: float | None = Field(None, ge=-MAX_ABS_BOUND, le=MAX_ABS_BOUND, allow_inf_nan=False)
     cap_max: float | None = Field(None, ge=-MAX_ABS_BOUND, le=MAX_ABS_BOUND, allow_inf_nan=False)
     relative: bool = Field(False, description="coef is a fraction of the typical residual norm at the layer")
+    cap_percentile: float | None = Field(None, ge=0.0, le=100.0, allow_inf_nan=False,
+                                         description="cap at this percentile of the vector's calibration")
+    cap_side: Literal["max", "min"] = Field("max", description="cap_percentile caps from above (max) or floors")
+    when: WhenSpec | None = Field(None, description="steer only where this condition holds")
+    latch: bool = Field(False, description="with 'when': once open for a response, stay open for the rest of it")
 
     @model_validator(mode="after")
     def _bounds_in_order(self) -> SteeringSpec:
         if self.cap_min is not None and self.cap_max is not None and self.cap_min > self.cap_max:
             raise ValueError(f"cap_min ({self.cap_min}) must be <= cap_max ({self.cap_max})")
+        if self.layer is not None and self.layers is not None:
+            raise ValueError("give layer or layers, not both")
+        if any(not 1 <= x <= 10_000 for x in self.layers or ()):
+            raise ValueError("layers must lie in 1..n_layers")
+        if self.latch and self.when is None:
+            raise ValueError("latch needs a 'when' condition")
+        if self.cap_percentile is not None:
+            if "mode" in self.model_fields_set and self.mode != "cap":
+                raise ValueError(f"cap_percentile is a cap; it cannot be combined with mode {self.mode!r}")
+            if self.cap_min is not None or self.cap_max is not None:
+                raise ValueError("give cap_percentile or cap_min/cap_max, not both")
         return self
 
 

@@ -26,10 +26,11 @@ from steerlib.core.version import __version__
 from steerlib.monitoring.drift import Alert, DriftMonitor
 from steerlib.serve.conversations import ConversationLog, turn_bucket
 from steerlib.serve.engine import Completion, Engine, RowEdit, edits_from_ops
-from steerlib.serve.metrics import ServerMetrics, steering_label
+from steerlib.serve.metrics import ServerMetrics, edits_label
 from steerlib.serve.registry import VectorRegistry
 from steerlib.serve.schema import ApiError, SteeringSpec
-from steerlib.steering.steer import build_ops, build_readout
+from steerlib.steering.calibration import Calibration, Percentile, calibrated_cap
+from steerlib.steering.steer import When, build_ops, build_readout
 
 __all__ = ["AppOptions", "Service"]
 
@@ -118,10 +119,11 @@ class Service:
     """The state behind the routes: the engine, the vector registry, the read-out and the drift monitor."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, vectors: Mapping[str, TraitVectors],
-                 options: AppOptions, drift: DriftMonitor | None = None):
+                 options: AppOptions, drift: DriftMonitor | None = None,
+                 calibrations: Mapping[str, Calibration] | None = None):
         self.model = model
         self.options = options
-        self.registry = VectorRegistry(model, vectors, options.vector_dirs)
+        self.registry = VectorRegistry(model, vectors, options.vector_dirs, calibrations)
         traits = list(self.vectors) if options.monitor_traits is None else list(options.monitor_traits)
         unknown = [t for t in traits if t not in self.vectors]
         if unknown:
@@ -168,10 +170,29 @@ class Service:
             if tv is None:
                 raise ApiError(400, f"unknown steering vector {spec.vector!r}; available: {names}",
                                param=f"{param}.{i}.vector", code="unknown_vector")
+            cal = self.registry.calibration(spec.vector)
+            if spec.cap_percentile is not None and cal is None:
+                raise ApiError(400, f"{param}[{i}]: vector {spec.vector!r} has no calibration (run `steerlib "
+                               "calibrate` on it and reload it)", param=f"{param}.{i}.cap_percentile")
+            when = None
+            if spec.when is not None:
+                cond, _, names = self.registry.lookup(spec.when.vector)
+                if cond is None:
+                    raise ApiError(400, f"unknown condition vector {spec.when.vector!r}; available: {names}",
+                                   param=f"{param}.{i}.when.vector", code="unknown_vector")
+                when = When(cond, spec.when.above, spec.when.below, spec.latch, spec.when.layer)
             cap = (spec.cap_min, spec.cap_max) if spec.mode == "cap" else None
+            layers = spec.layers if spec.layers is not None else spec.layer
             try:
-                ops = build_ops(self.model, tv, spec.layer, spec.coef, mode=spec.mode, positions=spec.positions,
-                                cap=cap, relative=spec.relative)
+                if spec.cap_percentile is not None:
+                    if when is not None:
+                        raise ValueError("a calibrated cap cannot carry a condition")
+                    ops = calibrated_cap(self.model, tv, cal, Percentile(spec.cap_percentile, spec.cap_side),
+                                         layers if layers is not None else tv.recommended_layer,
+                                         positions=spec.positions)
+                else:
+                    ops = build_ops(self.model, tv, layers, spec.coef, mode=spec.mode, positions=spec.positions,
+                                    cap=cap, relative=spec.relative, when=when)
             except ValueError as exc:
                 raise ApiError(400, f"{param}[{i}]: {exc}", param=f"{param}.{i}") from exc
             for op in ops:
@@ -246,7 +267,7 @@ class Service:
     # -- drift --------------------------------------------------------------------------------------------
     def _finished(self, row: Any, completion: Completion) -> None:
         """The engine's completion callback (worker thread, once per finished reply): drift, then metrics."""
-        steering = steering_label(row.steered)
+        steering = edits_label(row.edits)
         alerts = self._feed_drift(row, completion)
         if self.metrics is not None:
             self.metrics.observe_response(completion.trait_projections, steering, completion.finish_reason)
@@ -286,10 +307,11 @@ class Service:
                     "traits": traits}
 
     # -- conversations ------------------------------------------------------------------------------------
-    def record_turn(self, conversation_id: str, completion: Completion, steered: bool) -> None:
-        """Add a finished reply to its conversation's per-turn series (and the per-turn metric)."""
+    def record_turn(self, conversation_id: str, completion: Completion, steering: str) -> None:
+        """Add a finished reply to its conversation's per-turn series (and the per-turn metric); ``steering`` is
+        the request's ``steering`` label (``edits_label``)."""
         turn = self.conversations.record(conversation_id, completion.trait_projections,
-                                         steering=steering_label(steered),
+                                         steering=steering,
                                          completion_tokens=completion.completion_tokens)
         if turn is not None and self.metrics is not None:
             self.metrics.observe_turn(turn, turn_bucket(turn.turn))

@@ -191,10 +191,20 @@ class CompiledSteering:
                     coef = args["coef"][j] if state.adds[j] else None
                     lo, hi = (args["lo"][j], args["hi"][j]) if state.caps[j] else (None, None)
                     mon = readout_dirs if last else None
+                    index = args["index"][j]
+                    if state.gates[j]:
+                        # The gate as plain torch ops in the graph (the same rule as the fused op's gate), so the
+                        # functional op keeps its signature; a closed token becomes an unedited one.
+                        gi = args["gindex"][j]
+                        g = (flat.float() @ state.gate_table.T).gather(1, gi.clamp_min(0)[:, None]).squeeze(1)
+                        is_open = (gi < 0) | ((g >= args["glo"][j]) & (g <= args["ghi"][j]))
+                        index = torch.where(is_open, index, 0)
+                        if plan.latching(state.slots[j]):
+                            plan.latch(state.slots[j], rows[:, None].expand(b, t).reshape(-1), is_open & (gi >= 0))
                     if backend == "inline":
-                        flat, proj = steer_rows_inline(flat, state.table, args["index"][j], coef, lo, hi, mon)
+                        flat, proj = steer_rows_inline(flat, state.table, index, coef, lo, hi, mon)
                     else:
-                        flat, proj = steer_rows_op(flat, state.table, args["index"][j], coef, lo, hi, mon, backend)
+                        flat, proj = steer_rows_op(flat, state.table, index, coef, lo, hi, mon, backend)
             if readout_dirs is not None:
                 if proj is None:  # nothing steered at this layer: read out only
                     proj = flat.float() @ readout_dirs.T

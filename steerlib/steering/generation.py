@@ -34,6 +34,18 @@ from steerlib.steering.compiled import generate_batch
 from steerlib.steering.steer import ResidualEditor, SteerOp, TraitReadout
 
 
+def _marker_criteria(editor: ResidualEditor, tokenizer, prompt_width: int) -> list[StoppingCriteria]:
+    """Criteria that let edits starting at a marker string see it appear (none without one); they never stop."""
+    watcher = editor.marker_watcher(tokenizer, prompt_width)
+    return [] if watcher is None else [watcher]
+
+
+def _marker_kwargs(editor: ResidualEditor, tokenizer, prompt_width: int) -> dict:
+    """``generate`` arguments for ``_marker_criteria`` (none without a marker)."""
+    criteria = _marker_criteria(editor, tokenizer, prompt_width)
+    return {"stopping_criteria": StoppingCriteriaList(criteria)} if criteria else {}
+
+
 @dataclass
 class Generation:
     """One prompt's generated text with its per-token trait projections.
@@ -219,9 +231,10 @@ def generate(
                 rows, closing = rows[:, :-1], rows[:, -1]
             per_row = list(rows) if rows is not None else [None] * len(idx)
         else:
-            with ResidualEditor(model, steering, readout):
+            with ResidualEditor(model, steering, readout) as editor:
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     return_dict_in_generate=True, **kwargs)
+                                     return_dict_in_generate=True, **kwargs,
+                                     **_marker_kwargs(editor, tokenizer, ids.shape[1]))
                 new = out.sequences[:, ids.shape[1]:].cpu()
                 per_row = _split_readout(readout, len(idx), new.shape[1])
                 if readout is not None:
@@ -315,9 +328,11 @@ def stream(
 
     def run() -> None:
         try:
-            with torch.inference_mode(), ResidualEditor(model, steering, readout):
+            with torch.inference_mode(), ResidualEditor(model, steering, readout) as editor:
                 model.generate(input_ids=torch.tensor([encoded], device=device), streamer=streamer,
-                               stopping_criteria=stop, **kwargs)
+                               stopping_criteria=StoppingCriteriaList([*stop, *_marker_criteria(editor, tokenizer,
+                                                                                                 len(encoded))]),
+                               **kwargs)
         except BaseException as exc:  # surfaced in the consumer's thread
             errors.append(exc)
             streamer.end()

@@ -9,6 +9,14 @@ consumes this module and nothing else decides what an edit means:
 * a **position rule** (``all``, ``prompt``, ``response``...) lowers, for a row whose prompt has ``P`` tokens, to a
   half-open interval ``[start, end)`` of absolute positions. The prompt/response rule is stated once, here:
   **a token at absolute position ``p`` is a prompt token iff ``p < P``**;
+* a **condition** (``Condition``, ``SteerOp.when``) gates an edit: the edit applies to a token only where the
+  token's projection on a unit condition direction, measured at the edit's own layer on the hidden state entering
+  the edit, lies in ``[above, below]``. The rule for layers is stated here once: **a condition is evaluated at
+  the layer of the edit it gates** (its direction is the condition trait's vector at that layer), inside the
+  same fused op (``steerlib.kernels.rows``). With ``latch=True``, once the gate opens at a token of a batch row,
+  that edit stays open for the row's later forward passes (the plan records it on the device after each pass;
+  tokens of the same pass are still decided one by one, so in a prefill the tokens before and after the first
+  open one are gated per token);
 * a ``SteeringPlan`` holds, per steered layer, a table ``[V, D]`` whose row 0 is zeros ("no edit"), and per
   (layer, slot, batch row) the table entry, coefficient, bounds and interval. ``fill(row_of_token, position)``
   turns that into per-token ``index / coef / lo / hi`` buffers (written in place, a handful of tensor ops
@@ -45,7 +53,7 @@ import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -153,6 +161,42 @@ class Cap(SteeringMethod):
                        INF if self.hi is None else float(self.hi))
 
 
+@dataclass(frozen=True)
+class Condition:
+    """Steer only where the token's projection on a unit direction lies in ``[above, below]``.
+
+    Evaluated at the layer of the edit it gates, on the hidden state entering that edit (see the module
+    docstring). ``above=T`` alone: open where the projection is >= T; ``below=T`` alone: <= T; both: a band.
+
+    Attributes:
+        vector: ``[d_model]`` condition direction at the edit's layer (any norm; its unit version is used).
+        above: lower threshold, or None.
+        below: upper threshold, or None.
+        latch: once open at a token of a row, stay open for the rest of that row's generation.
+    """
+
+    vector: Tensor
+    above: float | None = None
+    below: float | None = None
+    latch: bool = False
+
+    def __post_init__(self) -> None:
+        if self.above is None and self.below is None:
+            raise ValueError("a condition needs a threshold: above and/or below")
+        for name in ("above", "below"):
+            if getattr(self, name) is not None:
+                check_number(getattr(self, name), f"condition threshold {name!r}")
+        if not isinstance(self.latch, bool):
+            raise ValueError(f"latch must be true or false, got {self.latch!r}")
+        check_vector(self.vector, name="condition vector")
+        object.__setattr__(self, "vector", self.vector.detach().clone())
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """``(lo, hi)`` of the gate (``-inf``/``+inf`` for a side without a threshold)."""
+        return (-INF if self.above is None else float(self.above), INF if self.below is None else float(self.below))
+
+
 class PositionRule(ABC):
     """Which tokens of a row an edit touches, as an interval of absolute positions."""
 
@@ -201,13 +245,78 @@ for _rule in (_All(), _Prompt(), _Response()):
     register_positions(_rule)
 
 
+@dataclass(frozen=True)
+class FirstGenerated(PositionRule):
+    """The first ``n`` generated tokens: ``[P, P + n)``."""
+
+    n: int
+    name: ClassVar[str] = "first"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 0:
+            raise ValueError(f"the number of generated tokens must be an int >= 0, got {self.n!r}")
+
+    def interval(self, prompt_len, marker=None):
+        return prompt_len, prompt_len + self.n
+
+
+@dataclass(frozen=True)
+class GeneratedWindow(PositionRule):
+    """Generated tokens ``start`` (inclusive) to ``end`` (exclusive), counted from 0: ``[P + start, P + end)``."""
+
+    start: int
+    end: int
+    name: ClassVar[str] = "window"
+
+    def __post_init__(self) -> None:
+        for value in (self.start, self.end):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"window bounds must be ints >= 0, got {self.start!r}..{self.end!r}")
+        if self.end < self.start:
+            raise ValueError(f"window end ({self.end}) is before its start ({self.start})")
+
+    def interval(self, prompt_len, marker=None):
+        return prompt_len + self.start, prompt_len + self.end
+
+
+@dataclass(frozen=True)
+class FromMarker(PositionRule):
+    """From the first generated occurrence of ``text`` on: ``[M, inf)``, where ``M`` is the absolute position of
+    the first token after the one that completed the marker (set by the host when the text appears); nothing
+    before the marker has appeared."""
+
+    text: str
+    name: ClassVar[str] = "marker"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str) or not self.text:
+            raise ValueError("a marker must be a non-empty string")
+
+    def interval(self, prompt_len, marker=None):
+        return (NO_END, NO_END) if marker is None else (int(marker), NO_END)
+
+
 def position_rule(positions: str | PositionRule) -> PositionRule:
-    """The rule object for a name (``"all"``, ``"prompt"``, ``"response"``...) or the rule itself."""
+    """The rule object for a name (``"all"``, ``"prompt"``, ``"response"``...), a parametrised rule written as
+    text (``"first:N"``, ``"window:A-B"``, ``"marker:TEXT"``), or the rule itself."""
     if isinstance(positions, PositionRule):
         return positions
     rule = POSITION_RULES.get(positions) if isinstance(positions, str) else None
+    if rule is None and isinstance(positions, str) and ":" in positions:
+        kind, _, arg = positions.partition(":")
+        try:
+            if kind == "first":
+                return FirstGenerated(int(arg))
+            if kind == "window":
+                a, _, b = arg.partition("-")
+                return GeneratedWindow(int(a), int(b))
+        except ValueError as exc:
+            raise ValueError(f"positions {positions!r}: {exc}") from None
+        if kind == "marker":
+            return FromMarker(arg)
     if rule is None:
-        raise ValueError(f"unknown positions {positions!r}; choose from {tuple(POSITION_RULES)}")
+        raise ValueError(f"unknown positions {positions!r}; choose from {tuple(POSITION_RULES)} or first:N, "
+                         "window:A-B (generated tokens A..B-1), marker:TEXT")
     return rule
 
 
@@ -225,6 +334,7 @@ class SteerOp:
         cap_min: lower bound of the projection for ``cap`` (None: unbounded).
         cap_max: upper bound of the projection for ``cap`` (None: unbounded).
         positions: which tokens the edit touches (a rule name or a ``PositionRule``).
+        when: a ``Condition`` gating the edit per token (evaluated at this op's layer), or None.
     """
 
     layer: int
@@ -234,6 +344,7 @@ class SteerOp:
     cap_min: float | None = None
     cap_max: float | None = None
     positions: str | PositionRule = "all"
+    when: Condition | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in METHODS:
@@ -246,6 +357,12 @@ class SteerOp:
         check_vector(self.vector, name=f"steering vector at layer {self.layer}")
         self.method  # noqa: B018 -- builds the method now, so a missing field fails at construction
         object.__setattr__(self, "vector", self.vector.detach().clone())
+        if self.when is not None:
+            if not isinstance(self.when, Condition):
+                raise ValueError(f"when must be a Condition, got {type(self.when).__name__}")
+            if self.when.vector.shape != self.vector.shape:
+                raise ValueError(f"the condition vector has width {self.when.vector.shape[-1]} but the steering "
+                                 f"vector has width {self.vector.shape[-1]}")
 
     @property
     def method(self) -> SteeringMethod:
@@ -267,6 +384,9 @@ class Edit:
         row: [D] fp32 CPU table row.
         coef, lo, hi: per-token scalars of the per-row op.
         rule: the position rule.
+        gate_key, gate_row: digest and [D] fp32 unit direction of the condition, or None (ungated).
+        gate_lo, gate_hi: the gate's bounds on the projection.
+        latch: the gate stays open for a row once it has opened.
     """
 
     layer: int
@@ -276,10 +396,15 @@ class Edit:
     lo: float
     hi: float
     rule: PositionRule
+    gate_key: str | None = None
+    gate_row: Tensor | None = None
+    gate_lo: float = -INF
+    gate_hi: float = INF
+    latch: bool = False
 
     def with_coef(self, coef: float) -> Edit:
         """The same edit with another coefficient (per-row coefficients of one shared spec)."""
-        return Edit(self.layer, self.key, self.row, float(coef), self.lo, self.hi, self.rule)
+        return replace(self, coef=float(coef))
 
 
 def lower_op(op: SteerOp) -> Edit:
@@ -295,7 +420,13 @@ def lower_op(op: SteerOp) -> Edit:
     if low.lo > low.hi:
         raise ValueError(f"cap_min ({low.lo}) must be <= cap_max ({low.hi})")
     key = hashlib.blake2b(row.numpy().tobytes(), digest_size=12).hexdigest()
-    return Edit(op.layer, key, row, float(low.coef), float(low.lo), float(low.hi), op.rule)
+    if op.when is None:
+        return Edit(op.layer, key, row, float(low.coef), float(low.lo), float(low.hi), op.rule)
+    gate_row = unit(op.when.vector.detach().float().cpu()).contiguous()
+    gate_key = hashlib.blake2b(gate_row.numpy().tobytes(), digest_size=12).hexdigest()
+    glo, ghi = op.when.bounds
+    return Edit(op.layer, key, row, float(low.coef), float(low.lo), float(low.hi), op.rule, gate_key, gate_row,
+                glo, ghi, op.when.latch)
 
 
 def lower_ops(ops: Sequence[SteerOp]) -> list[Edit]:
@@ -311,6 +442,8 @@ class _LayerState:
     slots: range  # rows of the plan's parameter matrices
     adds: list[bool] = field(default_factory=list)  # per slot: some row adds
     caps: list[bool] = field(default_factory=list)  # per slot: some row has a finite bound
+    gates: list[bool] = field(default_factory=list)  # per slot: some row's edit is gated
+    gate_table: Tensor | None = None  # [G, D] fp32 unit condition directions of this layer, or None
 
 
 class SteeringPlan:
@@ -341,13 +474,26 @@ class SteeringPlan:
         self._proj: dict[int, Tensor] = {}
         self._n = 0
         self._tables: dict[int, Tensor] = {}  # preallocated tables (capacity set), kept across set_rows
+        self._has_gates = False
+        self._slot_latch: list[bool] = []  # per slot: some row's gate latches
+        # [n_slots, n_rows] uint8: 1 where a latching gate has opened for that row (kept on the device).
+        self._latched = torch.zeros((0, 1), dtype=torch.uint8, device=self.device)
+        self._edit_slots: list[list[int]] = []  # per row, the plan slot of each of its edits
 
     # -- rows -----------------------------------------------------------------------------------------
     def set_rows(self, rows: Sequence[Sequence[Edit]], prompt_lens: Sequence[int],
-                 markers: Sequence[int | None] | None = None) -> None:
+                 markers: Sequence[int | None] | None = None,
+                 latched: Sequence[set[int]] | None = None) -> None:
         """Describe the batch: row ``r`` makes ``rows[r]``'s edits and has a prompt of ``prompt_lens[r]`` tokens.
 
         Runs on the host once per change of the batch's rows (not per forward pass).
+
+        Args:
+            rows: each batch row's lowered edits.
+            prompt_lens: each row's prompt length ``P``.
+            markers: per row, the absolute position a ``FromMarker`` rule starts at (None: not seen yet).
+            latched: per row, the indices into ``rows[r]`` of edits whose latching gate has already opened (from
+                ``latched_edits()`` of the rows as they were); default: nothing latched.
         """
         if len(prompt_lens) != len(rows):
             raise ValueError(f"got {len(rows)} rows but {len(prompt_lens)} prompt lengths")
@@ -357,35 +503,52 @@ class SteeringPlan:
             for e in edits:
                 per_layer.setdefault(e.layer, [[] for _ in rows])[r].append(e)
         n_rows = max(1, len(rows))
+        pad = n_rows - len(rows)
         entry, coef, lo, hi, start, end = [], [], [], [], [], []
+        gentry, glo, ghi, latch = [], [], [], []
         layers: dict[int, _LayerState] = {}
         for layer in sorted(per_layer):
             by_row = per_layer[layer]
             keys: dict[str, int] = {}
             vectors: list[Tensor] = []
+            gate_keys: dict[str, int] = {}
+            gate_rows: list[Tensor] = []
             for edits in by_row:
                 for e in edits:
                     if e.key not in keys:
                         keys[e.key] = len(vectors) + 1
                         vectors.append(e.row)
+                    if e.gate_key is not None and e.gate_key not in gate_keys:
+                        gate_keys[e.gate_key] = len(gate_rows)
+                        gate_rows.append(e.gate_row)
             table = self._table(layer, vectors)
             first = len(entry)
             state = _LayerState(table, range(first, first + max(len(x) for x in by_row)))
+            if gate_rows:
+                state.gate_table = torch.stack(gate_rows).to(self.device, torch.float32).contiguous()
             for s in range(len(state.slots)):
                 cols = [x[s] if s < len(x) else None for x in by_row]
-                entry.append([keys[e.key] if e else 0 for e in cols] + [0] * (n_rows - len(rows)))
-                coef.append([e.coef if e else 0.0 for e in cols] + [0.0] * (n_rows - len(rows)))
-                lo.append([e.lo if e else -INF for e in cols] + [-INF] * (n_rows - len(rows)))
-                hi.append([e.hi if e else INF for e in cols] + [INF] * (n_rows - len(rows)))
+                entry.append([keys[e.key] if e else 0 for e in cols] + [0] * pad)
+                coef.append([e.coef if e else 0.0 for e in cols] + [0.0] * pad)
+                lo.append([e.lo if e else -INF for e in cols] + [-INF] * pad)
+                hi.append([e.hi if e else INF for e in cols] + [INF] * pad)
                 spans = [e.rule.interval(int(prompt_lens[r]), markers[r]) if e else (0, 0)
-                         for r, e in enumerate(cols)] + [(0, 0)] * (n_rows - len(rows))
+                         for r, e in enumerate(cols)] + [(0, 0)] * pad
                 start.append([a for a, _ in spans])
                 end.append([b for _, b in spans])
+                gated = [e if e is not None and e.gate_key is not None else None for e in cols]
+                gentry.append([gate_keys[e.gate_key] if e else -1 for e in gated] + [-1] * pad)  # type: ignore[index]
+                glo.append([e.gate_lo if e else -INF for e in gated] + [-INF] * pad)
+                ghi.append([e.gate_hi if e else INF for e in gated] + [INF] * pad)
+                latch.append([bool(e and e.latch) for e in gated] + [False] * pad)
                 state.adds.append(any(e is not None and e.coef != 0.0 for e in cols))
                 state.caps.append(any(e is not None and (e.lo != -INF or e.hi != INF) for e in cols))
+                state.gates.append(any(e is not None for e in gated))
             layers[layer] = state
         self.layers = layers
         self._n_slots = len(entry)
+        self._has_gates = any(any(st.gates) for st in layers.values())
+        self._slot_latch = [any(x) for x in latch]
         dev = self.device
         if entry:
             self._params = {
@@ -396,8 +559,39 @@ class SteeringPlan:
                 "start": torch.tensor(start, dtype=torch.int64, device=dev),
                 "end": torch.tensor(end, dtype=torch.int64, device=dev),
             }
+            if self._has_gates:
+                self._params.update({
+                    "gentry": torch.tensor(gentry, dtype=torch.int64, device=dev),
+                    "glo": torch.tensor(glo, dtype=torch.float32, device=dev),
+                    "ghi": torch.tensor(ghi, dtype=torch.float32, device=dev),
+                    "latch": torch.tensor(latch, dtype=torch.bool, device=dev),
+                })
         else:
             self._params = {}
+        # Which plan slot each row's edit landed in: edit k of row r is the s-th of that row at its layer.
+        self._edit_slots = []
+        for edits in rows:
+            seen: dict[int, int] = {}
+            slots_of_row = []
+            for e in edits:
+                s_in_layer = seen.get(e.layer, 0)
+                seen[e.layer] = s_in_layer + 1
+                slots_of_row.append(layers[e.layer].slots.start + s_in_layer)
+            self._edit_slots.append(slots_of_row)
+        # A new set of rows starts with no gate latched, unless the caller carries the state over.
+        shape = (len(entry), n_rows)
+        if tuple(self._latched.shape) == shape:
+            self._latched.zero_()  # same address: a graph that captured it stays valid
+        else:
+            self._latched = torch.zeros(shape, dtype=torch.uint8, device=dev)
+        if latched is not None:
+            if len(latched) != len(rows):
+                raise ValueError(f"got latch state for {len(latched)} rows but {len(rows)} rows")
+            for r, ks in enumerate(latched):
+                for k in ks:
+                    self._latched[self._edit_slots[r][k], r] = 1
+        if self._has_gates and "gindex" not in self._buffers:
+            self._buffers = {}  # gate buffers are allocated with the others
         self._ensure_buffers(self._max_tokens)
 
     def _table(self, layer: int, vectors: list[Tensor]) -> Tensor:
@@ -430,6 +624,14 @@ class SteeringPlan:
             "lo": torch.full((s, t), -INF, dtype=torch.float32, device=dev),
             "hi": torch.full((s, t), INF, dtype=torch.float32, device=dev),
         }
+        if self._has_gates:
+            self._buffers.update({
+                "gindex": torch.full((s, t), -1, dtype=torch.int64, device=dev),
+                "glo": torch.full((s, t), -INF, dtype=torch.float32, device=dev),
+                "ghi": torch.full((s, t), INF, dtype=torch.float32, device=dev),
+                "gopen": torch.ones((s, t), dtype=torch.bool, device=dev),
+            })
+        self._row_buffer = torch.zeros(t, dtype=torch.int64, device=dev)
         self._proj = {}
 
     # -- tokens ---------------------------------------------------------------------------------------
@@ -442,17 +644,26 @@ class SteeringPlan:
             slots: only these slots (e.g. one layer's ``layers[L].slots``); default all.
         """
         p = self._params
+        latched = self._latched
         if slots is not None:
             p = {k: v[slots.start:slots.stop] for k, v in p.items()}
+            latched = latched[slots.start:slots.stop]
         start = p["start"][:, row_of_token]
         end = p["end"][:, row_of_token]
         active = (position[None, :] >= start) & (position[None, :] < end)
-        return {
+        args = {
             "index": torch.where(active, p["entry"][:, row_of_token], 0),
             "coef": torch.where(active, p["coef"][:, row_of_token], 0.0),
             "lo": torch.where(active, p["lo"][:, row_of_token], -INF),
             "hi": torch.where(active, p["hi"][:, row_of_token], INF),
         }
+        if "gentry" in p:
+            # Tokens outside the edit's positions are ungated (and unedited); a latched gate is always open.
+            opened = latched[:, row_of_token].bool()
+            args["gindex"] = torch.where(active, p["gentry"][:, row_of_token], -1)
+            args["glo"] = torch.where(opened, -INF, p["glo"][:, row_of_token])
+            args["ghi"] = torch.where(opened, INF, p["ghi"][:, row_of_token])
+        return args
 
     def fill(self, row_of_token: Tensor, position: Tensor) -> None:
         """Write this forward pass's per-token arguments into the preallocated buffers (views ``[:, :N]``)."""
@@ -461,6 +672,7 @@ class SteeringPlan:
         if not self._n_slots:
             return
         self._ensure_buffers(n)
+        self._row_buffer[:n].copy_(row_of_token)
         for name, value in self.token_args(row_of_token, position).items():
             self._buffers[name][:, :n].copy_(value)
 
@@ -492,9 +704,40 @@ class SteeringPlan:
             b = self._buffers
             steer_rows_(hidden, state.table, b["index"][s, :n], b["coef"][s, :n] if state.adds[j] else None,
                         b["lo"][s, :n] if state.caps[j] else None, b["hi"][s, :n] if state.caps[j] else None,
-                        readout if last else None, out, "auto")
+                        readout if last else None, out, "auto", **self._gate_args(state, j, s, n))
+            self._after_gate(state, j, s, n)
             proj = out
         return proj
+
+    def _gate_args(self, state: _LayerState, j: int, s: int, n: int) -> dict[str, Tensor]:
+        """The op's gate arguments for slot ``s`` (the ``j``-th of its layer), or none when it is ungated."""
+        if not state.gates[j]:
+            return {}
+        b = self._buffers
+        return {"gate_dir": state.gate_table, "gate_index": b["gindex"][s, :n], "gate_lo": b["glo"][s, :n],
+                "gate_hi": b["ghi"][s, :n], "gate_out": b["gopen"][s, :n]}
+
+    def _after_gate(self, state: _LayerState, j: int, s: int, n: int) -> None:
+        """Latch the rows whose latching gate opened at some token of this pass (on the device, no sync)."""
+        if state.gates[j] and self._slot_latch[s]:
+            b = self._buffers
+            self.latch(s, self._row_buffer[:n], b["gopen"][s, :n] & (b["gindex"][s, :n] >= 0))
+
+    def latch(self, slot: int, row_of_token: Tensor, opened: Tensor) -> None:
+        """Record that ``opened`` [N] tokens (of rows ``row_of_token``) passed slot ``slot``'s gate: the rows whose
+        edit there latches stay open from the next pass on. Works inside compiled graphs (one scatter)."""
+        fired = opened & self._params["latch"][slot][row_of_token]
+        self._latched[slot].scatter_reduce_(0, row_of_token, fired.to(torch.uint8), reduce="amax")
+
+    def latching(self, slot: int) -> bool:
+        """Whether some row's gate at plan slot ``slot`` latches."""
+        return self._slot_latch[slot]
+
+    def latched_edits(self) -> list[set[int]]:
+        """Per row of the last ``set_rows``, the indices of its edits whose latching gate has opened (one read of
+        device memory: call it when the rows change, not per pass)."""
+        state = self._latched.cpu()
+        return [{k for k, s in enumerate(slots) if bool(state[s, r])} for r, slots in enumerate(self._edit_slots)]
 
     def apply_functional(self, layer: int, hidden: Tensor,
                          readout: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -510,7 +753,9 @@ class SteeringPlan:
             hidden, proj = fused_steer_rows(
                 hidden, state.table, b["index"][s, :n], b["coef"][s, :n] if state.adds[j] else None,
                 b["lo"][s, :n] if state.caps[j] else None, b["hi"][s, :n] if state.caps[j] else None,
-                readout=readout if last else None, inplace=False, validate=False)
+                readout=readout if last else None, inplace=False, validate=False,
+                **self._gate_args(state, j, s, n))
+            self._after_gate(state, j, s, n)
         return hidden, proj
 
     def _proj_buffer(self, layer: int, readout: Tensor, n: int) -> Tensor:

@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from transformers import StoppingCriteria
 
 from steerlib.core.arch import Layout, get_layout
 from steerlib.core.checks import check_choice, check_number
@@ -30,11 +31,21 @@ from steerlib.core.hooks import HookHandles
 from steerlib.core.loading import load_vectors, pick_layer, resolve_vector
 from steerlib.core.renamed import renamed_getattr
 from steerlib.core.vectors import TraitVectors, VectorSource, check_vector
-from steerlib.steering.plan import METHODS, POSITION_RULES, SteeringPlan, SteerOp, lower_ops, position_rule
+from steerlib.steering.plan import (
+    METHODS,
+    POSITION_RULES,
+    Condition,
+    FromMarker,
+    SteeringPlan,
+    SteerOp,
+    lower_ops,
+    position_rule,
+)
 
 from steerlib.steering.thread_guard import owner_thread_only
 
-__all__ = ["ResidualEditor", "SteerOp", "TraitReadout", "build_ops", "build_readout", "read_out", "steer"]
+__all__ = ["Condition", "ResidualEditor", "SteerOp", "TraitReadout", "When", "build_ops", "build_readout", "read_out",
+           "steer"]
 
 Mode = Literal["add", "ablate", "cap"]
 Positions = Literal["all", "prompt", "response"]
@@ -157,9 +168,13 @@ class ResidualEditor:
         for op in self.ops:
             layer = self.layout.check_layer(op.layer, allow_embeddings=False)
             check_vector(op.vector, self.layout.d_model, name=f"steering vector at layer {layer}")
-        # Every batch row makes the same edits: the plan has one row, and every token maps to it.
+        # Every batch row makes the same edits: the plan has one row, and every token maps to it, unless some
+        # state is per row (a latching gate, a marker position): then the plan has one row per batch row.
         self._edits = lower_ops(self.ops)
         self._needs_split = any(e.rule.name != "all" for e in self._edits)
+        self.markers = sorted({e.rule.text for e in self._edits if isinstance(e.rule, FromMarker)})
+        self._per_row = bool(self.markers) or any(e.latch for e in self._edits)
+        self._marker_pos: list[int | None] = [None]
         self.plan = SteeringPlan(self.layout.d_model, device)
         self.plan.set_rows([self._edits], [0])
         self._readout_dirs: dict[int, Tensor] = {}
@@ -175,13 +190,44 @@ class ResidualEditor:
         if not self.plan.layers:
             return
         tracker.check(self._needs_split)
+        b, t = tracker.batch, tracker.seq_len
         if tracker.new_prompt:
             tracker.new_prompt = False
-            self.plan.set_rows([self._edits], [tracker.prompt_len])
-        b, t = tracker.batch, tracker.seq_len
+            n_rows = b if self._per_row else 1
+            self._marker_pos = [None] * n_rows
+            self.plan.set_rows([self._edits] * n_rows, [tracker.prompt_len] * n_rows, self._marker_pos)
         device = self.plan.device
         position = torch.arange(tracker.past_len, tracker.past_len + t, device=device).repeat(b)
-        self.plan.fill(torch.zeros(b * t, dtype=torch.int64, device=device), position)
+        if self._per_row:
+            row_of_token = torch.arange(b, device=device).repeat_interleave(t)
+        else:
+            row_of_token = torch.zeros(b * t, dtype=torch.int64, device=device)
+        self.plan.fill(row_of_token, position)
+
+    def set_marker(self, row: int, position: int) -> None:
+        """Edits whose positions start at a marker (``FromMarker``) apply to batch row ``row`` from absolute
+        position ``position`` on (the host calls this when the marker's text has been generated). Latched
+        gates stay latched."""
+        if not self.markers:
+            raise ValueError("no edit of this editor starts at a marker")
+        if self._marker_pos[row] is not None:
+            return  # the first occurrence counts
+        self._marker_pos[row] = int(position)
+        n_rows = len(self._marker_pos)
+        self.plan.set_rows([self._edits] * n_rows, [self.positions.prompt_len] * n_rows, self._marker_pos,
+                           latched=self.plan.latched_edits())
+
+    def marker_watcher(self, tokenizer, prompt_width: int) -> StoppingCriteria | None:
+        """A ``StoppingCriteria`` for ``model.generate`` that never stops but, after each step, finds rows whose
+        generated text now holds a marker and sets its position (the next token's); None without markers.
+
+        Args:
+            tokenizer: decodes the generated tokens.
+            prompt_width: the padded prompt length (generated tokens start there).
+        """
+        if not self.markers:
+            return None
+        return _MarkerWatcher(self, tokenizer, prompt_width)
 
     def _make_hook(self, layer: int):
         readout_dirs = self._readout_dirs.get(layer)
@@ -240,6 +286,64 @@ def _layer_list(layers: object, what: str) -> list[int] | None:
     return items
 
 
+class _MarkerWatcher(StoppingCriteria):
+    """Sets an editor's marker positions from the generated text; never asks generation to stop."""
+
+    def __init__(self, editor: ResidualEditor, tokenizer, prompt_width: int):
+        self.editor = editor
+        self.tokenizer = tokenizer
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs) -> Tensor:
+        for row in range(input_ids.shape[0]):
+            if self.editor._marker_pos[row] is not None:
+                continue
+            text = self.tokenizer.decode(input_ids[row, self.prompt_width:], skip_special_tokens=False)
+            if any(m in text for m in self.editor.markers):
+                # The token just generated completed the marker: the next one, at this length, is the first
+                # token after it.
+                self.editor.set_marker(row, int(input_ids.shape[1]))
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass(frozen=True)
+class When:
+    """A condition on a trait, for ``build_ops(..., when=...)``, ``steer(..., when=...)`` and the server.
+
+    The rule for layers: **a condition is evaluated at the layer of the edit it gates**, on the hidden state
+    entering that edit, using the condition trait's vector at that layer; ``layer``, when given, must be that
+    layer (a spec steering several layers with one ``layer`` here is refused rather than silently re-read).
+
+    Attributes:
+        vectors: the condition trait's vectors (anything ``load_vectors`` accepts).
+        above: open where the projection on the unit direction is >= this, or None.
+        below: open where it is <= this, or None.
+        latch: once open at a token of a row, stay open for the rest of that row's generation.
+        layer: the layer the thresholds were chosen for (checked against the edit's layer), or None.
+        kind: pooling kind of TraitVectors.
+    """
+
+    vectors: VectorSource
+    above: float | None = None
+    below: float | None = None
+    latch: bool = False
+    layer: int | None = None
+    kind: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.above is None and self.below is None:
+            raise ValueError("a condition needs a threshold: above and/or below")
+
+    def at(self, model: nn.Module, layer: int) -> Condition:
+        """The condition for an edit at ``layer``."""
+        if self.layer is not None and self.layer != layer:
+            raise ValueError(f"the condition is for layer {self.layer} but the edit is at layer {layer}: a "
+                             "condition is evaluated at the layer of the edit it gates")
+        layout = get_layout(model)
+        vec = resolve_vector(load_vectors(self.vectors, model), layer, kind=self.kind, d_model=layout.d_model)
+        return Condition(vec, self.above, self.below, self.latch)
+
+
 def _as_list(value, n: int, what: str) -> list:
     if isinstance(value, list | tuple):
         if len(value) != n:
@@ -259,9 +363,15 @@ def build_ops(
     cap: tuple[float | None, float | None] | None = None,
     relative: bool = False,
     kind: str | None = None,
+    when: When | None = None,
 ) -> list[SteerOp]:
-    """Expand a user's steering request into one ``SteerOp`` per (vector, layer)."""
+    """Expand a user's steering request into one ``SteerOp`` per (vector, layer).
+
+    ``when`` gates every op on a condition, evaluated at each op's own layer (see ``When``).
+    """
     layout = get_layout(model)
+    if when is not None and not isinstance(when, When):
+        raise ValueError(f"when must be a When, got {type(when).__name__}")
     sources = list(vectors) if isinstance(vectors, list | tuple) else [vectors]
     if not sources:
         raise ValueError("no steering vectors given")
@@ -282,7 +392,7 @@ def build_ops(
                 scale *= _typical_norm(source, layer) / float(vec.norm())
             lo, hi = cap if cap is not None else (None, None)
             ops.append(SteerOp(layer=layer, vector=vec, mode=mode, coef=scale, cap_min=lo, cap_max=hi,
-                               positions=positions))
+                               positions=positions, when=when.at(model, layer) if when is not None else None))
     return ops
 
 
@@ -338,6 +448,7 @@ def steer(
     kind: str | None = None,
     readout: TraitReadout | None = None,
     threads: Literal["owner", "any"] = "owner",
+    when: When | None = None,
 ) -> Iterator[ResidualEditor]:
     """Steer every forward pass inside the ``with`` block.
 
@@ -363,6 +474,7 @@ def steer(
         readout: a ``TraitReadout`` (see ``build_readout``) to fill with per-token projections.
         threads: "owner" (default): forward passes from other threads raise; "any": they run, steered (e.g. a
             ``TextIteratorStreamer`` pattern where ``generate`` runs in a thread you start inside the block).
+        when: steer only where a condition holds (``When``; evaluated at each steered layer).
 
     Example:
         >>> with steer(model, vectors, layers=16, coef=4.0):
@@ -370,7 +482,7 @@ def steer(
     """
     check_choice(threads, "threads", ("owner", "any"))
     ops = build_ops(model, vectors, layers, coef, mode=mode, positions=positions, cap=cap, relative=relative,
-                    kind=kind)
+                    kind=kind, when=when)
     guard = owner_thread_only(model) if threads == "owner" else contextlib.nullcontext()
     with guard, ResidualEditor(model, ops, readout) as editor:
         yield editor
