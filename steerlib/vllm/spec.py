@@ -1,0 +1,151 @@
+"""The steering a vLLM request carries: a JSON string in ``SamplingParams.extra_args["steerlib"]``.
+
+vLLM's ``vllm_xargs`` take only str/int/float/list values, so a request's steering travels as one JSON string::
+
+    {"edits": [{"layer": 16, "vector": [..d_model floats..] or "name", "mode": "add", "coef": 4.0,
+                "positions": "all", "cap_min": null, "cap_max": null, "relative": false}],
+     "readout": true}
+
+A ``vector`` given by name is looked up in the folder named by ``$STEERLIB_VLLM_VECTORS`` (one saved
+TraitVectors per entry, its file or folder stem being the name), in the API process (to refuse a bad request
+with a 400) and in every worker. The same parse runs on both sides, so a spec the API process accepted cannot
+fail in a worker. ``cache_salt(spec)`` names the steering for vLLM's prefix cache: KV blocks computed under one
+steering are never reused by a request with another (or none).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from steerlib.core.loading import load_vectors, resolve_vector
+from steerlib.core.vectors import TraitVectors
+from steerlib.steering.steer import MODES, POSITIONS, SteerOp
+from steerlib.vllm.core_adapter import RowEdit, lower
+
+__all__ = ["SPEC_KEY", "VECTORS_ENV", "ParsedSpec", "cache_salt", "encode_spec", "parse_spec"]
+
+SPEC_KEY = "steerlib"
+VECTORS_ENV = "STEERLIB_VLLM_VECTORS"
+_EDIT_KEYS = {"layer", "vector", "mode", "coef", "positions", "cap_min", "cap_max", "relative"}
+
+
+class ParsedSpec:
+    """A request's steering after parsing: its lowered edits and whether it wants the trait read-out."""
+
+    def __init__(self, edits: list[RowEdit], readout: bool):
+        self.edits = edits
+        self.readout = readout
+
+
+def encode_spec(ops: Sequence[SteerOp], readout: bool = False) -> str:
+    """The JSON string for validated ``SteerOp``s (vectors inline, absolute coefficients)."""
+    edits = [{"layer": op.layer, "vector": [float(x) for x in op.vector.detach().float().cpu().tolist()],
+              "mode": op.mode, "coef": float(op.coef), "positions": op.positions,
+              "cap_min": op.cap_min, "cap_max": op.cap_max} for op in ops]
+    return json.dumps({"edits": edits, "readout": bool(readout)}, separators=(",", ":"))
+
+
+def cache_salt(spec: str | None) -> str | None:
+    """A prefix-cache salt for a steering spec (None when it edits nothing: unsteered KV is shared)."""
+    if not spec:
+        return None
+    data = json.loads(spec)
+    if not data.get("edits"):
+        return None
+    edits = json.dumps(data["edits"], sort_keys=True, separators=(",", ":"))
+    return "steerlib-" + hashlib.sha256(edits.encode()).hexdigest()[:40]
+
+
+@functools.lru_cache(maxsize=1)
+def _named_vectors(folder: str) -> dict[str, TraitVectors]:
+    out: dict[str, TraitVectors] = {}
+    for path in sorted(Path(folder).iterdir()):
+        if path.name.startswith("."):
+            continue
+        tv = load_vectors(path)
+        if isinstance(tv, TraitVectors):
+            out[path.stem] = tv
+    return out
+
+
+def _vector(i: int, item: dict, n_layers: int, d_model: int) -> tuple[torch.Tensor, TraitVectors | None]:
+    raw = item.get("vector")
+    if isinstance(raw, str):
+        folder = os.environ.get(VECTORS_ENV)
+        if not folder:
+            raise ValueError(f"steerlib edit {i}: vector {raw!r} is a name but ${VECTORS_ENV} names no folder")
+        named = _named_vectors(folder)
+        if raw not in named:
+            raise ValueError(f"steerlib edit {i}: unknown vector {raw!r}; available: {sorted(named)}")
+        tv = named[raw]
+        if tv.n_positions != n_layers + 1:
+            raise ValueError(f"steerlib edit {i}: vector {raw!r} has {tv.n_positions - 1} layers, the model "
+                             f"{n_layers}")
+        return resolve_vector(tv, item["layer"], d_model=d_model), tv
+    if not isinstance(raw, list) or len(raw) != d_model or not all(isinstance(x, int | float) for x in raw):
+        raise ValueError(f"steerlib edit {i}: 'vector' must be a name or a list of {d_model} numbers")
+    return torch.tensor(raw, dtype=torch.float32), None
+
+
+def parse_spec(spec: str, n_layers: int, d_model: int) -> ParsedSpec:
+    """Parse and check a steering spec for a model of ``n_layers`` blocks and width ``d_model``.
+
+    Raises:
+        ValueError: one line naming the first problem.
+    """
+    try:
+        data = json.loads(spec)
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"steerlib: the steering spec is not JSON ({exc})") from None
+    if not isinstance(data, dict) or set(data) - {"edits", "readout"}:
+        raise ValueError("steerlib: the steering spec must be an object with 'edits' and optionally 'readout'")
+    items = data.get("edits", [])
+    if not isinstance(items, list):
+        raise ValueError("steerlib: 'edits' must be a list")
+    edits = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "layer" not in item or "vector" not in item:
+            raise ValueError(f"steerlib edit {i}: needs at least 'layer' and 'vector'")
+        unknown = set(item) - _EDIT_KEYS
+        if unknown:
+            raise ValueError(f"steerlib edit {i}: unknown keys {sorted(unknown)}")
+        layer = item["layer"]
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 1 <= layer <= n_layers:
+            raise ValueError(f"steerlib edit {i}: layer must be an int in 1..{n_layers}, got {layer!r}")
+        mode = item.get("mode", "add")
+        positions = item.get("positions", "all")
+        if mode not in MODES or positions not in POSITIONS:
+            raise ValueError(f"steerlib edit {i}: mode must be one of {MODES} and positions one of {POSITIONS}")
+        vec, tv = _vector(i, item, n_layers, d_model)
+        coef = item.get("coef", 1.0)
+        if not isinstance(coef, int | float) or not math.isfinite(coef):
+            raise ValueError(f"steerlib edit {i}: coef must be a finite number")
+        coef = float(coef)
+        if item.get("relative"):
+            norm = tv.layer_norm(layer) if tv is not None else None
+            if mode != "add" or norm is None:
+                raise ValueError(f"steerlib edit {i}: relative needs mode 'add' and a named vector with recorded "
+                                 "residual norms")
+            coef *= float(norm) / float(vec.norm())
+        try:
+            op = SteerOp(layer=layer, vector=vec, mode=mode, coef=coef, cap_min=item.get("cap_min"),
+                         cap_max=item.get("cap_max"), positions=positions)
+        except ValueError as exc:
+            raise ValueError(f"steerlib edit {i}: {exc}") from None
+        low = lower(op)
+        if low.lo > low.hi:
+            raise ValueError(f"steerlib edit {i}: cap_min ({low.lo}) must be <= cap_max ({low.hi})")
+        key = hashlib.sha256(low.row.numpy().tobytes()).hexdigest()[:24]
+        edits.append(RowEdit(layer=layer, key=key, lowered=low, positions=positions))
+    readout = data.get("readout", False)
+    if not isinstance(readout, bool):
+        raise ValueError("steerlib: 'readout' must be true or false")
+    return ParsedSpec(edits, readout)
