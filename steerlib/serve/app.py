@@ -31,7 +31,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -125,7 +125,8 @@ class Service:
     """The state behind the routes: the engine, the vector registry, the read-out and the drift monitor."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, vectors: Mapping[str, TraitVectors],
-                 options: AppOptions, drift: DriftMonitor | None = None):
+                 options: AppOptions, drift: DriftMonitor | None = None,
+                 engine_factory: Callable[..., Any] | None = None):
         self.model = model
         self.options = options
         self.vectors: dict[str, TraitVectors] = {}
@@ -150,8 +151,10 @@ class Service:
         self._encoder = copy.deepcopy(tokenizer)
         self._encode_lock = threading.Lock()
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
-        self.engine = Engine(model, tokenizer, readout=self.readout, max_batch=options.max_batch,
-                             max_queue=options.max_queue, eos_ids=eos_ids(model, tokenizer))
+        # engine_factory: another engine with Engine's surface (steerlib.serve.vllm_engine); default the HF one.
+        make = engine_factory or (lambda **kw: Engine(model, tokenizer, **kw))
+        self.engine = make(readout=self.readout, max_batch=options.max_batch, max_queue=options.max_queue,
+                           eos_ids=eos_ids(model, tokenizer))
         self.engine.on_finish = self._feed_drift
         self.default_steering = list(options.default_steering)
         try:
@@ -488,10 +491,11 @@ def allowed_hosts_for(host: str, configured: Sequence[str] | None) -> set[str] |
 # The app
 # ----------------------------------------------------------------------------------------------------------
 def create_app(model: torch.nn.Module, tokenizer: Any, vectors: Mapping[str, TraitVectors],
-               options: AppOptions | None = None, drift: DriftMonitor | None = None) -> FastAPI:
+               options: AppOptions | None = None, drift: DriftMonitor | None = None,
+               engine_factory: Callable[..., Any] | None = None) -> FastAPI:
     """The FastAPI app; the engine starts and stops with its lifespan (``app.state.service`` holds it)."""
     options = options or AppOptions()
-    service = Service(model, tokenizer, vectors, options, drift)
+    service = Service(model, tokenizer, vectors, options, drift, engine_factory)
     engine = service.engine
 
     @contextlib.asynccontextmanager

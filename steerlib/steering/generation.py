@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +22,9 @@ from steerlib.core.capture import check_context, pad_batch, pad_token_id
 from steerlib.core.checks import check_int, check_number, check_text
 from steerlib.steering.compiled import generate_batch
 from steerlib.steering.steer import ResidualEditor, SteerOp, TraitReadout
+
+# Another generator of response texts (e.g. vLLM's): (formatted prompts, max_new_tokens, temperature, seed) -> texts.
+GenerateTexts = Callable[[list[str], int, float, "int | None"], list[str]]
 
 
 @dataclass

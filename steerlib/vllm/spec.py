@@ -6,6 +6,9 @@ vLLM's ``vllm_xargs`` take only str/int/float/list values, so a request's steeri
                 "positions": "all", "cap_min": null, "cap_max": null, "relative": false}],
      "readout": true}
 
+or, for edits a server already lowered (``encode_rows``), ``{"layer", "row", "coef", "lo", "hi", "positions"}``
+with the table row as is (null bounds = unbounded).
+
 A ``vector`` given by name is looked up in the folder named by ``$STEERLIB_VLLM_VECTORS`` (one saved
 TraitVectors per entry, its file or folder stem being the name), in the API process (to refuse a bad request
 with a 400) and in every worker. The same parse runs on both sides, so a spec the API process accepted cannot
@@ -22,19 +25,22 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from steerlib.core.loading import load_vectors, resolve_vector
 from steerlib.core.vectors import TraitVectors
 from steerlib.steering.steer import MODES, POSITIONS, SteerOp
-from steerlib.vllm.core_adapter import RowEdit, lower
+from steerlib.vllm.core_adapter import Lowered, RowEdit, lower
 
-__all__ = ["SPEC_KEY", "VECTORS_ENV", "ParsedSpec", "cache_salt", "encode_spec", "parse_spec"]
+__all__ = ["SPEC_KEY", "VECTORS_ENV", "ParsedSpec", "cache_salt", "encode_rows", "encode_spec", "parse_spec"]
 
 SPEC_KEY = "steerlib"
 VECTORS_ENV = "STEERLIB_VLLM_VECTORS"
 _EDIT_KEYS = {"layer", "vector", "mode", "coef", "positions", "cap_min", "cap_max", "relative"}
+_LOWERED_KEYS = {"layer", "row", "coef", "lo", "hi", "positions"}
+_UNIT_TOL = 1e-4
 
 
 class ParsedSpec:
@@ -51,6 +57,15 @@ def encode_spec(ops: Sequence[SteerOp], readout: bool = False) -> str:
               "mode": op.mode, "coef": float(op.coef), "positions": op.positions,
               "cap_min": op.cap_min, "cap_max": op.cap_max} for op in ops]
     return json.dumps({"edits": edits, "readout": bool(readout)}, separators=(",", ":"))
+
+
+def encode_rows(edits: Sequence[Any], readout: bool = False) -> str:
+    """The JSON string for edits a server already lowered: objects with ``layer``, ``vector`` (the table row),
+    ``coef``, ``lo``, ``hi`` and ``positions`` (``steerlib.serve.engine.RowEdit``)."""
+    items = [{"layer": int(e.layer), "row": [float(x) for x in e.vector.detach().float().cpu().tolist()],
+              "coef": float(e.coef), "lo": None if math.isinf(e.lo) else float(e.lo),
+              "hi": None if math.isinf(e.hi) else float(e.hi), "positions": e.positions} for e in edits]
+    return json.dumps({"edits": items, "readout": bool(readout)}, separators=(",", ":"))
 
 
 def cache_salt(spec: str | None) -> str | None:
@@ -95,6 +110,35 @@ def _vector(i: int, item: dict, n_layers: int, d_model: int) -> tuple[torch.Tens
     return torch.tensor(raw, dtype=torch.float32), None
 
 
+def _lowered_edit(i: int, item: dict, n_layers: int, d_model: int) -> RowEdit:
+    unknown = set(item) - _LOWERED_KEYS
+    if unknown:
+        raise ValueError(f"steerlib edit {i}: unknown keys {sorted(unknown)}")
+    layer, row = item.get("layer"), item.get("row")
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 1 <= layer <= n_layers:
+        raise ValueError(f"steerlib edit {i}: layer must be an int in 1..{n_layers}, got {layer!r}")
+    if not isinstance(row, list) or len(row) != d_model or not all(isinstance(x, int | float) for x in row):
+        raise ValueError(f"steerlib edit {i}: 'row' must be a list of {d_model} numbers")
+    vec = torch.tensor(row, dtype=torch.float32)
+    coef = item.get("coef", 0.0)
+    lo = -math.inf if item.get("lo") is None else item["lo"]
+    hi = math.inf if item.get("hi") is None else item["hi"]
+    positions = item.get("positions", "all")
+    if positions not in POSITIONS:
+        raise ValueError(f"steerlib edit {i}: positions must be one of {POSITIONS}")
+    for name, v in (("coef", coef), ("lo", lo), ("hi", hi)):
+        if not isinstance(v, int | float) or math.isnan(v) or (name == "coef" and not math.isfinite(v)):
+            raise ValueError(f"steerlib edit {i}: {name} must be a number")
+    if not bool(torch.isfinite(vec).all()):
+        raise ValueError(f"steerlib edit {i}: 'row' has NaN or inf values")
+    if lo > hi:
+        raise ValueError(f"steerlib edit {i}: lo ({lo}) must be <= hi ({hi})")
+    if (math.isfinite(lo) or math.isfinite(hi)) and abs(float(vec.norm()) - 1.0) > _UNIT_TOL:
+        raise ValueError(f"steerlib edit {i}: a bounded edit needs a unit row (norm {float(vec.norm()):.4g})")
+    key = hashlib.sha256(vec.numpy().tobytes()).hexdigest()[:24]
+    return RowEdit(layer=layer, key=key, lowered=Lowered(vec, float(coef), float(lo), float(hi)), positions=positions)
+
+
 def parse_spec(spec: str, n_layers: int, d_model: int) -> ParsedSpec:
     """Parse and check a steering spec for a model of ``n_layers`` blocks and width ``d_model``.
 
@@ -112,6 +156,9 @@ def parse_spec(spec: str, n_layers: int, d_model: int) -> ParsedSpec:
         raise ValueError("steerlib: 'edits' must be a list")
     edits = []
     for i, item in enumerate(items):
+        if isinstance(item, dict) and "row" in item:
+            edits.append(_lowered_edit(i, item, n_layers, d_model))
+            continue
         if not isinstance(item, dict) or "layer" not in item or "vector" not in item:
             raise ValueError(f"steerlib edit {i}: needs at least 'layer' and 'vector'")
         unknown = set(item) - _EDIT_KEYS
