@@ -64,6 +64,7 @@ class _Row:
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.monotonic)
     started: bool = False
+    token_ids: list[int] = field(default_factory=list)  # generated so far (EOS included, as vLLM reports)
 
 
 class VllmEngine:
@@ -244,6 +245,7 @@ class VllmEngine:
                     first_token = time.monotonic()
                 new_values = await self._values(row, len(tokens), new) if self.readout is not None else []
                 tokens.extend(new)
+                row.token_ids = list(tokens)
                 values.extend(new_values)
                 text = comp.text
                 delta = text[sent:]
