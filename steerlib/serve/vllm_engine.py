@@ -76,11 +76,14 @@ class VllmEngine:
         readout: the per-token trait read-out, or None.
         max_batch, max_queue: rows in flight beyond ``max_batch + max_queue`` are refused with 429.
         eos_ids: token ids that end a row (their read-out value is not reported, as in the HF engine).
+        ignore_eos: generate ``max_tokens`` whatever comes (benchmarks: equal lengths on every engine).
     """
 
     def __init__(self, args: dict[str, Any], tokenizer: Any = None, *, readout: TraitReadout | None = None,
-                 max_batch: int = 16, max_queue: int = 256, eos_ids: set[int] | None = None):
+                 max_batch: int = 16, max_queue: int = 256, eos_ids: set[int] | None = None,
+                 ignore_eos: bool = False):
         self.args = dict(args)
+        self.ignore_eos = ignore_eos
         self.tokenizer = tokenizer
         self.readout = readout
         self.monitor_layer = readout.layers[0] if readout is not None else None
@@ -214,7 +217,8 @@ class VllmEngine:
 
         sp = row.sampling
         return SamplingParams(max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed,
-                              stop=list(sp.stop) or None, extra_args={SPEC_KEY: row.spec} if row.spec else None)
+                              stop=list(sp.stop) or None, ignore_eos=self.ignore_eos,
+                              extra_args={SPEC_KEY: row.spec} if row.spec else None)
 
     async def _run(self, row: _Row) -> None:
         try:

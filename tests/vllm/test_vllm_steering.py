@@ -1,7 +1,7 @@
 """Steering inside vLLM equals steerlib's Hugging Face path (greedy tokens, read-out values).
 
 Every request goes through ``VllmEngine`` (the adapter ``steerlib serve --engine vllm`` uses), so its specs are
-the lowered rows the server sends; ``test_spec.py`` covers the client-side form.
+the lowered rows the server sends; ``tests/test_vllm_spec.py`` covers the client-side form.
 """
 
 from __future__ import annotations
