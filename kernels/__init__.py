@@ -1,42 +1,38 @@
-"""Fused activation-steering kernels: add a steering vector, cap/ablate a direction and read out
-readout projections in one pass over the hidden states.
+"""Fused activation-steering kernels: one per-row op that adds a steering vector, caps or ablates a
+direction and reads out trait projections in one pass over the hidden states.
 
 This folder sits at the top of the repository (beside ``steerlib/``) and is installed as
 ``steerlib.kernels`` by the one ``package-dir`` entry in ``pyproject.toml``; the wheel carries its ``.cu`` and
 ``.cpp`` sources too. It imports nothing from steerlib (an import-linter contract checks that), so the
-kernels can be read, tested and benchmarked on their own. The steering layer imports it
-(``steerlib/steering/steer.py``)::
+kernels can be read, tested and benchmarked on their own. The steering plan imports it
+(``steerlib/steering/plan.py``).
 
-    from steerlib.kernels import fused_steer_project
+There is one op, the per-row op (``rows.py``): every token picks a row of a ``[V, D]`` table, a coefficient and
+cap bounds. It has three backends: ``torch`` (plain torch, any device; the CPU production path and the
+reference), ``triton`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``) and ``cuda`` (a CUDA C++ extension
+JIT-built on first use). Triton is imported only when the triton backend is used. Entry points:
+
+* ``fused_steer_rows``: the checked Python call (values validated unless ``validate=False``);
+* ``torch.ops.steerlib.steer_rows_`` / ``steer_rows`` (``custom_op.py``): the op registered with
+  ``torch.library`` (in place into caller-owned buffers / functional), for compiled and captured graphs;
+* ``fused_steer_project``: the single-vector API (one vector, one coefficient, a row mask), kept as a thin
+  lowering onto per-row calls::
 
     flat = hidden.view(-1, hidden.shape[-1])
     flat, proj = fused_steer_project(flat, steer_vec=v, alpha=4.0, readout=dirs)
-
-Backends: ``torch`` (plain torch, any device; the CPU production path), ``triton`` (CUDA, or CPU
-tensors under ``TRITON_INTERPRET=1``) and ``cuda`` (a CUDA C++ extension JIT-built on first use).
-Triton is imported only when the triton backend is used, so the package works without it.
-
-For compiled graphs the op is also registered as ``torch.ops.steerlib.steer_project`` (``steer_project_op``,
-functional, with a fake implementation; see ``custom_op.py``), and ``steer_project_inline`` is the same math
-as plain torch ops for a compiler to fuse.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from types import ModuleType
 
 import torch
 
 from . import cuda_steer
-from .reference import (
-    MAX_READOUT_DIRS,
-    SteerSpec,
-    prepare_inputs,
-    steer_project_reference,
-    steer_project_torch,
-)
+from .reference import MAX_READOUT_DIRS, SteerSpec, prepare_inputs, steer_project_reference
 from .rows import RowSteerSpec, prepare_row_inputs, steer_rows_reference, steer_rows_torch
 
 __all__ = [
@@ -49,22 +45,20 @@ __all__ = [
     "prepare_inputs",
     "prepare_row_inputs",
     "steer_project_reference",
-    "steer_project_inline",
-    "steer_project_op",
-    "steer_project_torch",
+    "steer_rows_",
+    "steer_rows_inline",
+    "steer_rows_op",
     "steer_rows_reference",
     "steer_rows_torch",
-    "validate_steer_inputs",
 ]
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 _triton_module: ModuleType | None = None
-_triton_rows_module: ModuleType | None = None
 _triton_error: str | None = None
 
 
-def load_triton() -> ModuleType | None:
+def load_triton_rows() -> ModuleType | None:
     """Import the triton backend on first use; None (and the reason remembered) if it fails."""
     global _triton_module, _triton_error
     if _triton_module is None and _triton_error is None:
@@ -72,9 +66,9 @@ def load_triton() -> ModuleType | None:
             _triton_error = "triton is not installed (pip install 'steerlib[triton]')"
         else:
             try:
-                from . import triton_steer
+                from . import triton_rows
 
-                _triton_module = triton_steer
+                _triton_module = triton_rows
             except Exception as exc:  # a broken triton install should not break steering
                 _triton_error = f"importing triton failed: {type(exc).__name__}: {exc}"
     return _triton_module
@@ -130,7 +124,7 @@ def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
             return "torch"
         if cuda_steer.load_extension() is not None:
             return "cuda"
-        if not _triton_interpreting() and load_triton() is not None:
+        if not _triton_interpreting() and load_triton_rows() is not None:
             return "triton"
         return "torch"
     if needs_grad:
@@ -147,7 +141,7 @@ def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
     if not _triton_usable_on(device):
         raise RuntimeError(f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
                            f"before triton is first used; hidden is on {device}")
-    if load_triton() is None:
+    if load_triton_rows() is None:
         raise RuntimeError(f"backend='triton' is unavailable: {_triton_error}")
     return "triton"
 
@@ -175,7 +169,8 @@ def fused_steer_project(
         hidden: ``[N, D]`` fp32/fp16/bf16 with contiguous rows (flatten ``[B, T, D]`` first).
         steer_vec: ``[D]`` steering vector, or None for no addition (``alpha`` is then ignored).
         alpha: Steering coefficient.
-        row_mask: ``[N]`` bool or float mask of rows to steer and cap; None means every row.
+        row_mask: ``[N]`` bool or float mask of rows to steer and cap; None means every row. A fractional
+            value scales the addition only: rows with a cap take 0 or 1 (per-row caps are all or nothing).
             Read-out projections are returned for every row regardless.
         cap_dir: ``[D]`` unit vector whose projection is clamped; required with a bound.
         cap_min: Lower bound on the projection; None leaves it unbounded.
@@ -195,24 +190,41 @@ def fused_steer_project(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     spec = prepare_inputs(hidden, steer_vec, alpha, row_mask, cap_dir, cap_min, cap_max, readout)
-    name = resolve_backend(backend, hidden)
-    if name == "cuda":
-        return cuda_steer.steer_project_cuda(hidden, spec, inplace=inplace)
-    if name == "triton":
-        triton_backend = load_triton()
-        assert triton_backend is not None  # resolve_backend checked it
-        return triton_backend.steer_project_triton(hidden, spec, inplace=inplace)
-    return steer_project_torch(hidden, spec, inplace=inplace)
-
-
-def _load_triton_rows() -> ModuleType | None:
-    """Import the per-row triton kernel on first use (None when triton itself is unusable)."""
-    global _triton_rows_module
-    if _triton_rows_module is None and load_triton() is not None:
-        from . import triton_rows
-
-        _triton_rows_module = triton_rows
-    return _triton_rows_module
+    resolve_backend(backend, hidden)  # an explicitly requested backend that cannot run here fails now
+    n, d = hidden.shape
+    device = hidden.device
+    # Lowered onto the per-row op: one call per vector (the add, then the cap), each with a two-row table whose
+    # row 0 is "no edit". The calls run on one fp32 working copy, so half-precision inputs are rounded once, at
+    # the end, exactly as the single-vector math says.
+    work = hidden if hidden.dtype == torch.float32 and inplace else hidden.float()
+    if work is hidden and not inplace:
+        work = hidden.clone()
+    steered = spec.mask != 0 if spec.mask is not None else torch.ones(n, dtype=torch.bool, device=device)
+    index = steered.to(torch.int64)
+    calls = []
+    if spec.steer is not None and spec.alpha != 0.0:
+        coef = spec.alpha * (spec.mask if spec.mask is not None else torch.ones(n, device=device))
+        calls.append((spec.steer, coef, None, None))
+    if spec.has_cap:
+        if spec.mask is not None and bool(((spec.mask != 0) & (spec.mask != 1)).any()):
+            raise ValueError("row_mask must be 0 or 1 on rows with a cap: per-row caps are all or nothing "
+                             "(fractional masks scale additions only)")
+        lo = torch.full((n,), -math.inf if spec.cap_min is None else spec.cap_min, device=device)
+        hi = torch.full((n,), math.inf if spec.cap_max is None else spec.cap_max, device=device)
+        calls.append((spec.cap_dir, None, lo, hi))
+    proj = None
+    for i, (vec, coef, lo, hi) in enumerate(calls):
+        table = torch.stack([torch.zeros_like(vec), vec])
+        last = i == len(calls) - 1
+        _, proj = fused_steer_rows(work, table, index, coef, lo, hi, readout=spec.readout if last else None,
+                                   inplace=True, backend=backend, validate=False)
+    if not calls and spec.readout is not None:
+        proj = work.float() @ spec.readout.T
+    if work is hidden:
+        return hidden, proj
+    if inplace:
+        return hidden.copy_(work), proj
+    return work.to(hidden.dtype), proj
 
 
 def fused_steer_rows(
@@ -263,13 +275,12 @@ def fused_steer_rows(
     if name == "cuda":
         return cuda_steer.steer_rows_cuda(hidden, spec, inplace=inplace)
     if name == "triton":
-        rows_backend = _load_triton_rows()
+        rows_backend = load_triton_rows()
         assert rows_backend is not None  # resolve_backend checked triton
         return rows_backend.steer_rows_triton(hidden, spec, inplace=inplace)
     return steer_rows_torch(hidden, spec, inplace=inplace)
 
 
 # Registered last: the custom op's body resolves backends through the functions above.
-from .custom_op import steer_project as steer_project_op  # noqa: E402
-from .custom_op import steer_project_inline  # noqa: E402
-from .custom_op import validate as validate_steer_inputs  # noqa: E402
+from .custom_op import steer_rows as steer_rows_op  # noqa: E402
+from .custom_op import steer_rows_, steer_rows_inline  # noqa: E402

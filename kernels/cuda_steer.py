@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-from .reference import SteerSpec, allocate_outputs
+from .reference import allocate_outputs
 from .rows import RowSteerSpec
 
 KERNEL_DIR = Path(__file__).resolve().parent
@@ -83,36 +83,6 @@ def load_extension() -> ModuleType | None:
             warnings.warn(f"steerlib: building the CUDA steer kernel failed, falling back ({_build_error})",
                           RuntimeWarning, stacklevel=2)
     return _extension
-
-
-def steer_project_cuda(hidden: torch.Tensor, spec: SteerSpec,
-                       inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the fused op with the CUDA extension.
-
-    Args:
-        hidden: ``[N, D]`` CUDA hidden states.
-        spec: Output of ``prepare_inputs`` for this ``hidden``.
-        inplace: Write the result into ``hidden`` instead of a new tensor.
-
-    Returns:
-        ``(updated hidden [N, D], projections [N, K] fp32 or None)``.
-
-    Raises:
-        RuntimeError: if the extension is unavailable (see ``build_error()``).
-    """
-    ext = load_extension()
-    if ext is None:
-        raise RuntimeError(f"CUDA steer kernel unavailable: {_build_error}")
-    n, d = hidden.shape
-    k = spec.num_readouts
-    out, proj = allocate_outputs(hidden, k, inplace)
-    if n == 0 or d == 0:
-        return out, proj
-    steer = spec.steer if spec.alpha != 0.0 else None
-    cap_dir = spec.cap_dir if spec.has_cap else None
-    ext.steer_project(hidden, out, steer, spec.alpha, spec.mask, cap_dir, spec.cap_min, spec.cap_max,
-                      spec.readout, proj)
-    return out, proj
 
 
 def steer_rows_cuda(hidden: torch.Tensor, spec: RowSteerSpec,

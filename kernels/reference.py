@@ -1,11 +1,10 @@
-"""Input contract and plain-torch implementation of the fused steer/cap/readout op.
+"""The input contract of the single-vector API, the helpers every backend shares, and a plain oracle.
 
-This module is both the numerical reference the Triton and CUDA kernels are tested against
-and the production path for CPU tensors, so it is written to be fast: vectorised, in-place
-where the caller allows it, and with no allocations beyond the fp32 working copy that
-half-precision inputs need.
+There is one op, the per-row op (``rows.py``, with Triton and CUDA twins); ``fused_steer_project`` validates its
+single-vector arguments here (``prepare_inputs``) and then lowers them to per-row calls. The vector checks
+(finite, unit norm where a bound needs it) are cached per tensor so that steady-state decoding does not sync.
 
-Math per row ``h`` with mask ``m`` (1 = steer this row)::
+Single-vector math per row ``h`` with mask ``m`` (1 = steer this row, 0 = leave it)::
 
     h1   = h + m * alpha * v
     p    = <h1, u>
@@ -16,6 +15,7 @@ Everything is accumulated in fp32. ``hidden`` is written back in its own dtype, 
 projections are taken from the fp32 ``h2`` *before* it is rounded to that dtype: the read-out
 then reflects the exact update rather than bf16 rounding noise (the difference is at most one
 ulp of the stored dtype per element), and the kernels can compute it without re-reading memory.
+``steer_project_reference`` writes that math out plainly for the tests.
 """
 
 from __future__ import annotations
@@ -287,44 +287,14 @@ def write_back(hidden: torch.Tensor, h: torch.Tensor, inplace: bool) -> torch.Te
     return h.to(hidden.dtype)
 
 
-def steer_project_torch(hidden: torch.Tensor, spec: SteerSpec,
-                        inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Apply a validated ``SteerSpec`` with plain torch ops (the CPU production path).
-
-    Args:
-        hidden: ``[N, D]`` hidden states, already checked by ``prepare_inputs``.
-        spec: Output of ``prepare_inputs`` for this ``hidden``.
-        inplace: Write the result into ``hidden`` instead of a new tensor.
-
-    Returns:
-        ``(updated hidden [N, D] in hidden's dtype, projections [N, K] fp32 or None)``.
-    """
-    h = fp32_working_copy(hidden, inplace)
-
-    if spec.steer is not None and spec.alpha != 0.0:
-        if spec.mask is None:
-            h.add_(spec.steer, alpha=spec.alpha)
-        else:
-            # Rank-1 update h += alpha * outer(m, v) avoids materialising an [N, D] temporary.
-            h.addr_(spec.mask, spec.steer, alpha=spec.alpha)
-
-    if spec.has_cap:
-        p = h @ spec.cap_dir
-        delta = p.clamp(min=spec.cap_min, max=spec.cap_max).sub_(p)
-        if spec.mask is not None:
-            delta.mul_(spec.mask)
-        h.addr_(delta, spec.cap_dir)
-
-    proj = h @ spec.readout.T if spec.readout is not None else None
-    return write_back(hidden, h, inplace), proj
-
-
 def steer_project_reference(hidden: torch.Tensor, steer_vec: torch.Tensor | None = None, alpha: float = 0.0,
                             row_mask: torch.Tensor | None = None, cap_dir: torch.Tensor | None = None,
                             cap_min: float | None = None, cap_max: float | None = None,
                             readout: torch.Tensor | None = None,
                             inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Validate then apply the fused op with torch; same signature as ``fused_steer_project``.
+    """The single-vector math in plain torch, for tests to compare every backend against.
+
+    Production code never calls this: ``fused_steer_project`` lowers to the per-row op (``rows.py``).
 
     Args:
         hidden: ``[N, D]`` fp32/fp16/bf16 hidden states.
@@ -341,4 +311,15 @@ def steer_project_reference(hidden: torch.Tensor, steer_vec: torch.Tensor | None
         ``(updated hidden, projections [N, K] fp32 or None)``.
     """
     spec = prepare_inputs(hidden, steer_vec, alpha, row_mask, cap_dir, cap_min, cap_max, readout)
-    return steer_project_torch(hidden, spec, inplace=inplace)
+    # The math written as plainly as possible, with no in-place tricks: an oracle, not a production path.
+    h = hidden.float()
+    m = spec.mask[:, None] if spec.mask is not None else 1.0
+    if spec.steer is not None:
+        h = h + m * spec.alpha * spec.steer
+    if spec.has_cap:
+        p = h @ spec.cap_dir
+        h = h + m * (p.clamp(min=spec.cap_min, max=spec.cap_max) - p)[:, None] * spec.cap_dir
+    proj = h @ spec.readout.T if spec.readout is not None else None
+    if inplace:
+        return hidden.copy_(h), proj
+    return h.to(hidden.dtype), proj

@@ -1,6 +1,8 @@
 """Triton implementation of the per-row steer/cap/readout op (see ``rows.py`` for the math).
 
-Importing this module imports triton; the package imports it on first use only. Each program owns ``BLOCK_M``
+Importing this module imports triton; the package imports it on first use only. The ``@triton.jit`` decorator
+reads ``TRITON_INTERPRET`` when this module is imported: set it before the first triton call to run on CPU
+tensors with the interpreter. Each program owns ``BLOCK_M``
 rows and streams D in ``BLOCK_D`` chunks. A row's steering vector is gathered from the table by its index, so a
 block of rows may mix steered, unsteered and capped rows with different vectors:
 
@@ -11,13 +13,45 @@ block of rows may mix steered, unsteered and capped rows with different vectors:
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from .reference import allocate_outputs
 from .rows import RowSteerSpec
-from .triton_steer import MIN_DOT, block_sizes
+
+# tl.dot needs every dimension >= 16, so readout blocks are at least 16 rows by 16 directions.
+MIN_DOT = 16
+
+
+def interpreting() -> bool:
+    """Whether triton runs in interpreter mode (CPU tensors, numpy execution)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def block_sizes(n_rows: int, width: int, has_mon: bool) -> tuple[int, int, int]:
+    """Pick ``(BLOCK_M, BLOCK_D, num_warps)`` for a launch.
+
+    Args:
+        n_rows: Number of rows N.
+        width: Hidden width D.
+        has_mon: Whether readout projections (a tl.dot) are computed.
+
+    Returns:
+        Block sizes and warp count.
+    """
+    d_pow2 = triton.next_power_of_2(width)
+    if interpreting():
+        # The interpreter pays per op, not per element: few, large blocks are fastest.
+        block_m = min(128, max(MIN_DOT, triton.next_power_of_2(n_rows)))
+        return block_m, max(MIN_DOT, min(1024, d_pow2)), 1
+    if has_mon:
+        # 16 rows share each readout chunk, so [K, D] is read from L2 N/16 times rather than N.
+        return MIN_DOT, max(MIN_DOT, min(128, d_pow2)), 4
+    block_m = min(4, triton.next_power_of_2(n_rows))
+    return block_m, max(MIN_DOT, min(1024, d_pow2)), 4
 
 
 @triton.jit

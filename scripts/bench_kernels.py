@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from steerlib.kernels import available_backends, fused_steer_project, steer_project_op
+from steerlib.kernels import available_backends, fused_steer_project, steer_rows_
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -161,10 +161,16 @@ def bench_ops(args: argparse.Namespace, device: str, dtype: torch.dtype, backend
                 rows.append(Row("fused / HBM peak", case, backend, t * 1e6, bw / (args.peak_tbps * 1e12)))
             rows.append(Row("fused / memcpy bandwidth", case, backend, t * 1e6, bw / copy_bw))
             rows.append(Row("unfused time / fused time", case, backend, t * 1e6, t_unfused / t))
-            mask = x.mask.float()
+            # The registered per-row op as a steering plan calls it: a [2, D] table (row 0 = no edit), a
+            # per-token index and coefficient, the read-out written into a caller-owned buffer.
+            table = torch.stack([torch.zeros_like(x.steer), x.steer])
+            index = x.mask.to(torch.int64)
+            coef = torch.full((tokens,), alpha, device=x.hidden.device)
+            proj_out = torch.empty(tokens, args.k, device=x.hidden.device)
 
-            def via_op(x: Inputs = x, mask: torch.Tensor = mask, backend: str = backend) -> object:
-                return steer_project_op(x.hidden, x.steer, alpha, mask, x.cap_dir, lo, hi, x.readout, backend)
+            def via_op(x: Inputs = x, table=table, index=index, coef=coef, proj_out=proj_out,
+                       backend: str = backend) -> object:
+                return steer_rows_(x.hidden, table, index, coef, None, None, x.readout, proj_out, backend)
 
             t_op = time_fn(via_op, device)
             if device == "cuda":

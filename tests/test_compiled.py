@@ -7,9 +7,11 @@ and inductor itself is exercised on a tiny model.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from steerlib.kernels import fused_steer_project, steer_project_inline, steer_project_op
+from steerlib.kernels import fused_steer_rows, steer_rows_, steer_rows_inline, steer_rows_op
 from torch._dynamo.utils import counters
 
 from steerlib import build_monitor, build_ops, format_prompt, generate
@@ -31,22 +33,31 @@ def test_custom_op_matches_fused_op_and_passes_opcheck(dtype):
     g = torch.Generator().manual_seed(0)
     n, d, k = 7, 48, 3
     hidden = torch.randn(n, d, generator=g).to(dtype)
-    steer_vec = torch.randn(d, generator=g)
-    cap_dir = _unit(torch.randn(d, generator=g))
+    table = torch.cat([torch.zeros(1, d), torch.randn(1, d, generator=g), _unit(torch.randn(1, d, generator=g))])
+    index = torch.tensor([1, 0, 2, 1, 2, 0, 1])
+    coef = torch.tensor([1.5, 0.0, 0.0, -2.0, 0.0, 0.0, 0.5])
+    lo = torch.tensor([-math.inf, -math.inf, -0.5, -math.inf, 0.0, -math.inf, -math.inf])
+    hi = torch.tensor([math.inf, math.inf, 0.5, math.inf, 0.0, math.inf, math.inf])
     monitor = torch.randn(k, d, generator=g)
-    mask = torch.tensor([1.0, 0.0, 2.0, 1.0, 0.5, 0.0, 1.0])
-    args = (hidden, steer_vec, 1.5, mask, cap_dir, -0.5, 0.5, monitor, "torch")
-    out, proj = steer_project_op(*args)
-    ref_out, ref_proj = fused_steer_project(hidden.clone(), steer_vec, 1.5, mask, cap_dir, -0.5, 0.5, monitor)
+    args = (hidden, table, index, coef, lo, hi, monitor, "torch")
+    out, proj = steer_rows_op(*args)
+    ref_out, ref_proj = fused_steer_rows(hidden.clone(), table, index, coef, lo, hi, monitor)
     torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
     torch.testing.assert_close(proj, ref_proj, atol=0, rtol=0)
     assert not torch.equal(out.float(), hidden.float())  # the edit did something, on a copy
-    inline_out, inline_proj = steer_project_inline(*args[:-1])
+    inline_out, inline_proj = steer_rows_inline(*args[:-1])
     torch.testing.assert_close(inline_out, ref_out, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-5)
     torch.testing.assert_close(inline_proj, ref_proj, atol=1e-4, rtol=1e-5)
-    empty_out, empty_proj = steer_project_op(hidden, None, 0.0, None, None, None, None, None, "torch")
+    empty_out, empty_proj = steer_rows_op(hidden, table, torch.zeros(n, dtype=torch.long), None, None, None, None,
+                                          "torch")
     assert empty_proj.shape == (n, 0) and torch.equal(empty_out, hidden) and empty_out is not hidden
-    torch.library.opcheck(steer_project_op, args)
+    torch.library.opcheck(steer_rows_op, args)
+    # The in-place form writes into the caller's buffers and allocates no outputs.
+    inplace_hidden, proj_out = hidden.clone(), torch.full((n, k), float("nan"))
+    assert steer_rows_(inplace_hidden, table, index, coef, lo, hi, monitor, proj_out, "torch") is None
+    torch.testing.assert_close(inplace_hidden, ref_out, atol=0, rtol=0)
+    torch.testing.assert_close(proj_out, ref_proj, atol=0, rtol=0)
+    torch.library.opcheck(steer_rows_, (hidden.clone(), table, index, coef, lo, hi, monitor, proj_out, "torch"))
 
 
 def _batch(tok):

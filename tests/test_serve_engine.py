@@ -4,12 +4,14 @@ agreement with ``steerlib.generate`` under ``steer``'s hooks."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
 
 from steerlib.core.chat import format_prompt
-from steerlib.serve.engine import Engine, Sampling, edits_from_ops, eos_ids
+from steerlib.core.models import eos_ids
+from steerlib.serve.engine import Engine, EngineStopped, RowFailed, Sampling, edits_from_ops
 from steerlib.steering.generation import generate
 from steerlib.steering.steer import build_ops
 
@@ -93,3 +95,70 @@ def test_engine_rejects_bad_options(embedded):
         Engine(model, tok, prefill_chunk=0)
     with pytest.raises(ValueError, match="max_batch must be >= 1"):
         Engine(model, tok, max_batch=0)
+
+
+def _ids(tok, question: str) -> list[int]:
+    return tok(format_prompt(tok, question), add_special_tokens=False)["input_ids"]
+
+
+def _solo(engine: Engine, ids: list[int], sampling: Sampling) -> str:
+    sink = _Collector()
+    engine.submit(ids, [], sampling, sink, steered=False)
+    assert sink.done.wait(120)
+    return sink.result.text
+
+
+def test_one_failing_row_fails_alone_and_tiny_temperatures_are_greedy(embedded, monkeypatch):
+    """A row whose sampling fails gets its own error; the rows beside it finish with their solo text. A
+    temperature of 1e-40 (once NaN probabilities that failed the whole step) samples the greedy token."""
+    model, tok = embedded
+    engine = Engine(model, tok, eos_ids=eos_ids(model, tok))
+    engine.start()
+    try:
+        questions = ["Name a color.", "Name a fruit.", "Name a city."]
+        ids = [_ids(tok, q) for q in questions]
+        solo = [_solo(engine, x, Sampling(8)) for x in ids]
+        real_sample = engine._sample
+
+        def sample(row, logits):
+            if row.prompt_ids == ids[1]:
+                raise RuntimeError("boom")
+            return real_sample(row, logits)
+
+        monkeypatch.setattr(engine, "_sample", sample)
+        sinks = [_Collector() for _ in ids]
+        with engine.hold():  # all three join the same steps
+            engine.submit(ids[0], [], Sampling(8, temperature=1e-40, seed=1), sinks[0], steered=False)
+            engine.submit(ids[1], [], Sampling(8), sinks[1], steered=False)
+            engine.submit(ids[2], [], Sampling(8), sinks[2], steered=False)
+        for s in sinks:
+            assert s.done.wait(120)
+    finally:
+        engine.stop()
+    assert isinstance(sinks[1].result, RowFailed) and "boom" in str(sinks[1].result)
+    assert sinks[0].result.text == solo[0] and sinks[2].result.text == solo[2]
+    assert engine.stats()["failed"] == 1
+
+
+def test_every_admitted_row_ends_and_stop_is_bounded(embedded):
+    """A row cancelled while queued still gets its one ending; stop() ends running and queued rows at once."""
+    model, tok = embedded
+    engine = Engine(model, tok, eos_ids=eos_ids(model, tok), max_batch=1)
+    engine.start()
+    ids = _ids(tok, "Tell me a long story about the sea.")
+    queued = _Collector()
+    with engine.hold():
+        row = engine.submit(ids, [], Sampling(4), queued, steered=False)
+        row.cancelled.set()
+    assert queued.done.wait(30)
+    assert queued.result.finish_reason == "cancelled" and queued.result.completion_tokens == 0
+    running, waiting = _Collector(), _Collector()
+    engine.submit(ids, [], Sampling(400), running, steered=False)
+    running.wait_tokens(1)
+    engine.submit(ids, [], Sampling(400), waiting, steered=False)  # max_batch=1: it queues
+    started = time.monotonic()
+    engine.stop(timeout=30)
+    assert time.monotonic() - started < 30
+    for sink in (running, waiting):
+        assert sink.done.is_set() and isinstance(sink.result, EngineStopped)
+    assert not any(block._forward_hooks for block in engine.layout.blocks)  # the lifetime hooks are gone

@@ -219,9 +219,10 @@ def test_per_row_steering_equals_the_library_steer(client, embedded, optimism, n
     served = _ask(client, extra_body={"steering": CONFIGS[name]})
     assert served.choices[0].message.content.strip() == gen.text
     proj = _extra(served, "trait_projections")["optimistic"]
-    values = gen.token_projections("optimistic")[: proj["n_tokens"]]
-    assert proj["prompt_last"] == pytest.approx(float(values[0]), rel=1e-4, abs=1e-3)
-    assert proj["mean"] == pytest.approx(float(values.mean()), rel=1e-4, abs=1e-3)
+    # One meaning of a response's projection: the mean over the response tokens' own positions.
+    assert proj["n_tokens"] == len(gen.response_projections("optimistic"))
+    assert proj["prompt_last"] == pytest.approx(gen.prompt_last_projection("optimistic"), rel=1e-4, abs=1e-3)
+    assert proj["mean"] == pytest.approx(gen.mean_projection("optimistic"), rel=1e-4, abs=1e-3)
 
 
 def test_streaming_chunks_carry_token_projections_and_match_non_streaming(client):
@@ -234,7 +235,10 @@ def test_streaming_chunks_carry_token_projections_and_match_non_streaming(client
     final = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(final) == 1
     summary = _extra(final[0], "trait_projections")["optimistic"]
-    assert summary["n_tokens"] == len(values) and summary["mean"] == pytest.approx(sum(values) / len(values))
+    # Streamed values are paired with the token they produced (the first is the last prompt token's); the
+    # summary's mean is over the response tokens' own positions, one read-out per response token.
+    assert summary["n_tokens"] == len(values) and summary["prompt_last"] == pytest.approx(values[0])
+    assert summary["mean"] != pytest.approx(sum(values) / len(values))
     assert summary == _extra(plain, "trait_projections")["optimistic"]
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
 
@@ -469,3 +473,21 @@ def test_index_page_is_self_contained(live):
 def test_stats_report_batches(live):
     stats = json.loads(httpx.get(f"{live.url}/v1/stats", timeout=30).text)
     assert stats["steps"] > 0 and stats["max_batch_seen"] > 1 and stats["mean_batch_size"] > 1
+
+
+def test_a_responses_projection_means_the_same_on_the_server_and_in_steerlib_monitor(client, embedded, optimism,
+                                                                                        tmp_path):
+    """The drift feed and ``steerlib monitor`` measure one quantity: the mean over the response tokens."""
+    from steerlib.monitoring.conversations import monitor_conversations
+
+    model, tok = embedded
+    served = _ask(client)
+    text = served.choices[0].message.content
+    summary = _extra(served, "trait_projections")["optimistic"]
+    log = tmp_path / "log.jsonl"
+    line = json.dumps({"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": text}]})
+    log.write_text(line + "\n" + line + "\n")
+    monitor_conversations(model, tok, {"optimistic": optimism}, LAYER, log, out_dir=tmp_path / "monitor",
+                          reference_size=2, progress=False)
+    scored = json.loads((tmp_path / "monitor" / "scores.jsonl").read_text().splitlines()[-1])
+    assert summary["mean"] == pytest.approx(scored["scores"]["optimistic"], rel=1e-4, abs=1e-3)

@@ -297,3 +297,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+def eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    """Every token id that ends a response: the generation config's EOS ids and the tokenizer's."""
+    ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+    ids = ids if isinstance(ids, list) else [ids]
+    out = {int(i) for i in ids if i is not None}
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        out.add(int(tokenizer.eos_token_id))
+    return out

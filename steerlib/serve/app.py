@@ -47,10 +47,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steerlib.core.chat import format_messages
 from steerlib.core.loading import load_vectors
+from steerlib.core.models import eos_ids
 from steerlib.core.vectors import TraitVectors
 from steerlib.core.version import __version__
 from steerlib.monitoring.drift import DriftMonitor
-from steerlib.serve.engine import Completion, Engine, RowEdit, Sampling, edits_from_ops, eos_ids
+from steerlib.serve.engine import (
+    Completion,
+    Engine,
+    EngineError,
+    EngineStopped,
+    QueueFull,
+    RowEdit,
+    Sampling,
+    edits_from_ops,
+)
 from steerlib.serve.schema import (
     ApiError,
     ChatCompletionRequest,
@@ -324,12 +334,14 @@ class _Run:
                 row = service.engine.submit(prompt_ids, edits, sp, self._sink(i), steered=bool(edits))
                 row.meta_steering = steering
                 self.rows.append(row)
-        except ApiError:
+        except EngineError as exc:
             self.cancel()  # a full queue refused choice i: the choices already queued must not run for nobody
-            raise
+            raise engine_api_error(exc) from exc
 
     def _sink(self, index: int):
         def sink(item: tuple) -> None:
+            if item[0] == "error" and isinstance(item[1], EngineError):
+                item = ("error", engine_api_error(item[1]))
             with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
                 self.loop.call_soon_threadsafe(self.events.put_nowait, (index, item))
         return sink
@@ -366,6 +378,15 @@ class _Run:
             if item[0] == "done":
                 out[index] = item[1]
         return [c for c in out if c is not None]
+
+
+def engine_api_error(exc: EngineError) -> ApiError:
+    """The HTTP answer to an engine's refusal or failure (the engine itself knows no status codes)."""
+    if isinstance(exc, QueueFull):
+        return ApiError(429, str(exc), code="queue_full", type_="rate_limit_error")
+    if isinstance(exc, EngineStopped):
+        return ApiError(503, str(exc), type_="server_error")
+    return ApiError(500, str(exc), type_="server_error")
 
 
 def _batch_meta(c: Completion) -> dict[str, Any]:

@@ -10,14 +10,16 @@ One worker thread owns the model and steps it one forward pass at a time over a 
   zeroed), so pure decode steps carry no waste.
 * **new rows join at a step boundary** (up to ``max_batch``), and **finished rows leave at once** (EOS, max
   tokens, a stop sequence, or a client that went away); their cache rows are dropped before the next step.
-* **steering is per row**: forward hooks on the steered blocks run ``steerlib.kernels.fused_steer_rows`` with a
-  per-layer table of the vectors the batch uses and, per token, an index into it (``-1`` = none), a coefficient
-  and cap bounds. A row's ``positions`` are resolved per step and per row: its prompt tokens are the tokens of
-  its prefill step, its response tokens those of its decode steps, so a prefill row and a decode row in the same
-  forward pass each get exactly their own edits.
-* the monitor read-out rides on the same fused call; per the convention of ``steerlib.steering.generation`` the value
-  paired with generated token ``t`` is read at the position whose output produced ``t`` (the last input
-  position of the step).
+* **steering is per row**, through the one steering plan (``steerlib.steering.plan``): the batch's rows are the
+  plan's rows; before each forward pass the plan's per-token buffers (table index, coefficient, bounds) are
+  filled in place from each token's row and absolute position, so a prefill row and a decode row in the same
+  forward pass each get exactly their own edits (prompt iff position < the row's prompt length). The hooks are
+  installed once, when the engine starts, and act only on the engine's own forward passes.
+* the trait read-out rides on the same op; the value streamed with generated token ``t`` is read at the
+  position whose output produced ``t`` (the last input position of the step). A finished response's
+  ``trait_projections`` mean is over the response tokens' own positions (the meaning ``steerlib monitor`` and
+  ``flag`` use): a row that stops at its length limit is fed its last token once more ("closing step") so that
+  token's read-out exists; ``prompt_last`` is the last prompt token's.
 
 Why not transformers' own continuous batching (5.24: ``generate_batch`` / ``ContinuousBatchingManager``)? It
 packs every request's tokens into one ``[1, total_tokens]`` sequence described by cumulative sequence lengths over
@@ -33,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import math
 import queue
 import threading
 import time
@@ -43,56 +44,43 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import DynamicCache
 
 from steerlib.core.arch import get_layout
 from steerlib.core.compat import cache_keyword
-from steerlib.kernels import fused_steer_rows
-from steerlib.serve.schema import ApiError
-from steerlib.steering.steer import SteerOp, TraitReadout
+from steerlib.core.hooks import HookHandles
+from steerlib.serve.detok import TextStream
+from steerlib.serve.kv_slots import SlotCache
+from steerlib.steering.plan import Edit, SteeringPlan, SteerOp, lower_ops
+from steerlib.steering.steer import TraitReadout
 
-__all__ = ["Completion", "Engine", "RowEdit", "Sampling", "edits_from_ops"]
+__all__ = ["Completion", "Engine", "EngineError", "EngineStopped", "QueueFull", "RowFailed", "Sampling"]
 
 log = logging.getLogger("steerlib.serve")
 
 
-@dataclass(frozen=True)
-class RowEdit:
-    """One steering edit of one row at one layer, in the form the per-row op takes.
-
-    Attributes:
-        layer: residual layer 1..n_layers.
-        key: identity of ``vector`` in the layer's table (rows sharing a vector share an entry).
-        vector: [d_model] fp32; raw for ``add``, unit for ``ablate``/``cap``.
-        coef: coefficient (0 for ablate/cap).
-        lo, hi: cap bounds (-inf/+inf: unbounded).
-        positions: "all", "prompt" or "response".
-    """
-
-    layer: int
-    key: tuple
-    vector: Tensor
-    coef: float
-    lo: float
-    hi: float
-    positions: str
+class EngineError(Exception):
+    """Something the engine refused or could not do; the server maps each kind to its HTTP status."""
 
 
-def edits_from_ops(ops: Sequence[SteerOp], keys: Sequence[tuple]) -> list[RowEdit]:
-    """Turn validated ``SteerOp``s into per-row edits; ``keys[i]`` names op ``i``'s vector (name, layer...)."""
-    out = []
-    for op, key in zip(ops, keys, strict=True):
-        vec = op.vector.detach().float().cpu()
-        if op.mode == "add":
-            out.append(RowEdit(op.layer, (*key, "raw"), vec, float(op.coef), -math.inf, math.inf, op.positions))
-        else:
-            lo, hi = (0.0, 0.0) if op.mode == "ablate" else (op.cap_min, op.cap_max)
-            if lo is not None and hi is not None and lo > hi:
-                raise ValueError(f"cap_min ({lo}) must be <= cap_max ({hi})")
-            out.append(RowEdit(op.layer, (*key, "unit"), vec / vec.norm(), 0.0,
-                               -math.inf if lo is None else float(lo), math.inf if hi is None else float(hi),
-                               op.positions))
-    return out
+class QueueFull(EngineError):
+    """More rows are queued than the engine accepts."""
+
+
+class EngineStopped(EngineError):
+    """The worker is not running, or is shutting down."""
+
+
+class RowFailed(EngineError):
+    """This row's generation failed (its sampling, decoding, or the step it was in)."""
+
+
+# Kept for callers of the previous release: a row's edits are now the plan's lowered ``Edit``s.
+RowEdit = Edit
+
+
+def edits_from_ops(ops: Sequence[SteerOp], keys: Sequence[tuple] | None = None) -> list[Edit]:
+    """Lower ``SteerOp``s for ``submit`` (``keys`` is ignored: identical vectors share a table row by content)."""
+    return lower_ops(ops)
 
 
 @dataclass(frozen=True)
@@ -125,7 +113,7 @@ class _Row:
     """One sequence being generated (one choice of one request). Worker-only state below the line."""
 
     prompt_ids: list[int]
-    edits: list[RowEdit]
+    edits: list[Edit]
     sampling: Sampling
     sink: Callable[[tuple], None]
     steered: bool
@@ -139,33 +127,23 @@ class _Row:
     generated: list[int] = field(default_factory=list)
     values: list[list[float]] = field(default_factory=list)  # per emitted token: K projections
     steps: list[list[int]] = field(default_factory=list)
-    sent: int = 0  # characters of text already emitted
+    text: TextStream | None = None
     unsent_values: list[list[float]] = field(default_factory=list)
     generator: torch.Generator | None = None
     started: float | None = None
     first_token: float | None = None
     finish: str | None = None
-    text: str = ""
-
-
-class _StepPlan:
-    """Per-token steering of one forward pass: per layer, a table and one (index, coef, lo, hi) set per slot."""
-
-    def __init__(self, layers: dict[int, tuple[Tensor, list[tuple[Tensor, Tensor, Tensor, Tensor]]]],
-                 monitor_layer: int | None):
-        self.layers = layers
-        self.monitor_layer = monitor_layer
-        self.projections: Tensor | None = None  # [B * T, K] read at the monitor layer
+    closing: bool = False  # finished; fed its last token once more for that token's read-out
 
 
 class Engine:
-    """Owns the model; validates nothing about HTTP, only runs rows. Use ``start()``/``stop()``.
+    """Owns the model; knows nothing about HTTP, only runs rows. Use ``start()``/``stop()``.
 
     Args:
         model, tokenizer: a loaded causal LM; the tokenizer is only used to decode on the worker.
         readout: the per-token trait read-out (``steerlib.steering.steer.build_readout``) or None.
         max_batch: most rows stepped together.
-        max_queue: rows waiting beyond this are refused with 429.
+        max_queue: rows waiting beyond this are refused (``QueueFull``).
         eos_ids: token ids that end a row.
         prefill_chunk: most prompt tokens of one row fed in one step (longer prompts take several steps).
     """
@@ -195,13 +173,14 @@ class Engine:
 
         self._incoming: queue.Queue[_Row] = queue.Queue()
         self._rows: list[_Row] = []
-        self._cache: DynamicCache | None = None
-        self._kv_mask: Tensor | None = None  # [B, S] bool: which cache slots hold real tokens
-        self._tables: dict[int, tuple[Tensor, dict[tuple, int]]] = {}
-        self._tables_for: tuple | None = None
+        self._kv = SlotCache(model, self.device)
+        self.plan = SteeringPlan(self.layout.d_model, self.device, max_tokens=max_batch)
+        self._plan_for: tuple | None = None  # row serials the plan was built for
+        self._hooks = HookHandles()
+        self._worker_ident: int | None = None
+        self._step_proj: Tensor | None = None  # [B * T, K] read-out of the step in flight
         self._stop = threading.Event()
         self._paused = threading.Event()
-        self._idle = threading.Event()
         self._thread: threading.Thread | None = None
         self._step_ids = itertools.count(1)
         self._row_serials = itertools.count(1)
@@ -214,22 +193,27 @@ class Engine:
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
+        """Install the hooks (once, for the engine's lifetime) and start the worker."""
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop.clear()
+        with self._hooks.registering() as handles:
+            for layer in range(1, self.layout.n_layers + 1):
+                handles.add(self.layout.blocks[layer - 1].register_forward_hook(self._hook(layer)))
         self._thread = threading.Thread(target=self._run, name="steerlib-engine", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop after the step in flight; rows still running or queued get a 503."""
+        """Stop after the step in flight; every row still running or queued ends with ``EngineStopped``."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        error = ApiError(503, "server is shutting down", type_="server_error")
+        self._hooks.remove()
+        error = EngineStopped("server is shutting down")
         for row in [*self._rows, *self._drain()]:
             row.sink(("error", error))
         self._rows = []
-        self._cache = None
+        self._kv.reset()
 
     @property
     def alive(self) -> bool:
@@ -250,15 +234,15 @@ class Engine:
     def active_rows(self) -> int:
         return len(self._rows)
 
-    def submit(self, prompt_ids: list[int], edits: list[RowEdit], sampling: Sampling,
+    def submit(self, prompt_ids: list[int], edits: list[Edit], sampling: Sampling,
                sink: Callable[[tuple], None], *, steered: bool) -> _Row:
-        """Queue one row; ``sink`` receives ``("token", text, [[K values] per token], step)``, then
-        ``("done", Completion)`` or ``("error", ApiError)``, from the worker thread."""
+        """Queue one row; ``sink`` receives ``("token", text, [[K values] per token], step)``, then exactly one of
+        ``("done", Completion)`` (also for a cancelled row, with finish reason ``"cancelled"``) or
+        ``("error", EngineError)``, from the worker thread."""
         if not self.alive:
-            raise ApiError(503, "the generation worker is not running", type_="server_error")
+            raise EngineStopped("the generation worker is not running")
         if self._incoming.qsize() >= self.max_queue:
-            raise ApiError(429, f"too many queued requests ({self.max_queue}); retry later", code="queue_full",
-                           type_="rate_limit_error")
+            raise QueueFull(f"too many queued requests ({self.max_queue}); retry later")
         row = _Row(prompt_ids=list(prompt_ids), edits=list(edits), sampling=sampling, sink=sink, steered=steered)
         with self._stats_lock:
             self._stats["requests"] += 1
@@ -286,6 +270,7 @@ class Engine:
                 return out
 
     def _run(self) -> None:
+        self._worker_ident = threading.get_ident()
         while not self._stop.is_set():
             if self._paused.is_set():
                 time.sleep(0.01)
@@ -300,12 +285,13 @@ class Engine:
                     self._stats["step_seconds"] += time.perf_counter() - started
             except BaseException as exc:  # never let one step take the worker down
                 log.exception("step failed; failing its %d rows", len(self._rows))
-                error = ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", type_="server_error")
+                error = RowFailed(f"generation failed: {type(exc).__name__}: {exc}")
                 for row in self._rows:
                     self._fail(row, error)
-                self._rows, self._cache, self._kv_mask = [], None, None
+                self._rows = []
+                self._kv.reset()
 
-    def _fail(self, row: _Row, error: ApiError) -> None:
+    def _fail(self, row: _Row, error: EngineError) -> None:
         with self._stats_lock:
             self._stats["failed"] += 1
         row.sink(("error", error))
@@ -326,13 +312,14 @@ class Engine:
         now = time.monotonic()
         fresh = []
         for row in new:
-            if row.cancelled.is_set():
-                with self._stats_lock:
-                    self._stats["cancelled"] += 1
+            row.started = now
+            if row.cancelled.is_set():  # its client left while it queued: it still gets its one ending
+                row.finish = "cancelled"
+                self._complete(row)
                 continue
             row.pending = list(row.prompt_ids)
             row.serial = next(self._row_serials)
-            row.started = now
+            row.text = TextStream(self.tokenizer, row.sampling.stop)
             if row.sampling.temperature > 0:
                 row.generator = torch.Generator(device=self.device)
                 if row.sampling.seed is not None:
@@ -342,144 +329,51 @@ class Engine:
             fresh.append(row)
         if not fresh:
             return
-        if self._cache is None or not self._rows:
-            self._cache = DynamicCache(config=self.model.config)
-            self._kv_mask = torch.zeros((0, 0), dtype=torch.bool, device=self.device)
-            self._rows = []
-        else:
-            self._grow_cache(len(fresh))
+        if not self._rows:
+            self._kv.reset()
+        self._kv.add_rows(len(fresh))
         self._rows.extend(fresh)
-        self._kv_mask = torch.cat([self._kv_mask, torch.zeros((len(fresh), self._kv_mask.shape[1]), dtype=torch.bool,
-                                                              device=self.device)])
 
-    # -- cache surgery ------------------------------------------------------------------------------------
-    def _cache_layers(self) -> list:
-        layers = getattr(self._cache, "layers", None)
-        if layers is None or (layers and not all(hasattr(x, "keys") and hasattr(x, "values") for x in layers)):
-            raise RuntimeError("this transformers' DynamicCache has no .layers[i].keys/.values; the serving engine "
-                               "needs them to add and drop rows between steps")
-        return [x for x in layers if isinstance(getattr(x, "keys", None), Tensor) and x.keys.numel()]
-
-    def _grow_cache(self, n: int) -> None:
-        for layer in self._cache_layers():
-            for name in ("keys", "values"):
-                t = getattr(layer, name)
-                setattr(layer, name, torch.cat([t, t.new_zeros((n, *t.shape[1:]))]))
-
-    def _select_rows(self, keep: list[int]) -> None:
-        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
-        for layer in self._cache_layers():
-            layer.keys = layer.keys.index_select(0, idx)
-            layer.values = layer.values.index_select(0, idx)
-        self._kv_mask = self._kv_mask.index_select(0, idx)
-
-    def _compact(self) -> None:
-        """Move each row's real slots to the right end, zero the padding, and drop all-padding columns."""
-        mask = self._kv_mask
-        width = int(mask.sum(1).max()) if mask.shape[0] else 0
-        right_aligned = bool((mask.to(torch.int8).diff(dim=1) >= 0).all()) if mask.shape[1] > 1 else True
-        if width == mask.shape[1] and right_aligned:
-            return
-        b = mask.shape[0]
-        # Stable sort puts padding (False) first and keeps real slots in order.
-        order = torch.sort(mask.to(torch.int8), dim=1, stable=True).indices[:, mask.shape[1] - width:]
-        new_mask = torch.gather(mask, 1, order)
-        for layer in self._cache_layers():
-            for name in ("keys", "values"):
-                t = getattr(layer, name)  # [B, H, S, d]
-                g = order[:, None, :, None].expand(b, t.shape[1], width, t.shape[3])
-                setattr(layer, name, torch.gather(t, 2, g) * new_mask[:, None, :, None].to(t.dtype))
-        self._kv_mask = new_mask
-
-    # -- one step -----------------------------------------------------------------------------------------
-    def _tables_now(self) -> dict[int, tuple[Tensor, dict[tuple, int]]]:
-        """Per-layer table [V, D] of the vectors the current rows use (rebuilt when the rows change)."""
-        ident = tuple(r.serial for r in self._rows)
-        if ident != self._tables_for:
-            entries: dict[int, dict[tuple, Tensor]] = {}
-            for row in self._rows:
-                for e in row.edits:
-                    entries.setdefault(e.layer, {}).setdefault(e.key, e.vector)
-            self._tables = {
-                layer: (torch.stack(list(vecs.values())).to(self.device), {k: i for i, k in enumerate(vecs)})
-                for layer, vecs in entries.items()
-            }
-            self._tables_for = ident
-        return self._tables
-
-    def _plan(self, lengths: list[int], prefill: list[bool], t: int) -> _StepPlan:
-        tables = self._tables_now()
-        n = len(self._rows) * t
-        layers: dict[int, tuple[Tensor, list]] = {}
-        for layer, (table, keys) in tables.items():
-            per_row = [[e for e in row.edits if e.layer == layer] for row in self._rows]
-            slots = []
-            for s in range(max(len(x) for x in per_row)):
-                index = [-1] * n
-                coef = [0.0] * n
-                lo = [-math.inf] * n
-                hi = [math.inf] * n
-                for b, edits in enumerate(per_row):
-                    if s >= len(edits):
-                        continue
-                    e = edits[s]
-                    if e.positions != "all" and (e.positions == "prompt") != prefill[b]:
-                        continue
-                    for j in range((b + 1) * t - lengths[b], (b + 1) * t):
-                        index[j], coef[j], lo[j], hi[j] = keys[e.key], e.coef, e.lo, e.hi
-                # The values were checked on the host (finite coefficients, ordered bounds, unit vectors where
-                # bounded), so the op reads nothing back from the device; unused parts are left out.
-                bounded = any(x != -math.inf for x in lo) or any(x != math.inf for x in hi)
-                slots.append((torch.tensor(index, device=self.device),
-                              torch.tensor(coef, device=self.device) if any(coef) else None,
-                              torch.tensor(lo, device=self.device) if bounded else None,
-                              torch.tensor(hi, device=self.device) if bounded else None))
-            layers[layer] = (table, slots)
-        if self.monitor_layer is not None and self.monitor_layer not in layers:
-            layers[self.monitor_layer] = (torch.zeros((0, self.layout.d_model), device=self.device), [])
-        return _StepPlan(layers, self.monitor_layer)
-
-    def _hook(self, layer: int, plan: _StepPlan):
-        table, slots = plan.layers[layer]
-        monitor = self.monitor_dirs if layer == plan.monitor_layer else None
-        if not slots:  # read-out only: one call with every row unsteered
-            n_rows = None
-        else:
-            n_rows = slots[0][0].shape[0]
+    # -- steering -----------------------------------------------------------------------------------------
+    def _hook(self, layer: int):
+        plan = self.plan
 
         def hook(_module: nn.Module, _args: tuple, output: object):
+            # Installed for the engine's lifetime on every block: it acts only on the worker's own passes, and
+            # only at layers the current rows steer or read out.
+            if threading.get_ident() != self._worker_ident:
+                return None
+            monitor = self.monitor_dirs if layer == self.monitor_layer else None
+            if monitor is None and layer not in plan.layers:
+                return None
             hidden = output[0] if isinstance(output, tuple) else output
             b, t, d = hidden.shape
             flat = hidden.reshape(b * t, d)
-            inplace = flat.is_contiguous() and not (torch.is_grad_enabled() and hidden.requires_grad)
-            if not flat.is_contiguous():
+            contiguous = flat.is_contiguous()
+            if not contiguous:
                 flat = flat.contiguous()
-            calls = slots or [(torch.full((b * t,), -1, dtype=torch.long, device=flat.device), None, None, None)]
-            assert n_rows is None or n_rows == b * t
-            for i, (index, coef, lo, hi) in enumerate(calls):
-                last = i == len(calls) - 1
-                flat, proj = fused_steer_rows(flat, table, index, coef, lo, hi, readout=monitor if last else None,
-                                              inplace=inplace, validate=False)
-                if last and monitor is not None:
-                    plan.projections = proj
-            if inplace:
+            proj = plan.apply(layer, flat, monitor)
+            if monitor is not None:
+                self._step_proj = proj
+            if contiguous:
                 return None
             new = flat.view(b, t, d)
             return (new, *output[1:]) if isinstance(output, tuple) else new
 
         return hook
 
-    @contextlib.contextmanager
-    def _hooks(self, plan: _StepPlan) -> Iterator[None]:
-        handles = []
-        try:
-            for layer in sorted(plan.layers):
-                handles.append(self.layout.blocks[layer - 1].register_forward_hook(self._hook(layer, plan)))
-            yield
-        finally:
-            while handles:
-                handles.pop().remove()
+    def _fill_plan(self, pos: Tensor, step_mask: Tensor) -> None:
+        """Lower the rows' steering to this step's per-token arguments (rebuilt on the host when rows change)."""
+        ident = tuple(r.serial for r in self._rows)
+        if ident != self._plan_for:
+            self.plan.set_rows([r.edits for r in self._rows], [len(r.prompt_ids) for r in self._rows])
+            self._plan_for = ident
+        b, t = pos.shape
+        row_of_token = torch.arange(b, device=self.device).repeat_interleave(t)
+        # Padding gets position -1, which no interval holds: only real tokens are edited.
+        self.plan.fill(row_of_token, torch.where(step_mask, pos, -1).reshape(-1))
 
+    # -- one step -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def _step(self) -> None:
         rows = self._rows
@@ -489,7 +383,6 @@ class Engine:
         lengths = [min(len(r.pending), self.prefill_chunk) for r in rows]
         prefill = [not r.generated for r in rows]
         t = max(lengths)
-        s = self._kv_mask.shape[1]
         ids = torch.full((b, t), self.pad_id, dtype=torch.long)
         pos = torch.zeros((b, t), dtype=torch.long)
         step_mask = torch.zeros((b, t), dtype=torch.bool)
@@ -499,24 +392,15 @@ class Engine:
             pos[i, t - n:] = torch.arange(r.n_seen, r.n_seen + n)
             step_mask[i, t - n:] = True
         ids, pos, step_mask = ids.to(self.device), pos.to(self.device), step_mask.to(self.device)
-        kv = torch.cat([self._kv_mask, step_mask], dim=1)  # [B, S + T]
-        causal = torch.arange(s + t, device=self.device)[None, :] <= (torch.arange(t, device=self.device) + s)[:, None]
-        allowed = kv[:, None, :] & causal[None]  # [B, T, S + T]
-        # A large negative number, not -inf: a query with nothing to attend to (a padding position) then
-        # gets a uniform average instead of NaN, and NaN could never reach a real row through the cache.
-        mask = torch.zeros((b, 1, t, s + t), dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~allowed[:, None], torch.finfo(self.dtype).min)
-
-        plan = self._plan(lengths, prefill, t)
+        mask, kv = self._kv.attention_mask(step_mask, self.dtype)
+        self._fill_plan(pos, step_mask)
+        self._step_proj = None
         step_id = next(self._step_ids)
-        with self._hooks(plan):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                             logits_to_keep=1, **{self.cache_kw: self._cache})
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **{self.cache_kw: self._kv.cache})
         logits = out.logits[:, -1, :].float()
-        self._kv_mask = kv
-        if t > 1:
-            self._compact()
-        proj = plan.projections.view(b, t, -1)[:, -1, :].tolist() if plan.projections is not None else None
+        proj = self._step_proj.view(b, t, -1)[:, -1, :].tolist() if self._step_proj is not None else None
+        self._kv.commit(kv, padded=t > 1)
 
         with self._stats_lock:
             st = self._stats
@@ -524,16 +408,21 @@ class Engine:
             st["rows_stepped"] += b
             st["max_batch_seen"] = max(st["max_batch_seen"], b)
             st["prefill_tokens"] += sum(n for n, p in zip(lengths, prefill, strict=True) if p)
-            st["generated_tokens"] += sum(1 for r, n in zip(rows, lengths, strict=True) if len(r.pending) == n)
+            st["generated_tokens"] += sum(1 for r, n in zip(rows, lengths, strict=True)
+                                          if len(r.pending) == n and not r.closing)
             st["mixed_steps"] += int(any(prefill) and not all(prefill))
             st["steered_row_steps"] += sum(1 for r in rows if r.edits)
 
-        ready = [len(r.pending) == lengths[i] for i, r in enumerate(rows)]  # whole input fed: sample
-        tokens = self._sample(logits, ready)
+        # Whole input fed: sample (a closing row only wanted its read-out).
+        ready = [len(r.pending) == lengths[i] and not r.closing for i, r in enumerate(rows)]
         now = time.monotonic()
         keep = []
         for i, r in enumerate(rows):
             r.n_seen += lengths[i]
+            if r.closing:
+                r.values.append(proj[i])
+                self._complete(r)
+                continue
             if not ready[i]:  # mid-prompt: nothing to sample yet
                 r.pending = r.pending[lengths[i]:]
                 if r.cancelled.is_set():
@@ -542,87 +431,72 @@ class Engine:
                 else:
                     keep.append(i)
                 continue
-            token = tokens[i]
-            r.pending = [token]
-            r.generated.append(token)
-            r.steps.append([step_id, b])
-            if r.first_token is None:
-                r.first_token = now
-            self._emit(r, token, proj[i] if proj is not None else None, step_id, b)
+            try:  # a row whose sampling or decoding fails fails alone
+                token = self._sample(r, logits[i])
+                r.pending = [token]
+                r.generated.append(token)
+                r.steps.append([step_id, b])
+                if r.first_token is None:
+                    r.first_token = now
+                self._emit(r, token, proj[i] if proj is not None else None, step_id, b)
+            except Exception as exc:
+                log.exception("row %d failed", r.serial)
+                self._fail(r, RowFailed(f"generation failed: {type(exc).__name__}: {exc}"))
+                continue
             if r.finish is None and r.cancelled.is_set():
                 r.finish = "cancelled"
             if r.finish is None:
+                keep.append(i)
+            elif r.finish in ("length", "stop_sequence") and proj is not None:
+                r.closing = True  # one more step feeds its last token, for that token's read-out
                 keep.append(i)
             else:
                 self._complete(r)
         if len(keep) < b:
             self._rows = [rows[i] for i in keep]
-            if self._rows:
-                self._select_rows(keep)
-                self._compact()
-            else:
-                self._cache, self._kv_mask = None, None
+            self._kv.keep_rows(keep)
 
-    def _sample(self, logits: Tensor, ready: list[bool]) -> list[int]:
-        out = logits.argmax(-1).tolist()
-        for i, r in enumerate(self._rows):
-            sp = r.sampling
-            if sp.temperature <= 0 or not ready[i]:
-                continue
-            probs = torch.softmax(logits[i] / sp.temperature, dim=-1)
-            if sp.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                cum = sorted_p.cumsum(0)
-                cut = cum - sorted_p > sp.top_p  # keep the smallest prefix whose mass reaches top_p
-                sorted_p[cut] = 0.0
-                probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-            out[i] = int(torch.multinomial(probs, 1, generator=r.generator))
-        return out
+    def _sample(self, r: _Row, logits: Tensor) -> int:
+        """The row's next token. Safe for any temperature > 0: logits are shifted so their maximum is 0 before
+        dividing, so a tiny temperature sends every other logit to -inf (greedy) rather than inf - inf = NaN."""
+        sp = r.sampling
+        if sp.temperature <= 0:
+            return int(logits.argmax())
+        z = (logits.double() - logits.max().double()) / sp.temperature
+        probs = torch.softmax(z, dim=-1)
+        if sp.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            cum = sorted_p.cumsum(0)
+            cut = cum - sorted_p > sp.top_p  # keep the smallest prefix whose mass reaches top_p
+            sorted_p[cut] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+            raise ValueError(f"sampling probabilities are not finite at temperature {sp.temperature:g}")
+        return int(torch.multinomial(probs.float(), 1, generator=r.generator))
 
     def _emit(self, r: _Row, token: int, values: list[float] | None, step_id: int, size: int) -> None:
-        """Decide finish conditions and send the text that is final so far (holding back what a stop sequence
-        or an unfinished UTF-8 character may still change)."""
+        """Decide finish conditions and send the text that is final so far."""
         sp = r.sampling
         is_eos = token in self.eos_ids
-        if not is_eos and values is not None:
-            r.unsent_values.append(values)
+        if values is not None:
+            # Kept for the EOS token too: it was read at the last response token, which the mean needs.
             r.values.append(values)
-        ids = r.generated[:-1] if is_eos else r.generated
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if not is_eos:
+                r.unsent_values.append(values)
         final = is_eos or len(r.generated) >= sp.max_tokens
-        r.finish = "stop" if is_eos else ("length" if final else None)
-        if sp.stop:
-            start = max(0, r.sent - max(len(x) for x in sp.stop))
-            hits = [(text.find(x, start), x) for x in sp.stop]
-            hits = [(i, x) for i, x in hits if i >= 0]
-            if hits:
-                text = text[:min(i for i, _ in hits)]
-                r.finish = "stop"
-                final = True
-        upto = len(text)
-        if not final:
-            if text.endswith("\ufffd"):
-                upto = len(text.rstrip("\ufffd"))
-            for x in sp.stop:  # hold back a tail that could be the start of a stop sequence
-                for k in range(min(len(x) - 1, upto), 0, -1):
-                    if text[:upto].endswith(x[:k]):
-                        upto -= k
-                        break
-        upto = max(upto, r.sent)
-        delta = text[r.sent:upto]
-        r.text = text[:upto] if not final else text
-        if delta or (final and r.unsent_values):
-            r.sent = upto
+        delta, stopped = r.text.push(r.generated[:-1] if is_eos else r.generated, final)
+        r.finish = "stop" if is_eos else ("stop_sequence" if stopped else ("length" if final else None))
+        if delta or (r.finish is not None and r.unsent_values):
             r.sink(("token", delta, r.unsent_values, [step_id, size]))
             r.unsent_values = []
 
     def _complete(self, r: _Row) -> None:
         names = self.readout.names if self.readout is not None else []
         proj = {name: _summary([v[k] for v in r.values], self.monitor_layer) for k, name in enumerate(names)}
-        finish = r.finish if r.finish != "cancelled" else "cancelled"
-        c = Completion(text=r.text, completion_tokens=len(r.generated), prompt_tokens=len(r.prompt_ids),
-                       finish_reason=finish, trait_projections=proj, steps=r.steps,
-                       queue_ms=round(((r.started or r.enqueued) - r.enqueued) * 1000, 2),
+        finish = {"stop_sequence": "stop"}.get(r.finish, r.finish)
+        c = Completion(text=r.text.text if r.text is not None else "", completion_tokens=len(r.generated),
+                       prompt_tokens=len(r.prompt_ids), finish_reason=finish, trait_projections=proj,
+                       steps=r.steps, queue_ms=round(((r.started or r.enqueued) - r.enqueued) * 1000, 2),
                        ttft_ms=round((r.first_token - r.enqueued) * 1000, 2) if r.first_token else None)
         with self._stats_lock:
             self._stats["cancelled" if finish == "cancelled" else "completed"] += 1
@@ -634,19 +508,11 @@ class Engine:
         r.sink(("done", c))
 
 
-def _summary(values: list[float], layer: int | None) -> dict[str, Any]:
-    """Mean, max and first (= read at the last prompt token) of one trait's per-token projections."""
-    if not values:
-        return {"mean": None, "max": None, "prompt_last": None, "layer": layer, "n_tokens": 0}
-    return {"mean": sum(values) / len(values), "max": max(values), "prompt_last": values[0], "layer": layer,
-            "n_tokens": len(values)}
-
-
-def eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
-    """The token ids that end a generation for this model and tokenizer."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = ids if isinstance(ids, list) else [ids]
-    out = {int(i) for i in ids if i is not None}
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        out.add(int(tokenizer.eos_token_id))
-    return out
+def _summary(values: list[list[float]] | list[float], layer: int | None) -> dict[str, Any]:
+    """One trait's summary: ``mean`` and ``max`` over the response tokens' own read-outs, ``prompt_last`` at the
+    last prompt token. ``values[0]`` is read at the last prompt token and ``values[j]`` (j >= 1) at response token
+    ``j - 1`` (the engine's closing step supplies the last one)."""
+    response = values[1:]
+    return {"mean": sum(response) / len(response) if response else None,
+            "max": max(response) if response else None,
+            "prompt_last": values[0] if values else None, "layer": layer, "n_tokens": len(response)}

@@ -9,14 +9,15 @@ Here every decision is a tensor operation:
   counts each row's real prompt tokens. transformers' ``generate`` numbers positions from each row's first
   real token (left padding gets 0), so a token is generated exactly when its position reaches the row's
   prompt length, during the prefill and during decoding alike;
-* per-row coefficients are a [B, n_ops] tensor, and several add vectors at one layer are summed into one
-  [B, d_model] shift when steering is installed;
+* the edits come from the one steering plan (``steerlib.steering.plan``): each batch row is a plan row with its
+  own prompt length (and its own coefficients when ``row_coefs`` is given), and the per-token table index,
+  coefficient and bounds are computed inside the graph from ``position_ids`` by the plan's ``token_args``;
 * the read-out goes into a preallocated ``readout`` [max_steps + 1, B, n_layers, K] at step
   ``position - prompt_length + 1`` of each row's last token (step 0 is the prefill's last token, which
   predicts the first generated one, as in ``steerlib.steering.generation``). Writes past ``max_steps`` land in the
   extra last slot instead of out of bounds;
-* the fused op runs as the custom op ``torch.ops.steerlib.steer_project`` (torch/Triton/CUDA inside),
-  whose fake implementation lets the compiler place it; its inputs are validated once, at install.
+* the edit runs as the registered per-row op ``torch.ops.steerlib.steer_rows`` (torch/Triton/CUDA inside),
+  whose fake implementation lets the compiler place it; values are checked once, when the plan is built.
 
 Hooks are global state: while a ``CompiledSteering`` is installed, every forward pass of the model is steered.
 
@@ -31,36 +32,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from steerlib.core.arch import Layout, get_layout
+from steerlib.core.compat import cache_keyword
 from steerlib.core.hooks import HookHandles
-from steerlib.kernels import steer_project_inline, steer_project_op, validate_steer_inputs
+from steerlib.kernels import steer_rows_inline, steer_rows_op
+from steerlib.steering.plan import Add, Edit, SteeringPlan, lower_ops
 from steerlib.steering.steer import SteerOp, TraitReadout
-
-
-@dataclass(frozen=True)
-class _FusedStep:
-    """One call of the fused op: a single add vector (steer/alpha) or a cap (cap_dir and bounds)."""
-
-    positions: str
-    steer: Tensor | None = None  # [D] fp32
-    alpha: float = 0.0
-    cap_dir: Tensor | None = None  # [D] fp32 unit
-    cap_min: float | None = None
-    cap_max: float | None = None
-    row_scale: Tensor | None = None  # [B] fp32 per-row coefficient (add) or mask weight (cap), or None
-
-
-@dataclass(frozen=True)
-class _ShiftStep:
-    """Several add vectors at one layer summed into one per-row shift [B, D] (e.g. one vector per row)."""
-
-    positions: str
-    shift: Tensor  # [B, D] fp32
 
 
 def compile_config(model: nn.Module, **overrides):
@@ -106,7 +87,8 @@ class CompiledSteering:
         prompt_lengths: [B] real (unpadded) prompt length of each row, e.g. ``attention_mask.sum(1)``.
         max_steps: tokens to be generated (size of the read-out buffer).
         row_coefs: [B, len(ops)] per-row coefficients, or None to use each op's ``coef`` for every row. For an
-            add op the entry replaces ``coef``; for ablate/cap it scales the correction (1 = full, 0 = off).
+            add op the entry replaces ``coef``; for ablate/cap it switches the edit on (1) or off (0) in that row
+            (per-row caps are all or nothing).
         backend: backend of the fused op inside the custom op ("auto", "torch", "triton", "cuda"), or
             "inline": the same math as plain torch ops in the graph, which the compiler fuses with the block's
             own kernels (cheaper on CPU, where no CUDA graph hides the custom op's Python call).
@@ -138,7 +120,10 @@ class CompiledSteering:
                 raise ValueError("row_coefs contains NaN or inf values")
         self.prompt_lengths = prompt_lengths.detach().to(device=self.device, dtype=torch.long)
         self._rows = torch.arange(self.batch, device=self.device)
-        self._steps = self._plan(ops, row_coefs)
+        for op in ops:
+            self.layout.check_layer(op.layer, allow_embeddings=False)
+        self.plan = SteeringPlan(self.layout.d_model, self.device)
+        self.plan.set_rows(self._row_edits(ops, row_coefs), self.prompt_lengths.tolist())
         self._readout_dirs: dict[int, Tensor] = {}
         self._readout_index: dict[int, int] = {}
         self.buffer: Tensor | None = None
@@ -146,7 +131,8 @@ class CompiledSteering:
             for i, layer in enumerate(readout.layers):
                 layer = self.layout.check_layer(layer, allow_embeddings=False)
                 dirs = readout.directions[layer].to(device=self.device, dtype=torch.float32).contiguous()
-                validate_steer_inputs(self.layout.d_model, self.device, readout=dirs)
+                if not bool(torch.isfinite(dirs).all()):  # checked once here, never on the decode path
+                    raise ValueError(f"read-out directions at layer {layer} contain NaN or inf values")
                 self._readout_dirs[layer] = dirs
                 self._readout_index[layer] = i
             k = len(readout.names)
@@ -156,57 +142,29 @@ class CompiledSteering:
                 torch._dynamo.mark_static_address(self.buffer)
         self._handles = HookHandles()
 
-    def _plan(self, ops: list[SteerOp], row_coefs: Tensor | None) -> dict[int, list[_FusedStep | _ShiftStep]]:
-        """Per layer, the steps to run in op order; consecutive adds with the same positions are merged."""
-        d = self.layout.d_model
-        grouped: dict[int, list[tuple[int, SteerOp]]] = {}
-        for i, op in enumerate(ops):
-            layer = self.layout.check_layer(op.layer, allow_embeddings=False)
-            grouped.setdefault(layer, []).append((i, op))
-        plans: dict[int, list[_FusedStep | _ShiftStep]] = {}
-        for layer, items in grouped.items():
-            steps: list[_FusedStep | _ShiftStep] = []
-            run: list[tuple[int, SteerOp, Tensor]] = []  # consecutive add ops with the same positions
-            for i, op in items:
-                vec = op.vector.detach().to(device=self.device, dtype=torch.float32).contiguous()
-                if op.mode == "add":
-                    validate_steer_inputs(d, self.device, steer_vec=vec)
-                    if run and run[-1][1].positions != op.positions:
-                        steps.append(self._add_step(run, row_coefs))
-                        run = []
-                    run.append((i, op, vec))
-                    continue
-                if run:
-                    steps.append(self._add_step(run, row_coefs))
-                    run = []
-                unit = vec / vec.norm()
-                lo, hi = (0.0, 0.0) if op.mode == "ablate" else (op.cap_min, op.cap_max)
-                validate_steer_inputs(d, self.device, cap_dir=unit, cap_min=lo, cap_max=hi)
-                scale = row_coefs[:, i].contiguous() if row_coefs is not None else None
-                steps.append(_FusedStep(op.positions, cap_dir=unit, cap_min=lo, cap_max=hi, row_scale=scale))
-            if run:
-                steps.append(self._add_step(run, row_coefs))
-            plans[layer] = steps
-        return plans
-
-    def _add_step(self, run: list[tuple[int, SteerOp, Tensor]], row_coefs: Tensor | None) -> _FusedStep | _ShiftStep:
-        """One step for consecutive add ops: the fused op for a single vector, else a summed per-row shift."""
-        if len(run) == 1:
-            i, op, vec = run[0]
-            # The coefficient travels as a tensor even when it is one number: a Python float would be a graph
-            # constant, and every new coefficient would compile a new graph.
-            scale = (row_coefs[:, i].contiguous() if row_coefs is not None else
-                     torch.full((self.batch,), float(op.coef), device=self.device))
-            return _FusedStep(op.positions, steer=vec, alpha=1.0, row_scale=scale)
-        if row_coefs is not None:
-            coefs = row_coefs[:, [i for i, _, _ in run]]
-        else:
-            coefs = torch.tensor([[op.coef for _, op, _ in run]], device=self.device).expand(self.batch, -1)
-        shift = coefs @ torch.stack([vec for _, _, vec in run])  # [B, n] @ [n, D] -> [B, D]
-        return _ShiftStep(run[0][1].positions, shift.contiguous())
+    def _row_edits(self, ops: list[SteerOp], row_coefs: Tensor | None) -> list[list[Edit]]:
+        """Each batch row's edits: the ops, with that row's coefficient where ``row_coefs`` gives one."""
+        edits = lower_ops(ops)
+        if row_coefs is None:
+            return [edits] * self.batch
+        rows = []
+        for b in range(self.batch):
+            row = []
+            for i, (op, edit) in enumerate(zip(ops, edits, strict=True)):
+                c = float(row_coefs[b, i])
+                if isinstance(op.method, Add):
+                    row.append(edit.with_coef(c))
+                elif c == 1.0:
+                    row.append(edit)
+                elif c != 0.0:
+                    raise ValueError(f"row_coefs[{b}, {i}] is {c:g} for a {op.mode!r} op: per-row caps and "
+                                     "ablations are all or nothing (0 or 1)")
+            rows.append(row)
+        return rows
 
     def _make_hook(self, layer: int):
-        steps = self._steps.get(layer, [])
+        state = self.plan.layers.get(layer)
+        plan = self.plan
         readout_dirs = self._readout_dirs.get(layer)
         readout_index = self._readout_index.get(layer, 0)
         prompt_lengths, rows, buffer = self.prompt_lengths, self._rows, self.buffer
@@ -224,36 +182,25 @@ class CompiledSteering:
                                    "response tokens cannot be told apart from tensors; this model's decoder does "
                                    "not pass them to its blocks (use steerlib.steering.steer for it)")
             positions = position_ids.expand(b, t)
-            response = positions >= prompt_lengths[:, None]  # [B, T] bool
             flat = hidden.reshape(b * t, width)
             proj = None
-            for i, step in enumerate(steps):
-                last = i == len(steps) - 1
-                mask = None if step.positions == "all" else (response if step.positions == "response" else ~response)
-                if isinstance(step, _ShiftStep):
-                    shift = step.shift[:, None, :] if mask is None else mask[:, :, None] * step.shift[:, None, :]
-                    flat = (flat.float().view(b, t, width) + shift).reshape(b * t, width).to(flat.dtype)
-                    continue
-                if step.row_scale is not None:
-                    scale = step.row_scale[:, None].expand(b, t)
-                    mask = scale if mask is None else scale * mask.float()
-                row_mask = None if mask is None else mask.float().reshape(b * t)
-                if backend == "inline":
-                    flat, p = steer_project_inline(flat, step.steer, step.alpha, row_mask, step.cap_dir,
-                                                   step.cap_min, step.cap_max, readout_dirs if last else None)
-                else:
-                    flat, p = steer_project_op(
-                        flat, step.steer, step.alpha, row_mask, step.cap_dir, step.cap_min, step.cap_max,
-                        readout_dirs if last else None, backend,
-                    )
-                if last and readout_dirs is not None:
-                    proj = p
+            if state is not None:
+                args = plan.token_args(rows[:, None].expand(b, t).reshape(-1), positions.reshape(-1), state.slots)
+                for j in range(len(state.slots)):
+                    last = j == len(state.slots) - 1
+                    coef = args["coef"][j] if state.adds[j] else None
+                    lo, hi = (args["lo"][j], args["hi"][j]) if state.caps[j] else (None, None)
+                    mon = readout_dirs if last else None
+                    if backend == "inline":
+                        flat, proj = steer_rows_inline(flat, state.table, args["index"][j], coef, lo, hi, mon)
+                    else:
+                        flat, proj = steer_rows_op(flat, state.table, args["index"][j], coef, lo, hi, mon, backend)
             if readout_dirs is not None:
-                if proj is None:  # nothing steered last at this layer: read out only
+                if proj is None:  # nothing steered at this layer: read out only
                     proj = flat.float() @ readout_dirs.T
                 step_index = (positions[:, -1] - prompt_lengths + 1).clamp(0, max_steps)  # [B]
                 buffer.select(2, readout_index).index_put_((step_index, rows), proj.view(b, t, -1)[:, -1])
-            if not steps:
+            if state is None:
                 return None
             new_hidden = flat.view(b, t, width)
             return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
@@ -284,7 +231,7 @@ class CompiledSteering:
             )
         if self.buffer is not None:
             self.buffer.zero_()
-        layers = sorted(set(self._steps) | set(self._readout_dirs))
+        layers = sorted(set(self.plan.layers) | set(self._readout_dirs))
         with self._handles.registering() as handles:
             for layer in layers:
                 block = self.layout.blocks[layer - 1]
@@ -319,18 +266,36 @@ def generate_batch(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
         backend: fused-op backend.
 
     Returns:
-        ``(generated ids [B, n] on CPU, read-out [B, n, n_readout_layers, K] or None)``.
+        ``(generated ids [B, n] on CPU, read-out [B, n + 1, n_readout_layers, K] or None)``: step ``j < n`` is
+        paired with generated token ``j``, step ``n`` is read at the last generated token's own position.
     """
     max_new = generate_kwargs.get("max_new_tokens")
     if not isinstance(max_new, int) or max_new < 1:
         raise ValueError(f"generate_kwargs needs max_new_tokens >= 1, got {max_new!r}")
-    kwargs = dict(generate_kwargs, cache_implementation="static",
-                  compile_config=compile_config(model, **(compile_options or {})))
+    kwargs = dict(generate_kwargs, compile_config=compile_config(model, **(compile_options or {})))
+    if readout is None:
+        kwargs["cache_implementation"] = "static"
+    else:
+        from transformers import StaticCache
+
+        # generate's own static cache stops one slot short of the last sampled token; the closing pass below
+        # feeds that token, so the cache gets the one extra slot.
+        kwargs[cache_keyword(model)] = StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + max_new)
     # Guard compiled graphs on the hooks present: by default dynamo would reuse a graph traced with other
     # (or no) steering hooks. Graphs compiled here, steered or not, carry the guard.
     with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False), \
             CompiledSteering(model, steering, readout, prompt_lengths=attention_mask.sum(1), max_steps=max_new,
                              row_coefs=row_coefs, backend=backend) as cs:
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    new = out[:, input_ids.shape[1]:].cpu()
-    return new, (cs.projections(new.shape[1]) if readout is not None else None)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, return_dict_in_generate=True,
+                             **kwargs)
+        new = out.sequences[:, input_ids.shape[1]:].cpu()
+        if readout is None:
+            return new, None
+        # One eager pass over each row's last token gives that token's own read-out (see generation.py); it
+        # lands in the buffer's step ``len(new)``.
+        b, n = new.shape
+        mask = torch.cat([attention_mask, attention_mask.new_ones((b, n))], dim=1)
+        model(input_ids=out.sequences[:, -1:], attention_mask=mask, position_ids=(mask.sum(1, keepdim=True) - 1),
+              cache_position=torch.tensor([mask.shape[1] - 1], device=mask.device), use_cache=True,
+              **{cache_keyword(model): out.past_key_values})
+    return new, cs.buffer[:n + 1].transpose(0, 1).float().cpu()

@@ -4,6 +4,12 @@ Per-token read-out convention: the projection paired with generated token ``t`` 
 whose output produced ``t``. The first generated token therefore pairs with the last prompt token, which
 is the paper's pre-generation predictor (section 3.3), and every value is available the moment its token
 is emitted, which is what streaming needs.
+
+"A response's projection" has one meaning in steerlib: the mean over the response tokens' own positions, as
+``steerlib monitor`` and ``flag`` compute it from a logged conversation. ``Generation.mean_projection`` gives
+exactly that: the paired values from the second on are read at response tokens, and the last token's own
+read-out comes from one extra forward pass at the end of generation (``closing``), which the serving engine
+does too. The last prompt token's value is ``prompt_last_projection``.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from steerlib.core.capture import check_context, pad_batch, pad_token_id
 from steerlib.core.checks import check_int, check_number, check_text
+from steerlib.core.compat import cache_keyword
+from steerlib.core.models import eos_ids
 from steerlib.steering.compiled import generate_batch
 from steerlib.steering.steer import ResidualEditor, SteerOp, TraitReadout
 
@@ -35,9 +43,12 @@ class Generation:
         prompt: the formatted prompt.
         text: decoded response (special tokens removed).
         token_ids: generated token ids (up to and excluding padding after EOS).
-        projections: [n_tokens, n_readout_layers, K] on unit trait directions, or None without a read-out.
+        projections: [n_tokens, n_readout_layers, K] on unit trait directions, paired with the tokens they
+            produced (row 0: the last prompt token), or None without a read-out.
         trait_names: names of the K traits read out.
         layers: read-out layers.
+        closing: [n_readout_layers, K] read at the last generated token's own position when the response did
+            not end with EOS (an EOS token's paired value is read at the last response token already).
     """
 
     prompt: str
@@ -46,6 +57,7 @@ class Generation:
     projections: Tensor | None = None
     trait_names: tuple[str, ...] = ()
     layers: tuple[int, ...] = ()
+    closing: Tensor | None = None
 
     def _index(self, trait: str | None, layer: int | None) -> tuple[int, int]:
         if self.projections is None:
@@ -63,27 +75,27 @@ class Generation:
         """Projection of the last prompt token: predicts the trait before any token is generated."""
         return float(self.token_projections(trait, layer)[0])
 
+    def response_projections(self, trait: str | None = None, layer: int | None = None) -> Tensor:
+        """[n_response_tokens] projection at each response token's own position (EOS excluded)."""
+        li, k = self._index(trait, layer)
+        values = self.projections[1:, li, k]
+        if self.closing is not None:
+            values = torch.cat([values, self.closing[li, k].reshape(1)])
+        return values
+
     def mean_projection(self, trait: str | None = None, layer: int | None = None) -> float:
-        return float(self.token_projections(trait, layer).mean())
+        """Mean over the response tokens (the meaning ``steerlib monitor`` and the server use)."""
+        return float(self.response_projections(trait, layer).mean())
 
     def max_projection(self, trait: str | None = None, layer: int | None = None) -> float:
-        return float(self.token_projections(trait, layer).max())
+        """Max over the response tokens."""
+        return float(self.response_projections(trait, layer).max())
 
 
 def _one_readout(readout: TraitReadout | None, monitor: TraitReadout | None) -> TraitReadout | None:
     if readout is not None and monitor is not None:
         raise ValueError("pass readout= only (monitor= is its old name)")
     return readout if readout is not None else monitor
-
-
-def eos_ids(model: nn.Module, tokenizer) -> set[int]:
-    """Every token id that ends a response: the generation config's EOS ids and the tokenizer's."""
-    ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
-    ids = ids if isinstance(ids, list) else [ids]
-    out = {i for i in ids if i is not None}
-    if tokenizer.eos_token_id is not None:
-        out.add(tokenizer.eos_token_id)
-    return out
 
 
 def _sampling_kwargs(max_new_tokens: int, temperature: float, top_p: float, pad_id: int) -> dict:
@@ -123,6 +135,23 @@ def _split_readout(readout: TraitReadout | None, rows: int, steps: int) -> list[
         per_layer.append(torch.stack([r[:, -1].float().cpu() for r in recs[:steps]], dim=1))  # [B, steps, K]
     stacked = torch.stack(per_layer, dim=2)  # [B, steps, n_layers, K]
     return [stacked[i] for i in range(rows)]
+
+
+def _closing_readout(model: nn.Module, readout: TraitReadout, sequences: Tensor, prompt_mask: Tensor,
+                     cache) -> Tensor:
+    """Feed every row's last generated token once more and return its read-out [B, n_layers, K].
+
+    ``generate`` never feeds the token it samples last, so that token's own position has no read-out; this one
+    extra pass (steered like any response token, through the hooks already installed) supplies it.
+    """
+    b = sequences.shape[0]
+    n_new = sequences.shape[1] - prompt_mask.shape[1]
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones((b, n_new))], dim=1)
+    position = (mask.sum(1, keepdim=True) - 1).long()
+    model(input_ids=sequences[:, -1:], attention_mask=mask, position_ids=position,
+          cache_position=torch.tensor([mask.shape[1] - 1], device=mask.device), use_cache=True,
+          **{cache_keyword(model): cache})
+    return torch.stack([readout.records[layer][-1][:, -1].float().cpu() for layer in readout.layers], dim=1)
 
 
 @torch.inference_mode()
@@ -178,19 +207,27 @@ def generate(
     for start in range(0, len(prompts), batch_size):
         idx = list(range(start, min(start + batch_size, len(prompts))))
         ids, mask, _, _ = pad_batch([encoded[i] for i in idx], pad_id, "left")
+        closing = None
         if compile:
             new, rows = generate_batch(model, ids.to(device), mask.to(device), kwargs, steering=steering,
                                        readout=readout,
                                        compile_options=compile if isinstance(compile, dict) else None)
+            if rows is not None:  # the buffer's extra last step holds the closing pass's read-out
+                rows, closing = rows[:, :-1], rows[:, -1]
             per_row = list(rows) if rows is not None else [None] * len(idx)
         else:
             with ResidualEditor(model, steering, readout):
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-                new = out[:, ids.shape[1]:].cpu()
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     return_dict_in_generate=True, **kwargs)
+                new = out.sequences[:, ids.shape[1]:].cpu()
                 per_row = _split_readout(readout, len(idx), new.shape[1])
+                if readout is not None:
+                    closing = _closing_readout(model, readout, out.sequences, mask.to(device),
+                                               out.past_key_values)
         for row, i in enumerate(idx):
             tokens = new[row].tolist()
             n = next((j + 1 for j, t in enumerate(tokens) if t in eos), len(tokens))
+            ended = n < len(tokens) or (tokens and tokens[-1] in eos)
             tokens = tokens[:n]
             proj = per_row[row][:n] if per_row[row] is not None else None
             results[i] = Generation(
@@ -200,6 +237,7 @@ def generate(
                 projections=proj,
                 trait_names=tuple(readout.names) if readout else (),
                 layers=tuple(readout.layers) if readout else (),
+                closing=closing[row] if closing is not None and not ended else None,
             )
         bar.update(len(idx))
     bar.close()

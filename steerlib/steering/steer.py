@@ -29,65 +29,36 @@ from steerlib.core.compat import find_cache, past_length
 from steerlib.core.hooks import HookHandles
 from steerlib.core.loading import load_vectors, pick_layer, resolve_vector
 from steerlib.core.vectors import TraitVectors, VectorSource, check_vector
+from steerlib.steering.plan import METHODS, POSITION_RULES, SteeringPlan, SteerOp, lower_ops, position_rule
 
-# steerlib.kernels is the top-level kernels/ folder, installed under this name (pyproject.toml package-dir).
-from steerlib.kernels import fused_steer_project
+__all__ = ["ResidualEditor", "SteerOp", "TraitReadout", "build_ops", "build_readout", "read_out", "steer"]
 
 Mode = Literal["add", "ablate", "cap"]
 Positions = Literal["all", "prompt", "response"]
 
+# The built-in names; methods and position rules registered later are accepted too (see ``plan``).
 MODES = ("add", "ablate", "cap")
 POSITIONS = ("all", "prompt", "response")
 
 
-@dataclass(frozen=True)
-class SteerOp:
-    """One edit at one layer.
-
-    Attributes:
-        layer: residual-stream layer, 1..n_layers.
-        vector: [d_model] direction (any norm; ``add`` uses it as given, ``ablate``/``cap`` its unit version).
-        mode: "add" (h + coef * v), "ablate" (remove the component along v), "cap" (clamp <h, v/|v|>).
-        coef: scale for ``add``.
-        cap_min: lower bound of the projection for ``cap`` (None: unbounded).
-        cap_max: upper bound of the projection for ``cap`` (None: unbounded).
-        positions: which tokens the edit touches.
-    """
-
-    layer: int
-    vector: Tensor
-    mode: Mode = "add"
-    coef: float = 1.0
-    cap_min: float | None = None
-    cap_max: float | None = None
-    positions: Positions = "all"
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"unknown steering mode {self.mode!r}; choose from {MODES}")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"unknown positions {self.positions!r}; choose from {POSITIONS}")
-        if self.mode == "cap" and self.cap_min is None and self.cap_max is None:
-            raise ValueError("mode 'cap' needs cap_min and/or cap_max")
-        check_number(self.coef, f"steering coefficient at layer {self.layer}")
-        for name in ("cap_min", "cap_max"):
-            if getattr(self, name) is not None:
-                check_number(getattr(self, name), name)
-        check_vector(self.vector, name=f"steering vector at layer {self.layer}")
-
-
 class _PositionTracker:
-    """Knows, for the current forward pass, where each token sits relative to the prompt.
+    """Knows, for the current forward pass, the absolute positions of its tokens and the prompt's length.
 
     A forward pre-hook on the decoder body reads how many tokens the KV cache already holds before any block
     runs (the cache is found by type, not by keyword: see ``steerlib.core.compat``). An empty cache means a
-    prefill (all prompt); a non-empty one means decoding (all response). When the split cannot be
-    established, steering restricted to "prompt" or "response" raises instead of guessing.
+    prefill, whose tokens are the prompt (so the prompt length is that pass's length); later passes continue
+    from the cache. Positions are in the batch's padded coordinates, which is all the plan's rule needs
+    ("prompt iff position < prompt length"). When the split cannot be established (no cache found but the
+    position ids run past the pass), ``known`` is False and edits restricted to prompt or response raise.
     """
 
     def __init__(self) -> None:
-        self.past_len: int | None = 0
+        self.past_len = 0
+        self.prompt_len = 0
         self.seq_len = 0
+        self.batch = 0
+        self.known = True
+        self.new_prompt = False
 
     def pre_hook(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = kwargs.get("input_ids")
@@ -95,31 +66,41 @@ class _PositionTracker:
             x = kwargs.get("inputs_embeds")
         if x is None and args:
             x = args[0]
+        self.batch = int(x.shape[0]) if isinstance(x, Tensor) else 0
         self.seq_len = int(x.shape[1]) if isinstance(x, Tensor) else 0
         past = past_length(args, kwargs)
+        self.known = past is not None
         if past == 0 and find_cache(args, kwargs) is None:
             # No cache object was found. If the position ids run past this pass's length, tokens came
             # before it: the cache is being passed in a way this version of steerlib does not recognise.
             position_ids = kwargs.get("position_ids")
             if isinstance(position_ids, Tensor) and position_ids.numel() and int(position_ids.max()) >= self.seq_len:
-                past = None
-        self.past_len = past
+                self.known = False
+        self.past_len = past if self.known and past is not None else 0
+        if self.known and past == 0:
+            self.prompt_len = self.seq_len
+            self.new_prompt = True
 
     def in_prompt(self) -> bool:
-        """Whether the current pass is the prefill; raises if that cannot be told."""
-        if self.past_len is None:
+        """Whether the current pass starts inside the prompt (the prefill); raises if that cannot be told."""
+        self.check(True)
+        return self.past_len < self.prompt_len
+
+    def applies(self, positions: str) -> bool:
+        """Whether an edit restricted to ``positions`` touches the first token of the current pass."""
+        rule = position_rule(positions)
+        self.check(rule.name != "all")
+        start, end = rule.interval(self.prompt_len)
+        return start <= self.past_len < end
+
+    def check(self, needs_split: bool) -> None:
+        """Raise if an edit restricted to prompt or response tokens meets a pass that cannot be placed."""
+        if needs_split and not self.known:
             raise RuntimeError(
                 "cannot tell prompt from response tokens in this forward pass: no KV cache was found among "
                 "the decoder's inputs (generation with use_cache=False, or an unrecognised transformers "
                 "interface); use positions='all' or generate with a KV cache"
             )
-        return self.past_len == 0
-
-    def applies(self, positions: str) -> bool:
-        """Whether an edit restricted to ``positions`` touches the tokens of the current pass."""
-        if positions == "all":
-            return True
-        return self.in_prompt() == (positions == "prompt")
 
 
 @dataclass
@@ -170,62 +151,53 @@ class ResidualEditor:
         self.positions = _PositionTracker()
         self._handles = HookHandles()
         device = next(model.parameters()).device
-        self._plans: dict[int, list[dict]] = {}
         for op in self.ops:
             layer = self.layout.check_layer(op.layer, allow_embeddings=False)
             check_vector(op.vector, self.layout.d_model, name=f"steering vector at layer {layer}")
-            vec = op.vector.detach().to(device=device, dtype=torch.float32)
-            unit = vec / vec.norm()
-            # Precompute everything a hook needs, so nothing is allocated on the decode path.
-            if op.mode == "add":
-                plan = {"steer_vec": vec, "alpha": float(op.coef)}
-            elif op.mode == "ablate":
-                plan = {"cap_dir": unit, "cap_min": 0.0, "cap_max": 0.0}
-            else:
-                plan = {"cap_dir": unit, "cap_min": op.cap_min, "cap_max": op.cap_max}
-            plan["positions"] = op.positions
-            self._plans.setdefault(layer, []).append(plan)
+        # Every batch row makes the same edits: the plan has one row, and every token maps to it.
+        self._edits = lower_ops(self.ops)
+        self._needs_split = any(e.rule.name != "all" for e in self._edits)
+        self.plan = SteeringPlan(self.layout.d_model, device)
+        self.plan.set_rows([self._edits], [0])
         self._readout_dirs: dict[int, Tensor] = {}
         if readout is not None:
             for layer in readout.layers:
                 layer = self.layout.check_layer(layer, allow_embeddings=False)
                 self._readout_dirs[layer] = readout.directions[layer].to(device=device, dtype=torch.float32)
 
-    def _make_hook(self, layer: int):
-        plans = self._plans.get(layer, [])
-        readout_dirs = self._readout_dirs.get(layer)
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Before the blocks run: place this pass's tokens and fill the plan's per-token arguments."""
         tracker = self.positions
+        tracker.pre_hook(module, args, kwargs)
+        if not self.plan.layers:
+            return
+        tracker.check(self._needs_split)
+        if tracker.new_prompt:
+            tracker.new_prompt = False
+            self.plan.set_rows([self._edits], [tracker.prompt_len])
+        b, t = tracker.batch, tracker.seq_len
+        device = self.plan.device
+        position = torch.arange(tracker.past_len, tracker.past_len + t, device=device).repeat(b)
+        self.plan.fill(torch.zeros(b * t, dtype=torch.int64, device=device), position)
+
+    def _make_hook(self, layer: int):
+        readout_dirs = self._readout_dirs.get(layer)
+        plan = self.plan
 
         def hook(_module: nn.Module, _args: tuple, output: object):
             hidden = output[0] if isinstance(output, tuple) else output
             batch, seq, width = hidden.shape
-            # In-place edits would corrupt autograd's saved tensors during training.
-            inplace = not (torch.is_grad_enabled() and hidden.requires_grad)
             flat = hidden.reshape(batch * seq, width)
-            if not flat.is_contiguous():
-                flat = flat.contiguous()
-                inplace = False
-            projections = None
-            active = [p for p in plans if tracker.applies(p["positions"])]
-            for i, plan in enumerate(active):
-                last = i == len(active) - 1
-                flat, proj = fused_steer_project(
-                    flat,
-                    steer_vec=plan.get("steer_vec"),
-                    alpha=plan.get("alpha", 0.0),
-                    cap_dir=plan.get("cap_dir"),
-                    cap_min=plan.get("cap_min"),
-                    cap_max=plan.get("cap_max"),
-                    readout=readout_dirs if last else None,
-                    inplace=inplace,
-                )
-                if last:
-                    projections = proj
+            # In-place edits would corrupt autograd's saved tensors during training.
+            functional = (torch.is_grad_enabled() and hidden.requires_grad) or not flat.is_contiguous()
+            if functional:
+                flat, projections = plan.apply_functional(layer, flat, readout_dirs)
+            else:
+                projections = plan.apply(layer, flat, readout_dirs)
             if readout_dirs is not None:
-                if projections is None:  # nothing steered here: read out only
-                    projections = flat.float() @ readout_dirs.T
-                self.readout.records[layer].append(projections.detach().view(batch, seq, -1))
-            if inplace:
+                # The plan reuses its read-out buffer on the next pass: keep a copy.
+                self.readout.records[layer].append(projections.detach().view(batch, seq, -1).clone())
+            if not functional:
                 return None
             new_hidden = flat.view(batch, seq, width)
             return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
@@ -235,9 +207,9 @@ class ResidualEditor:
     def __enter__(self) -> ResidualEditor:
         if self.readout is not None:
             self.readout.clear()
-        layers = sorted(set(self._plans) | set(self._readout_dirs))
+        layers = sorted(set(self.plan.layers) | set(self._readout_dirs))
         with self._handles.registering() as handles:
-            handles.add(self.layout.body.register_forward_pre_hook(self.positions.pre_hook, with_kwargs=True))
+            handles.add(self.layout.body.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             for layer in layers:
                 handles.add(self.layout.blocks[layer - 1].register_forward_hook(self._make_hook(layer)))
         return self
@@ -271,8 +243,9 @@ def build_ops(
     sources = list(vectors) if isinstance(vectors, list | tuple) else [vectors]
     if not sources:
         raise ValueError("no steering vectors given")
-    check_choice(mode, "steering mode", MODES)
-    check_choice(positions, "positions", POSITIONS)
+    check_choice(mode, "steering mode", tuple(METHODS))
+    if not hasattr(positions, "interval"):
+        check_choice(positions, "positions", tuple(POSITION_RULES))
     coefs = [check_number(c, "steering coefficient") for c in _as_list(coef, len(sources), "coefficients")]
     if layers is not None and not isinstance(layers, int) and len(layers) == 0:
         raise ValueError("layers is empty: nothing would be steered; pass at least one layer (or None for the "

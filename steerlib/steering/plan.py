@@ -1,0 +1,522 @@
+"""The one steering plan: steering specs lowered to vector tables and per-token arguments of the one op.
+
+Every steering path in steerlib (the eager editor, the compiled path, the serving engine, the vLLM plugin)
+consumes this module and nothing else decides what an edit means:
+
+* a **steering method** (``Add``, ``Ablate``, ``Cap``...) lowers itself, for a given vector, to one table row and
+  three per-token scalars: ``(row [D], coef, lo, hi)``. The per-row op (``steerlib.kernels``, torch / Triton /
+  CUDA) then computes ``h1 = h + coef * row``; ``p = <h1, row>``; ``h2 = h1 + (clamp(p, lo, hi) - p) * row``;
+* a **position rule** (``all``, ``prompt``, ``response``...) lowers, for a row whose prompt has ``P`` tokens, to a
+  half-open interval ``[start, end)`` of absolute positions. The prompt/response rule is stated once, here:
+  **a token at absolute position ``p`` is a prompt token iff ``p < P``**;
+* a ``SteeringPlan`` holds, per steered layer, a table ``[V, D]`` whose row 0 is zeros ("no edit"), and per
+  (layer, slot, batch row) the table entry, coefficient, bounds and interval. ``fill(row_of_token, position)``
+  turns that into per-token ``index / coef / lo / hi`` buffers (written in place, a handful of tensor ops
+  whatever the batch, no Python loop over tokens), and ``apply(layer, hidden)`` runs the registered op once
+  per slot. A *slot* is the n-th edit a row makes at a layer: two edits at one layer (an add and a cap, say)
+  are two slots, applied in the order given.
+
+Adding a steering method
+------------------------
+Write one class in one place and register it; nothing else changes (no hook, kernel or engine code)::
+
+    @register_method
+    @dataclass(frozen=True)
+    class Pin(SteeringMethod):
+        '''Set the projection on the unit direction to exactly ``value``.'''
+        name: ClassVar[str] = "pin"
+        value: float = 0.0
+
+        @classmethod
+        def from_fields(cls, coef, cap_min, cap_max):
+            return cls(value=coef)
+
+        def lower(self, vector):
+            return Lowered(unit(vector), 0.0, self.value, self.value)
+
+``SteerOp(layer, v, mode="pin", coef=2.0)`` then steers through every path: ``steer()``, ``generate()``, the
+compiled path and the server's engine. ``tests/test_plan.py`` adds exactly this method in the test itself.
+A method must be expressible in the per-row op's arguments; one that is not needs a new op argument first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from steerlib.core.checks import check_number
+from steerlib.core.vectors import check_vector
+from steerlib.kernels import fused_steer_rows, steer_rows_
+
+INF = math.inf
+# The end of an open interval, as an int64 (positions are compared as integers on the device).
+NO_END = 2**62
+
+
+def unit(vector: Tensor) -> Tensor:
+    """``vector`` scaled to unit L2 norm (fp32)."""
+    v = vector.float()
+    return v / v.norm()
+
+
+@dataclass(frozen=True)
+class Lowered:
+    """A method's edit in the per-row op's terms: table row ``[D]`` fp32, coefficient and cap bounds."""
+
+    row: Tensor
+    coef: float = 0.0
+    lo: float = -INF
+    hi: float = INF
+
+
+class SteeringMethod(ABC):
+    """A way of editing the residual stream along a vector; it lowers itself to the per-row op's arguments."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def from_fields(cls, coef: float, cap_min: float | None, cap_max: float | None) -> SteeringMethod:
+        """Build the method from ``SteerOp``'s generic fields (raise ``ValueError`` on a missing field)."""
+
+    @abstractmethod
+    def lower(self, vector: Tensor) -> Lowered:
+        """The table row and per-token scalars for ``vector`` [D] fp32."""
+
+
+METHODS: dict[str, type[SteeringMethod]] = {}
+
+
+def register_method(cls: type[SteeringMethod]) -> type[SteeringMethod]:
+    """Make a method available by its ``name`` to ``SteerOp(mode=...)`` and everything built on it."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+@register_method
+@dataclass(frozen=True)
+class Add(SteeringMethod):
+    """``h + coef * v`` (``v`` as given, not normalised)."""
+
+    name: ClassVar[str] = "add"
+    coef: float = 1.0
+
+    @classmethod
+    def from_fields(cls, coef, cap_min, cap_max):
+        return cls(coef=float(coef))
+
+    def lower(self, vector):
+        return Lowered(vector.float(), self.coef)
+
+
+@register_method
+@dataclass(frozen=True)
+class Ablate(SteeringMethod):
+    """Remove the component along ``v``: a cap of the projection on the unit vector to ``[0, 0]``."""
+
+    name: ClassVar[str] = "ablate"
+
+    @classmethod
+    def from_fields(cls, coef, cap_min, cap_max):
+        return cls()
+
+    def lower(self, vector):
+        return Lowered(unit(vector), 0.0, 0.0, 0.0)
+
+
+@register_method
+@dataclass(frozen=True)
+class Cap(SteeringMethod):
+    """Clamp the projection on the unit vector into ``[lo, hi]`` (None: unbounded on that side)."""
+
+    name: ClassVar[str] = "cap"
+    lo: float | None = None
+    hi: float | None = None
+
+    @classmethod
+    def from_fields(cls, coef, cap_min, cap_max):
+        if cap_min is None and cap_max is None:
+            raise ValueError("mode 'cap' needs cap_min and/or cap_max")
+        if cap_min is not None and cap_max is not None and cap_min > cap_max:
+            raise ValueError(f"cap_min ({cap_min}) must be <= cap_max ({cap_max})")
+        return cls(lo=cap_min, hi=cap_max)
+
+    def lower(self, vector):
+        return Lowered(unit(vector), 0.0, -INF if self.lo is None else float(self.lo),
+                       INF if self.hi is None else float(self.hi))
+
+
+class PositionRule(ABC):
+    """Which tokens of a row an edit touches, as an interval of absolute positions."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def interval(self, prompt_len: int, marker: int | None = None) -> tuple[int, int]:
+        """``[start, end)`` for a row whose prompt has ``prompt_len`` tokens (``NO_END``: open);
+        ``marker`` is the position a marker string was first generated at, when a rule needs one."""
+
+
+POSITION_RULES: dict[str, PositionRule] = {}
+
+
+def register_positions(rule: PositionRule) -> PositionRule:
+    """Make a position rule available by its ``name``."""
+    POSITION_RULES[rule.name] = rule
+    return rule
+
+
+@dataclass(frozen=True)
+class _All(PositionRule):
+    name: ClassVar[str] = "all"
+
+    def interval(self, prompt_len, marker=None):
+        return 0, NO_END
+
+
+@dataclass(frozen=True)
+class _Prompt(PositionRule):
+    name: ClassVar[str] = "prompt"
+
+    def interval(self, prompt_len, marker=None):
+        return 0, prompt_len
+
+
+@dataclass(frozen=True)
+class _Response(PositionRule):
+    name: ClassVar[str] = "response"
+
+    def interval(self, prompt_len, marker=None):
+        return prompt_len, NO_END
+
+
+for _rule in (_All(), _Prompt(), _Response()):
+    register_positions(_rule)
+
+
+def position_rule(positions: str | PositionRule) -> PositionRule:
+    """The rule object for a name (``"all"``, ``"prompt"``, ``"response"``...) or the rule itself."""
+    if isinstance(positions, PositionRule):
+        return positions
+    rule = POSITION_RULES.get(positions) if isinstance(positions, str) else None
+    if rule is None:
+        raise ValueError(f"unknown positions {positions!r}; choose from {tuple(POSITION_RULES)}")
+    return rule
+
+
+@dataclass(frozen=True)
+class SteerOp:
+    """One edit at one layer: the user-facing steering spec.
+
+    Attributes:
+        layer: residual-stream layer, 1..n_layers.
+        vector: [d_model] direction (any norm; ``add`` uses it as given, ``ablate``/``cap`` its unit version).
+            A detached copy is kept, so changing the caller's tensor later changes nothing here.
+        mode: a registered method name: "add" (h + coef * v), "ablate" (remove the component along v),
+            "cap" (clamp <h, v/|v|>), or one registered with ``register_method``.
+        coef: scale for ``add`` (the generic number a method may read).
+        cap_min: lower bound of the projection for ``cap`` (None: unbounded).
+        cap_max: upper bound of the projection for ``cap`` (None: unbounded).
+        positions: which tokens the edit touches (a rule name or a ``PositionRule``).
+    """
+
+    layer: int
+    vector: Tensor
+    mode: str = "add"
+    coef: float = 1.0
+    cap_min: float | None = None
+    cap_max: float | None = None
+    positions: str | PositionRule = "all"
+
+    def __post_init__(self) -> None:
+        if self.mode not in METHODS:
+            raise ValueError(f"unknown steering mode {self.mode!r}; choose from {tuple(METHODS)}")
+        position_rule(self.positions)
+        check_number(self.coef, f"steering coefficient at layer {self.layer}")
+        for name in ("cap_min", "cap_max"):
+            if getattr(self, name) is not None:
+                check_number(getattr(self, name), name)
+        check_vector(self.vector, name=f"steering vector at layer {self.layer}")
+        self.method  # noqa: B018 -- builds the method now, so a missing field fails at construction
+        object.__setattr__(self, "vector", self.vector.detach().clone())
+
+    @property
+    def method(self) -> SteeringMethod:
+        """The steering method object this spec names."""
+        return METHODS[self.mode].from_fields(self.coef, self.cap_min, self.cap_max)
+
+    @property
+    def rule(self) -> PositionRule:
+        return position_rule(self.positions)
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A lowered ``SteerOp``: what the plan stores for one edit of one row at one layer.
+
+    Attributes:
+        layer: residual layer 1..n_layers.
+        key: content digest of ``row`` (rows with the same vector share one table entry).
+        row: [D] fp32 CPU table row.
+        coef, lo, hi: per-token scalars of the per-row op.
+        rule: the position rule.
+    """
+
+    layer: int
+    key: str
+    row: Tensor
+    coef: float
+    lo: float
+    hi: float
+    rule: PositionRule
+
+    def with_coef(self, coef: float) -> Edit:
+        """The same edit with another coefficient (per-row coefficients of one shared spec)."""
+        return Edit(self.layer, self.key, self.row, float(coef), self.lo, self.hi, self.rule)
+
+
+def lower_op(op: SteerOp) -> Edit:
+    """Lower one ``SteerOp`` through its method."""
+    low = op.method.lower(op.vector.detach().float().cpu())
+    row = low.row.detach().float().cpu().contiguous()
+    if not bool(torch.isfinite(row).all()):
+        raise ValueError(f"steering vector at layer {op.layer} lowers to non-finite values (a zero vector "
+                         f"cannot be normalised for {op.mode!r})")
+    for name, value in (("coefficient", low.coef), ("cap_min", low.lo), ("cap_max", low.hi)):
+        if math.isnan(value):
+            raise ValueError(f"{name} of the {op.mode!r} edit at layer {op.layer} is NaN")
+    if low.lo > low.hi:
+        raise ValueError(f"cap_min ({low.lo}) must be <= cap_max ({low.hi})")
+    key = hashlib.blake2b(row.numpy().tobytes(), digest_size=12).hexdigest()
+    return Edit(op.layer, key, row, float(low.coef), float(low.lo), float(low.hi), op.rule)
+
+
+def lower_ops(ops: Sequence[SteerOp]) -> list[Edit]:
+    """Lower every op, in order."""
+    return [lower_op(op) for op in ops]
+
+
+@dataclass
+class _LayerState:
+    """One steered layer: its table, the plan rows of its slots, and which op arguments the slots use."""
+
+    table: Tensor  # [V, D] fp32 on the device, row 0 zeros
+    slots: range  # rows of the plan's parameter matrices
+    adds: list[bool] = field(default_factory=list)  # per slot: some row adds
+    caps: list[bool] = field(default_factory=list)  # per slot: some row has a finite bound
+
+
+class SteeringPlan:
+    """Per-layer vector tables and per-token op arguments for a batch of rows.
+
+    Args:
+        d_model: hidden width.
+        device: where the tables and buffers live.
+        max_tokens: tokens per forward pass the buffers hold at first (they grow when a pass is larger,
+            unless ``fixed`` is set).
+        capacity: table rows per layer (row 0 included) to preallocate, for callers that need fixed addresses
+            (CUDA graphs); None sizes tables to what the rows use.
+        fixed: never reallocate buffers or tables (a pass larger than ``max_tokens`` or more distinct vectors
+            than ``capacity`` raises instead).
+    """
+
+    def __init__(self, d_model: int, device: torch.device | str, *, max_tokens: int = 256,
+                 capacity: int | None = None, fixed: bool = False):
+        self.d_model = d_model
+        self.device = torch.device(device)
+        self.capacity = capacity
+        self.fixed = fixed
+        self.layers: dict[int, _LayerState] = {}
+        self._max_tokens = max(1, max_tokens)
+        self._n_slots = 0
+        self._params: dict[str, Tensor] = {}
+        self._buffers: dict[str, Tensor] = {}
+        self._proj: dict[int, Tensor] = {}
+        self._n = 0
+        self._tables: dict[int, Tensor] = {}  # preallocated tables (capacity set), kept across set_rows
+
+    # -- rows -----------------------------------------------------------------------------------------
+    def set_rows(self, rows: Sequence[Sequence[Edit]], prompt_lens: Sequence[int],
+                 markers: Sequence[int | None] | None = None) -> None:
+        """Describe the batch: row ``r`` makes ``rows[r]``'s edits and has a prompt of ``prompt_lens[r]`` tokens.
+
+        Runs on the host once per change of the batch's rows (not per forward pass).
+        """
+        if len(prompt_lens) != len(rows):
+            raise ValueError(f"got {len(rows)} rows but {len(prompt_lens)} prompt lengths")
+        markers = list(markers) if markers is not None else [None] * len(rows)
+        per_layer: dict[int, list[list[Edit]]] = {}
+        for r, edits in enumerate(rows):
+            for e in edits:
+                per_layer.setdefault(e.layer, [[] for _ in rows])[r].append(e)
+        n_rows = max(1, len(rows))
+        entry, coef, lo, hi, start, end = [], [], [], [], [], []
+        layers: dict[int, _LayerState] = {}
+        for layer in sorted(per_layer):
+            by_row = per_layer[layer]
+            keys: dict[str, int] = {}
+            vectors: list[Tensor] = []
+            for edits in by_row:
+                for e in edits:
+                    if e.key not in keys:
+                        keys[e.key] = len(vectors) + 1
+                        vectors.append(e.row)
+            table = self._table(layer, vectors)
+            first = len(entry)
+            state = _LayerState(table, range(first, first + max(len(x) for x in by_row)))
+            for s in range(len(state.slots)):
+                cols = [x[s] if s < len(x) else None for x in by_row]
+                entry.append([keys[e.key] if e else 0 for e in cols] + [0] * (n_rows - len(rows)))
+                coef.append([e.coef if e else 0.0 for e in cols] + [0.0] * (n_rows - len(rows)))
+                lo.append([e.lo if e else -INF for e in cols] + [-INF] * (n_rows - len(rows)))
+                hi.append([e.hi if e else INF for e in cols] + [INF] * (n_rows - len(rows)))
+                spans = [e.rule.interval(int(prompt_lens[r]), markers[r]) if e else (0, 0)
+                         for r, e in enumerate(cols)] + [(0, 0)] * (n_rows - len(rows))
+                start.append([a for a, _ in spans])
+                end.append([b for _, b in spans])
+                state.adds.append(any(e is not None and e.coef != 0.0 for e in cols))
+                state.caps.append(any(e is not None and (e.lo != -INF or e.hi != INF) for e in cols))
+            layers[layer] = state
+        self.layers = layers
+        self._n_slots = len(entry)
+        dev = self.device
+        if entry:
+            self._params = {
+                "entry": torch.tensor(entry, dtype=torch.int64, device=dev),
+                "coef": torch.tensor(coef, dtype=torch.float32, device=dev),
+                "lo": torch.tensor(lo, dtype=torch.float32, device=dev),
+                "hi": torch.tensor(hi, dtype=torch.float32, device=dev),
+                "start": torch.tensor(start, dtype=torch.int64, device=dev),
+                "end": torch.tensor(end, dtype=torch.int64, device=dev),
+            }
+        else:
+            self._params = {}
+        self._ensure_buffers(self._max_tokens)
+
+    def _table(self, layer: int, vectors: list[Tensor]) -> Tensor:
+        """The layer's table [V, D] with row 0 zeros; written in place when its capacity is fixed."""
+        if self.capacity is None:
+            rows = [torch.zeros(self.d_model), *vectors]
+            return torch.stack(rows).to(self.device, torch.float32).contiguous()
+        if len(vectors) + 1 > self.capacity:
+            raise ValueError(f"layer {layer} needs {len(vectors) + 1} table rows but the plan holds "
+                             f"{self.capacity}; raise the capacity")
+        table = self._tables.get(layer)
+        if table is None:
+            table = self._tables[layer] = torch.zeros(self.capacity, self.d_model, device=self.device)
+        if vectors:
+            table[1:len(vectors) + 1].copy_(torch.stack(vectors))
+        return table
+
+    def _ensure_buffers(self, n: int) -> None:
+        shape_ok = (self._buffers and self._buffers["index"].shape[0] == self._n_slots
+                    and self._buffers["index"].shape[1] >= n)
+        if shape_ok:
+            return
+        if self.fixed and self._buffers and n > self._buffers["index"].shape[1]:
+            raise ValueError(f"a forward pass of {n} tokens exceeds the plan's {self._max_tokens} tokens")
+        self._max_tokens = max(self._max_tokens, n)
+        s, t, dev = self._n_slots, self._max_tokens, self.device
+        self._buffers = {
+            "index": torch.zeros((s, t), dtype=torch.int64, device=dev),
+            "coef": torch.zeros((s, t), dtype=torch.float32, device=dev),
+            "lo": torch.full((s, t), -INF, dtype=torch.float32, device=dev),
+            "hi": torch.full((s, t), INF, dtype=torch.float32, device=dev),
+        }
+        self._proj = {}
+
+    # -- tokens ---------------------------------------------------------------------------------------
+    def token_args(self, row_of_token: Tensor, position: Tensor, slots: range | None = None) -> dict[str, Tensor]:
+        """Per (slot, token) op arguments ``[n_slots, N]`` as new tensors (the functional form, for graphs).
+
+        Args:
+            row_of_token: [N] int64 batch row of each flattened token.
+            position: [N] int64 absolute position of each token in its row.
+            slots: only these slots (e.g. one layer's ``layers[L].slots``); default all.
+        """
+        p = self._params
+        if slots is not None:
+            p = {k: v[slots.start:slots.stop] for k, v in p.items()}
+        start = p["start"][:, row_of_token]
+        end = p["end"][:, row_of_token]
+        active = (position[None, :] >= start) & (position[None, :] < end)
+        return {
+            "index": torch.where(active, p["entry"][:, row_of_token], 0),
+            "coef": torch.where(active, p["coef"][:, row_of_token], 0.0),
+            "lo": torch.where(active, p["lo"][:, row_of_token], -INF),
+            "hi": torch.where(active, p["hi"][:, row_of_token], INF),
+        }
+
+    def fill(self, row_of_token: Tensor, position: Tensor) -> None:
+        """Write this forward pass's per-token arguments into the preallocated buffers (views ``[:, :N]``)."""
+        n = int(row_of_token.shape[0])
+        self._n = n
+        if not self._n_slots:
+            return
+        self._ensure_buffers(n)
+        for name, value in self.token_args(row_of_token, position).items():
+            self._buffers[name][:, :n].copy_(value)
+
+    def buffers(self, layer: int) -> list[dict[str, Tensor]]:
+        """Per slot at ``layer``, the full-size buffers (``[max_tokens]`` views), for callers that capture."""
+        state = self.layers.get(layer)
+        if state is None:
+            return []
+        return [{k: v[s] for k, v in self._buffers.items()} for s in state.slots]
+
+    # -- the op ---------------------------------------------------------------------------------------
+    def apply(self, layer: int, hidden: Tensor, readout: Tensor | None = None) -> Tensor | None:
+        """Edit ``hidden`` [N, D] (the flattened block output of this pass) in place at ``layer``.
+
+        Uses the arguments of the last ``fill``. Returns the read-out ``[N, K]`` (fp32, taken from the edited
+        state before rounding), or None without ``readout``. Under autograd (training) the torch backend runs
+        out of place and the caller must use the returned hidden, see ``apply_functional``.
+        """
+        state = self.layers.get(layer)
+        n = hidden.shape[0]
+        if state is None:
+            return hidden.float() @ readout.T if readout is not None else None
+        if n != self._n:
+            raise RuntimeError(f"layer {layer} saw {n} tokens but the plan was filled for {self._n}")
+        proj = None
+        for j, s in enumerate(state.slots):
+            last = j == len(state.slots) - 1
+            out = self._proj_buffer(layer, readout, n) if last and readout is not None else None
+            b = self._buffers
+            steer_rows_(hidden, state.table, b["index"][s, :n], b["coef"][s, :n] if state.adds[j] else None,
+                        b["lo"][s, :n] if state.caps[j] else None, b["hi"][s, :n] if state.caps[j] else None,
+                        readout if last else None, out, "auto")
+            proj = out
+        return proj
+
+    def apply_functional(self, layer: int, hidden: Tensor,
+                         readout: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """As ``apply`` but out of place and differentiable (torch backend): ``(new hidden, read-out)``."""
+        state = self.layers.get(layer)
+        if state is None:
+            return hidden, (hidden.float() @ readout.T if readout is not None else None)
+        n = hidden.shape[0]
+        proj = None
+        for j, s in enumerate(state.slots):
+            last = j == len(state.slots) - 1
+            b = self._buffers
+            hidden, proj = fused_steer_rows(
+                hidden, state.table, b["index"][s, :n], b["coef"][s, :n] if state.adds[j] else None,
+                b["lo"][s, :n] if state.caps[j] else None, b["hi"][s, :n] if state.caps[j] else None,
+                readout=readout if last else None, inplace=False, validate=False)
+        return hidden, proj
+
+    def _proj_buffer(self, layer: int, readout: Tensor, n: int) -> Tensor:
+        buf = self._proj.get(layer)
+        k = readout.shape[0]
+        if buf is None or buf.shape[0] < n or buf.shape[1] != k:
+            buf = self._proj[layer] = torch.empty((max(n, self._max_tokens), k), dtype=torch.float32,
+                                                  device=self.device)
+        return buf[:n]
