@@ -12,6 +12,10 @@ request field, the vector registry, the drift monitor and auth are unchanged (th
   outputs for every row that got tokens in it, not one per row.
 * AsyncLLM runs on an event loop in a thread of its own; ``sink`` is called from that thread, as the HF
   engine calls it from its worker thread.
+* Text and read-out mean what they mean on the HF engine: steerlib detokenises (``TextStream``, stop sequences
+  included) and a response's projections are its tokens' own (``values[0]`` at the last prompt token, then one
+  per response token). The last token's own read-out needs one more forward pass, so a row asks vLLM for one
+  token more than ``max_tokens`` (or, after a stop sequence, waits for the next token) and drops that token.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from steerlib.serve.engine import Completion, Sampling
-from steerlib.serve.schema import ApiError
+from steerlib.serve.detok import TextStream
+from steerlib.serve.engine import Completion, EngineStopped, QueueFull, RowFailed, Sampling
+from steerlib.steering.plan import Edit
 from steerlib.steering.steer import TraitReadout
 from steerlib.vllm.spec import SPEC_KEY, cache_salt, encode_rows
 
@@ -48,6 +53,19 @@ def engine_args(model_path: str, *, max_batch: int = 16, max_model_len: int | No
         args["max_model_len"] = max_model_len
     args.update(extra or {})
     return args
+
+
+@dataclass
+class _RowState:
+    """A running row's progress (the engine's event loop only)."""
+
+    text: TextStream
+    seen: list[int] = field(default_factory=list)  # every token vLLM returned
+    tokens: list[int] = field(default_factory=list)  # the reply's tokens (EOS included, the closing one not)
+    values: list[list[float]] = field(default_factory=list)
+    unsent: list[list[float]] = field(default_factory=list)
+    finish: str | None = None
+    first_token: float | None = None
 
 
 @dataclass
@@ -148,7 +166,7 @@ class VllmEngine:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop vLLM; rows still running get a 503."""
-        error = ApiError(503, "server is shutting down", type_="server_error")
+        error = EngineStopped("server is shutting down")
         with self._lock:
             rows, self._rows = list(self._rows.values()), {}
         for row in rows:
@@ -192,16 +210,15 @@ class VllmEngine:
         return s
 
     # -- rows ---------------------------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], edits: Sequence[Any], sampling: Sampling, sink: Callable[[tuple], None],
+    def submit(self, prompt_ids: list[int], edits: Sequence[Edit], sampling: Sampling, sink: Callable[[tuple], None],
                *, steered: bool) -> _Row:
         """Queue one row; ``sink`` gets ``("token", text, [[K values] per token], [step, batch])`` events, then
-        ``("done", Completion)`` or ``("error", ApiError)`` (from the engine's thread)."""
+        ``("done", Completion)`` or ``("error", EngineError)`` (from the engine's thread)."""
         if not self.alive or self._loop is None:
-            raise ApiError(503, "the generation worker is not running", type_="server_error")
+            raise EngineStopped("the generation worker is not running")
         with self._lock:
             if len(self._rows) >= self.max_batch + self.max_queue:
-                raise ApiError(429, f"too many queued requests ({self.max_queue}); retry later", code="queue_full",
-                               type_="rate_limit_error")
+                raise QueueFull(f"too many queued requests ({self.max_queue}); retry later")
             self._stats["requests"] += 1
             self._stats["steered_rows"] += int(bool(edits))
         spec = encode_rows(edits, readout=self.readout is not None) if (edits or self.readout) else None
@@ -216,9 +233,11 @@ class VllmEngine:
         from vllm import SamplingParams
 
         sp = row.sampling
-        return SamplingParams(max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed,
-                              stop=list(sp.stop) or None, ignore_eos=self.ignore_eos,
-                              extra_args={SPEC_KEY: row.spec} if row.spec else None)
+        # One token more with a read-out: its forward pass reads the last kept token's own position.
+        extra = 1 if self.readout is not None else 0
+        return SamplingParams(max_tokens=sp.max_tokens + extra, temperature=sp.temperature, top_p=sp.top_p,
+                              seed=sp.seed, ignore_eos=self.ignore_eos, skip_special_tokens=True,
+                              detokenize=False, extra_args={SPEC_KEY: row.spec} if row.spec else None)
 
     async def _run(self, row: _Row) -> None:
         try:
@@ -231,60 +250,73 @@ class VllmEngine:
             salt = cache_salt(row.spec)
             if salt:
                 prompt["cache_salt"] = salt
-            first_token = None
-            sent = 0
-            tokens: list[int] = []
-            values: list[list[float]] = []
-            finish = None
-            out = None
+            state = _RowState(TextStream(self.tokenizer, row.sampling.stop))
             async for out in self._llm.generate(prompt, self._params(row), row.request_id):
                 row.started = True
                 if row.cancelled.is_set():
                     await self._llm.abort(row.request_id)
                     self._finish_cancelled(row)
                     return
-                comp = out.outputs[0]
-                new = list(comp.token_ids)[len(tokens):]
-                if new and first_token is None:
-                    first_token = time.monotonic()
-                new_values = await self._values(row, len(tokens), new) if self.readout is not None else []
-                tokens.extend(new)
-                row.token_ids = list(tokens)
-                values.extend(new_values)
-                text = comp.text
-                delta = text[sent:]
-                if delta or new_values:
-                    sent = len(text)
-                    row.sink(("token", delta, new_values, [0, 0]))
-                finish = comp.finish_reason
-            self._complete(row, out, tokens, values, finish, first_token)
+                new = list(out.outputs[0].token_ids)[len(state.seen):]
+                state.seen.extend(new)
+                if await self._take(row, state, new):
+                    break
+            if state.finish is None:  # vLLM ended the request first (e.g. its own length limit)
+                state.finish = "length"
+            await self._llm.abort(row.request_id)
+            self._complete(row, state)
         except Exception as exc:  # one row's failure must not take the loop down
             log.exception("vLLM row %s failed", row.request_id)
             with self._lock:
                 self._rows.pop(row.request_id, None)
                 self._stats["failed"] += 1
-            row.sink(("error", ApiError(500, f"generation failed: {type(exc).__name__}: {exc}",
-                                        type_="server_error")))
+            row.sink(("error", RowFailed(f"generation failed: {type(exc).__name__}: {exc}")))
 
-    async def _values(self, row: _Row, done: int, new: list[int]) -> list[list[float]]:
-        """Read-out values paired with ``new`` tokens (generated token i: the position ``prompt_len - 1 + i``);
-        an EOS token's value is dropped, as in the HF engine."""
+    async def _take(self, row: _Row, state: _RowState, new: list[int]) -> bool:
+        """Account for newly generated tokens; True when the row is complete (its read-out included)."""
+        values = await self._values(row, len(state.seen) - len(new), len(new)) if self.readout else None
+        for j, token in enumerate(new):
+            if state.finish is not None:  # the closing token: only its forward pass's read-out is used
+                if values is not None:
+                    state.values.append(values[j])
+                    state.unsent.append(values[j])
+                if state.unsent:
+                    row.sink(("token", "", state.unsent, [0, 0]))
+                    state.unsent = []
+                return True
+            is_eos = token in self.eos_ids and not self.ignore_eos
+            state.tokens.append(token)
+            row.token_ids = list(state.tokens)
+            if state.first_token is None:
+                state.first_token = time.monotonic()
+            if values is not None:
+                state.values.append(values[j])  # the EOS token's value too: read at the last response token
+                if not is_eos:
+                    state.unsent.append(values[j])
+            final = is_eos or len(state.tokens) >= row.sampling.max_tokens
+            delta, stopped = state.text.push(state.tokens[:-1] if is_eos else state.tokens, final)
+            state.finish = "stop" if is_eos or stopped else ("length" if final else None)
+            if delta or (state.finish is not None and state.unsent):
+                row.sink(("token", delta, state.unsent, [0, 0]))
+                state.unsent = []
+            if state.finish is not None and (is_eos or self.readout is None):
+                return True  # nothing more to read (EOS's value is the last response token's)
+        return False
+
+    async def _values(self, row: _Row, done: int, count: int) -> list[list[float]]:
+        """Read-out values of the forward passes that produced tokens ``done .. done + count - 1``: token ``i``
+        (0-based) was produced at position ``prompt_len - 1 + i``."""
         fut = asyncio.get_running_loop().create_future()
         self._pending_readout[row.request_id] = fut
         self._readout_wakeup.set()
         stored: dict[int, list[float]] = await fut
-        row_values = getattr(row, "_values", {})
-        row_values.update(stored)
-        row._values = row_values  # type: ignore[attr-defined]
         first = len(row.prompt_ids) - 1
         out = []
-        for i, tok in enumerate(new):
-            if tok in self.eos_ids:
-                continue
-            pos = first + done + i
-            if pos not in row_values:
+        for i in range(done, done + count):
+            pos = first + i
+            if pos not in stored:
                 raise RuntimeError(f"no read-out for position {pos} of {row.request_id}")
-            out.append(row_values.pop(pos))
+            out.append(stored[pos])
         return out
 
     async def _readout_pump(self) -> None:
@@ -317,20 +349,18 @@ class VllmEngine:
                                      finish_reason="cancelled", trait_projections={}, steps=[],
                                      queue_ms=0.0, ttft_ms=None)))
 
-    def _complete(self, row: _Row, out: Any, tokens: list[int], values: list[list[float]], finish: str | None,
-                  first_token: float | None) -> None:
+    def _complete(self, row: _Row, state: _RowState) -> None:
         names = self.readout.names if self.readout is not None else []
-        proj = {name: summarize([v[k] for v in values], self.monitor_layer) for k, name in enumerate(names)}
-        text = out.outputs[0].text if out is not None else ""
-        c = Completion(text=text, completion_tokens=len(tokens), prompt_tokens=len(row.prompt_ids),
-                       finish_reason=finish or "stop", trait_projections=proj, steps=[[0, 0]] * len(tokens),
-                       queue_ms=0.0,
-                       ttft_ms=round((first_token - row.enqueued) * 1000, 2) if first_token else None)
+        proj = {name: summarize([v[k] for v in state.values], self.monitor_layer) for k, name in enumerate(names)}
+        first = state.first_token
+        c = Completion(text=state.text.text, completion_tokens=len(state.tokens), prompt_tokens=len(row.prompt_ids),
+                       finish_reason=state.finish or "stop", trait_projections=proj, steps=[[0, 0]] * len(state.tokens),
+                       queue_ms=0.0, ttft_ms=round((first - row.enqueued) * 1000, 2) if first else None)
         with self._lock:
             self._rows.pop(row.request_id, None)
             self._stats["completed"] += 1
             self._stats["prefill_tokens"] += len(row.prompt_ids)
-            self._stats["generated_tokens"] += len(tokens)
+            self._stats["generated_tokens"] += len(state.tokens)
         if self.on_finish is not None:
             try:
                 self.on_finish(row, c)
@@ -340,9 +370,9 @@ class VllmEngine:
 
 
 def summarize(values: list[float], layer: int | None) -> dict[str, Any]:
-    """Mean, max and first (read at the last prompt token) of one trait's per-token projections (the HF
-    engine's summary, computed the same way)."""
-    if not values:
-        return {"mean": None, "max": None, "prompt_last": None, "layer": layer, "n_tokens": 0}
-    return {"mean": sum(values) / len(values), "max": max(values), "prompt_last": values[0], "layer": layer,
-            "n_tokens": len(values)}
+    """One trait's summary, as the HF engine's: ``values[0]`` is read at the last prompt token, ``values[j]``
+    (j >= 1) at response token ``j - 1``; mean and max over the response tokens."""
+    response = values[1:]
+    return {"mean": sum(response) / len(response) if response else None,
+            "max": max(response) if response else None,
+            "prompt_last": values[0] if values else None, "layer": layer, "n_tokens": len(response)}

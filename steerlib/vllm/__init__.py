@@ -1,8 +1,9 @@
 """Steering and trait read-out inside vLLM: a general plugin and the request-side helpers.
 
-``spec`` (the JSON a request carries in ``SamplingParams.extra_args["steerlib"]``, its cache salt) ->
-``core_adapter`` (lowering and the per-step plan; the steering core's interface) -> ``worker`` (hooks, the
-registered op, per-step filling from vLLM's bookkeeping, the read-out store) -> ``plugin`` (vLLM's entry point).
+``spec`` (the JSON a request carries in ``SamplingParams.extra_args["steerlib"]``, lowered by the one steering
+plan, ``steerlib.steering.plan``; its cache salt) -> ``worker`` (hooks, the registered op, the plan filled each
+step from vLLM's bookkeeping, the read-out store) -> ``plugin`` (vLLM's entry point); ``offline`` generates
+texts for the pipeline.
 Importing this package does not import vLLM.
 """
 

@@ -25,14 +25,12 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from steerlib.core.loading import load_vectors, resolve_vector
 from steerlib.core.vectors import TraitVectors
-from steerlib.steering.steer import MODES, POSITIONS, SteerOp
-from steerlib.vllm.core_adapter import Lowered, RowEdit, lower
+from steerlib.steering.plan import METHODS, POSITION_RULES, Edit, SteerOp, lower_op, position_rule
 
 __all__ = ["SPEC_KEY", "VECTORS_ENV", "ParsedSpec", "cache_salt", "encode_rows", "encode_spec", "parse_spec"]
 
@@ -46,7 +44,7 @@ _UNIT_TOL = 1e-4
 class ParsedSpec:
     """A request's steering after parsing: its lowered edits and whether it wants the trait read-out."""
 
-    def __init__(self, edits: list[RowEdit], readout: bool):
+    def __init__(self, edits: list[Edit], readout: bool):
         self.edits = edits
         self.readout = readout
 
@@ -59,12 +57,12 @@ def encode_spec(ops: Sequence[SteerOp], readout: bool = False) -> str:
     return json.dumps({"edits": edits, "readout": bool(readout)}, separators=(",", ":"))
 
 
-def encode_rows(edits: Sequence[Any], readout: bool = False) -> str:
-    """The JSON string for edits a server already lowered: objects with ``layer``, ``vector`` (the table row),
-    ``coef``, ``lo``, ``hi`` and ``positions`` (``steerlib.serve.engine.RowEdit``)."""
-    items = [{"layer": int(e.layer), "row": [float(x) for x in e.vector.detach().float().cpu().tolist()],
+def encode_rows(edits: Sequence[Edit], readout: bool = False) -> str:
+    """The JSON string for edits a server already lowered (the plan's ``Edit``s: table row and scalars as
+    they are, so the worker applies exactly what the server's engine would)."""
+    items = [{"layer": int(e.layer), "row": [float(x) for x in e.row.detach().float().cpu().tolist()],
               "coef": float(e.coef), "lo": None if math.isinf(e.lo) else float(e.lo),
-              "hi": None if math.isinf(e.hi) else float(e.hi), "positions": e.positions} for e in edits]
+              "hi": None if math.isinf(e.hi) else float(e.hi), "positions": e.rule.name} for e in edits]
     return json.dumps({"edits": items, "readout": bool(readout)}, separators=(",", ":"))
 
 
@@ -110,7 +108,7 @@ def _vector(i: int, item: dict, n_layers: int, d_model: int) -> tuple[torch.Tens
     return torch.tensor(raw, dtype=torch.float32), None
 
 
-def _lowered_edit(i: int, item: dict, n_layers: int, d_model: int) -> RowEdit:
+def _lowered_edit(i: int, item: dict, n_layers: int, d_model: int) -> Edit:
     unknown = set(item) - _LOWERED_KEYS
     if unknown:
         raise ValueError(f"steerlib edit {i}: unknown keys {sorted(unknown)}")
@@ -124,8 +122,8 @@ def _lowered_edit(i: int, item: dict, n_layers: int, d_model: int) -> RowEdit:
     lo = -math.inf if item.get("lo") is None else item["lo"]
     hi = math.inf if item.get("hi") is None else item["hi"]
     positions = item.get("positions", "all")
-    if positions not in POSITIONS:
-        raise ValueError(f"steerlib edit {i}: positions must be one of {POSITIONS}")
+    if positions not in POSITION_RULES:
+        raise ValueError(f"steerlib edit {i}: positions must be one of {tuple(POSITION_RULES)}")
     for name, v in (("coef", coef), ("lo", lo), ("hi", hi)):
         if not isinstance(v, int | float) or math.isnan(v) or (name == "coef" and not math.isfinite(v)):
             raise ValueError(f"steerlib edit {i}: {name} must be a number")
@@ -135,8 +133,8 @@ def _lowered_edit(i: int, item: dict, n_layers: int, d_model: int) -> RowEdit:
         raise ValueError(f"steerlib edit {i}: lo ({lo}) must be <= hi ({hi})")
     if (math.isfinite(lo) or math.isfinite(hi)) and abs(float(vec.norm()) - 1.0) > _UNIT_TOL:
         raise ValueError(f"steerlib edit {i}: a bounded edit needs a unit row (norm {float(vec.norm()):.4g})")
-    key = hashlib.sha256(vec.numpy().tobytes()).hexdigest()[:24]
-    return RowEdit(layer=layer, key=key, lowered=Lowered(vec, float(coef), float(lo), float(hi)), positions=positions)
+    key = hashlib.blake2b(vec.numpy().tobytes(), digest_size=12).hexdigest()  # the plan's content key
+    return Edit(layer, key, vec, float(coef), float(lo), float(hi), position_rule(positions))
 
 
 def parse_spec(spec: str, n_layers: int, d_model: int) -> ParsedSpec:
@@ -169,8 +167,9 @@ def parse_spec(spec: str, n_layers: int, d_model: int) -> ParsedSpec:
             raise ValueError(f"steerlib edit {i}: layer must be an int in 1..{n_layers}, got {layer!r}")
         mode = item.get("mode", "add")
         positions = item.get("positions", "all")
-        if mode not in MODES or positions not in POSITIONS:
-            raise ValueError(f"steerlib edit {i}: mode must be one of {MODES} and positions one of {POSITIONS}")
+        if mode not in METHODS or positions not in POSITION_RULES:
+            raise ValueError(f"steerlib edit {i}: mode must be one of {tuple(METHODS)} and positions one of "
+                             f"{tuple(POSITION_RULES)}")
         vec, tv = _vector(i, item, n_layers, d_model)
         coef = item.get("coef", 1.0)
         if not isinstance(coef, int | float) or not math.isfinite(coef):
@@ -185,13 +184,9 @@ def parse_spec(spec: str, n_layers: int, d_model: int) -> ParsedSpec:
         try:
             op = SteerOp(layer=layer, vector=vec, mode=mode, coef=coef, cap_min=item.get("cap_min"),
                          cap_max=item.get("cap_max"), positions=positions)
+            edits.append(lower_op(op))
         except ValueError as exc:
             raise ValueError(f"steerlib edit {i}: {exc}") from None
-        low = lower(op)
-        if low.lo > low.hi:
-            raise ValueError(f"steerlib edit {i}: cap_min ({low.lo}) must be <= cap_max ({low.hi})")
-        key = hashlib.sha256(low.row.numpy().tobytes()).hexdigest()[:24]
-        edits.append(RowEdit(layer=layer, key=key, lowered=low, positions=positions))
     readout = data.get("readout", False)
     if not isinstance(readout, bool):
         raise ValueError("steerlib: 'readout' must be true or false")

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from steerlib.vllm.core_adapter import StepPlan
+from steerlib.steering.plan import SteeringPlan
 from steerlib.vllm.spec import SPEC_KEY, ParsedSpec, parse_spec
 
 __all__ = ["IDENTITY", "SteerlibWorkerExtension", "install", "state"]
@@ -57,7 +57,9 @@ class WorkerState:
         self.layers = layers
         self.n_layers = len(layers)
         self.d_model = d_model
-        self.plan = StepPlan(range(1, self.n_layers + 1), d_model, max_tokens, device=device)
+        # The one steering plan (steerlib.steering.plan), buffers sized for vLLM's largest step.
+        self.plan = SteeringPlan(d_model, device, max_tokens=max_tokens)
+        self._rows_key: tuple | None = None
         self.device = device
         self.readout_layer: int | None = None
         self.readout_dirs: Tensor | None = None
@@ -103,9 +105,10 @@ class WorkerState:
         total = int(qsl[-1]) if num_reqs else 0
         if total > n:
             raise RuntimeError(f"steerlib: the step schedules {total} tokens but the model gets {n}")
-        row_of_token = torch.full((n,), -1, dtype=torch.int64)
+        # Padding tokens (a step padded beyond its scheduled tokens) belong to an extra, unsteered row.
+        row_of_token = torch.full((n,), num_reqs, dtype=torch.int64)
         row_of_token[:total] = torch.repeat_interleave(torch.arange(num_reqs), counts)
-        rows, prompt_lens = [], []
+        rows, prompt_lens, specs = [], [], []
         self.keep_rows, self.keep_keys = [], []
         pos_cpu = pos.to("cpu", torch.int64)
         for r, rid in enumerate(req_ids):
@@ -115,15 +118,19 @@ class WorkerState:
             parsed = self.parsed(spec) if spec else None
             rows.append(parsed.edits if parsed else [])
             prompt_lens.append(int(req.num_prompt_tokens))
+            specs.append(spec)
             if parsed is not None and parsed.readout and self.readout_layer is not None and counts[r] > 0:
                 last = int(qsl[r + 1]) - 1
                 p = int(pos_cpu[last])
                 if p >= req.num_prompt_tokens - 1:
                     self.keep_rows.append(last)
                     self.keep_keys.append((rid, p))
-        self.plan.set_rows(rows, prompt_lens)
-        self.plan.fill(row_of_token.to(self.device), pos.to(torch.int64))
-        self.expected = set(self.plan.active)
+        key = (tuple(req_ids), tuple(specs), tuple(prompt_lens))
+        if key != self._rows_key:  # the batch's rows changed: describe them again (not on every step)
+            self.plan.set_rows([*rows, []], [*prompt_lens, 0])
+            self._rows_key = key
+        self.plan.fill(row_of_token.to(self.device), pos.to(self.device, torch.int64))
+        self.expected = set(self.plan.layers)
         if self.keep_rows:
             self.expected.add(self.readout_layer)
         self.fired = {}
@@ -144,7 +151,7 @@ class WorkerState:
             return
         self.fired[layer] = self.fired.get(layer, 0) + 1
         readout = self.readout_dirs if layer == self.readout_layer and self.keep_rows else None
-        if layer not in self.plan.active and readout is None:
+        if layer not in self.plan.layers and readout is None:
             return
         proj = self.plan.apply(layer, hidden, readout)
         if readout is not None and proj is not None:

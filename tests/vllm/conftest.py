@@ -30,8 +30,7 @@ def readout(embedded, optimism_vectors):
 def vllm_engine(embedded, readout):
     """A started ``VllmEngine`` (compiled, chunked prefill, prefix caching) with the optimism read-out."""
     pytest.importorskip("vllm")
-    from steerlib.core.models import resolve_model_path
-    from steerlib.serve.engine import eos_ids
+    from steerlib.core.models import eos_ids, resolve_model_path
     from steerlib.serve.vllm_engine import VllmEngine, engine_args
 
     model, tok = embedded

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from test_vllm_steering import streamed_readout
 from vllm_helpers import READOUT_LAYER
 
 from steerlib.core.chat import format_messages
@@ -72,11 +73,12 @@ def test_steerlib_serve_on_vllm(vllm_engine, embedded, optimism_vectors, readout
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == answer.choices[0].message.content
     proj = answer.model_extra["trait_projections"]["optimistic"]
-    values = hf.token_projections(layer=READOUT_LAYER)[: proj["n_tokens"]]
-    assert proj["mean"] == pytest.approx(float(values.mean()), abs=1e-3)
-    per_token = [v for c in chunks if c.choices and c.choices[0].delta.content
-                 for v in c.model_extra["token_projections"]["optimistic"]]
-    torch.testing.assert_close(torch.tensor(per_token), values[: len(per_token)].float(), atol=1e-3, rtol=0)
+    assert proj["mean"] == pytest.approx(hf.mean_projection(layer=READOUT_LAYER), abs=1e-3)
+    assert proj["n_tokens"] == len(hf.response_projections(layer=READOUT_LAYER))
+    per_token = [v for c in chunks if c.choices for v in (c.model_extra or {}).get("token_projections", {})
+                 .get("optimistic", [])]
+    expect = streamed_readout(hf, READOUT_LAYER, vllm_engine.eos_ids)
+    torch.testing.assert_close(torch.tensor(per_token), expect, atol=1e-3, rtol=0)
 
 
 def _free_port() -> int:

@@ -15,6 +15,7 @@ from vllm_helpers import READOUT_LAYER, TOKEN_BUDGET, Collected, run_rows
 from steerlib import format_prompt
 from steerlib.serve.engine import edits_from_ops
 from steerlib.steering.generation import generate
+from steerlib.steering.plan import Edit, position_rule
 from steerlib.steering.steer import build_ops
 
 LAYERS = [8, 14, 20]
@@ -90,6 +91,14 @@ def test_mixed_batch_equals_each_request_alone(vllm_engine, embedded, optimism_v
     assert len({tuple(x) for x in together}) >= 4  # distinct configs give distinct texts
 
 
+def streamed_readout(hf, layer: int, eos_ids: set[int]) -> torch.Tensor:
+    """What a server streams for an HF generation: each token's paired value but EOS's, then the closing value."""
+    values = hf.token_projections(layer=layer).float()
+    if hf.token_ids and hf.token_ids[-1] in eos_ids:
+        return values[:-1]
+    return torch.cat([values, hf.closing[hf.layers.index(layer), 0].float().reshape(1)])
+
+
 def test_readout_matches_hf(vllm_engine, embedded, optimism_vectors, readout, prompts):
     model, tok = embedded
     ops = build_ops(model, optimism_vectors, 10, 4.0)
@@ -99,13 +108,12 @@ def test_readout_matches_hf(vllm_engine, embedded, optimism_vectors, readout, pr
         for p, (row, got) in zip(prompts, done, strict=True):
             hf = _hf(model, tok, p, steer_ops, readout)
             assert row.token_ids == hf.token_ids
-            eos = [t for t in hf.token_ids if t in vllm_engine.eos_ids]
-            ours = torch.tensor([v[0] for v in got.values])
-            expect = hf.token_projections(layer=READOUT_LAYER).float()[: len(hf.token_ids) - len(eos)]
-            torch.testing.assert_close(ours, expect, atol=1e-3, rtol=0)
+            expect = streamed_readout(hf, READOUT_LAYER, vllm_engine.eos_ids)
+            torch.testing.assert_close(torch.tensor([v[0] for v in got.values]), expect, atol=1e-3, rtol=0)
             summary = got.completion.trait_projections["optimistic"]
-            assert summary["n_tokens"] == len(expect)
-            assert summary["mean"] == pytest.approx(sum(v[0] for v in got.values) / len(got.values), rel=1e-9)
+            assert summary["n_tokens"] == len(hf.response_projections(layer=READOUT_LAYER))
+            assert summary["mean"] == pytest.approx(hf.mean_projection(layer=READOUT_LAYER), abs=1e-3)
+            assert summary["prompt_last"] == pytest.approx(hf.prompt_last_projection(layer=READOUT_LAYER), abs=1e-3)
 
 
 def test_prefix_cache_is_kept_apart_by_steering(vllm_engine, embedded, optimism_vectors, prompts):
@@ -129,13 +137,11 @@ def test_a_bad_spec_is_refused_before_the_worker_and_the_engine_keeps_serving(vl
     _, tok = embedded
     ids = _ids(tok, prompts)[0]
 
-    class Bad:  # an edit at a layer the model does not have
-        layer, vector, coef, lo, hi, positions = 99, torch.ones(576), 1.0, float("-inf"), float("inf"), "all"
-
+    bad = Edit(99, "bad", torch.ones(576), 1.0, float("-inf"), float("inf"), position_rule("all"))  # no layer 99
     got = Collected()
-    vllm_engine.submit(ids, [Bad()], Sampling(max_tokens=2), got, steered=True)
+    vllm_engine.submit(ids, [bad], Sampling(max_tokens=2), got, steered=True)
     assert got.done.wait(120)
-    assert got.error is not None and "layer must be an int in 1..30" in got.error.message
+    assert got.error is not None and "layer must be an int in 1..30" in str(got.error)
     assert SPEC_KEY == "steerlib"
     assert len(run_rows(vllm_engine, [(ids, [])], 3)[0][0].token_ids) == 3
     assert json.loads(json.dumps(vllm_engine.stats()))["engine"] == "vllm"
