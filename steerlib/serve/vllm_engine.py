@@ -64,6 +64,7 @@ class _RowState:
     tokens: list[int] = field(default_factory=list)  # the reply's tokens (EOS included, the closing one not)
     values: list[list[float]] = field(default_factory=list)
     unsent: list[list[float]] = field(default_factory=list)
+    stored: dict[int, list[float]] = field(default_factory=dict)  # fetched read-outs by position, not yet used
     finish: str | None = None
     first_token: float | None = None
 
@@ -274,7 +275,7 @@ class VllmEngine:
 
     async def _take(self, row: _Row, state: _RowState, new: list[int]) -> bool:
         """Account for newly generated tokens; True when the row is complete (its read-out included)."""
-        values = await self._values(row, len(state.seen) - len(new), len(new)) if self.readout else None
+        values = await self._values(row, state, len(state.seen) - len(new), len(new)) if self.readout else None
         for j, token in enumerate(new):
             if state.finish is not None:  # the closing token: only its forward pass's read-out is used
                 if values is not None:
@@ -303,21 +304,22 @@ class VllmEngine:
                 return True  # nothing more to read (EOS's value is the last response token's)
         return False
 
-    async def _values(self, row: _Row, done: int, count: int) -> list[list[float]]:
+    async def _values(self, row: _Row, state: _RowState, done: int, count: int) -> list[list[float]]:
         """Read-out values of the forward passes that produced tokens ``done .. done + count - 1``: token ``i``
-        (0-based) was produced at position ``prompt_len - 1 + i``."""
-        fut = asyncio.get_running_loop().create_future()
-        self._pending_readout[row.request_id] = fut
-        self._readout_wakeup.set()
-        stored: dict[int, list[float]] = await fut
+        (0-based) was produced at position ``prompt_len - 1 + i``. A fetch may also bring positions of steps that
+        ran since (vLLM schedules ahead); they wait in ``state.stored`` for their tokens."""
         first = len(row.prompt_ids) - 1
-        out = []
-        for i in range(done, done + count):
-            pos = first + i
-            if pos not in stored:
-                raise RuntimeError(f"no read-out for position {pos} of {row.request_id}")
-            out.append(stored[pos])
-        return out
+        wanted = [first + i for i in range(done, done + count)]
+        if any(pos not in state.stored for pos in wanted):
+            fut = asyncio.get_running_loop().create_future()
+            self._pending_readout[row.request_id] = fut
+            self._readout_wakeup.set()
+            state.stored.update(await fut)
+        missing = [pos for pos in wanted if pos not in state.stored]
+        if missing:
+            raise RuntimeError(f"no read-out for positions {missing} of {row.request_id} (have "
+                               f"{sorted(state.stored)})")
+        return [state.stored.pop(pos) for pos in wanted]
 
     async def _readout_pump(self) -> None:
         """One ``collective_rpc`` per round for every row waiting for read-out values."""
