@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, StaticCache
 
-from steerlib import build_monitor, build_ops
+from steerlib import build_ops, build_readout
 from steerlib.core.compat import cache_keyword
 from steerlib.steering.compiled import CompiledSteering
 from steerlib.steering.steer import ResidualEditor
@@ -82,7 +82,7 @@ def make_variant(model: torch.nn.Module, name: str, batch: int, path: str, promp
     elif name in ("all layers", "all layers + 4-trait monitor"):
         ops = build_ops(model, vecs[0], every, 4.0)
         if name.endswith("monitor"):
-            monitor = build_monitor(model, {f"t{i}": vecs[i] for i in range(4)}, every)
+            monitor = build_readout(model, {f"t{i}": vecs[i] for i in range(4)}, every)
     else:  # per-row: 8 add ops per layer, row i takes vector i % 8 through its coefficient
         ops = [op for layer in every for op in build_ops(model, vecs, layer, [4.0] * 8)]
         per_layer = torch.zeros(batch, 8)

@@ -5,132 +5,77 @@ The folders read as the data flow, each layer importing only from those before i
 (definitions, judges) -> ``steering`` (edits and per-token read-out) -> ``extraction`` (trait vectors) ->
 ``monitoring`` (drift) and ``finetuning`` (flagging, shift, preventative steering) -> ``serve`` -> ``jobs``
 (path -> object wiring) -> ``cli``. The fused kernels are ``steerlib.kernels`` (the top-level ``kernels/``).
+
+The names below are imported on first use (PEP 562): ``import steerlib`` loads nothing but this table, so
+``import steerlib.kernels`` (which imports nothing else of steerlib) or ``from steerlib import TraitVectors``
+pays only for what it uses; transformers, scikit-learn, peft and triton are loaded by the modules that need
+them, when they are first asked for.
 """
 
-from steerlib.core.arch import Layout, get_layout
-from steerlib.core.capture import Activations, capture_activations
-from steerlib.core.chat import format_messages, format_prompt
-from steerlib.core.gguf_vectors import export_gguf, read_control_vector
-from steerlib.core.hooks import StopForward, record_residual
-from steerlib.core.loading import load_vectors, pick_layer
-from steerlib.core.models import LoadedModel, load_model
-from steerlib.core.vector_imports import load_persona_vectors, load_saklas_profile
-from steerlib.core.vectors import TraitVectors
-from steerlib.core.version import __version__ as __version__
-from steerlib.evaluation.inventory import (
-    Inventory,
-    InventoryMatrix,
-    InventoryResult,
-    administer,
-    inventory_matrix,
-)
-from steerlib.evaluation.prompt_shift import ShiftCheck, prompt_shift
-from steerlib.evaluation.report import write_report
-from steerlib.extraction.extract import ExtractionConfig, ExtractionResult, extract_trait
-from steerlib.extraction.sweep import LayerSweep, layer_sweep
-from steerlib.finetuning.flag.report import rank
-from steerlib.finetuning.flag.scoring import score_dataset
-from steerlib.finetuning.shift import FinetuningShift, finetuning_shift
-from steerlib.finetuning.training import PreventativeSteeringCallback, lora_finetune, preventative_steering
-from steerlib.monitoring.conversations import monitor_conversations
-from steerlib.monitoring.drift import Alert, DriftMonitor
-from steerlib.steering.compiled import CompiledSteering
-from steerlib.steering.dose import DoseResponse, dose_response
-from steerlib.steering.generation import Generation, generate, stream
-from steerlib.steering.steer import (
-    Monitor,
-    ResidualEditor,
-    SteerOp,
-    TraitReadout,
-    build_monitor,
-    build_ops,
-    build_readout,
-    monitoring,
-    read_out,
-    steer,
-)
-from steerlib.store.samples import read_samples
-from steerlib.traits.generate import generate_trait
-from steerlib.traits.judges import (
-    CallableJudge,
-    Judge,
-    JudgeError,
-    LexiconJudge,
-    LLMJudge,
-    SelfJudge,
-    make_judge,
-)
-from steerlib.traits.library import InstructionPair, Trait, TraitError, list_traits, load_trait
+from __future__ import annotations
 
-__all__ = [
-    "Activations",
-    "Alert",
-    "CallableJudge",
-    "CompiledSteering",
-    "DoseResponse",
-    "DriftMonitor",
-    "ExtractionConfig",
-    "ExtractionResult",
-    "FinetuningShift",
-    "Generation",
-    "InstructionPair",
-    "Inventory",
-    "InventoryMatrix",
-    "InventoryResult",
-    "Judge",
-    "JudgeError",
-    "LLMJudge",
-    "LayerSweep",
-    "Layout",
-    "LexiconJudge",
-    "LoadedModel",
-    "Monitor",
-    "PreventativeSteeringCallback",
-    "ResidualEditor",
-    "SelfJudge",
-    "ShiftCheck",
-    "SteerOp",
-    "StopForward",
-    "Trait",
-    "TraitError",
-    "TraitReadout",
-    "TraitVectors",
-    "administer",
-    "build_monitor",
-    "build_ops",
-    "build_readout",
-    "capture_activations",
-    "dose_response",
-    "export_gguf",
-    "extract_trait",
-    "finetuning_shift",
-    "format_messages",
-    "format_prompt",
-    "generate",
-    "generate_trait",
-    "get_layout",
-    "inventory_matrix",
-    "layer_sweep",
-    "list_traits",
-    "load_model",
-    "load_persona_vectors",
-    "load_saklas_profile",
-    "load_trait",
-    "load_vectors",
-    "lora_finetune",
-    "make_judge",
-    "monitor_conversations",
-    "pick_layer",
-    "monitoring",
-    "preventative_steering",
-    "prompt_shift",
-    "rank",
-    "read_control_vector",
-    "read_out",
-    "read_samples",
-    "record_residual",
-    "score_dataset",
-    "steer",
-    "stream",
-    "write_report",
-]
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "steerlib.core.arch": ("Layout", "get_layout"),
+    "steerlib.core.capture": ("Activations", "capture_activations"),
+    "steerlib.core.chat": ("format_messages", "format_prompt"),
+    "steerlib.core.gguf_vectors": ("export_gguf", "read_control_vector"),
+    "steerlib.core.hooks": ("StopForward", "record_residual"),
+    "steerlib.core.loading": ("load_vectors", "pick_layer"),
+    "steerlib.core.models": ("LoadedModel", "load_model"),
+    "steerlib.core.vector_imports": ("load_persona_vectors", "load_saklas_profile"),
+    "steerlib.core.vectors": ("TraitVectors",),
+    "steerlib.core.version": ("__version__",),
+    "steerlib.store.samples": ("read_samples",),
+    "steerlib.traits.generate": ("generate_trait",),
+    "steerlib.traits.judges": ("CallableJudge", "Judge", "JudgeError", "LexiconJudge", "LLMJudge", "SelfJudge",
+                               "make_judge"),
+    "steerlib.traits.library": ("InstructionPair", "Trait", "TraitError", "list_traits", "load_trait"),
+    "steerlib.steering.compiled": ("CompiledSteering",),
+    "steerlib.steering.dose": ("DoseResponse", "dose_response"),
+    "steerlib.steering.generation": ("Generation", "generate", "stream"),
+    "steerlib.steering.steer": ("ResidualEditor", "SteerOp", "TraitReadout", "build_ops", "build_readout",
+                                "read_out", "steer"),
+    "steerlib.extraction.extract": ("ExtractionConfig", "ExtractionResult", "extract_trait"),
+    "steerlib.extraction.sweep": ("LayerSweep", "layer_sweep"),
+    "steerlib.evaluation.inventory": ("Inventory", "InventoryMatrix", "InventoryResult", "administer",
+                                      "inventory_matrix"),
+    "steerlib.evaluation.prompt_shift": ("ShiftCheck", "prompt_shift"),
+    "steerlib.evaluation.report": ("write_report",),
+    "steerlib.finetuning.flag.report": ("rank",),
+    "steerlib.finetuning.flag.scoring": ("score_dataset",),
+    "steerlib.finetuning.shift": ("FinetuningShift", "finetuning_shift"),
+    "steerlib.finetuning.training": ("PreventativeSteeringCallback", "lora_finetune", "preventative_steering"),
+    "steerlib.monitoring.conversations": ("monitor_conversations",),
+    "steerlib.monitoring.drift": ("Alert", "DriftMonitor"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+_SUBPACKAGES = ("cli", "core", "evaluation", "extraction", "finetuning", "jobs", "kernels", "monitoring", "serve",
+                "steering", "store", "traits")
+_RENAMED = {"Monitor": "TraitReadout", "build_monitor": "build_readout"}
+"""The first release's names (the read-out was called a monitor). ``steerlib.monitoring``, the old name of
+``read_out``, is the ``steerlib.monitoring`` package, which stays callable with the same warning."""
+
+__all__ = sorted(name for name in _WHERE if name != "__version__")
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name, a subpackage or (with a DeprecationWarning) an old name on first use (PEP 562)."""
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _RENAMED:
+        from steerlib.core.renamed import warn_renamed
+
+        warn_renamed(f"steerlib.{name}", f"steerlib.{_RENAMED[name]}")
+        return __getattr__(_RENAMED[name])
+    raise AttributeError(f"module 'steerlib' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | set(_SUBPACKAGES))

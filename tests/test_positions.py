@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from steerlib import build_monitor, build_ops, format_prompt, generate, steer
+from steerlib import build_ops, build_readout, format_prompt, generate, steer
 from steerlib.core.compat import CACHE_KEYWORDS, cache_keyword, past_length
 from steerlib.steering.steer import _PositionTracker
 
@@ -74,16 +74,16 @@ def test_response_steering_changes_tokens_and_leaves_prompt_readout(embedded):
     v = torch.randn(model.config.hidden_size)
     v = 8.0 * v / v.norm()
     prompt = format_prompt(tok, "Tell me about the sea.")
-    monitor = build_monitor(model, {"v": v}, [LAYER])
-    plain = generate(model, tok, [prompt], monitor=monitor, max_new_tokens=12)[0]
+    monitor = build_readout(model, {"v": v}, [LAYER])
+    plain = generate(model, tok, [prompt], readout=monitor, max_new_tokens=12)[0]
     ops = build_ops(model, v, LAYER, coef=20.0, positions="response")
-    steered = generate(model, tok, [prompt], steering=ops, monitor=monitor, max_new_tokens=12)[0]
+    steered = generate(model, tok, [prompt], steering=ops, readout=monitor, max_new_tokens=12)[0]
     assert steered.token_ids != plain.token_ids
     # The last prompt token's read-out is taken in the prefill: untouched by response-only steering.
     assert steered.prompt_last_projection() == pytest.approx(plain.prompt_last_projection(), abs=1e-3)
     assert steered.mean_projection() > plain.mean_projection() + 100.0
     ops = build_ops(model, v, LAYER, coef=4.0, positions="prompt")
-    prompt_only = generate(model, tok, [prompt], steering=ops, monitor=monitor, max_new_tokens=12)[0]
+    prompt_only = generate(model, tok, [prompt], steering=ops, readout=monitor, max_new_tokens=12)[0]
     assert prompt_only.prompt_last_projection() == pytest.approx(plain.prompt_last_projection() + 4.0 * 8.0, abs=1e-2)
 
 

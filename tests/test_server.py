@@ -29,7 +29,7 @@ from steerlib.monitoring.drift import DriftMonitor  # noqa: E402
 from steerlib.serve import AppOptions, BackgroundServer, ServeOptions, create_app  # noqa: E402
 from steerlib.serve.process import API_KEY_ENV, resolve_api_key  # noqa: E402
 from steerlib.steering.generation import generate  # noqa: E402
-from steerlib.steering.steer import build_monitor, build_ops  # noqa: E402
+from steerlib.steering.steer import build_ops, build_readout  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -213,9 +213,9 @@ def test_per_row_steering_equals_the_library_steer(client, embedded, optimism, n
         cap = (spec.get("cap_min"), spec.get("cap_max")) if spec.get("mode") == "cap" else None
         ops += build_ops(model, optimism, spec["layer"], spec.get("coef", 1.0), mode=spec.get("mode", "add"),
                          positions=spec.get("positions", "all"), cap=cap)
-    monitor = build_monitor(model, {"optimistic": optimism}, LAYER)
+    monitor = build_readout(model, {"optimistic": optimism}, LAYER)
     prompt = format_messages(tok, [{"role": "user", "content": PROMPT}])[0]
-    gen = generate(model, tok, [prompt], steering=ops, monitor=monitor, max_new_tokens=MAX_TOKENS, temperature=0)[0]
+    gen = generate(model, tok, [prompt], steering=ops, readout=monitor, max_new_tokens=MAX_TOKENS, temperature=0)[0]
     served = _ask(client, extra_body={"steering": CONFIGS[name]})
     assert served.choices[0].message.content.strip() == gen.text
     proj = _extra(served, "trait_projections")["optimistic"]

@@ -104,6 +104,29 @@ def test_trainer_callback_steers_only_during_training(make_tiny, tmp_path):
     assert len(block._forward_hooks) == base  # and removed when training ended
 
 
+def test_trainer_callback_removes_its_hooks_when_training_raises(make_tiny, tmp_path):
+    peft_model = _lora(copy.deepcopy(make_tiny("llama")))
+    block = get_layout(unwrap_model(peft_model)).blocks[1]
+    base = len(block._forward_hooks)
+    seen: list[int] = []
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(len(block._forward_hooks))
+            raise RuntimeError("boom in step")
+
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 250, (8, 6)).tolist()]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                             report_to=[], save_strategy="no", use_cpu=True, logging_strategy="no",
+                             disable_tqdm=True)
+    with pytest.raises(RuntimeError, match="boom in step"):
+        with PreventativeSteeringCallback(torch.randn(64), layer=2, coef=2.0) as callback:
+            Trainer(model=peft_model, args=args, train_dataset=rows, callbacks=[callback, Crash()]).train()
+    assert seen == [base + 1]  # steering was on when the step failed
+    assert len(block._forward_hooks) == base  # and is gone although on_train_end never came
+    callback.close()  # idempotent
+
+
 # -- the effect on the embedded model --------------------------------------------------------------------
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steerlib import TraitVectors, build_monitor, build_ops, format_prompt, generate, steer, stream
+from steerlib import TraitVectors, build_ops, build_readout, format_prompt, generate, steer, stream
 from steerlib.steering.steer import SteerOp
 
 LAYER = 12
@@ -72,12 +72,13 @@ def test_response_positions_under_kv_cache(setup):
     """With caching, "response" steers exactly the generated tokens: check against a plain forward."""
     model, tok, v, ids = setup
     u = v / v.norm()
-    monitor = build_monitor(model, {"v": v}, [LAYER])
+    monitor = build_readout(model, {"v": v}, [LAYER])
     prompt = tok.decode(ids[0])
     ops = build_ops(model, v, LAYER, coef=3.0, positions="response")
-    out = generate(model, tok, [prompt], steering=ops, monitor=monitor, max_new_tokens=6)[0]
-    recorded = monitor.stacked(LAYER)[0, :, 0]  # every position fed: prompt, then one per decode step
-    full = torch.cat([ids[0], torch.tensor(out.token_ids[:-1] if len(out.token_ids) == 6 else out.token_ids)])
+    out = generate(model, tok, [prompt], steering=ops, readout=monitor, max_new_tokens=6)[0]
+    recorded = monitor.stacked(LAYER)[0, :, 0]  # every position fed: prompt, then one per generated token
+    # generate() ends with one pass over the last token (its own read-out), so every token's position is read.
+    full = torch.cat([ids[0], torch.tensor(out.token_ids)])
     plain = (_hidden(model, full[None])[LAYER][0] @ u)[: recorded.shape[0]]
     n_prompt = ids.shape[1]
     torch.testing.assert_close(recorded[:n_prompt], plain[:n_prompt], atol=1e-3, rtol=1e-4)
@@ -85,7 +86,7 @@ def test_response_positions_under_kv_cache(setup):
     torch.testing.assert_close(recorded[n_prompt:], plain[n_prompt:] + shift, atol=1e-3, rtol=1e-4)
 
     ops = build_ops(model, v, LAYER, coef=3.0, positions="prompt")
-    generate(model, tok, [prompt], steering=ops, monitor=monitor, max_new_tokens=3)
+    generate(model, tok, [prompt], steering=ops, readout=monitor, max_new_tokens=3)
     recorded = monitor.stacked(LAYER)[0, :, 0]
     plain_prompt = _hidden(model, ids)[LAYER][0] @ u
     torch.testing.assert_close(recorded[:n_prompt], plain_prompt + shift, atol=1e-3, rtol=1e-4)
@@ -93,21 +94,21 @@ def test_response_positions_under_kv_cache(setup):
 
 def test_monitor_rises_when_steering_toward_trait(setup):
     model, tok, v, _ = setup
-    monitor = build_monitor(model, {"v": v}, [LAYER])
+    monitor = build_readout(model, {"v": v}, [LAYER])
     prompts = [format_prompt(tok, "What is your favourite colour?")]
-    base = generate(model, tok, prompts, monitor=monitor, max_new_tokens=8)[0].mean_projection()
+    base = generate(model, tok, prompts, readout=monitor, max_new_tokens=8)[0].mean_projection()
     ops = build_ops(model, v, LAYER, coef=2.0)
-    steered = generate(model, tok, prompts, steering=ops, monitor=monitor, max_new_tokens=8)[0].mean_projection()
+    steered = generate(model, tok, prompts, steering=ops, readout=monitor, max_new_tokens=8)[0].mean_projection()
     assert steered > base + 1.0
 
 
 def test_stream_pairs_tokens_with_projections(setup):
     model, tok, v, _ = setup
-    monitor = build_monitor(model, {"v": v}, [LAYER, LAYER + 2])
+    monitor = build_readout(model, {"v": v}, [LAYER, LAYER + 2])
     prompt = format_prompt(tok, "Say hello.")
     n = _hooks(model)
-    pieces = list(stream(model, tok, prompt, monitor=monitor, max_new_tokens=5))
-    batch = generate(model, tok, [prompt], monitor=monitor, max_new_tokens=5)[0]
+    pieces = list(stream(model, tok, prompt, readout=monitor, max_new_tokens=5))
+    batch = generate(model, tok, [prompt], readout=monitor, max_new_tokens=5)[0]
     assert "".join(p for p, _ in pieces).strip() == batch.text
     assert all(proj.shape == (2, 1) for _, proj in pieces)
     torch.testing.assert_close(pieces[0][1][0, 0], batch.projections[0, 0, 0], atol=1e-4, rtol=1e-4)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from steerlib import LexiconJudge, build_monitor, dose_response, format_prompt, load_trait
+from steerlib import LexiconJudge, build_readout, dose_response, format_prompt, load_trait
 
 LAYER = 10
 
@@ -11,7 +11,7 @@ def test_optimism_dose_response(embedded, optimism_vectors):
     model, tok = embedded
     questions = list(load_trait("optimistic").eval_questions[:6])  # held out from any extraction
     prompts = [format_prompt(tok, q) for q in questions]
-    monitor = build_monitor(model, {"optimistic": optimism_vectors}, [LAYER])
+    monitor = build_readout(model, {"optimistic": optimism_vectors}, [LAYER])
     result = dose_response(model, tok, prompts, optimism_vectors, LAYER, [-0.5, 0.0, 0.5], readout=monitor,
                            judge=LexiconJudge("optimistic"), questions=questions, relative=True,
                            max_new_tokens=24)

@@ -6,9 +6,12 @@ of metadata (model, trait, method, counts, judge, thresholds, recommended layer,
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -52,6 +55,50 @@ def check_vector(vector: Tensor, d_model: int | None = None, name: str = "vector
     return vector
 
 
+def _clone(tensor: Tensor) -> Tensor:
+    return tensor.clone()
+
+
+class _ReadOnly(Mapping):
+    """A mapping nobody can change through this object: no item assignment, and every read is a copy.
+
+    Copies keep what ``TraitVectors`` holds out of reach of in-place edits (``tv.get(L).mul_(5)``,
+    ``tv.metadata["residual_norms"].append(...)``); the tables are a few hundred KB at most, so a copy per read
+    costs nothing next to a forward pass. Module-level so that it pickles (Ray workers receive vectors).
+    """
+
+    __slots__ = ("_data", "_copy")
+
+    def __init__(self, data: Mapping[str, Any], copy_value: Callable[[Any], Any]):
+        self._data = {k: copy_value(v) for k, v in data.items()}  # our own copy: the caller's dict may change
+        self._copy = copy_value
+
+    def __getitem__(self, key: str) -> Any:
+        return self._copy(self._data[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._data!r})"
+
+    def __getstate__(self) -> tuple:
+        return self._data, self._copy
+
+    def __setstate__(self, state: tuple) -> None:
+        self._data, self._copy = state
+
+
+def _mean_norms(parts: list[list[float] | None]) -> list[float] | None:
+    known = [p for p in parts if p is not None]
+    if not known:
+        return None
+    return [sum(values) / len(known) for values in zip(*known, strict=True)]
+
+
 def _paths(path: str | Path) -> tuple[Path, Path]:
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -63,6 +110,10 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
 class TraitVectors:
     """Trait directions for every residual-stream layer of one model.
 
+    A value, not a container: it keeps its own copies of the tensors and metadata it is given, ``vectors`` and
+    ``metadata`` are read-only mappings whose every read (and every ``get``) returns a fresh copy, and the
+    algebra (``+``, ``-``, ``*``, ``to``) returns new objects. Mutating what you read cannot change the object.
+
     Attributes:
         vectors: pooling kind -> tensor [n_layers + 1, d_model] (row L is layer L; row 0 = embeddings).
         model_name: name of the model the vectors were extracted from.
@@ -71,18 +122,26 @@ class TraitVectors:
         metadata: free-form provenance (counts kept/dropped, judge, thresholds, sweep, residual norms...).
     """
 
-    vectors: dict[str, Tensor]
+    vectors: Mapping[str, Tensor]
     model_name: str
     trait: str
     method: str = "mean_diff"
-    metadata: dict = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.vectors:
+        if not isinstance(self.vectors, Mapping) or not self.vectors:
             raise ValueError("TraitVectors needs at least one pooling kind")
         for kind, tensor in self.vectors.items():
+            if not isinstance(tensor, Tensor):
+                raise ValueError(f"{kind!r} vectors must be a torch.Tensor, got {type(tensor).__name__}")
             check_dtype(tensor, f"{kind!r} vectors")
-        shapes = {tuple(v.shape) for v in self.vectors.values()}
+        if not isinstance(self.metadata, Mapping):
+            raise ValueError(f"metadata must be a mapping, got {type(self.metadata).__name__}")
+        # Frozen in fact, not only on the surface: detached copies that no caller holds a reference to.
+        object.__setattr__(self, "vectors", _ReadOnly(
+            {k: v.detach() for k, v in self.vectors.items()}, _clone))
+        object.__setattr__(self, "metadata", _ReadOnly(self.metadata, copy.deepcopy))
+        shapes = {tuple(v.shape) for v in self._tables.values()}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise ValueError(f"all vectors must share one shape [n_layers + 1, d_model], got {shapes}")
         if self.n_positions < 2:
@@ -91,12 +150,17 @@ class TraitVectors:
         _check_norms(self.metadata.get("residual_norms"), self.n_positions)
 
     @property
+    def _tables(self) -> dict[str, Tensor]:
+        """The stored tensors themselves, for reads inside this class that copy only what they hand out."""
+        return self.vectors._data  # type: ignore[attr-defined]
+
+    @property
     def n_positions(self) -> int:
-        return next(iter(self.vectors.values())).shape[0]
+        return next(iter(self._tables.values())).shape[0]
 
     @property
     def d_model(self) -> int:
-        return next(iter(self.vectors.values())).shape[1]
+        return next(iter(self._tables.values())).shape[1]
 
     @property
     def recommended_layer(self) -> int | None:
@@ -112,7 +176,7 @@ class TraitVectors:
         return None if norms is None else float(norms[layer])
 
     def get(self, layer: int | None = None, kind: str | None = None, *, normalize: bool = False) -> Tensor:
-        """The [d_model] direction at one layer (default: the recommended layer)."""
+        """A copy of the [d_model] direction at one layer (default: the recommended layer)."""
         kind = kind or self.default_kind
         if kind not in self.vectors:
             raise ValueError(f"no {kind!r} vectors here; available: {sorted(self.vectors)}")
@@ -122,13 +186,13 @@ class TraitVectors:
                 raise ValueError("no layer given and these vectors have no recommended layer")
         if not -self.n_positions <= layer < self.n_positions:
             raise ValueError(f"layer {layer} is out of range: these vectors cover layers 0..{self.n_positions - 1}")
-        vec = self.vectors[kind][layer]
-        return vec / vec.norm().clamp_min(1e-12) if normalize else vec
+        vec = self._tables[kind][layer]
+        return vec / vec.norm().clamp_min(1e-12) if normalize else vec.clone()
 
     # -- algebra: new objects, never in place ---------------------------------------------------------
     def _map(self, fn, method: str | None = None) -> TraitVectors:
-        return replace(self, vectors={k: fn(v) for k, v in self.vectors.items()}, method=method or self.method,
-                       metadata=dict(self.metadata))
+        return replace(self, vectors={k: fn(v) for k, v in self._tables.items()}, method=method or self.method,
+                       metadata=self.metadata)  # copied again by the new object
 
     def __mul__(self, scale: float) -> TraitVectors:
         return self._map(lambda v: v * scale)
@@ -139,12 +203,28 @@ class TraitVectors:
         return self._map(lambda v: -v)
 
     def __add__(self, other: TraitVectors) -> TraitVectors:
+        """The sum, as a new ``TraitVectors`` (method ``"combination"``, trait ``"a+b"``).
+
+        What the sum keeps of the metadata: what describes the model rather than one trait's extraction.
+        ``residual_norms`` (so relative coefficients still work) is the mean of the operands' norms (either
+        one's if only one has them); ``recommended_layer`` (the default layer) is kept when the operands agree
+        or only one has one, and dropped when they disagree (pass a layer then). ``combined_from`` lists the
+        operands' traits. Judge counts, thresholds and sweeps describe one extraction and are not kept.
+        """
         if not isinstance(other, TraitVectors):
             return NotImplemented
-        if other.vectors.keys() != self.vectors.keys() or other.d_model != self.d_model:
-            raise ValueError("can only add TraitVectors with the same kinds and width")
-        return replace(self, vectors={k: v + other.vectors[k] for k, v in self.vectors.items()},
-                       trait=f"{self.trait}+{other.trait}", method="combination", metadata={})
+        if other.vectors.keys() != self.vectors.keys() or other.d_model != self.d_model \
+                or other.n_positions != self.n_positions:
+            raise ValueError("can only add TraitVectors with the same kinds, layers and width")
+        metadata: dict[str, Any] = {"combined_from": [self.trait, other.trait]}
+        norms = _mean_norms([self.metadata.get("residual_norms"), other.metadata.get("residual_norms")])
+        if norms is not None:
+            metadata["residual_norms"] = norms
+        layers = {tv.recommended_layer for tv in (self, other)} - {None}
+        if len(layers) == 1:
+            metadata["recommended_layer"] = layers.pop()
+        return replace(self, vectors={k: v + other._tables[k] for k, v in self._tables.items()},
+                       trait=f"{self.trait}+{other.trait}", method="combination", metadata=metadata)
 
     def __sub__(self, other: TraitVectors) -> TraitVectors:
         return self + (-other)
@@ -157,7 +237,7 @@ class TraitVectors:
         """Write ``vectors.safetensors`` + ``vectors.json`` into folder ``path`` (or ``x.safetensors`` + ``x.json``)."""
         weights, meta = _paths(path)
         weights.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in self.vectors.items()}, str(weights))
+        save_file({k: v.float().contiguous().cpu() for k, v in self._tables.items()}, str(weights))
         info = {"model": self.model_name, "trait": self.trait, "method": self.method,
                 "n_layers": self.n_positions - 1, "d_model": self.d_model, "library_version": __version__,
                 **self.metadata}

@@ -17,8 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
 from steerlib.store.plots import pyplot, save_figure
@@ -79,6 +77,9 @@ def fit_probes(
     reference: Tensor | None = None, C: float = 1.0,
 ) -> ProbeResult:
     """A logistic-regression probe per layer; held-out accuracy when a held-out set is given."""
+    # scikit-learn takes ~1.5 s to import: only when fitting.
+    from sklearn.linear_model import LogisticRegression
+
     _check_labels(labels)
     y = labels.numpy().astype(int)
     dirs, train_acc, held_acc = [], [], []
@@ -168,6 +169,8 @@ def layer_sweep(
     heldout: bool = True,
 ) -> LayerSweep:
     """Separation along ``vectors`` [L, D] of ``acts`` [N, L, D] with boolean ``labels``."""
+    from sklearn.metrics import roc_auc_score  # scikit-learn is ~1.5 s to import: only on use
+
     _check_labels(labels)
     proj = project(acts, vectors).numpy()
     y = labels.numpy()

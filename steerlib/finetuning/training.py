@@ -70,7 +70,14 @@ class PreventativeSteeringCallback(TrainerCallback):
     """``transformers.Trainer`` callback applying ``preventative_steering`` from train begin to train end.
 
     Evaluation run by the Trainer during training is steered too; evaluate after ``train()`` returns for
-    unsteered numbers. If training raises, call ``close()`` to remove the hooks.
+    unsteered numbers.
+
+    The Trainer tells callbacks when training ends but not when it raises, so a callback alone cannot clean up
+    after a failed run. Use it as a context manager around ``train()``: the hooks are removed when the block
+    exits, whether training finished or raised (``close()`` does the same by hand)::
+
+        with PreventativeSteeringCallback(vectors, layer=16, coef=4.0) as steering:
+            Trainer(model=model, args=args, train_dataset=data, callbacks=[steering]).train()
 
     Args:
         vectors: TraitVectors, a tensor or a saved vectors path.
@@ -102,8 +109,14 @@ class PreventativeSteeringCallback(TrainerCallback):
     def close(self) -> None:
         """Remove the steering hooks (idempotent)."""
         if self._stack is not None:
-            self._stack.close()
-            self._stack = None
+            stack, self._stack = self._stack, None
+            stack.close()
+
+    def __enter__(self) -> PreventativeSteeringCallback:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()  # the exception, if any, propagates
 
 
 # -- a small LoRA finetuning loop ------------------------------------------------------------------------

@@ -22,12 +22,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from steerlib.core.capture import check_context, pad_batch, pad_token_id
 from steerlib.core.checks import check_int, check_number, check_text
 from steerlib.core.compat import cache_keyword
 from steerlib.core.models import eos_ids
+from steerlib.core.renamed import warn_renamed
 from steerlib.steering.compiled import generate_batch
 from steerlib.steering.steer import ResidualEditor, SteerOp, TraitReadout
 
@@ -93,9 +95,13 @@ class Generation:
 
 
 def _one_readout(readout: TraitReadout | None, monitor: TraitReadout | None) -> TraitReadout | None:
-    if readout is not None and monitor is not None:
+    """The read-out to use; ``monitor=`` (the first release's name) still works, with a DeprecationWarning."""
+    if monitor is None:
+        return readout
+    if readout is not None:
         raise ValueError("pass readout= only (monitor= is its old name)")
-    return readout if readout is not None else monitor
+    warn_renamed("monitor=", "readout=")
+    return monitor
 
 
 def _sampling_kwargs(max_new_tokens: int, temperature: float, top_p: float, pad_id: int) -> dict:
@@ -179,7 +185,7 @@ def generate(
         prompts: formatted prompts (``steerlib.core.chat.format_prompt``).
         steering: ``SteerOp``s applied during generation (see ``steerlib.steering.steer.build_ops``).
         readout: a ``TraitReadout`` whose traits are read out per generated token.
-        monitor: the first release's name for ``readout``.
+        monitor: the first release's name for ``readout`` (deprecated: warns).
         max_new_tokens: generation length cap.
         temperature: 0 for greedy decoding.
         top_p: nucleus sampling when temperature > 0.
@@ -269,6 +275,16 @@ class _ProjectionStreamer(BaseStreamer):
         self.queue.put(None)
 
 
+class _StopWhenSet(StoppingCriteria):
+    """Ends ``generate`` at the next token once the consumer of ``stream`` has gone (closed the generator)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: Tensor, scores: Tensor | None, **kwargs) -> Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 def stream(
     model: nn.Module,
     tokenizer,
@@ -284,7 +300,9 @@ def stream(
     """Yield (token text, projections [n_readout_layers, K] or None) for one prompt as tokens are generated.
 
     Generation runs in a background thread; hooks are removed when it ends, also if it raises (the error is
-    re-raised here).
+    re-raised here). Closing the generator early (``close()``, ``break`` out of a ``for`` loop that then drops
+    it, an exception in the consumer) stops decoding at the next token and waits for the thread, so when
+    ``close()`` returns the model carries no hooks of this call and the thread is gone.
     """
     pad_id = pad_token_id(tokenizer)
     kwargs = _sampling_kwargs(max_new_tokens, temperature, top_p, pad_id)
@@ -295,25 +313,33 @@ def stream(
     readout = _one_readout(readout, monitor)
     streamer = _ProjectionStreamer(readout)
     errors: list[BaseException] = []
+    abandoned = threading.Event()
+    stop = StoppingCriteriaList([_StopWhenSet(abandoned)])
 
     def run() -> None:
         try:
             with torch.inference_mode(), ResidualEditor(model, steering, readout):
-                model.generate(input_ids=torch.tensor([encoded], device=device), streamer=streamer, **kwargs)
+                model.generate(input_ids=torch.tensor([encoded], device=device), streamer=streamer,
+                               stopping_criteria=stop, **kwargs)
         except BaseException as exc:  # surfaced in the consumer's thread
             errors.append(exc)
             streamer.end()
 
-    thread = threading.Thread(target=run, daemon=True)
+    thread = threading.Thread(target=run, name="steerlib-stream", daemon=True)
     thread.start()
-    while True:
-        item = streamer.queue.get()
-        if item is None:
-            break
-        token_id, proj = item
-        if token_id in eos:
-            continue
-        yield tokenizer.decode([token_id], skip_special_tokens=True), proj
-    thread.join()
+    try:
+        while True:
+            item = streamer.queue.get()
+            if item is None:
+                break
+            token_id, proj = item
+            if token_id in eos:
+                continue
+            yield tokenizer.decode([token_id], skip_special_tokens=True), proj
+    finally:
+        # Reached on normal end and on close(): stop at the next token, then wait until the thread's
+        # ResidualEditor has removed its hooks (a steered model must not outlive its stream).
+        abandoned.set()
+        thread.join()
     if errors:
         raise errors[0]

@@ -28,6 +28,7 @@ from steerlib.core.checks import check_choice, check_number
 from steerlib.core.compat import find_cache, past_length
 from steerlib.core.hooks import HookHandles
 from steerlib.core.loading import load_vectors, pick_layer, resolve_vector
+from steerlib.core.renamed import renamed_getattr
 from steerlib.core.vectors import TraitVectors, VectorSource, check_vector
 from steerlib.steering.plan import METHODS, POSITION_RULES, SteeringPlan, SteerOp, lower_ops, position_rule
 
@@ -354,7 +355,6 @@ def read_out(model: nn.Module, readout: TraitReadout) -> Iterator[TraitReadout]:
         yield readout
 
 
-# Names of the first release, kept importable: the read-out was called a monitor.
-Monitor = TraitReadout
-build_monitor = build_readout
-monitoring = read_out
+# Names of the first release (the read-out was called a monitor), served with a DeprecationWarning.
+__getattr__ = renamed_getattr(__name__, {"Monitor": "TraitReadout", "build_monitor": "build_readout",
+                                         "monitoring": "read_out"}, globals())
