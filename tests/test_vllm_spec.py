@@ -62,3 +62,30 @@ def test_bad_specs_name_the_problem(spec, message, monkeypatch):
     monkeypatch.delenv("STEERLIB_VLLM_VECTORS", raising=False)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
         parse_spec(spec, n_layers=4, d_model=D)
+
+
+def test_serve_engine_vllm_validates_on_the_model_shape_without_weights(optimism_vectors, tmp_path):
+    """``steerlib serve --engine vllm``: the API process holds the model on the meta device and a vLLM engine
+    (not started here) whose arguments carry the plugin's worker extension and compile-cache identity."""
+    from steerlib.serve.process import ServeOptions, build
+    from steerlib.serve.vllm_engine import VllmEngine
+    from steerlib.vllm.worker import IDENTITY
+
+    optimism_vectors.save(tmp_path / "optimistic")
+    app, _ = build(ServeOptions(vectors={"optimistic": tmp_path / "optimistic"}, engine="vllm",
+                                vllm_args={"enforce_eager": True, "max_model_len": 256}))
+    service = app.state.service
+    assert isinstance(service.engine, VllmEngine) and not service.engine.alive
+    assert next(service.model.parameters()).device.type == "meta"
+    args = service.engine.args
+    assert args["additional_config"] == {"steerlib": IDENTITY} and args["enforce_eager"] is True
+    assert args["max_model_len"] == 256 and args["worker_extension_cls"].endswith("SteerlibWorkerExtension")
+    with pytest.raises(ValueError, match="layer 99 is out of range"):
+        from steerlib.serve.schema import SteeringSpec
+
+        try:
+            service.resolve_steering([SteeringSpec(vector="optimistic", layer=99, coef=1.0)])
+        except Exception as exc:  # the service answers 400 with the layout's message
+            raise ValueError(getattr(exc, "message", str(exc))) from None
+    with pytest.raises(ValueError, match="unknown engine 'sglang'"):
+        ServeOptions(engine="sglang").check()
