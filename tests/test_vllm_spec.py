@@ -89,3 +89,45 @@ def test_serve_engine_vllm_validates_on_the_model_shape_without_weights(optimism
             raise ValueError(getattr(exc, "message", str(exc))) from None
     with pytest.raises(ValueError, match="unknown engine 'sglang'"):
         ServeOptions(engine="sglang").check()
+
+
+def _fake_runner(specs: list[str | None], prompt_lens: list[int], counts: list[int]):
+    """Just the V1 runner bookkeeping the worker reads: request ids, where each request's tokens start, specs."""
+    from types import SimpleNamespace
+
+    ids = [f"req{i}-abcdefgh" for i in range(len(specs))]
+    qsl = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    requests = {rid: SimpleNamespace(sampling_params=SimpleNamespace(extra_args={"steerlib": s} if s else None),
+                                     num_prompt_tokens=p) for rid, s, p in zip(ids, specs, prompt_lens, strict=True)}
+    return SimpleNamespace(input_batch=SimpleNamespace(num_reqs=len(ids), req_ids=ids),
+                           query_start_loc=SimpleNamespace(cpu=qsl), requests=requests)
+
+
+def test_worker_step_raises_when_a_steered_layer_did_not_run_and_keeps_readouts_by_request():
+    from steerlib.vllm import worker
+
+    layers = torch.nn.ModuleList([torch.nn.Identity() for _ in range(4)])
+    st = worker.WorkerState(layers, D, max_tokens=16, device=torch.device("cpu"))
+    st.configure_readout(3, torch.nn.functional.normalize(torch.randn(2, D), dim=-1).tolist())
+    spec = encode_spec([SteerOp(layer=2, vector=_vec(6), coef=1.5)], readout=True)
+    # Request 0 ends its prompt (positions 2..4 of a 5-token prompt), request 1 (unsteered, no read-out) decodes.
+    runner = _fake_runner([spec, None], [5, 3], [3, 1])
+    positions = torch.tensor([2, 3, 4, 7])
+    hidden = torch.randn(4, D)
+    st.begin(runner, positions)
+    for layer in (1, 3, 4):  # layer 2 never runs
+        st.run_layer(layer, hidden.clone())
+    with pytest.raises(RuntimeError, match=r"hook at layer\(s\) \[2\] did not run exactly once"):
+        st.end()
+    st.begin(runner, positions)
+    h = hidden.clone()
+    for layer in (1, 2, 3, 4):
+        st.run_layer(layer, h)
+    st.end()
+    expected = hidden[:3].clone()
+    expected += 1.5 * _vec(6)  # layer 2 edits request 0's tokens only
+    torch.testing.assert_close(h[:3], expected)
+    torch.testing.assert_close(h[3], hidden[3])
+    got = st.pop(["req0", "req1"])
+    assert list(got["req0"]) == [4] and got["req1"] == {}  # the last prompt position of request 0 only
+    torch.testing.assert_close(torch.tensor(got["req0"][4]), h[2] @ st.readout_dirs.T)
