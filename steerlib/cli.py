@@ -60,6 +60,8 @@ def extract(
     max_questions: Annotated[int | None, typer.Option(help="use only the first N questions of each split")] = None,
     batch_size: int = 16,
     backend: Annotated[str, typer.Option(help="torch | transformer_lens | nnsight")] = "torch",
+    engine: Annotated[str, typer.Option(help="hf | vllm: what generates the contrastive responses (activations "
+                                             "are captured on the HF model either way)")] = "hf",
 ) -> None:
     """Generate contrastive responses, judge, filter, and extract per-layer trait vectors (resumable)."""
     from steerlib.extraction.extract import ExtractionConfig
@@ -69,7 +71,7 @@ def extract(
                            pos_threshold=pos_threshold, neg_threshold=neg_threshold,
                            coherence_threshold=coherence_threshold, max_pairs=max_pairs,
                            max_questions=max_questions, batch_size=batch_size, backend=backend)
-    result = extract_file(trait, out, model_path=model, judge=judge, config=cfg)
+    result = extract_file(trait, out, model_path=model, judge=judge, config=cfg, engine=engine)
     typer.echo(result.sweep.table())
 
 
@@ -159,6 +161,7 @@ def flag(
     ray_address: str | None = None,
     model: ModelOpt = None,
     negate: Annotated[bool, typer.Option("--negate", help="rank by the opposite pole (most negative first)")] = False,
+    engine: Annotated[str, typer.Option(help="hf | vllm: what generates --baseline generate's responses")] = "hf",
 ) -> None:
     """Score finetuning data by projection on a trait vector; rank, flag the top k, plot a histogram."""
     from steerlib.jobs import flag_file
@@ -166,7 +169,7 @@ def flag(
     report = flag_file(data, vector, out_dir=out, model_path=model, layer=layer, baseline=baseline,  # type: ignore[arg-type]
                        batch_size=batch_size, max_new_tokens=max_new_tokens, top_k=top_k, resume=not fresh,
                        on_error=on_error, use_ray=ray, ray_concurrency=ray_concurrency,  # type: ignore[arg-type]
-                       ray_address=ray_address, negate=negate)
+                       ray_address=ray_address, negate=negate, engine=engine)
     typer.echo(json.dumps(report.summary, indent=2))
     for i, row in enumerate(report.top[:top_k], start=1):
         typer.echo(f"{i:3d}. {json.dumps(row)[:160]}")
@@ -311,6 +314,10 @@ def serve(
     alerts_path: Path | None = None,
     dtype: str = "float32",
     model: ModelOpt = None,
+    engine: Annotated[str, typer.Option(help="hf (steerlib's engine) or vllm (vLLM with steerlib's plugin; "
+                                             "needs the vLLM environment, make vllm-env)")] = "hf",
+    vllm_eager: Annotated[bool, typer.Option(help="vLLM without torch.compile (starts faster)")] = False,
+    max_model_len: Annotated[int | None, typer.Option(help="vLLM's context limit (default: the model's)")] = None,
 ) -> None:
     """OpenAI- and Ollama-compatible chat server: continuous batching with per-request steering, per-token
     trait projections and drift alerts."""
@@ -341,7 +348,8 @@ def serve(
                            steer_vector=steer_vector, steer_mode=steer_mode, steer_positions=steer_positions,
                            app=app_options, port=port, drift_window=drift_window, drift_method=drift_method,
                            drift_threshold=drift_threshold, drift_reference_size=drift_reference_size,
-                           alerts_path=alerts_path, dtype=dtype)
+                           alerts_path=alerts_path, dtype=dtype, engine=engine,
+                           vllm_args={"enforce_eager": vllm_eager, **({"max_model_len": max_model_len} if max_model_len else {})})
     options.check()
     run_server(options)
 

@@ -68,13 +68,16 @@ def extract_file(
     model_path: str | Path | None = None,
     judge: str = "auto",
     config: ExtractionConfig | None = None,
+    engine: str = "hf",
 ) -> ExtractionResult:
     """Extract a trait's vectors into ``out_dir`` (default ``runs/<trait>``), resuming a partial run there.
 
     The coherence judge, when ``config.coherence_threshold`` is set, is the same endpoint as an ``openai:``
-    judge, else the model judging itself.
+    judge, else the model judging itself. ``engine="vllm"`` generates the responses with vLLM (the vLLM
+    environment, ``make vllm-env``); activations are captured on the HF model either way.
     """
     config = config or ExtractionConfig()  # its numbers are checked when it is built
+    generator = _text_generator(engine, model_path)
     t = load_trait(trait)
     out_dir = check_out_dir(out_dir or Path("runs") / t.name)
     with exclusive_output(out_dir, f"steerlib extract {t.name}"):
@@ -85,8 +88,28 @@ def extract_file(
         if config.coherence_threshold is not None:
             coherence = make_judge(judge if judge.startswith("openai:") else "self", t, model=model, tokenizer=tok,
                                    rubric=t.coherence_rubric)
-        return extract_trait(model, tok, t, out_dir, judge=trait_judge,
-                             coherence_judge=coherence, config=config, model_name=loaded.name)
+        try:
+            return extract_trait(model, tok, t, out_dir, judge=trait_judge, coherence_judge=coherence,
+                                 config=config, model_name=loaded.name, generate_texts=generator)
+        finally:
+            if generator is not None:
+                generator.close()
+
+
+def _text_generator(engine: str, model_path: str | Path | None):
+    """None for the HF engine, else a started-on-first-use vLLM generator (checked before any model loads)."""
+    check_choice(engine, "engine", ("hf", "vllm"))
+    if engine == "hf":
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError("--engine vllm needs vLLM in this environment (make vllm-env, then use .venv-vllm)")
+    from steerlib.core.models import resolve_model_path
+    from steerlib.vllm.offline import VllmGenerator
+
+    folder, _ = resolve_model_path(model_path)
+    return VllmGenerator(folder)
 
 
 def sweep_judge(trait: str):
@@ -283,6 +306,7 @@ def flag_file(
     progress: bool = True,
     label_key: str | None = None,
     negate: bool = False,
+    engine: str = "hf",
 ) -> FlagReport:
     """Score a data file against a trait vector and write scores, rankings, a histogram and a summary.
 
@@ -312,6 +336,7 @@ def flag_file(
         negate: score on the opposite pole (the negated direction), so the ranking puts the samples most
             against the trait first (e.g. the gloomiest samples with an optimism vector). Scores are then
             projections on ``-v``.
+        engine: "hf" or "vllm": what generates the "generate" baseline's responses (activations stay on HF).
     """
     check_int(top_k, "top_k")
     check_int(batch_size, "batch_size")
@@ -319,6 +344,10 @@ def flag_file(
     check_int(ray_concurrency, "ray_concurrency")
     check_choice(on_error, "on_error", ON_ERROR)
     check_choice(baseline, "baseline", BASELINES)
+    if engine != "hf" and (baseline != "generate" or use_ray):
+        raise ValueError("--engine vllm generates the baseline responses: use it with --baseline generate, "
+                         "without Ray")
+    generator = _text_generator(engine, model_path)
     with exclusive_output(check_out_dir(out_dir), "steerlib flag"):
         out_dir = check_out_dir(out_dir)
         read = read_samples(data_path, on_error=on_error)
@@ -342,10 +371,15 @@ def flag_file(
         else:
             model, tokenizer = load_model(model_path, dtype=dtype, device=device)
             vectors = _fit_vectors(vectors, vectors_path, model)
-            result = score_dataset(
-                model, tokenizer, read, vectors, layer, out_path=scores_path, batch_size=batch_size,
-                baseline=baseline, max_new_tokens=max_new_tokens, resume=resume, progress=progress, kind=kind,
-            )
+            try:
+                result = score_dataset(
+                    model, tokenizer, read, vectors, layer, out_path=scores_path, batch_size=batch_size,
+                    baseline=baseline, max_new_tokens=max_new_tokens, resume=resume, progress=progress, kind=kind,
+                    generate_texts=generator,
+                )
+            finally:
+                if generator is not None:
+                    generator.close()
         ranked = rank(result, samples=read.samples, out_path=out_dir / "ranked.jsonl")
         write_rows(ranked, out_dir / "ranked.csv")
         hist = plot_histogram(result, out_dir / "histogram.png", top_k=min(top_k, len(ranked)),

@@ -5,6 +5,7 @@ Plain helpers and constants live in ``helpers.py``: test modules import from the
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 
@@ -14,6 +15,9 @@ from helpers import OPTIMISTIC_REPLIES, PESSIMISTIC_REPLIES, QUICK_QUESTIONS, Fa
 from transformers import PreTrainedModel
 
 from steerlib.core.models import LoadedModel, load_model
+
+# tests/vllm runs in the vLLM environment (.venv-vllm, `make test` runs it there); elsewhere it is not collected.
+collect_ignore = [] if importlib.util.find_spec("vllm") is not None else ["vllm"]
 
 # The tests run small batches, where extra intra-op threads gain little, and on a shared or busy machine
 # OpenMP threads spinning against other processes slow them down several-fold. OMP_NUM_THREADS overrides.

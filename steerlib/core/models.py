@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 if TYPE_CHECKING:  # importing PreTrainedModel loads transformers' modeling code (torch._dynamo, triton): ~3 s
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -269,6 +269,23 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, name)
+
+
+def load_model_skeleton(path: str | Path | None = None) -> tuple[LoadedModel, Path]:
+    """The model's architecture on the ``meta`` device (no weights) and its tokenizer, plus its folder.
+
+    For a process that only needs the model's shape (layers, width, context) while another engine holds the
+    weights: ``steerlib serve --engine vllm`` validates steering against it.
+    """
+    folder, name = resolve_model_path(path)
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, name), folder
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -30,7 +30,7 @@ from steerlib.core.checks import check_choice, check_int, check_number
 from steerlib.core.vectors import TraitVectors
 from steerlib.core.version import __version__
 from steerlib.extraction.sweep import LayerSweep, fit_probes, layer_sweep, mean_difference, pca_direction
-from steerlib.steering.generation import generate
+from steerlib.steering.generation import GenerateTexts, generate
 from steerlib.store.results import ResultsStore, read_records
 from steerlib.traits.judges import describe_judge
 from steerlib.traits.library import Trait, load_trait
@@ -101,7 +101,7 @@ def _jobs(trait: Trait, questions: tuple[str, ...], split: str, cfg: ExtractionC
 
 
 def _generate_missing(model, tokenizer, jobs: list[dict], log: ResultsStore, cfg: ExtractionConfig,
-                      progress: bool) -> dict[str, dict]:
+                      progress: bool, generate_texts: GenerateTexts | None = None) -> dict[str, dict]:
     done = log.by_key("id")
     todo = [j for j in jobs if j["id"] not in done]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="generate", unit="resp", disable=not progress)
@@ -109,10 +109,13 @@ def _generate_missing(model, tokenizer, jobs: list[dict], log: ResultsStore, cfg
     for start in range(0, len(todo), cfg.batch_size):
         chunk = todo[start : start + cfg.batch_size]
         prompts = [format_prompt(tokenizer, j["question"], j["system"]) for j in chunk]
-        outs = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                        temperature=cfg.temperature, batch_size=cfg.batch_size,
-                        seed=cfg.seed + start if cfg.temperature > 0 else None)
-        records = [{**j, "response": g.text} for j, g in zip(chunk, outs, strict=True)]
+        seed = cfg.seed + start if cfg.temperature > 0 else None
+        if generate_texts is not None:
+            texts = generate_texts(prompts, cfg.max_new_tokens, cfg.temperature, seed)
+        else:
+            texts = [g.text for g in generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                                              temperature=cfg.temperature, batch_size=cfg.batch_size, seed=seed)]
+        records = [{**j, "response": t} for j, t in zip(chunk, texts, strict=True)]
         log.append(records)
         done.update({r["id"]: r for r in records})
         bar.update(len(chunk))
@@ -180,6 +183,7 @@ def extract_trait(
     model_name: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    generate_texts: GenerateTexts | None = None,
 ) -> ExtractionResult:
     """Run the whole extraction for one trait, resuming from ``out_dir`` if it holds a partial run.
 
@@ -194,6 +198,9 @@ def extract_trait(
         model_name: recorded in the vectors' metadata (default: the model's name_or_path).
         progress: progress bars.
         log: where to print one-line summaries.
+        generate_texts: another generator of the contrastive responses, called as
+            ``(formatted prompts, max_new_tokens, temperature, seed) -> texts`` (e.g.
+            ``steerlib.vllm.offline.VllmGenerator``); activations are still captured on ``model``.
 
     Returns:
         ``ExtractionResult`` with mean-difference vectors (saved to ``out_dir``), probe and PCA vectors, the
@@ -223,7 +230,8 @@ def extract_trait(
         "temperature": cfg.temperature, "seed": cfg.seed, "batch_size": cfg.batch_size})
     scores_log = ResultsStore(out / "scores.jsonl", {
         "judge": describe_judge(judge), "coherence_judge": describe_judge(coherence_judge)})
-    responses = _generate_missing(model, tokenizer, train_jobs + eval_jobs, responses_log, cfg, progress)
+    responses = _generate_missing(model, tokenizer, train_jobs + eval_jobs, responses_log, cfg, progress,
+                                  generate_texts)
     scores = _score_missing(responses, scores_log, judge, coherence_judge, progress)
 
     train = {rid: r for rid, r in responses.items() if r["split"] == "extract"}

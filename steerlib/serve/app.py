@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from importlib import resources
 from typing import Any
 
@@ -37,13 +37,15 @@ __all__ = ["AppOptions", "Service", "create_app"]
 
 def create_app(model: torch.nn.Module, tokenizer: Any, vectors: Mapping[str, TraitVectors],
                options: AppOptions | None = None, drift: DriftMonitor | None = None,
-               calibrations: Mapping[str, Calibration] | None = None) -> FastAPI:
+               calibrations: Mapping[str, Calibration] | None = None,
+               engine_factory: Callable[..., Any] | None = None) -> FastAPI:
     """The FastAPI app; the engine starts and stops with its lifespan (``app.state.service`` holds it).
 
-    ``calibrations`` (vector name -> ``Calibration``) enable ``cap_percentile`` in that vector's steering entries.
+    ``calibrations`` (vector name -> ``Calibration``) enable ``cap_percentile`` in that vector's steering entries;
+    ``engine_factory`` builds another engine with ``Engine``'s surface (``steerlib.serve.vllm_engine``).
     """
     options = options or AppOptions()
-    service = Service(model, tokenizer, vectors, options, drift, calibrations)
+    service = Service(model, tokenizer, vectors, options, drift, calibrations, engine_factory)
     engine = service.engine
 
     @contextlib.asynccontextmanager

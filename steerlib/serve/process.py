@@ -28,13 +28,15 @@ from steerlib.serve.app import AppOptions, create_app
 from steerlib.serve.schema import MAX_ABS_COEF, SteeringSpec
 from steerlib.steering.calibration import Calibration, calibration_path
 
-__all__ = ["API_KEY_ENV", "METRICS_KEY_ENV", "BackgroundServer", "ServeOptions", "default_steering_specs", "named_vectors",
+__all__ = ["API_KEY_ENV", "ENGINES", "METRICS_KEY_ENV",
+           "BackgroundServer", "ServeOptions", "default_steering_specs", "named_vectors",
            "resolve_api_key", "serve"]
 
 log = logging.getLogger("steerlib.serve")
 
 API_KEY_ENV = "STEERLIB_API_KEY"
 METRICS_KEY_ENV = "STEERLIB_METRICS_KEY"
+ENGINES = ("hf", "vllm")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class ServeOptions:
         alerts_path: JSONL file the drift monitor appends alerts to.
         dtype, device: how to load the model.
         log_level: uvicorn log level.
+        engine: "hf" (steerlib's continuous-batching engine on transformers) or "vllm" (vLLM with steerlib's
+            plugin; the API process then holds only the model's shape, on the meta device).
+        vllm_args: extra vLLM engine arguments (``max_model_len``, ``enforce_eager``, ...).
     """
 
     model_path: str | Path | None = None
@@ -70,9 +75,13 @@ class ServeOptions:
     dtype: str = "float32"
     device: str | None = None
     log_level: str = "info"
+    engine: str = "hf"
+    vllm_args: Mapping[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first bad option (called before anything loads)."""
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; choose from {ENGINES}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         for layer, coef in self.steer:
@@ -188,7 +197,11 @@ def build(options: ServeOptions) -> tuple[FastAPI, str]:
     from steerlib.core.models import load_model
 
     options.check()
-    loaded = load_model(options.model_path, dtype=options.dtype, device=options.device)
+    engine_factory = None
+    if options.engine == "vllm":
+        loaded, engine_factory = _vllm_engine(options)
+    else:
+        loaded = load_model(options.model_path, dtype=options.dtype, device=options.device)
     trait_vectors = named_vectors(loaded.model, options.vectors)
     names = list(trait_vectors)
     app_options = options.app
@@ -204,7 +217,25 @@ def build(options: ServeOptions) -> tuple[FastAPI, str]:
                          threshold=options.drift_threshold, reference_size=options.drift_reference_size,
                          alerts_path=options.alerts_path, robust=True) if traits else None
     calibrations = named_calibrations(loaded.model, options.vectors)
-    return create_app(loaded.model, loaded.tokenizer, trait_vectors, app_options, drift, calibrations), loaded.name
+    return create_app(loaded.model, loaded.tokenizer, trait_vectors, app_options, drift, calibrations,
+                      engine_factory=engine_factory), loaded.name
+
+
+def _vllm_engine(options: ServeOptions) -> tuple[Any, Any]:
+    """The model's shape (meta device) for validation, and a factory of the vLLM engine holding the weights."""
+    from steerlib.core.models import load_model_skeleton
+    from steerlib.serve.vllm_engine import VllmEngine, engine_args
+
+    loaded, folder = load_model_skeleton(options.model_path)
+    extra = dict(options.vllm_args)
+    eager = bool(extra.pop("enforce_eager", False))
+
+    def factory(**kw: Any) -> VllmEngine:
+        args = engine_args(str(folder), max_batch=kw["max_batch"], dtype=options.dtype, enforce_eager=eager,
+                           extra=extra)
+        return VllmEngine(args, loaded.tokenizer, **kw)
+
+    return loaded, factory
 
 
 def serve(options: ServeOptions, **uvicorn_kwargs: Any) -> None:

@@ -11,7 +11,7 @@ import copy
 import math
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -120,7 +120,8 @@ class Service:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, vectors: Mapping[str, TraitVectors],
                  options: AppOptions, drift: DriftMonitor | None = None,
-                 calibrations: Mapping[str, Calibration] | None = None):
+                 calibrations: Mapping[str, Calibration] | None = None,
+                 engine_factory: Callable[..., Any] | None = None):
         self.model = model
         self.options = options
         self.registry = VectorRegistry(model, vectors, options.vector_dirs, calibrations)
@@ -138,8 +139,10 @@ class Service:
         self._encoder = copy.deepcopy(tokenizer)
         self._encode_lock = threading.Lock()
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
-        self.engine = Engine(model, tokenizer, readout=self.readout, max_batch=options.max_batch,
-                             max_queue=options.max_queue, eos_ids=eos_ids(model, tokenizer))
+        # engine_factory: another engine with Engine's surface (steerlib.serve.vllm_engine); default the HF one.
+        make = engine_factory or (lambda **kw: Engine(model, tokenizer, **kw))
+        self.engine = make(readout=self.readout, max_batch=options.max_batch, max_queue=options.max_queue,
+                           eos_ids=eos_ids(model, tokenizer))
         self.conversations = ConversationLog(options.conversations, options.conversation_turns)
         self.metrics = ServerMetrics(
             model_name=options.model_name, version=__version__, traits=self.monitored, layer=self.engine.monitor_layer,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +32,9 @@ from steerlib.core.models import eos_ids
 from steerlib.core.renamed import warn_renamed
 from steerlib.steering.compiled import generate_batch
 from steerlib.steering.steer import ResidualEditor, SteerOp, TraitReadout
+
+# Another generator of response texts (e.g. vLLM's): (formatted prompts, max_new_tokens, temperature, seed) -> texts.
+GenerateTexts = Callable[[list[str], int, float, "int | None"], list[str]]
 
 
 def _marker_criteria(editor: ResidualEditor, tokenizer, prompt_width: int) -> list[StoppingCriteria]:

@@ -28,6 +28,7 @@ from steerlib.core.loading import resolve_vector
 from steerlib.core.models import unwrap_model
 from steerlib.core.serialize import to_jsonable
 from steerlib.core.vectors import VectorSource
+from steerlib.steering.generation import GenerateTexts
 from steerlib.store.results import ResultsStore, fingerprint_pairs, fingerprint_tensor
 from steerlib.store.samples import ReadResult, Sample, as_samples, read_samples
 
@@ -59,6 +60,7 @@ def score_pairs(
     baseline: Baseline = "none",
     max_new_tokens: int = 64,
     truncate: bool = True,
+    generate_texts: GenerateTexts | None = None,
 ) -> list[dict[str, Any]]:
     """Score one batch of (prompt, response) pairs; the unit of work shared by the local and Ray paths.
 
@@ -73,6 +75,8 @@ def score_pairs(
             "prompt_last" (minus the projection of the last prompt token).
         max_new_tokens: length of the generated baseline response.
         truncate: stop forward passes after ``layer``.
+        generate_texts: another generator of the baseline responses (e.g. vLLM's, ``steerlib.vllm.offline``);
+            called as ``(prompts, max_new_tokens, 0.0, None) -> texts``.
 
     Returns:
         One dict per pair with ``projection``, ``prompt_last_projection``, ``response_tokens``, ``score`` and,
@@ -94,9 +98,11 @@ def score_pairs(
     elif baseline == "generate":
         from steerlib.steering.generation import generate
 
-        gens = generate(unwrap_model(model), tokenizer, list(prompts), max_new_tokens=max_new_tokens,
-                        batch_size=len(prompts))
-        texts = [g.text for g in gens]
+        if generate_texts is not None:
+            texts = list(generate_texts(list(prompts), max_new_tokens, 0.0, None))
+        else:
+            texts = [g.text for g in generate(unwrap_model(model), tokenizer, list(prompts),
+                                              max_new_tokens=max_new_tokens, batch_size=len(prompts))]
         usable = [i for i, t in enumerate(texts) if tokenizer(t, add_special_tokens=False)["input_ids"]]
         base = [math.nan] * len(out)
         if usable:
@@ -263,6 +269,7 @@ def score_dataset(
     kind: str | None = None,
     truncate: bool = True,
     on_batch: Callable[[int, list[dict]], None] | None = None,
+    generate_texts: GenerateTexts | None = None,
 ) -> FlagResult:
     """Score every sample's projection (difference) on a trait direction, appending results to a JSONL.
 
@@ -282,6 +289,7 @@ def score_dataset(
         kind: pooling kind of TraitVectors (default: response_mean).
         truncate: stop each forward pass after ``layer`` (False runs every block, for benchmarking).
         on_batch: called as ``on_batch(batch_number, records)`` after each batch is written.
+        generate_texts: generator of the "generate" baseline's responses (default: HF greedy generation).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -306,7 +314,7 @@ def score_dataset(
             continue
         scored = score_pairs(model, tokenizer, [prompts[i] for i in todo],
                              [by_index[i].response for i in todo], direction, layer, baseline=baseline,
-                             max_new_tokens=max_new_tokens, truncate=truncate)
+                             max_new_tokens=max_new_tokens, truncate=truncate, generate_texts=generate_texts)
         new = [sample_record(by_index[i], rec) for i, rec in zip(todo, scored, strict=True)]
         done.update((r["index"], r) for r in new)
         store.append(new)  # fsynced: a kill after this point loses nothing of this batch

@@ -1,0 +1,134 @@
+"""The vLLM general plugin (entry point ``vllm.general_plugins``: ``steerlib = steerlib.vllm.plugin:register``).
+
+vLLM calls ``register()`` in every process it starts (API server, engine core, workers), possibly more than
+once; it is idempotent. It wraps three public methods, each checked to exist (a vLLM without them fails here,
+loudly, instead of serving unsteered text):
+
+* ``InputProcessor.process_inputs`` (API process): parses a request's steering spec with the model's shape, so
+  a bad spec is a 400 there and never reaches (and crashes) a worker, and salts the prefix cache with the
+  steering (``cache_salt``), keeping any salt the client gave.
+* ``GPUModelRunner.load_model`` / ``CPUModelRunner.load_model`` (workers): hooks the decoder layers right after
+  the model loads, before vLLM compiles or warms it up.
+* ``GPUModelRunner._model_forward`` (workers; the runner's documented override point): fills the step plan
+  before the forward and checks afterwards that every steered layer ran.
+
+vLLM's V2 model runner keeps its bookkeeping elsewhere; loading a model with it raises.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+log = logging.getLogger("steerlib.vllm")
+
+__all__ = ["register"]
+
+_REGISTERED = False
+
+
+def _wrap(cls: type, name: str, make) -> None:
+    original = cls.__dict__.get(name)
+    if original is None:
+        raise RuntimeError(f"steerlib: {cls.__module__}.{cls.__name__}.{name} is missing; this vLLM version is not "
+                           "supported by steerlib's plugin")
+    if getattr(original, "_steerlib_wrapped", False):
+        return
+    wrapped = functools.wraps(original)(make(original))
+    wrapped._steerlib_wrapped = True
+    setattr(cls, name, wrapped)
+
+
+def _salted(existing: str | None, salt: str) -> str:
+    return salt if not existing else f"{existing[:60]}-{salt}"[:128]
+
+
+def _process_inputs(original):
+    def process_inputs(self, request_id: str, prompt: Any, params: Any, *args: Any, **kwargs: Any):
+        from steerlib.vllm.spec import SPEC_KEY, cache_salt, parse_spec
+
+        extra = getattr(params, "extra_args", None) or {}
+        spec = extra.get(SPEC_KEY)
+        if spec is not None:
+            if not isinstance(spec, str):
+                raise _validation_error(f"{SPEC_KEY} must be a JSON string (vllm_xargs take str/int/float/list)")
+            cfg = self.model_config
+            try:
+                parse_spec(spec, cfg.get_num_layers(self.vllm_config.parallel_config), cfg.get_hidden_size())
+            except ValueError as exc:
+                raise _validation_error(str(exc)) from None
+        request = original(self, request_id, prompt, params, *args, **kwargs)
+        salt = cache_salt(spec) if spec is not None else None
+        if salt is not None:
+            request.cache_salt = _salted(request.cache_salt, salt)
+        return request
+    return process_inputs
+
+
+def _validation_error(message: str) -> Exception:
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:  # pragma: no cover - older layouts
+        return ValueError(message)
+    return VLLMValidationError(message)
+
+
+def _load_model(original):
+    def load_model(self, *args: Any, **kwargs: Any):
+        from steerlib.vllm.worker import install
+
+        out = original(self, *args, **kwargs)
+        install(self)
+        return out
+    return load_model
+
+
+def _model_forward(original):
+    def model_forward(self, *args: Any, **kwargs: Any):
+        from steerlib.vllm.worker import state
+
+        st = state()
+        if st is None:
+            raise RuntimeError("steerlib: a vLLM step ran on a model the plugin did not hook")
+        positions = kwargs.get("positions")
+        if positions is None and len(args) > 1:
+            positions = args[1]
+        st.begin(self, positions)
+        try:
+            out = original(self, *args, **kwargs)
+        finally:
+            st.in_step = False
+        st.end()
+        return out
+    return model_forward
+
+
+def _refuse_v2(original):
+    def load_model(self, *args: Any, **kwargs: Any):
+        raise NotImplementedError("steerlib: vLLM's V2 model runner is not supported by the steering plugin; "
+                                  "run with VLLM_USE_V2_MODEL_RUNNER=0")
+    return load_model
+
+
+def register() -> None:
+    """Install steerlib's wrappers in this vLLM process (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    _wrap(InputProcessor, "process_inputs", _process_inputs)
+    _wrap(GPUModelRunner, "load_model", _load_model)
+    _wrap(CPUModelRunner, "load_model", _load_model)
+    _wrap(GPUModelRunner, "_model_forward", _model_forward)
+    try:  # the V2 runner (its CPU variant subclasses it); its module may not import on every platform
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as RunnerV2
+    except Exception:  # noqa: BLE001
+        RunnerV2 = None
+    if RunnerV2 is not None and "load_model" in RunnerV2.__dict__:
+        _wrap(RunnerV2, "load_model", _refuse_v2)
+    _REGISTERED = True
+    log.info("steerlib vLLM plugin registered")

@@ -1,0 +1,133 @@
+"""The vLLM backend's request spec and per-step plan (no vLLM needed: these run in the main environment)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from steerlib.steering.plan import SteerOp, lower_ops
+from steerlib.vllm import cache_salt, encode_spec, parse_spec
+from steerlib.vllm.spec import encode_rows
+
+D = 16
+
+
+def _same(a: list, b: list) -> bool:
+    """Edits equal field by field (their rows are tensors)."""
+    return len(a) == len(b) and all(
+        x.layer == y.layer and x.key == y.key and torch.equal(x.row, y.row) and (x.coef, x.lo, x.hi) == (y.coef, y.lo, y.hi)
+        and x.rule.name == y.rule.name for x, y in zip(a, b, strict=True))
+
+
+def _vec(seed: int) -> torch.Tensor:
+    return torch.randn(D, generator=torch.Generator().manual_seed(seed))
+
+
+def test_spec_round_trip_lowering_and_salt():
+    ops = [SteerOp(layer=3, vector=_vec(0), coef=2.5, positions="response"),
+           SteerOp(layer=2, vector=_vec(1), mode="cap", cap_min=-1.0, cap_max=0.5)]
+    parsed = parse_spec(encode_spec(ops, readout=True), n_layers=4, d_model=D)
+    assert parsed.readout and [e.layer for e in parsed.edits] == [3, 2]
+    add, cap = parsed.edits
+    assert add.rule.name == "response" and add.coef == 2.5 and add.lo == -math.inf
+    assert _same(parsed.edits, lower_ops(ops))  # exactly what the plan makes of the same ops
+    assert (cap.lo, cap.hi, cap.coef) == (-1.0, 0.5, 0.0)
+    # Salts: by the edits only (the read-out flag reads what is computed anyway), None when nothing is edited.
+    assert cache_salt(encode_spec(ops)) == cache_salt(encode_spec(ops, readout=True))
+    assert cache_salt(encode_spec(ops)) != cache_salt(encode_spec(ops[:1]))
+    assert cache_salt(encode_spec([], readout=True)) is None and cache_salt(None) is None
+    assert len(cache_salt(encode_spec(ops))) <= 128 and "/" not in cache_salt(encode_spec(ops))
+
+
+def test_lowered_rows_travel_unchanged():
+    edits = lower_ops([SteerOp(layer=2, vector=_vec(2), mode="ablate", positions="prompt"),
+                       SteerOp(layer=3, vector=_vec(3), coef=-2.0)])
+    assert _same(parse_spec(encode_rows(edits), n_layers=4, d_model=D).edits, edits)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("{", "steerlib: the steering spec is not JSON"),
+    (json.dumps({"edits": [{"layer": 5, "vector": [0.0] * D}]}), "steerlib edit 0: layer must be an int in 1..4"),
+    (json.dumps({"edits": [{"layer": 1, "vector": [0.0] * 3}]}), "'vector' must be a name or a list of 16 numbers"),
+    (json.dumps({"edits": [{"layer": 1, "vector": "optimistic"}]}), "STEERLIB_VLLM_VECTORS names no folder"),
+    (json.dumps({"edits": [{"layer": 1, "vector": [1.0] * D, "mode": "boost"}]}), "mode must be one of"),
+    (json.dumps({"edits": [{"layer": 1, "vector": [1.0] * D, "coef": float("nan")}]}), "coef must be a finite"),
+    (json.dumps({"edits": [{"layer": 1, "row": [1.0] * D, "lo": 0.0, "hi": 0.0}]}), "needs a unit row"),
+    (json.dumps({"edits": [], "extra": 1}), "must be an object with 'edits'"),
+])
+def test_bad_specs_name_the_problem(spec, message, monkeypatch):
+    monkeypatch.delenv("STEERLIB_VLLM_VECTORS", raising=False)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        parse_spec(spec, n_layers=4, d_model=D)
+
+
+def test_serve_engine_vllm_validates_on_the_model_shape_without_weights(optimism_vectors, tmp_path):
+    """``steerlib serve --engine vllm``: the API process holds the model on the meta device and a vLLM engine
+    (not started here) whose arguments carry the plugin's worker extension and compile-cache identity."""
+    from steerlib.serve.process import ServeOptions, build
+    from steerlib.serve.vllm_engine import VllmEngine
+    from steerlib.vllm.worker import IDENTITY
+
+    optimism_vectors.save(tmp_path / "optimistic")
+    app, _ = build(ServeOptions(vectors={"optimistic": tmp_path / "optimistic"}, engine="vllm",
+                                vllm_args={"enforce_eager": True, "max_model_len": 256}))
+    service = app.state.service
+    assert isinstance(service.engine, VllmEngine) and not service.engine.alive
+    assert next(service.model.parameters()).device.type == "meta"
+    args = service.engine.args
+    assert args["additional_config"] == {"steerlib": IDENTITY} and args["enforce_eager"] is True
+    assert args["max_model_len"] == 256 and args["worker_extension_cls"].endswith("SteerlibWorkerExtension")
+    with pytest.raises(ValueError, match="layer 99 is out of range"):
+        from steerlib.serve.schema import SteeringSpec
+
+        try:
+            service.resolve_steering([SteeringSpec(vector="optimistic", layer=99, coef=1.0)])
+        except Exception as exc:  # the service answers 400 with the layout's message
+            raise ValueError(getattr(exc, "message", str(exc))) from None
+    with pytest.raises(ValueError, match="unknown engine 'sglang'"):
+        ServeOptions(engine="sglang").check()
+
+
+def _fake_runner(specs: list[str | None], prompt_lens: list[int], counts: list[int]):
+    """Just the V1 runner bookkeeping the worker reads: request ids, where each request's tokens start, specs."""
+    from types import SimpleNamespace
+
+    ids = [f"req{i}-abcdefgh" for i in range(len(specs))]
+    qsl = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    requests = {rid: SimpleNamespace(sampling_params=SimpleNamespace(extra_args={"steerlib": s} if s else None),
+                                     num_prompt_tokens=p) for rid, s, p in zip(ids, specs, prompt_lens, strict=True)}
+    return SimpleNamespace(input_batch=SimpleNamespace(num_reqs=len(ids), req_ids=ids),
+                           query_start_loc=SimpleNamespace(cpu=qsl), requests=requests)
+
+
+def test_worker_step_raises_when_a_steered_layer_did_not_run_and_keeps_readouts_by_request():
+    from steerlib.vllm import worker
+
+    layers = torch.nn.ModuleList([torch.nn.Identity() for _ in range(4)])
+    st = worker.WorkerState(layers, D, max_tokens=16, device=torch.device("cpu"))
+    st.configure_readout(3, torch.nn.functional.normalize(torch.randn(2, D), dim=-1).tolist())
+    spec = encode_spec([SteerOp(layer=2, vector=_vec(6), coef=1.5)], readout=True)
+    # Request 0 ends its prompt (positions 2..4 of a 5-token prompt), request 1 (unsteered, no read-out) decodes.
+    runner = _fake_runner([spec, None], [5, 3], [3, 1])
+    positions = torch.tensor([2, 3, 4, 7])
+    hidden = torch.randn(4, D)
+    st.begin(runner, positions)
+    for layer in (1, 3, 4):  # layer 2 never runs
+        st.run_layer(layer, hidden.clone())
+    with pytest.raises(RuntimeError, match=r"hook at layer\(s\) \[2\] did not run exactly once"):
+        st.end()
+    st.begin(runner, positions)
+    h = hidden.clone()
+    for layer in (1, 2, 3, 4):
+        st.run_layer(layer, h)
+    st.end()
+    expected = hidden[:3].clone()
+    expected += 1.5 * _vec(6)  # layer 2 edits request 0's tokens only
+    torch.testing.assert_close(h[:3], expected)
+    torch.testing.assert_close(h[3], hidden[3])
+    got = st.pop(["req0", "req1"])
+    assert list(got["req0"]) == [4] and got["req1"] == {}  # the last prompt position of request 0 only
+    torch.testing.assert_close(torch.tensor(got["req0"][4]), h[2] @ st.readout_dirs.T)

@@ -1,0 +1,45 @@
+"""One vLLM engine per test session (tests/vllm runs in .venv-vllm; `make test` runs it there).
+
+The engine is steerlib's serving adapter (``VllmEngine`` over vLLM's AsyncLLM) on the embedded model, with
+vLLM's torch.compile on (the hooks are traced into the compiled graph; the compiled graph is cached under
+~/.cache/vllm, so only the first run on a machine pays for compiling), prefix caching on and a token budget
+of 64 per step: every prompt longer than that is prefilled in chunks, so each test below is also a
+chunked-prefill and prefix-cache test. The same engine serves the HTTP test of ``steerlib serve --engine vllm``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+
+from vllm_helpers import READOUT_LAYER, TOKEN_BUDGET
+
+
+@pytest.fixture(scope="session")
+def readout(embedded, optimism_vectors):
+    from steerlib.steering.steer import build_readout
+
+    return build_readout(embedded.model, {"optimistic": optimism_vectors}, READOUT_LAYER)
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(embedded, readout):
+    """A started ``VllmEngine`` (compiled, chunked prefill, prefix caching) with the optimism read-out."""
+    pytest.importorskip("vllm")
+    from steerlib.core.models import eos_ids, resolve_model_path
+    from steerlib.serve.vllm_engine import VllmEngine, engine_args
+
+    model, tok = embedded
+    path, _ = resolve_model_path(None)
+    # STEERLIB_VLLM_TEST_EAGER=1 skips compiling (a quick iteration while developing; make test compiles).
+    args = engine_args(str(path), max_batch=16, max_model_len=512,
+                       enforce_eager=os.environ.get("STEERLIB_VLLM_TEST_EAGER") == "1",
+                       extra={"max_num_batched_tokens": TOKEN_BUDGET, "seed": 0})
+    engine = VllmEngine(args, tok, readout=readout, max_batch=16, eos_ids=eos_ids(model, tok))
+    engine.start()
+    yield engine
+    engine.stop()
