@@ -13,13 +13,6 @@
 #include <cstdint>
 #include <optional>
 
-extern "C" int steer_project_cuda_launch(int dtype, const void* hidden, void* out, int64_t rows,
-                                         int64_t width, int64_t stride_in, int64_t stride_out,
-                                         const float* steer, float alpha, const float* mask,
-                                         const float* cap_dir, int has_lo, float cap_lo, int has_hi,
-                                         float cap_hi, const float* monitor, int n_mon, float* proj,
-                                         void* stream);
-
 extern "C" int steer_rows_cuda_launch(int dtype, const void* hidden, void* out, int64_t rows, int64_t width,
                                       int64_t stride_in, int64_t stride_out, const float* table,
                                       const int64_t* index, const float* coef, const float* lo,
@@ -57,47 +50,7 @@ const float* vector_ptr(const std::optional<torch::Tensor>& t, const torch::Tens
   return t->data_ptr<float>();
 }
 
-// Writes the updated rows into `out` (which may be `hidden`) and, with a monitor, the [N, K]
-// fp32 projections into `proj`.
-void steer_project(const torch::Tensor& hidden, const torch::Tensor& out,
-                   const std::optional<torch::Tensor>& steer, double alpha,
-                   const std::optional<torch::Tensor>& mask, const std::optional<torch::Tensor>& cap_dir,
-                   std::optional<double> cap_min, std::optional<double> cap_max,
-                   const std::optional<torch::Tensor>& monitor, const std::optional<torch::Tensor>& proj) {
-  TORCH_CHECK(hidden.is_cuda(), "steer kernel: hidden must be a CUDA tensor");
-  TORCH_CHECK(hidden.dim() == 2 && out.dim() == 2 && out.sizes() == hidden.sizes(),
-              "steer kernel: hidden and out must be [N, D] of the same shape");
-  TORCH_CHECK(out.scalar_type() == hidden.scalar_type() && out.device() == hidden.device(),
-              "steer kernel: out must match hidden's dtype and device");
-  const int64_t rows = hidden.size(0);
-  const int64_t width = hidden.size(1);
-  TORCH_CHECK(width <= 1 || (hidden.stride(1) == 1 && out.stride(1) == 1),
-              "steer kernel: rows must be contiguous");
-
-  const int n_mon = monitor.has_value() ? static_cast<int>(monitor->size(0)) : 0;
-  TORCH_CHECK(n_mon <= 16, "steer kernel: at most 16 monitor directions, got ", n_mon);
-  const float* mon_ptr = vector_ptr(monitor, hidden, static_cast<int64_t>(n_mon) * width, "monitor");
-  float* proj_ptr = nullptr;
-  if (n_mon > 0) {
-    TORCH_CHECK(proj.has_value(), "steer kernel: proj is required with a monitor");
-    TORCH_CHECK(proj->is_contiguous() && proj->scalar_type() == torch::kFloat32 &&
-                    proj->device() == hidden.device() && proj->numel() == rows * n_mon,
-                "steer kernel: proj must be a contiguous float32 [N, K] tensor on hidden's device");
-    proj_ptr = proj->data_ptr<float>();
-  }
-
-  const c10::cuda::OptionalCUDAGuard guard(hidden.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden.device().index()).stream();
-  const int err = steer_project_cuda_launch(
-      dtype_code(hidden), hidden.data_ptr(), out.data_ptr(), rows, width, rows > 0 ? hidden.stride(0) : 0,
-      rows > 0 ? out.stride(0) : 0, vector_ptr(steer, hidden, width, "steer"), static_cast<float>(alpha),
-      vector_ptr(mask, hidden, rows, "mask"), vector_ptr(cap_dir, hidden, width, "cap_dir"),
-      cap_min.has_value() ? 1 : 0, static_cast<float>(cap_min.value_or(0.0)), cap_max.has_value() ? 1 : 0,
-      static_cast<float>(cap_max.value_or(0.0)), mon_ptr, n_mon, proj_ptr, static_cast<void*>(stream));
-  TORCH_CHECK(err == 0, "steer kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
-}
-
-// Per-row variant: `table` [V, D] fp32, `index` [N] int64 (-1 = none), `coef`/`lo`/`hi` [N] fp32.
+// The per-row op: `table` [V, D] fp32, `index` [N] int64 (-1 = none), `coef`/`lo`/`hi` [N] fp32.
 // Optional gate: `gate_dir` [G, D] fp32 with `gate_index` [N] int64 and `gate_lo`/`gate_hi` [N] fp32;
 // `gate_open` [N] bool receives which rows' gates were open.
 void steer_rows(const torch::Tensor& hidden, const torch::Tensor& out, const torch::Tensor& table,
@@ -169,10 +122,7 @@ void steer_rows(const torch::Tensor& hidden, const torch::Tensor& out, const tor
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("steer_project", &steer_project, "Fused steer / cap / monitor update (CUDA)", py::arg("hidden"),
-        py::arg("out"), py::arg("steer"), py::arg("alpha"), py::arg("mask"), py::arg("cap_dir"),
-        py::arg("cap_min"), py::arg("cap_max"), py::arg("monitor"), py::arg("proj"));
-  m.def("steer_rows", &steer_rows, "Per-row fused steer / cap / monitor update (CUDA)", py::arg("hidden"),
+  m.def("steer_rows", &steer_rows, "Per-row fused steer / cap / gate / monitor update (CUDA)", py::arg("hidden"),
         py::arg("out"), py::arg("table"), py::arg("index"), py::arg("coef"), py::arg("lo"), py::arg("hi"),
         py::arg("has_cap"), py::arg("monitor"), py::arg("proj"), py::arg("gate_dir") = py::none(),
         py::arg("gate_index") = py::none(), py::arg("gate_lo") = py::none(), py::arg("gate_hi") = py::none(),

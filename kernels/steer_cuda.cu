@@ -1,10 +1,5 @@
-// Fused steer / cap / monitor kernel for fp32, fp16 and bf16 hidden states.
-//
-// Per row h with mask m:
-//   h1   = h + m * alpha * v
-//   p    = <h1, u>
-//   h2   = h1 + m * (clamp(p, lo, hi) - p) * u
-//   proj = h2 @ monitor.T        (taken from the fp32 h2, before rounding to the storage dtype)
+// Fused per-row steer / cap / gate / monitor kernel for fp32, fp16 and bf16 hidden states: the one
+// steering op (see RowParams below for what each row does).
 //
 // This file deliberately includes no torch headers: it builds with a plain `nvcc -c`, and the
 // torch binding (steer_binding.cpp) reaches it through the extern "C" launcher at the bottom.
@@ -27,25 +22,6 @@ constexpr int kMaxThreads = 1024;
 constexpr int kMinThreads = 64;
 
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
-struct Params {
-  const void* hidden;
-  void* out;
-  int64_t width;
-  int64_t stride_in;   // elements between rows of hidden
-  int64_t stride_out;  // elements between rows of out
-  const float* steer;  // [D] or nullptr
-  float alpha;
-  const float* mask;     // [N] or nullptr (all rows)
-  const float* cap_dir;  // [D] or nullptr (no cap)
-  int has_lo;
-  float cap_lo;
-  int has_hi;
-  float cap_hi;
-  const float* monitor;  // [K, D] or nullptr
-  int n_mon;
-  float* proj;  // [N, K] or nullptr
-};
 
 __device__ __forceinline__ float load_f32(const float* p) { return *p; }
 __device__ __forceinline__ float load_f32(const __half* p) { return __half2float(*p); }
@@ -92,93 +68,6 @@ __device__ __forceinline__ void block_sum(float (&vals)[NV], float* smem) {
   for (int i = 0; i < NV; ++i) vals[i] = smem[i];
 }
 
-// Finishes one element: cap correction, store in T, monitor accumulation from fp32.
-template <typename T, bool kHasMon>
-__device__ __forceinline__ void emit(const Params& P, T* out_row, int64_t i, float x, float scale,
-                                     float (&acc)[kMaxMonitor]) {
-  if (P.cap_dir != nullptr) x = fmaf(scale, P.cap_dir[i], x);
-  store_f32(out_row + i, x);
-  if (kHasMon) {
-#pragma unroll
-    for (int k = 0; k < kMaxMonitor; ++k) {
-      if (k < P.n_mon) acc[k] = fmaf(x, __ldg(P.monitor + k * P.width + i), acc[k]);
-    }
-  }
-}
-
-template <typename T, bool kHasMon>
-__global__ void steer_project_kernel(Params P) {
-  __shared__ float smem[32 * kMaxMonitor];
-  const int64_t row = blockIdx.x;
-  const T* in_row = static_cast<const T*>(P.hidden) + row * P.stride_in;
-  T* out_row = static_cast<T*>(P.out) + row * P.stride_out;
-  const int64_t D = P.width;
-  const int tid = threadIdx.x;
-  const int nt = blockDim.x;
-
-  const float m = P.mask != nullptr ? P.mask[row] : 1.f;
-  const float shift = P.steer != nullptr ? m * P.alpha : 0.f;
-
-  // Pass 1: load (and steer) the row, accumulate its projection on the cap direction.
-  float cache[kCached];
-  float dot = 0.f;
-#pragma unroll
-  for (int j = 0; j < kCached; ++j) {
-    const int64_t i = tid + static_cast<int64_t>(j) * nt;
-    float x = 0.f;
-    if (i < D) {
-      x = load_f32(in_row + i);
-      if (P.steer != nullptr) x = fmaf(shift, P.steer[i], x);
-      if (P.cap_dir != nullptr) dot = fmaf(x, P.cap_dir[i], dot);
-    }
-    cache[j] = x;
-  }
-  const int64_t tail = static_cast<int64_t>(kCached) * nt;
-  if (P.cap_dir != nullptr) {
-    for (int64_t i = tail + tid; i < D; i += nt) {
-      float x = load_f32(in_row + i);
-      if (P.steer != nullptr) x = fmaf(shift, P.steer[i], x);
-      dot = fmaf(x, P.cap_dir[i], dot);
-    }
-  }
-
-  float scale = 0.f;
-  if (P.cap_dir != nullptr) {
-    float total[1] = {dot};
-    block_sum<1>(total, smem);
-    const float p = total[0];
-    float c = p;
-    if (P.has_lo) c = fmaxf(c, P.cap_lo);
-    if (P.has_hi) c = fminf(c, P.cap_hi);
-    scale = m * (c - p);
-  }
-
-  // Pass 2: finish and store; each element is owned by one thread, so in-place is safe.
-  float acc[kMaxMonitor];
-#pragma unroll
-  for (int k = 0; k < kMaxMonitor; ++k) acc[k] = 0.f;
-#pragma unroll
-  for (int j = 0; j < kCached; ++j) {
-    const int64_t i = tid + static_cast<int64_t>(j) * nt;
-    if (i < D) emit<T, kHasMon>(P, out_row, i, cache[j], scale, acc);
-  }
-  for (int64_t i = tail + tid; i < D; i += nt) {
-    float x = load_f32(in_row + i);
-    if (P.steer != nullptr) x = fmaf(shift, P.steer[i], x);
-    emit<T, kHasMon>(P, out_row, i, x, scale, acc);
-  }
-
-  if (kHasMon) {
-    block_sum<kMaxMonitor>(acc, smem);
-    if (tid == 0) {
-#pragma unroll
-      for (int k = 0; k < kMaxMonitor; ++k) {
-        if (k < P.n_mon) P.proj[row * P.n_mon + k] = acc[k];
-      }
-    }
-  }
-}
-
 int threads_for_width(int64_t width) {
   // Enough threads that the register cache covers the row, rounded to whole warps.
   int64_t t = (width + kCached - 1) / kCached;
@@ -188,19 +77,7 @@ int threads_for_width(int64_t width) {
   return static_cast<int>(t);
 }
 
-template <typename T>
-cudaError_t launch_typed(const Params& P, int64_t rows, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned int>(rows));
-  const dim3 block(threads_for_width(P.width));
-  if (P.n_mon > 0) {
-    steer_project_kernel<T, true><<<grid, block, 0, stream>>>(P);
-  } else {
-    steer_project_kernel<T, false><<<grid, block, 0, stream>>>(P);
-  }
-  return cudaGetLastError();
-}
-
-// ---- per-row variant: each row picks a table entry (or none), a coefficient and cap bounds ----
+// ---- each row picks a table entry (or none), a coefficient and cap bounds ----
 //   i = index[row];  i < 0: h2 = h
 //   else t = table[i]; h1 = h + coef[row] * t; p = <h1, t>;
 //        h2 = h1 + (clamp(p, lo[row], hi[row]) - p) * t    (rows with a finite bound; t is unit there)
@@ -342,52 +219,6 @@ cudaError_t launch_rows_typed(const RowParams& P, int64_t rows, cudaStream_t str
 }
 
 }  // namespace
-
-// Launches the fused kernel on `stream`. dtype: 0 = fp32, 1 = fp16, 2 = bf16. `out` may equal
-// `hidden`. Null steer / mask / cap_dir / monitor pointers disable that part. Returns a
-// cudaError_t value (0 = success); unsupported arguments give cudaErrorInvalidValue.
-extern "C" int steer_project_cuda_launch(int dtype, const void* hidden, void* out, int64_t rows,
-                                         int64_t width, int64_t stride_in, int64_t stride_out,
-                                         const float* steer, float alpha, const float* mask,
-                                         const float* cap_dir, int has_lo, float cap_lo, int has_hi,
-                                         float cap_hi, const float* monitor, int n_mon, float* proj,
-                                         void* stream) {
-  if (rows < 0 || width < 0 || n_mon < 0 || n_mon > kMaxMonitor || rows > 0x7fffffffLL) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
-  if ((monitor == nullptr) != (n_mon == 0) || (n_mon > 0 && proj == nullptr)) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
-  if (rows == 0 || width == 0) return 0;
-  Params P;
-  P.hidden = hidden;
-  P.out = out;
-  P.width = width;
-  P.stride_in = stride_in;
-  P.stride_out = stride_out;
-  P.steer = steer;
-  P.alpha = alpha;
-  P.mask = mask;
-  P.cap_dir = (has_lo || has_hi) ? cap_dir : nullptr;
-  P.has_lo = has_lo;
-  P.cap_lo = cap_lo;
-  P.has_hi = has_hi;
-  P.cap_hi = cap_hi;
-  P.monitor = monitor;
-  P.n_mon = n_mon;
-  P.proj = proj;
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat32:
-      return static_cast<int>(launch_typed<float>(P, rows, s));
-    case kFloat16:
-      return static_cast<int>(launch_typed<__half>(P, rows, s));
-    case kBFloat16:
-      return static_cast<int>(launch_typed<__nv_bfloat16>(P, rows, s));
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
-}
 
 // Launches the per-row kernel (see RowParams). index/coef/lo/hi are [rows]; table is [V, width]
 // fp32. gate_dir [G, width] with gate_index/gate_lo/gate_hi [rows] turn on the gate (all nullptr: none);

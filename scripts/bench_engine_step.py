@@ -33,7 +33,15 @@ def run_once(mix: str, rows: int, tokens: int) -> dict:
 
     from steerlib.core.chat import format_prompt
     from steerlib.core.models import load_model
-    from steerlib.serve.engine import Engine, Sampling, edits_from_ops
+    from steerlib.serve.engine import Engine, Sampling
+
+    try:
+        from steerlib.steering.plan import lower_ops
+    except ImportError:  # a checkout from before the one plan: its engine lowered ops itself
+        from steerlib.serve.engine import edits_from_ops
+
+        def lower_ops(ops, i=0):
+            return edits_from_ops(ops, [("v", i, op.layer) for op in ops])
     from steerlib.steering.steer import build_ops, build_readout
 
     torch.set_num_threads(1)
@@ -68,7 +76,7 @@ def run_once(mix: str, rows: int, tokens: int) -> dict:
                     ops = build_ops(model, vectors[0], 15, 2.0)
                 else:
                     ops = build_ops(model, vectors[i], [8, 15, 22], 0.5 + i / 8)
-                edits = edits_from_ops(ops, [("v", i, op.layer) for op in ops])
+                edits = lower_ops(ops)
 
                 def sink(item, i=i):
                     if item[0] in ("done", "error"):

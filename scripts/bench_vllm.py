@@ -36,8 +36,7 @@ VARIANTS = ("unsteered", "one layer", "all layers", "16 configs")
 
 
 def _edits(variant: str, i: int, vectors: torch.Tensor, n_layers: int) -> list:
-    from steerlib.serve.engine import edits_from_ops
-    from steerlib.steering.steer import SteerOp
+    from steerlib.steering.plan import SteerOp, lower_ops
 
     mid = n_layers // 2
     if variant == "unsteered":
@@ -48,8 +47,7 @@ def _edits(variant: str, i: int, vectors: torch.Tensor, n_layers: int) -> list:
         ops = [SteerOp(layer=layer, vector=vectors[0], coef=1.0) for layer in range(1, n_layers + 1)]
     else:
         ops = [SteerOp(layer=mid, vector=vectors[i % len(vectors)], coef=1.0)]
-    return edits_from_ops(ops, [(f"v{i % len(vectors) if variant == '16 configs' else 0}", 1, op.layer)
-                                for op in ops])
+    return lower_ops(ops)
 
 
 def run_cell(engine, prompt_ids: list[int], variant: str, concurrency: int, tokens: int, vectors: torch.Tensor,

@@ -11,8 +11,9 @@ import torch
 
 from steerlib.core.chat import format_prompt
 from steerlib.core.models import eos_ids
-from steerlib.serve.engine import Engine, EngineStopped, RowFailed, Sampling, edits_from_ops
+from steerlib.serve.engine import Engine, EngineStopped, RowFailed, Sampling
 from steerlib.steering.generation import generate
+from steerlib.steering.plan import lower_ops
 from steerlib.steering.steer import build_ops
 
 pytestmark = pytest.mark.slow
@@ -68,7 +69,7 @@ def test_chunked_prefill_beside_decoding_rows_equals_generate(embedded):
         def submit(name: str) -> None:
             ids = tok(prompts[name], add_special_tokens=False)["input_ids"]
             assert len(ids) > 3 * engine.prefill_chunk
-            engine.submit(ids, edits_from_ops(configs[name], [("v", 0, op.layer) for op in configs[name]]),
+            engine.submit(ids, lower_ops(configs[name]),
                           Sampling(MAX_TOKENS), sinks[name], steered=bool(configs[name]))
 
         submit("plain")

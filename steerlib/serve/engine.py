@@ -38,7 +38,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,10 +50,11 @@ from steerlib.core.compat import cache_keyword
 from steerlib.core.hooks import HookHandles
 from steerlib.serve.detok import TextStream
 from steerlib.serve.kv_slots import SlotCache
-from steerlib.steering.plan import Edit, SteeringPlan, SteerOp, lower_ops
+from steerlib.steering.plan import Edit, SteeringPlan
 from steerlib.steering.steer import TraitReadout
 
-__all__ = ["Completion", "Engine", "EngineError", "EngineStopped", "QueueFull", "RowFailed", "Sampling"]
+__all__ = ["Completion", "Engine", "EngineError", "EngineStopped", "QueueFull", "RowFailed", "Sampling",
+           "UnsupportedSteering"]
 
 log = logging.getLogger("steerlib.serve")
 
@@ -70,19 +71,15 @@ class EngineStopped(EngineError):
     """The worker is not running, or is shutting down."""
 
 
+class UnsupportedSteering(EngineError):
+    """This engine cannot apply the row's steering (e.g. a condition on the vLLM engine); nothing was queued."""
+
+
 class RowFailed(EngineError):
     """This row's generation failed (its sampling, decoding, or the step it was in)."""
 
 
 # Kept for callers of the previous release: a row's edits are now the plan's lowered ``Edit``s.
-RowEdit = Edit
-
-
-def edits_from_ops(ops: Sequence[SteerOp], keys: Sequence[tuple] | None = None) -> list[Edit]:
-    """Lower ``SteerOp``s for ``submit`` (``keys`` is ignored: identical vectors share a table row by content)."""
-    return lower_ops(ops)
-
-
 @dataclass(frozen=True)
 class Sampling:
     """Per-row decoding settings."""

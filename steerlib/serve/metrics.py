@@ -30,8 +30,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from steerlib.steering.plan import Edit
 from steerlib.serve.conversations import LAST_TURN_BUCKET, TURN_BUCKETS, ConversationLog, Turn
+from steerlib.steering.plan import Edit
 
 __all__ = ["DEFAULT_BUCKETS", "ENGINE_COUNTERS", "ENGINE_GAUGES", "SERIES", "STEERING_LABELS", "ServerMetrics",
            "edits_label", "steering_label"]

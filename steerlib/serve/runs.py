@@ -13,10 +13,18 @@ from typing import Any
 
 from fastapi import Request
 
-from steerlib.serve.engine import Completion, EngineError, EngineStopped, QueueFull, RowEdit, Sampling
+from steerlib.serve.engine import (
+    Completion,
+    EngineError,
+    EngineStopped,
+    QueueFull,
+    Sampling,
+    UnsupportedSteering,
+)
 from steerlib.serve.metrics import edits_label
 from steerlib.serve.schema import ApiError
 from steerlib.serve.service import Service
+from steerlib.steering.plan import Edit
 
 __all__ = ["RequestRun", "batch_meta", "token_projections"]
 
@@ -24,7 +32,7 @@ __all__ = ["RequestRun", "batch_meta", "token_projections"]
 class RequestRun:
     """The rows of one request (``n`` choices) and the event queue the worker feeds."""
 
-    def __init__(self, service: Service, prompt_ids: list[int], edits: list[RowEdit], steering: list[dict],
+    def __init__(self, service: Service, prompt_ids: list[int], edits: list[Edit], steering: list[dict],
                  sampling: list[Sampling], conversation_id: str | None = None):
         """Submit one row per choice.
 
@@ -120,4 +128,6 @@ def engine_api_error(exc: EngineError) -> ApiError:
         return ApiError(429, str(exc), code="queue_full", type_="rate_limit_error")
     if isinstance(exc, EngineStopped):
         return ApiError(503, str(exc), type_="server_error")
+    if isinstance(exc, UnsupportedSteering):
+        return ApiError(400, str(exc), param="steering", code="unsupported_steering")
     return ApiError(500, str(exc), type_="server_error")

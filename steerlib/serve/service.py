@@ -25,11 +25,12 @@ from steerlib.core.vectors import TraitVectors
 from steerlib.core.version import __version__
 from steerlib.monitoring.drift import Alert, DriftMonitor
 from steerlib.serve.conversations import ConversationLog, turn_bucket
-from steerlib.serve.engine import Completion, Engine, RowEdit, edits_from_ops
+from steerlib.serve.engine import Completion, Engine
 from steerlib.serve.metrics import ServerMetrics, edits_label
 from steerlib.serve.registry import VectorRegistry
 from steerlib.serve.schema import ApiError, SteeringSpec
 from steerlib.steering.calibration import Calibration, Percentile, calibrated_cap
+from steerlib.steering.plan import Edit, lower_ops
 from steerlib.steering.steer import When, build_ops, build_readout
 
 __all__ = ["AppOptions", "Service"]
@@ -154,7 +155,7 @@ class Service:
         self.default_steering = list(options.default_steering)
         try:
             self._default_edits = self.resolve_steering(self.default_steering, "default steering")
-            self.presets: dict[str, tuple[list[RowEdit], list[dict]]] = {}
+            self.presets: dict[str, tuple[list[Edit], list[dict]]] = {}
             for name, specs in options.presets:
                 if name == options.model_name or name in self.presets:
                     raise ValueError(f"preset {name!r} is defined twice (or is the model's own name)")
@@ -165,11 +166,11 @@ class Service:
         self.started_at = time.time()
 
     # -- steering -----------------------------------------------------------------------------------------
-    def resolve_steering(self, specs: Sequence[SteeringSpec], param: str = "steering") -> list[RowEdit]:
+    def resolve_steering(self, specs: Sequence[SteeringSpec], param: str = "steering") -> list[Edit]:
         """Validate steering specs against the loaded vectors and turn them into per-row edits (400 if bad)."""
-        edits: list[RowEdit] = []
+        edits: list[Edit] = []
         for i, spec in enumerate(specs):
-            tv, load, names = self.registry.lookup(spec.vector)
+            tv, _, names = self.registry.lookup(spec.vector)
             if tv is None:
                 raise ApiError(400, f"unknown steering vector {spec.vector!r}; available: {names}",
                                param=f"{param}.{i}.vector", code="unknown_vector")
@@ -202,12 +203,13 @@ class Service:
                 if not math.isfinite(op.coef) or abs(op.coef) > 1e6:
                     raise ApiError(400, f"{param}[{i}]: the effective coefficient {op.coef:g} is not usable",
                                    param=f"{param}.{i}.coef")
-            # Rows share a table entry only for the same load of the same vector at the same layer.
-            edits.extend(edits_from_ops(ops, [(spec.vector, load, op.layer) for op in ops]))
+            # Rows share a table entry by the row's content, so a vector reloaded under the same name never
+            # reuses the old one's entry.
+            edits.extend(lower_ops(ops))
         return edits
 
     def steering_for(self, specs: list[SteeringSpec] | None, param: str,
-                     model: str | None = None) -> tuple[list[RowEdit], list[dict]]:
+                     model: str | None = None) -> tuple[list[Edit], list[dict]]:
         """The edits and their description for a request: its own steering, else its model's preset, else the
         server's default.
 

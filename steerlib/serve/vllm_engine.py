@@ -31,10 +31,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from steerlib.serve.detok import TextStream
-from steerlib.serve.engine import Completion, EngineStopped, QueueFull, RowFailed, Sampling
+from steerlib.serve.engine import (
+    Completion,
+    EngineStopped,
+    QueueFull,
+    RowFailed,
+    Sampling,
+    UnsupportedSteering,
+)
 from steerlib.steering.plan import Edit
 from steerlib.steering.steer import TraitReadout
-from steerlib.vllm.spec import SPEC_KEY, cache_salt, encode_rows
+from steerlib.vllm.spec import SPEC_KEY, UnsupportedOnVllm, cache_salt, encode_rows
 
 __all__ = ["VllmEngine", "engine_args"]
 
@@ -222,7 +229,10 @@ class VllmEngine:
                 raise QueueFull(f"too many queued requests ({self.max_queue}); retry later")
             self._stats["requests"] += 1
             self._stats["steered_rows"] += int(bool(edits))
-        spec = encode_rows(edits, readout=self.readout is not None) if (edits or self.readout) else None
+        try:
+            spec = encode_rows(edits, readout=self.readout is not None) if (edits or self.readout) else None
+        except UnsupportedOnVllm as exc:
+            raise UnsupportedSteering(str(exc)) from None
         row = _Row(prompt_ids=list(prompt_ids), spec=spec, sampling=sampling, sink=sink, steered=steered)
         row.request_id = f"steerlib-{next(self._ids)}"
         with self._lock:

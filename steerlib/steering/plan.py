@@ -207,6 +207,10 @@ class PositionRule(ABC):
         """``[start, end)`` for a row whose prompt has ``prompt_len`` tokens (``NO_END``: open);
         ``marker`` is the position a marker string was first generated at, when a rule needs one."""
 
+    def spec(self) -> str:
+        """The rule written as ``position_rule`` reads it back (``"response"``, ``"first:8"``...)."""
+        return self.name
+
 
 POSITION_RULES: dict[str, PositionRule] = {}
 
@@ -259,6 +263,9 @@ class FirstGenerated(PositionRule):
     def interval(self, prompt_len, marker=None):
         return prompt_len, prompt_len + self.n
 
+    def spec(self) -> str:
+        return f"first:{self.n}"
+
 
 @dataclass(frozen=True)
 class GeneratedWindow(PositionRule):
@@ -278,6 +285,9 @@ class GeneratedWindow(PositionRule):
     def interval(self, prompt_len, marker=None):
         return prompt_len + self.start, prompt_len + self.end
 
+    def spec(self) -> str:
+        return f"window:{self.start}-{self.end}"
+
 
 @dataclass(frozen=True)
 class FromMarker(PositionRule):
@@ -294,6 +304,9 @@ class FromMarker(PositionRule):
 
     def interval(self, prompt_len, marker=None):
         return (NO_END, NO_END) if marker is None else (int(marker), NO_END)
+
+    def spec(self) -> str:
+        return f"marker:{self.text}"
 
 
 def position_rule(positions: str | PositionRule) -> PositionRule:

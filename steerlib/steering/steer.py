@@ -41,7 +41,6 @@ from steerlib.steering.plan import (
     lower_ops,
     position_rule,
 )
-
 from steerlib.steering.thread_guard import owner_thread_only
 
 __all__ = ["Condition", "ResidualEditor", "SteerOp", "TraitReadout", "When", "build_ops", "build_readout", "read_out",

@@ -14,6 +14,11 @@ TraitVectors per entry, its file or folder stem being the name), in the API proc
 with a 400) and in every worker. The same parse runs on both sides, so a spec the API process accepted cannot
 fail in a worker. ``cache_salt(spec)`` names the steering for vLLM's prefix cache: KV blocks computed under one
 steering are never reused by a request with another (or none).
+
+``positions`` is a rule as ``steerlib.steering.plan.position_rule`` reads it: ``all``, ``prompt``, ``response``,
+``first:N`` or ``window:A-B``. Two things the HF paths do are not carried to vLLM yet and are refused, not
+dropped: conditions (``when``: gates evaluated in the op and latched per request) and ``marker:TEXT`` positions
+(they need the generated text watched between steps).
 """
 
 from __future__ import annotations
@@ -30,15 +35,37 @@ import torch
 
 from steerlib.core.loading import load_vectors, resolve_vector
 from steerlib.core.vectors import TraitVectors
-from steerlib.steering.plan import METHODS, POSITION_RULES, Edit, SteerOp, lower_op, position_rule
+from steerlib.steering.plan import METHODS, Edit, FromMarker, PositionRule, SteerOp, lower_op, position_rule
 
-__all__ = ["SPEC_KEY", "VECTORS_ENV", "ParsedSpec", "cache_salt", "encode_rows", "encode_spec", "parse_spec"]
+__all__ = ["SPEC_KEY", "VECTORS_ENV", "ParsedSpec", "UnsupportedOnVllm", "cache_salt", "encode_rows", "encode_spec",
+           "parse_spec"]
 
 SPEC_KEY = "steerlib"
 VECTORS_ENV = "STEERLIB_VLLM_VECTORS"
 _EDIT_KEYS = {"layer", "vector", "mode", "coef", "positions", "cap_min", "cap_max", "relative"}
 _LOWERED_KEYS = {"layer", "row", "coef", "lo", "hi", "positions"}
 _UNIT_TOL = 1e-4
+
+
+class UnsupportedOnVllm(ValueError):
+    """Steering the vLLM backend cannot apply yet (a condition, a marker position)."""
+
+
+def _rule(positions: object, where: str) -> PositionRule:
+    """The position rule of an edit, refusing the rules vLLM cannot apply."""
+    try:
+        rule = position_rule(positions)  # type: ignore[arg-type]
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    if isinstance(rule, FromMarker):
+        raise UnsupportedOnVllm(f"{where}: positions {rule.spec()!r} are not supported on the vLLM engine yet "
+                                "(the marker needs the generated text watched between steps)")
+    return rule
+
+
+def _check_ungated(e: Edit, where: str) -> None:
+    if e.gate_row is not None:
+        raise UnsupportedOnVllm(f"{where}: conditional steering ('when') is not supported on the vLLM engine yet")
 
 
 class ParsedSpec:
@@ -50,19 +77,32 @@ class ParsedSpec:
 
 
 def encode_spec(ops: Sequence[SteerOp], readout: bool = False) -> str:
-    """The JSON string for validated ``SteerOp``s (vectors inline, absolute coefficients)."""
+    """The JSON string for validated ``SteerOp``s (vectors inline, absolute coefficients).
+
+    Raises:
+        UnsupportedOnVllm: an op carries a condition or a marker position.
+    """
+    for i, op in enumerate(ops):
+        _check_ungated(lower_op(op), f"steerlib edit {i}")
     edits = [{"layer": op.layer, "vector": [float(x) for x in op.vector.detach().float().cpu().tolist()],
-              "mode": op.mode, "coef": float(op.coef), "positions": op.positions,
-              "cap_min": op.cap_min, "cap_max": op.cap_max} for op in ops]
+              "mode": op.mode, "coef": float(op.coef), "positions": _rule(op.positions, f"steerlib edit {i}").spec(),
+              "cap_min": op.cap_min, "cap_max": op.cap_max} for i, op in enumerate(ops)]
     return json.dumps({"edits": edits, "readout": bool(readout)}, separators=(",", ":"))
 
 
 def encode_rows(edits: Sequence[Edit], readout: bool = False) -> str:
     """The JSON string for edits a server already lowered (the plan's ``Edit``s: table row and scalars as
-    they are, so the worker applies exactly what the server's engine would)."""
+    they are, so the worker applies exactly what the server's engine would).
+
+    Raises:
+        UnsupportedOnVllm: an edit carries a condition or a marker position.
+    """
+    for i, e in enumerate(edits):
+        _check_ungated(e, f"steerlib edit {i}")
+        _rule(e.rule, f"steerlib edit {i}")
     items = [{"layer": int(e.layer), "row": [float(x) for x in e.row.detach().float().cpu().tolist()],
               "coef": float(e.coef), "lo": None if math.isinf(e.lo) else float(e.lo),
-              "hi": None if math.isinf(e.hi) else float(e.hi), "positions": e.rule.name} for e in edits]
+              "hi": None if math.isinf(e.hi) else float(e.hi), "positions": e.rule.spec()} for e in edits]
     return json.dumps({"edits": items, "readout": bool(readout)}, separators=(",", ":"))
 
 
@@ -121,9 +161,7 @@ def _lowered_edit(i: int, item: dict, n_layers: int, d_model: int) -> Edit:
     coef = item.get("coef", 0.0)
     lo = -math.inf if item.get("lo") is None else item["lo"]
     hi = math.inf if item.get("hi") is None else item["hi"]
-    positions = item.get("positions", "all")
-    if positions not in POSITION_RULES:
-        raise ValueError(f"steerlib edit {i}: positions must be one of {tuple(POSITION_RULES)}")
+    rule = _rule(item.get("positions", "all"), f"steerlib edit {i}")
     for name, v in (("coef", coef), ("lo", lo), ("hi", hi)):
         if not isinstance(v, int | float) or math.isnan(v) or (name == "coef" and not math.isfinite(v)):
             raise ValueError(f"steerlib edit {i}: {name} must be a number")
@@ -134,7 +172,7 @@ def _lowered_edit(i: int, item: dict, n_layers: int, d_model: int) -> Edit:
     if (math.isfinite(lo) or math.isfinite(hi)) and abs(float(vec.norm()) - 1.0) > _UNIT_TOL:
         raise ValueError(f"steerlib edit {i}: a bounded edit needs a unit row (norm {float(vec.norm()):.4g})")
     key = hashlib.blake2b(vec.numpy().tobytes(), digest_size=12).hexdigest()  # the plan's content key
-    return Edit(layer, key, vec, float(coef), float(lo), float(hi), position_rule(positions))
+    return Edit(layer, key, vec, float(coef), float(lo), float(hi), rule)
 
 
 def parse_spec(spec: str, n_layers: int, d_model: int) -> ParsedSpec:
@@ -166,10 +204,9 @@ def parse_spec(spec: str, n_layers: int, d_model: int) -> ParsedSpec:
         if not isinstance(layer, int) or isinstance(layer, bool) or not 1 <= layer <= n_layers:
             raise ValueError(f"steerlib edit {i}: layer must be an int in 1..{n_layers}, got {layer!r}")
         mode = item.get("mode", "add")
-        positions = item.get("positions", "all")
-        if mode not in METHODS or positions not in POSITION_RULES:
-            raise ValueError(f"steerlib edit {i}: mode must be one of {tuple(METHODS)} and positions one of "
-                             f"{tuple(POSITION_RULES)}")
+        if mode not in METHODS:
+            raise ValueError(f"steerlib edit {i}: mode must be one of {tuple(METHODS)}")
+        positions = _rule(item.get("positions", "all"), f"steerlib edit {i}")
         vec, tv = _vector(i, item, n_layers, d_model)
         coef = item.get("coef", 1.0)
         if not isinstance(coef, int | float) or not math.isfinite(coef):

@@ -13,9 +13,8 @@ import torch
 from vllm_helpers import READOUT_LAYER, TOKEN_BUDGET, Collected, run_rows
 
 from steerlib import format_prompt
-from steerlib.serve.engine import edits_from_ops
 from steerlib.steering.generation import generate
-from steerlib.steering.plan import Edit, position_rule
+from steerlib.steering.plan import Edit, lower_ops, position_rule
 from steerlib.steering.steer import build_ops
 
 LAYERS = [8, 14, 20]
@@ -39,7 +38,7 @@ def _ids(tok, prompts):
 
 
 def _edits(ops):
-    return edits_from_ops(ops, [("optimistic", 1, op.layer) for op in ops])
+    return lower_ops(ops)
 
 
 def _hf(model, tok, prompt, ops, readout=None):
