@@ -8,9 +8,11 @@ import math
 import pytest
 import torch
 
-from steerlib.steering.plan import SteerOp, lower_ops
+from steerlib.serve.engine import UnsupportedSteering
+from steerlib.serve.runs import engine_api_error
+from steerlib.steering.plan import Condition, FirstGenerated, FromMarker, GeneratedWindow, SteerOp, lower_ops
 from steerlib.vllm import cache_salt, encode_spec, parse_spec
-from steerlib.vllm.spec import encode_rows
+from steerlib.vllm.spec import UnsupportedOnVllm, encode_rows
 
 D = 16
 
@@ -19,7 +21,7 @@ def _same(a: list, b: list) -> bool:
     """Edits equal field by field (their rows are tensors)."""
     return len(a) == len(b) and all(
         x.layer == y.layer and x.key == y.key and torch.equal(x.row, y.row) and (x.coef, x.lo, x.hi) == (y.coef, y.lo, y.hi)
-        and x.rule.name == y.rule.name for x, y in zip(a, b, strict=True))
+        and x.rule == y.rule for x, y in zip(a, b, strict=True))
 
 
 def _vec(seed: int) -> torch.Tensor:
@@ -46,6 +48,27 @@ def test_lowered_rows_travel_unchanged():
     edits = lower_ops([SteerOp(layer=2, vector=_vec(2), mode="ablate", positions="prompt"),
                        SteerOp(layer=3, vector=_vec(3), coef=-2.0)])
     assert _same(parse_spec(encode_rows(edits), n_layers=4, d_model=D).edits, edits)
+
+
+def test_parametrised_positions_travel_and_what_vllm_cannot_apply_is_refused_not_dropped():
+    edits = lower_ops([SteerOp(layer=2, vector=_vec(4), coef=1.5, positions=FirstGenerated(3)),
+                       SteerOp(layer=3, vector=_vec(5), coef=-1.0, positions=GeneratedWindow(2, 6))])
+    parsed = parse_spec(encode_rows(edits), n_layers=4, d_model=D).edits
+    assert _same(parsed, edits) and parsed[0].rule == FirstGenerated(3) and parsed[1].rule == GeneratedWindow(2, 6)
+    by_name = parse_spec(json.dumps({"edits": [{"layer": 1, "vector": [1.0] * D, "positions": "first:4"}]}),
+                         n_layers=4, d_model=D).edits
+    assert by_name[0].rule == FirstGenerated(4)
+    gated = lower_ops([SteerOp(layer=2, vector=_vec(6), coef=1.0, when=Condition(_vec(7), above=0.5))])
+    with pytest.raises(UnsupportedOnVllm, match="steerlib edit 0: conditional steering .'when'. is not supported"):
+        encode_rows(gated)
+    # The vLLM engine turns that into its own refusal, which the app answers with a 400 naming the field.
+    err = engine_api_error(UnsupportedSteering("conditional steering ('when') is not supported"))
+    assert (err.status, err.param, err.code) == (400, "steering", "unsupported_steering")
+    marker = lower_ops([SteerOp(layer=2, vector=_vec(8), coef=1.0, positions=FromMarker("</think>"))])
+    with pytest.raises(UnsupportedOnVllm, match="positions 'marker:</think>' are not supported on the vLLM engine"):
+        encode_rows(marker)
+    with pytest.raises(ValueError, match="positions 'marker:x' are not supported"):
+        parse_spec(json.dumps({"edits": [{"layer": 1, "vector": [1.0] * D, "positions": "marker:x"}]}), 4, D)
 
 
 @pytest.mark.parametrize(("spec", "message"), [

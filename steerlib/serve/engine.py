@@ -54,7 +54,7 @@ from steerlib.steering.plan import Edit, SteeringPlan
 from steerlib.steering.steer import TraitReadout
 
 __all__ = ["Completion", "Engine", "EngineError", "EngineStopped", "QueueFull", "RowFailed", "Sampling",
-           "UnsupportedSteering"]
+           "UnsupportedSteering", "summarize_projections"]
 
 log = logging.getLogger("steerlib.serve")
 
@@ -497,7 +497,7 @@ class Engine:
 
     def _complete(self, r: _Row) -> None:
         names = self.readout.names if self.readout is not None else []
-        proj = {name: _summary([v[k] for v in r.values], self.monitor_layer) for k, name in enumerate(names)}
+        proj = {name: summarize_projections([v[k] for v in r.values], self.monitor_layer) for k, name in enumerate(names)}
         finish = {"stop_sequence": "stop"}.get(r.finish, r.finish)
         c = Completion(text=r.text.text if r.text is not None else "", completion_tokens=len(r.generated),
                        prompt_tokens=len(r.prompt_ids), finish_reason=finish, trait_projections=proj,
@@ -513,8 +513,8 @@ class Engine:
         r.sink(("done", c))
 
 
-def _summary(values: list[list[float]] | list[float], layer: int | None) -> dict[str, Any]:
-    """One trait's summary: ``mean`` and ``max`` over the response tokens' own read-outs, ``prompt_last`` at the
+def summarize_projections(values: list[float], layer: int | None) -> dict[str, Any]:
+    """One trait's summary of a response (every engine reports it so): ``mean`` and ``max`` over the response tokens' own read-outs, ``prompt_last`` at the
     last prompt token. ``values[0]`` is read at the last prompt token and ``values[j]`` (j >= 1) at response token
     ``j - 1`` (the engine's closing step supplies the last one)."""
     response = values[1:]

@@ -38,6 +38,7 @@ from steerlib.serve.engine import (
     RowFailed,
     Sampling,
     UnsupportedSteering,
+    summarize_projections,
 )
 from steerlib.steering.plan import Edit
 from steerlib.steering.steer import TraitReadout
@@ -363,7 +364,7 @@ class VllmEngine:
 
     def _complete(self, row: _Row, state: _RowState) -> None:
         names = self.readout.names if self.readout is not None else []
-        proj = {name: summarize([v[k] for v in state.values], self.monitor_layer) for k, name in enumerate(names)}
+        proj = {name: summarize_projections([v[k] for v in state.values], self.monitor_layer) for k, name in enumerate(names)}
         first = state.first_token
         c = Completion(text=state.text.text, completion_tokens=len(state.tokens), prompt_tokens=len(row.prompt_ids),
                        finish_reason=state.finish or "stop", trait_projections=proj, steps=[[0, 0]] * len(state.tokens),
@@ -380,11 +381,3 @@ class VllmEngine:
                 log.exception("on_finish callback failed")
         row.sink(("done", c))
 
-
-def summarize(values: list[float], layer: int | None) -> dict[str, Any]:
-    """One trait's summary, as the HF engine's: ``values[0]`` is read at the last prompt token, ``values[j]``
-    (j >= 1) at response token ``j - 1``; mean and max over the response tokens."""
-    response = values[1:]
-    return {"mean": sum(response) / len(response) if response else None,
-            "max": max(response) if response else None,
-            "prompt_last": values[0] if values else None, "layer": layer, "n_tokens": len(response)}
