@@ -103,11 +103,11 @@ demo: setup
 		--prompt "What will the next ten years bring?"
 
 # Layering first (seconds), then the suite. lint-imports needs the repository root on the path to find kernels/.
-# tests/vllm runs in .venv-vllm (one vLLM engine per session); the main suite skips that folder.
+# tests/in_vllm runs in .venv-vllm (one vLLM engine per session); the main suite skips that folder.
 test: setup vllm-env
 	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -x --durations=15 tests
-	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -q -x --durations=10 tests/vllm
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -q -x --durations=10 tests/in_vllm
 
 lint: setup
 	$(VENV)/bin/ruff check steerlib kernels scripts tests

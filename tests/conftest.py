@@ -16,8 +16,8 @@ from transformers import PreTrainedModel
 
 from steerlib.core.models import LoadedModel, load_model
 
-# tests/vllm runs in the vLLM environment (.venv-vllm, `make test` runs it there); elsewhere it is not collected.
-collect_ignore = [] if importlib.util.find_spec("vllm") is not None else ["vllm"]
+# tests/in_vllm runs in the vLLM environment (.venv-vllm, `make test` runs it there); elsewhere it is not collected.
+collect_ignore = [] if importlib.util.find_spec("vllm") is not None else ["in_vllm"]
 
 # The tests run small batches, where extra intra-op threads gain little, and on a shared or busy machine
 # OpenMP threads spinning against other processes slow them down several-fold. OMP_NUM_THREADS overrides.

@@ -7,6 +7,7 @@ Test modules import from here, never from each other, so that every test file ru
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 
 import torch
@@ -146,3 +147,40 @@ def generated_reply(n_questions=42, rubric=RUBRIC, n_pairs=6) -> str:
         "judge_rubric": rubric,
     }
     return "Sure! Here it is:\n```json\n" + json.dumps(data, indent=2) + "\n```\nEnjoy."
+
+
+# Per-row op cases shared by the kernel test files.
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def mixed_case(n: int, d: int, k: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu",
+               with_cap: bool = True) -> tuple[torch.Tensor, dict]:
+    """Hidden states and per-row arguments mixing unsteered, added (4 vectors), ablated and capped rows.
+
+    Table rows 0..3 are raw vectors (for additions), 4..5 unit vectors (for caps and ablations).
+    """
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g).to(dtype)
+    raw = torch.randn(4, d, generator=g) * 0.5
+    unit = torch.randn(2, d, generator=g)
+    unit = unit / unit.norm(dim=-1, keepdim=True)
+    table = torch.cat([raw, unit])
+    kinds = torch.randint(0, 6 if with_cap else 3, (n,), generator=g)  # 0 none, 1-2 add, 3 ablate, 4-5 cap
+    index = torch.full((n,), -1, dtype=torch.int64)
+    coef = torch.zeros(n)
+    lo = torch.full((n,), -math.inf)
+    hi = torch.full((n,), math.inf)
+    for r, kind in enumerate(kinds.tolist()):
+        if kind in (1, 2):
+            index[r] = int(torch.randint(0, 4, (1,), generator=g))
+            coef[r] = float(torch.randn(1, generator=g) * 4)
+        elif kind == 3:
+            index[r], lo[r], hi[r] = 4, 0.0, 0.0
+        elif kind == 4:
+            index[r], hi[r] = 5, -0.5  # one-sided
+        elif kind == 5:
+            index[r], lo[r], hi[r] = 4, -0.25, 0.25
+    args = {"table": table, "index": index, "coef": coef, "cap_min": lo, "cap_max": hi,
+            "readout": torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=-1) if k else None}
+    moved = {name: (t.to(device) if isinstance(t, torch.Tensor) else t) for name, t in args.items()}
+    return hidden.to(device), moved

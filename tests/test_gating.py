@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from steerlib import build_ops, format_prompt, generate, stream
 from steerlib.core.arch import get_layout
@@ -160,6 +161,12 @@ def test_server_gates_per_request_like_generate(setup, optimism_vectors) -> None
         answers = {latch: ask([{**entry, "latch": latch}]) for latch in (False, True)}
         wrong_layer = ask([{**entry, "when": {**entry["when"], "layer": LAYER + 2}}])
         no_when = ask([{"vector": "optimistic", "layer": LAYER, "latch": True}])
+        plain = ask([{"vector": "optimistic", "layer": LAYER, "coef": COEF}])
+        scraped = httpx.get(f"{srv.url}/metrics", timeout=30).text
+    # The metrics tell gated requests from unconditionally steered ones.
+    requests = {dict(s.labels)["steering"]: s.value for family in text_string_to_metric_families(scraped)
+                for s in family.samples if s.name == "steerlib_requests_total"}
+    assert plain.status_code == 200 and requests == {"none": 0.0, "steered": 1.0, "gated": 2.0}
     for latch, reply in answers.items():
         assert reply.status_code == 200, reply.text
         ops = build_ops(model, optimism_vectors, LAYER, COEF, when=When(-optimism_vectors, above=ABOVE, latch=latch))

@@ -13,11 +13,9 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from helpers import DTYPES, HIDDEN_TOL, PROJ_TOL, assert_allclose_verbose, mixed_case
 from steerlib.kernels import available_backends, cuda_steer, load_triton_rows, steer_rows_reference
 from steerlib.kernels.rows import prepare_row_inputs
-
-from tests.test_kernels import HIDDEN_TOL, PROJ_TOL, assert_allclose_verbose
-from tests.test_kernels_rows import DTYPES, mixed_case
 
 INF = math.inf
 

@@ -1,4 +1,4 @@
-"""One vLLM engine per test session (tests/vllm runs in .venv-vllm; `make test` runs it there).
+"""One vLLM engine per test session (tests/in_vllm runs in .venv-vllm; `make test` runs it there).
 
 The engine is steerlib's serving adapter (``VllmEngine`` over vLLM's AsyncLLM) on the embedded model, with
 vLLM's torch.compile on (the hooks are traced into the compiled graph; the compiled graph is cached under
