@@ -226,9 +226,6 @@ def test_tiny_temperature_is_greedy_and_leaves_its_neighbours_alone(live, greedy
     assert ollama.result().status_code == 200 and ollama.result().json()["message"]["content"] == greedy["plain"]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 21 class 2 (a queued row whose client leaves gets no done/error "
-                   "signal) is fixed in the engine rewrite; this HTTP-level test runs against whatever engine is in "
-                   "the tree: drop the mark when it passes")
 def test_queued_request_whose_client_leaves_ends_and_shutdown_is_bounded(embedded, vector_dir, caplog):
     model, tok = embedded
     tv = TraitVectors.load(vector_dir / "optimistic", model=model)
