@@ -53,8 +53,12 @@ def run_once(mix: str, rows: int, tokens: int) -> dict:
     readout = build_readout(model, {"a": vectors[0], "b": vectors[1]}, [15])
     eos = set()  # no EOS: every row runs the full length, so every step has ``rows`` rows
     engine = Engine(model, tok, readout=readout if mix == "16-configs" else None, max_batch=rows, eos_ids=eos)
+    # Per step: the whole of Engine._step and the model's forward inside it, recorded in the worker thread
+    # itself (no counters read from another thread mid-step). The first step (the prefill) is dropped.
+    steps: list[tuple[float, float]] = []
     inside = [0.0]
     forward = model.forward
+    step = engine._step
 
     def timed_forward(*args, **kwargs):
         started = time.perf_counter()
@@ -63,7 +67,16 @@ def run_once(mix: str, rows: int, tokens: int) -> dict:
         finally:
             inside[0] += time.perf_counter() - started
 
+    def timed_step():
+        inside[0] = 0.0
+        started = time.perf_counter()
+        try:
+            return step()
+        finally:
+            steps.append((time.perf_counter() - started, inside[0]))
+
     model.forward = timed_forward
+    engine._step = timed_step
     engine.start()
     try:
         done = [threading.Event() for _ in range(rows)]
@@ -83,17 +96,14 @@ def run_once(mix: str, rows: int, tokens: int) -> dict:
                         done[i].set()
 
                 engine.submit(ids, edits, Sampling(tokens), sink, steered=bool(ops))
-            # Time decode steps only: start counting after the prefill step.
-        while engine.stats()["steps"] < 1:
-            time.sleep(0.001)
-        s0, t0, in0 = engine.stats()["steps"], engine.stats()["step_seconds"], inside[0]
         for e in done:
             assert e.wait(600)
-        st = engine.stats()
-        steps = st["steps"] - s0
-        step_ms = 1000 * (st["step_seconds"] - t0) / steps
-        outside_ms = step_ms - 1000 * (inside[0] - in0) / steps
-        return {"mix": mix, "steps": steps, "step_ms": step_ms, "host_ms": outside_ms}
+        engine.stop()
+        decode = steps[1:]
+        step_ms = 1000 * sum(t for t, _ in decode) / len(decode)
+        forward_ms = 1000 * sum(f for _, f in decode) / len(decode)
+        return {"mix": mix, "steps": len(decode), "step_ms": step_ms, "host_ms": step_ms - forward_ms,
+                "forward_ms": forward_ms}
     finally:
         engine.stop()
 
