@@ -284,7 +284,12 @@ def fused_steer_rows(
     spec = prepare_row_inputs(hidden, table, index, coef, cap_min, cap_max, readout, validate=validate,
                               gate_dir=gate_dir, gate_index=gate_index, gate_lo=gate_lo, gate_hi=gate_hi)
     check_gate_out(gate_out, hidden)
-    name = resolve_backend(backend, hidden)
+    return run_rows(resolve_backend(backend, hidden), hidden, spec, inplace=inplace, gate_out=gate_out)
+
+
+def run_rows(name: str, hidden: torch.Tensor, spec: RowSteerSpec, *, inplace: bool,
+             gate_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run prepared per-row inputs on the backend ``name`` (from ``resolve_backend``): the one dispatch."""
     if name == "cuda":
         return cuda_steer.steer_rows_cuda(hidden, spec, inplace=inplace, gate_out=gate_out)
     if name == "triton":

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cuda_steer
-from .rows import RowSteerSpec, prepare_row_inputs, steer_rows_torch
+from .rows import RowSteerSpec, prepare_row_inputs
 
 LIB = "steerlib"
 
@@ -35,19 +34,12 @@ def _run(hidden: torch.Tensor, table: torch.Tensor, index: torch.Tensor, coef: t
          gate_lo: torch.Tensor | None = None, gate_hi: torch.Tensor | None = None,
          gate_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dispatch one call to the backend that runs here (shapes checked, values trusted)."""
-    from . import load_triton_rows, resolve_backend  # deferred: the package imports this module
+    from . import resolve_backend, run_rows  # deferred: the package imports this module
 
     spec: RowSteerSpec = prepare_row_inputs(hidden, table, index, coef, cap_min, cap_max, readout, validate=False,
                                             gate_dir=gate_dir, gate_index=gate_index, gate_lo=gate_lo,
                                             gate_hi=gate_hi)
-    name = resolve_backend(backend, hidden)
-    if name == "cuda":
-        return cuda_steer.steer_rows_cuda(hidden, spec, inplace=inplace, gate_out=gate_out)
-    if name == "triton":
-        rows_backend = load_triton_rows()
-        assert rows_backend is not None  # resolve_backend checked triton
-        return rows_backend.steer_rows_triton(hidden, spec, inplace=inplace, gate_out=gate_out)
-    return steer_rows_torch(hidden, spec, inplace=inplace, gate_out=gate_out)
+    return run_rows(resolve_backend(backend, hidden), hidden, spec, inplace=inplace, gate_out=gate_out)
 
 
 @torch.library.custom_op(f"{LIB}::steer_rows_", mutates_args=("hidden", "proj_out", "gate_out"))

@@ -207,15 +207,7 @@ def prepare_row_inputs(hidden: torch.Tensor, table: torch.Tensor, index: torch.T
     table32 = prepare_vector("table", table, (v, d), device) if v else torch.zeros(
         (0, d), dtype=torch.float32, device=device)
 
-    if not isinstance(index, torch.Tensor):
-        raise ValueError(f"index must be a torch.Tensor, got {type(index).__name__}")
-    if index.device != device:
-        raise ValueError(f"index is on {index.device} but hidden is on {device}")
-    if tuple(index.shape) != (n,):
-        raise ValueError(f"index must have shape [{n}] (one entry per row of hidden), got {list(index.shape)}")
-    if index.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"index must be int32 or int64, got {index.dtype}")
-    index64 = index.to(torch.int64).contiguous()
+    index64 = _index_tensor("index", index, n, device)
     gate = _prepare_gate(gate_dir, gate_index, gate_lo, gate_hi, n, d, device, validate)
     if not validate:
         coef32 = _row_tensor("coef", coef, n, device, 0.0)
