@@ -92,16 +92,21 @@ class RowSteerSpec:
         return 0 if self.readout is None else int(self.readout.shape[0])
 
 
-def _row_tensor(name: str, t: torch.Tensor | None, n: int, device: torch.device, fill: float) -> torch.Tensor:
-    """A per-row fp32 tensor ``[n]`` (``fill`` everywhere when ``t`` is None)."""
-    if t is None:
-        return torch.full((n,), fill, dtype=torch.float32, device=device)
+def _check_per_row(name: str, t: object, n: int, device: torch.device) -> None:
+    """``t`` is a tensor ``[n]`` (one entry per row of hidden) on ``device``."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but hidden is on {device}")
     if tuple(t.shape) != (n,):
         raise ValueError(f"{name} must have shape [{n}] (one entry per row of hidden), got {list(t.shape)}")
+
+
+def _row_tensor(name: str, t: torch.Tensor | None, n: int, device: torch.device, fill: float) -> torch.Tensor:
+    """A per-row fp32 tensor ``[n]`` (``fill`` everywhere when ``t`` is None)."""
+    if t is None:
+        return torch.full((n,), fill, dtype=torch.float32, device=device)
+    _check_per_row(name, t, n, device)
     if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
         raise ValueError(f"{name} must be a real tensor, got {t.dtype}")
     return t.to(torch.float32).contiguous()
@@ -109,12 +114,7 @@ def _row_tensor(name: str, t: torch.Tensor | None, n: int, device: torch.device,
 
 def _index_tensor(name: str, t: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
     """A per-row int64 index tensor ``[n]`` (shape, dtype and device checked; values are not read)."""
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but hidden is on {device}")
-    if tuple(t.shape) != (n,):
-        raise ValueError(f"{name} must have shape [{n}] (one entry per row of hidden), got {list(t.shape)}")
+    _check_per_row(name, t, n, device)
     if t.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
     return t.to(torch.int64).contiguous()
