@@ -3,8 +3,8 @@
 Vectors loaded at start stay; ``POST /v1/vectors`` may add more, but only from folders the operator allowed with
 ``--vector-dir`` (a path resolving outside them is refused, 403), and ``DELETE /v1/vectors/{name}`` removes one
 unless something depends on it. A vector may carry a calibration (``steerlib calibrate``, saved beside it), which
-lets requests cap at a percentile of it. Each name carries a load count, so a steering table entry built for one load of
-``"x"`` is never reused for a different vector loaded later under the same name.
+lets requests cap at a percentile of it. (A vector reloaded under an old name never reuses the old one's steering
+table entry: the plan keys entries by the row's content.)
 """
 
 from __future__ import annotations
@@ -46,13 +46,10 @@ class VectorRegistry:
         self.model = model
         self.vector_dirs = tuple(vector_dirs)
         self.vectors: dict[str, TraitVectors] = {}
-        # name -> load count: table keys must tell a vector from another loaded later under the same name.
-        self._loads: dict[str, int] = {}
         self._lock = threading.Lock()
         for name, tv in vectors.items():
             tv.check_model(model)  # fail at start-up, not on the first request
             self.vectors[name] = tv
-            self._loads[name] = 1
         self.calibrations: dict[str, Calibration] = {}
         for name, cal in (calibrations or {}).items():
             if name not in self.vectors:
@@ -65,17 +62,17 @@ class VectorRegistry:
         with self._lock:
             return sorted(self.vectors)
 
-    def lookup(self, name: str) -> tuple[TraitVectors | None, int, list[str]]:
+    def lookup(self, name: str) -> tuple[TraitVectors | None, list[str]]:
         """One consistent read of a vector.
 
         Args:
             name: the vector's name.
 
         Returns:
-            (the vectors or None, their load count, every loaded name sorted).
+            (the vectors or None, every loaded name sorted).
         """
         with self._lock:
-            return self.vectors.get(name), self._loads.get(name, 0), sorted(self.vectors)
+            return self.vectors.get(name), sorted(self.vectors)
 
     def calibration(self, name: str) -> Calibration | None:
         """The calibration loaded with ``name``, or None."""
@@ -120,7 +117,6 @@ class VectorRegistry:
                 raise ApiError(409, f"a vector named {name!r} is already loaded; unload it first", param="name",
                                code="vector_exists")
             self.vectors[name] = tv
-            self._loads[name] = self._loads.get(name, 0) + 1
             self.calibrations.pop(name, None)
             if cal is not None:
                 self.calibrations[name] = cal

@@ -170,7 +170,7 @@ class Service:
         """Validate steering specs against the loaded vectors and turn them into per-row edits (400 if bad)."""
         edits: list[Edit] = []
         for i, spec in enumerate(specs):
-            tv, _, names = self.registry.lookup(spec.vector)
+            tv, names = self.registry.lookup(spec.vector)
             if tv is None:
                 raise ApiError(400, f"unknown steering vector {spec.vector!r}; available: {names}",
                                param=f"{param}.{i}.vector", code="unknown_vector")
@@ -180,7 +180,7 @@ class Service:
                                "calibrate` on it and reload it)", param=f"{param}.{i}.cap_percentile")
             when = None
             if spec.when is not None:
-                cond, _, names = self.registry.lookup(spec.when.vector)
+                cond, names = self.registry.lookup(spec.when.vector)
                 if cond is None:
                     raise ApiError(400, f"unknown condition vector {spec.when.vector!r}; available: {names}",
                                    param=f"{param}.{i}.when.vector", code="unknown_vector")

@@ -63,8 +63,8 @@ def _rule(positions: object, where: str) -> PositionRule:
     return rule
 
 
-def _check_ungated(e: Edit, where: str) -> None:
-    if e.gate_row is not None:
+def _check_ungated(gated: bool, where: str) -> None:
+    if gated:
         raise UnsupportedOnVllm(f"{where}: conditional steering ('when') is not supported on the vLLM engine yet")
 
 
@@ -83,7 +83,7 @@ def encode_spec(ops: Sequence[SteerOp], readout: bool = False) -> str:
         UnsupportedOnVllm: an op carries a condition or a marker position.
     """
     for i, op in enumerate(ops):
-        _check_ungated(lower_op(op), f"steerlib edit {i}")
+        _check_ungated(op.when is not None, f"steerlib edit {i}")
     edits = [{"layer": op.layer, "vector": [float(x) for x in op.vector.detach().float().cpu().tolist()],
               "mode": op.mode, "coef": float(op.coef), "positions": _rule(op.positions, f"steerlib edit {i}").spec(),
               "cap_min": op.cap_min, "cap_max": op.cap_max} for i, op in enumerate(ops)]
@@ -98,7 +98,7 @@ def encode_rows(edits: Sequence[Edit], readout: bool = False) -> str:
         UnsupportedOnVllm: an edit carries a condition or a marker position.
     """
     for i, e in enumerate(edits):
-        _check_ungated(e, f"steerlib edit {i}")
+        _check_ungated(e.gate_row is not None, f"steerlib edit {i}")
         _rule(e.rule, f"steerlib edit {i}")
     items = [{"layer": int(e.layer), "row": [float(x) for x in e.row.detach().float().cpu().tolist()],
               "coef": float(e.coef), "lo": None if math.isinf(e.lo) else float(e.lo),
