@@ -1,8 +1,10 @@
 """JIT loader and launcher for the CUDA C++ kernel (``steer_cuda.cu`` + ``steer_binding.cpp``).
 
-The extension is built with ``torch.utils.cpp_extension.load`` the first time it is needed,
-and only where a CUDA GPU and nvcc both exist; torch caches the build across processes. A
-failed build is remembered (and warned about once) so callers fall back without retrying.
+The extension is built with ``torch.utils.cpp_extension.load`` by ``steerlib.kernels.prepare_backend`` (called
+when a server, engine or vLLM worker starts, never inside a forward pass), and only where a CUDA GPU and nvcc both
+exist; torch caches the build across processes. A failed build is remembered, not retried, and turned into a
+clear error by ``prepare_backend``: no caller silently falls back to another kernel (ranks of one model must all
+run the same one).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -83,10 +84,8 @@ def load_extension() -> ModuleType | None:
                 extra_cuda_cflags=["-O3", "-lineinfo"],
                 verbose=os.environ.get("STEERLIB_VERBOSE_BUILD", "0") == "1",
             )
-        except Exception as exc:  # a broken toolchain must not take the caller down
+        except Exception as exc:  # remembered: prepare_backend reports it as one clear error
             _build_error = f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"steerlib: building the CUDA steer kernel failed, falling back ({_build_error})",
-                          RuntimeWarning, stacklevel=2)
     return _extension
 
 
