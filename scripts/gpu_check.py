@@ -206,13 +206,14 @@ def cmd_vllm(args: argparse.Namespace) -> int:
     plain = llm.generate(PROMPTS, [params(None, args.tokens) for _ in PROMPTS], use_tqdm=False)
     unsteered = [list(o.outputs[0].token_ids) for o in plain]
 
-    # 2. tok/s: unsteered vs 1 vector, 16 distinct, 256 registered in rotation (interleaved rounds)
-    cells = {"unsteered x16": [None] * 16, "1 vector x16": [_spec(vectors[0], layer, 1.0)] * 16,
-             "16 vectors x16": [_spec(vectors[i], layer, 1.0) for i in range(16)],
-             "unsteered x256": [None] * 256, "256 vectors x256": [_spec(vectors[i], layer, 1.0) for i in range(256)]}
-    if dry:
-        cells = {k: v[:4] for k, v in cells.items() if "256" not in k} | \
-                {k: v[:8] for k, v in cells.items() if "256" in k}
+    # 2. tok/s: unsteered vs 1 vector, 16 distinct, 256 registered in rotation (interleaved rounds); the dry run
+    # keeps the shapes at a quarter / a thirty-second of the requests.
+    few, many = (4, 8) if dry else (16, 256)
+    one = _spec(vectors[0], layer, 1.0)
+    cells = {f"unsteered x{few}": [None] * few, f"1 vector x{few}": [one] * few,
+             f"{few} vectors x{few}": [_spec(vectors[i], layer, 1.0) for i in range(few)],
+             f"unsteered x{many}": [None] * many,
+             f"{many} vectors x{many}": [_spec(vectors[i], layer, 1.0) for i in range(many)]}
     rates: dict[str, list[float]] = {k: [] for k in cells}
     prompts_for = {k: [PROMPTS[i % len(PROMPTS)] for i in range(len(v))] for k, v in cells.items()}
     llm.generate(PROMPTS[:2], [params(None, 4)] * 2, use_tqdm=False)  # warm
@@ -246,10 +247,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     summary("graphs-vs-eager", f"steered rows equal {same_steered}/{n_steered}, unsteered rows in the mixed batch "
                                f"{same_plain}/{n_plain}, all-unsteered batch {same_baseline}/{len(rows)} (the "
                                "baseline: graphs and eager differ only by kernel rounding)")
-    base16, base256 = graphs["tok_s"].get("unsteered x16"), graphs["tok_s"].get("unsteered x256")
     ratios = []
     for name, rate in graphs["tok_s"].items():
-        base = base256 if "256" in name else base16
+        base = graphs["tok_s"].get(f"unsteered x{name.rsplit(' x', 1)[1]}")
         ratios.append(f"{name} {rate:.1f} tok/s ({rate / base:.2f}x)" if base else f"{name} {rate:.1f}")
     summary("tok/s graphs", "; ".join(ratios))
     # A graph-safe plugin steers under graphs exactly as eager: any row that differs where the unsteered

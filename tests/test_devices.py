@@ -154,3 +154,15 @@ def test_compiled_decode_graph_reads_plan_tensors_at_static_addresses() -> None:
     written = (cs.buffer.abs().sum(dim=(2, 3)) > 0).T.tolist()
     assert written == [[False, False, True, True, True], [False, True, True, True, False]]
     assert latched[0] == {0} or latched[1] == {0}
+
+
+def test_the_engine_keeps_each_layers_plan_and_read_out_on_that_layers_device() -> None:
+    from steerlib.serve.engine import Engine
+
+    model = build_tiny("llama")
+    readout = build_readout(model, {"a": torch.randn(D)}, [3])
+    get_layout(model).blocks[2].to("meta")  # layer 3 "on another device" (placement only: nothing runs here)
+    engine = Engine(model, object(), readout=readout)
+    assert engine.layer_devices == {1: CPU, 2: CPU, 3: META}
+    assert engine.plan.for_layer(1).device == CPU and engine.plan.for_layer(3).device == META
+    assert engine.monitor_dirs.device == META

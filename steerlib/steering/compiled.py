@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from steerlib.core.arch import Layout, get_layout
 from steerlib.core.compat import cache_keyword
 from steerlib.core.hooks import HookHandles
-from steerlib.kernels import prepare_backend, steer_rows_inline, steer_rows_op
+from steerlib.kernels import prepare_backend, resolve_backend, steer_rows_inline, steer_rows_op
 from steerlib.steering.devices import DevicePlans, layer_devices, plan_tensors
 from steerlib.steering.plan import Add, Edit, lower_ops
 from steerlib.steering.steer import SteerOp, TraitReadout
@@ -156,9 +156,11 @@ class CompiledSteering:
         for tensor in self.static_tensors():
             # A fixed, declared address: CUDA graphs read and write these in place (see the module docstring).
             torch._dynamo.mark_static_address(tensor)
-        if backend != "inline":
-            for device in devices:  # chosen and built now, not inside the first compiled step
-                prepare_backend(device, None if backend == "auto" else backend)
+        for device in devices:  # chosen and built now, not inside the first compiled step
+            if backend == "auto":
+                prepare_backend(device)
+            elif backend != "inline":  # an explicit backend is loaded now, or refused with its reason
+                resolve_backend(backend, torch.empty(0, self.layout.d_model, device=device))
         self._handles = HookHandles()
 
     def static_tensors(self) -> list[Tensor]:
