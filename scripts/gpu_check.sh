@@ -33,10 +33,10 @@ FAILED=0
 
 if [[ -n "$DRY" ]]; then
   export TRITON_INTERPRET=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
-  LIMITS=(build=120 parity=120 model=120 graphs=600 eager=400)
+  LIMITS=(build=300 parity=120 model=120 graphs=600 eager=400)
   BUDGET_S=${BUDGET_S_DRY:-1500}
 else
-  LIMITS=(build=180 parity=90 model=120 graphs=240 eager=150)
+  LIMITS=(build=240 parity=90 model=120 graphs=240 eager=150)
   if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null \
       && "$VLLM_PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     PY=$VLLM_PY
