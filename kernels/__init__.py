@@ -15,6 +15,11 @@ JIT-built on first use). Triton is imported only when the triton backend is used
 * ``fused_steer_rows``: the checked Python call (values validated unless ``validate=False``);
 * ``torch.ops.steerlib.steer_rows_`` / ``steer_rows`` (``custom_op.py``): the op registered with
   ``torch.library`` (in place into caller-owned buffers / functional), for compiled and captured graphs;
+* ``prepare_backend``: the backend is chosen **once per process and device type**, built and loaded there (the
+  CUDA extension's nvcc build included), and every ``backend="auto"`` call afterwards runs it. Servers, engines
+  and the vLLM worker call it at start, so no build happens inside a forward pass, and a vLLM worker checks with
+  its peers that every rank chose the same kernel. ``STEERLIB_KERNEL_BACKEND`` (torch, triton, cuda) forces the
+  choice; a forced backend that cannot run, or a CUDA build that fails, is an error, never a silent fallback;
 * ``fused_steer_project``: the single-vector API (one vector, one coefficient, a row mask), kept as a thin
   lowering onto per-row calls::
 
@@ -25,8 +30,11 @@ JIT-built on first use). Triton is imported only when the triton backend is used
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import os
+import threading
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -39,9 +47,12 @@ __all__ = [
     "MAX_READOUT_DIRS",
     "RowSteerSpec",
     "SteerSpec",
+    "BackendChoice",
     "available_backends",
+    "chosen_backend",
     "fused_steer_project",
     "fused_steer_rows",
+    "prepare_backend",
     "prepare_inputs",
     "prepare_row_inputs",
     "steer_project_reference",
@@ -53,6 +64,9 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKEND_ENV = "STEERLIB_KERNEL_BACKEND"
+
+log = logging.getLogger("steerlib.kernels")
 
 _triton_module: ModuleType | None = None
 _triton_error: str | None = None
@@ -90,7 +104,7 @@ def available_backends() -> list[str]:
     """Names of the backends usable in this process, besides ``"auto"``.
 
     ``"cuda"`` is listed when a GPU and nvcc exist and no build attempt has failed; the build
-    itself happens on the first call that uses it.
+    itself happens in ``prepare_backend``.
 
     Returns:
         A list such as ``["torch", "triton", "cuda"]``; ``"torch"`` is always present.
@@ -104,11 +118,144 @@ def available_backends() -> list[str]:
     return names
 
 
+@dataclass(frozen=True)
+class BackendChoice:
+    """The kernel backend this process runs on one device type, chosen once by ``prepare_backend``.
+
+    Attributes:
+        device_type: ``"cuda"``, ``"cpu"``...
+        name: ``"torch"``, ``"triton"`` or ``"cuda"``.
+        requested: what was asked for: ``"auto"`` or a backend name.
+        source: where the request came from: ``"argument"``, ``"STEERLIB_KERNEL_BACKEND"`` or ``"default"``.
+        reason: why ``name`` was chosen, in words (what a log or a status page shows).
+    """
+
+    device_type: str
+    name: str
+    requested: str
+    source: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name} on {self.device_type} ({self.reason}; requested {self.requested} by {self.source})"
+
+
+_choices: dict[str, BackendChoice] = {}
+_choice_lock = threading.Lock()
+
+
+def _requested(backend: str | None) -> tuple[str, str]:
+    """``(requested backend, source)`` from the argument, else the environment, else ``auto``."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        return backend, "argument"
+    env = os.environ.get(BACKEND_ENV, "").strip()
+    if env:
+        if env not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV}={env!r} is not a kernel backend; use one of {', '.join(BACKENDS)}")
+        return env, BACKEND_ENV
+    return "auto", "default"
+
+
+def _choose(device: torch.device, requested: str, source: str) -> BackendChoice:
+    """Decide and load the backend for ``device``'s type (may build the CUDA extension: seconds to minutes)."""
+    def made(name: str, reason: str) -> BackendChoice:
+        return BackendChoice(device.type, name, requested, source, reason)
+
+    if requested == "torch":
+        return made("torch", "forced")
+    if requested == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend 'cuda' (from {source}) needs a CUDA device, got {device}")
+        if cuda_steer.load_extension() is None:
+            raise RuntimeError(f"backend 'cuda' (from {source}) is unavailable: {cuda_steer.build_error()}")
+        return made("cuda", "forced; extension built and loaded")
+    if requested == "triton":
+        if not _triton_usable_on(device):
+            raise RuntimeError(f"backend 'triton' (from {source}) needs a CUDA device, or CPU with TRITON_INTERPRET=1 "
+                               f"set before triton is first used; got {device}")
+        if load_triton_rows() is None:
+            raise RuntimeError(f"backend 'triton' (from {source}) is unavailable: {_triton_error}")
+        return made("triton", "forced")
+    # auto: decided from what is installed, never from whether a build happened to succeed, so that identical
+    # ranks decide alike; a build that fails is an error for the operator, not a quiet switch on one rank.
+    if device.type != "cuda":
+        return made("torch", f"no GPU kernel runs on {device.type}")
+    if cuda_steer.toolchain_available():
+        if cuda_steer.load_extension() is None:
+            raise RuntimeError(
+                f"building the CUDA steer kernel failed: {cuda_steer.build_error()}. steerlib does not fall back "
+                f"on its own (every rank must run the same kernel): fix the CUDA toolchain, or set "
+                f"{BACKEND_ENV}=triton (or torch) for every process")
+        return made("cuda", "nvcc found; extension built and loaded")
+    if load_triton_rows() is not None:
+        return made("triton", "no nvcc for the CUDA extension; triton is installed")
+    return made("torch", f"no nvcc and no triton ({_triton_error})")
+
+
+def prepare_backend(device: torch.device | str, backend: str | None = None, *, group=None) -> BackendChoice:
+    """Choose, build and load the kernel backend for ``device``'s type, once per process; call it before serving.
+
+    The first call per device type decides (``backend``, else ``$STEERLIB_KERNEL_BACKEND``, else ``auto``: the
+    CUDA extension where nvcc exists, else Triton, else torch on a GPU; torch elsewhere), builds what it needs and
+    logs the choice; later calls return it. Every ``backend="auto"`` op call runs the choice (calls under
+    autograd stay on torch, the only backend with a backward).
+
+    Args:
+        device: a device the model's layers live on.
+        backend: force a backend (``"torch"``, ``"triton"``, ``"cuda"``) or ``"auto"``; None reads the environment.
+        group: a ``torch.distributed`` process group (a CPU/gloo one) whose ranks must all run the same backend;
+            when given and initialised, the ranks exchange their choices and all raise if they differ.
+
+    Returns:
+        The ``BackendChoice``.
+
+    Raises:
+        ValueError: for an unknown backend name, or ``cuda`` on a non-CUDA device.
+        RuntimeError: when a forced backend cannot run here, the CUDA build fails, another backend was already
+            chosen for this device type in this process, or ranks chose differently.
+    """
+    device = torch.device(device)
+    requested, source = _requested(backend)
+    with _choice_lock:
+        choice = _choices.get(device.type)
+        if choice is None:
+            choice = _choices[device.type] = _choose(device, requested, source)
+            log.info("steerlib kernel backend: %s", choice)
+        elif requested != "auto" and requested != choice.name:
+            raise RuntimeError(f"this process already runs the {choice.name!r} kernel backend on {device.type} "
+                               f"({choice}); it cannot switch to {requested!r} (the choice is made once per process)")
+    if group is not None:
+        _agree_across_ranks(choice, group)
+    return choice
+
+
+def chosen_backend(device_type: str) -> BackendChoice | None:
+    """The choice ``prepare_backend`` made for ``device_type`` in this process, or None yet."""
+    return _choices.get(device_type)
+
+
+def _agree_across_ranks(choice: BackendChoice, group) -> None:
+    """Every rank of ``group`` must have chosen the same backend (one exchange, at start)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) <= 1:
+        return
+    names: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(names, f"{choice.name} on {choice.device_type}", group=group)
+    if len(set(names)) > 1:
+        ranks = ", ".join(f"rank {i}: {n}" for i, n in enumerate(names))
+        raise RuntimeError(f"ranks chose different steering kernel backends ({ranks}); set {BACKEND_ENV} to the "
+                           "same value for every process")
+
+
 def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
     """Turn the requested backend into the one that will run, or explain why it cannot.
 
     Args:
-        backend: One of ``BACKENDS``.
+        backend: One of ``BACKENDS``. ``"auto"`` is the process's choice for ``hidden``'s device type
+            (``prepare_backend``; made on first use if nothing prepared it).
         hidden: The hidden states (device and autograd state matter).
 
     Returns:
@@ -120,13 +267,10 @@ def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        if device.type != "cuda" or needs_grad:
+        if needs_grad:
             return "torch"
-        if cuda_steer.load_extension() is not None:
-            return "cuda"
-        if not _triton_interpreting() and load_triton_rows() is not None:
-            return "triton"
-        return "torch"
+        choice = _choices.get(device.type)
+        return (choice or prepare_backend(device)).name
     if needs_grad:
         raise RuntimeError(f"backend={backend!r} has no autograd support; hidden requires grad "
                            f"(use torch.no_grad() or backend='torch')")
@@ -177,8 +321,8 @@ def fused_steer_project(
         cap_max: Upper bound; ``cap_min = cap_max = 0`` ablates ``cap_dir``.
         readout: ``[K, D]`` read-out directions, ``K <= 16``, or None.
         inplace: Update ``hidden`` in place (the returned tensor is ``hidden``); else a new tensor.
-        backend: ``"auto"`` (CUDA tensors: cuda extension, else triton, else torch; CPU: torch),
-            ``"torch"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"`` (the process's choice, see ``prepare_backend``: on CUDA tensors the cuda extension
+            where nvcc exists, else triton, else torch; CPU: torch), ``"torch"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
         ``(updated hidden [N, D] in hidden's dtype, projections [N, K] float32 or None)``.

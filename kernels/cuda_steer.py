@@ -1,16 +1,22 @@
 """JIT loader and launcher for the CUDA C++ kernel (``steer_cuda.cu`` + ``steer_binding.cpp``).
 
-The extension is built with ``torch.utils.cpp_extension.load`` the first time it is needed,
-and only where a CUDA GPU and nvcc both exist; torch caches the build across processes. A
-failed build is remembered (and warned about once) so callers fall back without retrying.
+The extension is built with ``torch.utils.cpp_extension.load`` by ``steerlib.kernels.prepare_backend`` (called
+when a server, engine or vLLM worker starts, never inside a forward pass), and only where a CUDA GPU and nvcc both
+exist; torch caches the build across processes. A failed build is remembered, not retried, and turned into a
+clear error by ``prepare_backend``: no caller silently falls back to another kernel (ranks of one model must all
+run the same one).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import re
 import shutil
+import subprocess
+import tempfile
 import threading
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -78,10 +84,8 @@ def load_extension() -> ModuleType | None:
                 extra_cuda_cflags=["-O3", "-lineinfo"],
                 verbose=os.environ.get("STEERLIB_VERBOSE_BUILD", "0") == "1",
             )
-        except Exception as exc:  # a broken toolchain must not take the caller down
+        except Exception as exc:  # remembered: prepare_backend reports it as one clear error
             _build_error = f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"steerlib: building the CUDA steer kernel failed, falling back ({_build_error})",
-                          RuntimeWarning, stacklevel=2)
     return _extension
 
 
@@ -115,3 +119,92 @@ def steer_rows_cuda(hidden: torch.Tensor, spec: RowSteerSpec, inplace: bool = Tr
                    spec.readout, proj, spec.gate_dir, spec.gate_index, spec.gate_lo, spec.gate_hi,
                    gate_out if spec.has_gate else None)
     return out, proj
+
+
+# What every architecture the kernel targets gives one block: registers per SM (and so per block), the most
+# threads per block, and the granularity registers are allocated in (per thread, 256 per warp).
+REGISTERS_PER_SM = 65536
+MAX_THREADS_PER_BLOCK = 1024
+REGISTER_ALLOCATION_UNIT = 8
+TARGET_ARCHS = ("sm_80", "sm_90", "sm_100", "sm_120")
+
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '(?P<name>[^']+)' for '(?P<arch>sm_\d+a?)'")
+_PTXAS_USED = re.compile(r"Used (?P<regs>\d+) registers")
+_PTXAS_SPILL = re.compile(r"(?P<stores>\d+) bytes spill stores, (?P<loads>\d+) bytes spill loads")
+
+
+@dataclass(frozen=True)
+class KernelResources:
+    """What ptxas gave one compiled instance of the per-row kernel on one architecture.
+
+    Attributes:
+        arch: e.g. ``"sm_90"``.
+        kernel: the (mangled) kernel name; one instance per hidden dtype and read-out on/off.
+        registers: registers per thread.
+        spill_bytes: bytes of register spill stores (0 when everything fits in registers).
+    """
+
+    arch: str
+    kernel: str
+    registers: int
+    spill_bytes: int
+
+    def registers_per_block(self, threads: int) -> int:
+        """Registers a block of ``threads`` threads takes, rounded as the hardware allocates them."""
+        unit = REGISTER_ALLOCATION_UNIT
+        return -(-self.registers // unit) * unit * (-(-threads // 32) * 32)
+
+
+def kernel_resources(archs: tuple[str, ...] = TARGET_ARCHS, nvcc: str | None = None) -> list[KernelResources]:
+    """Compile ``steer_cuda.cu`` for ``archs`` with ``nvcc --resource-usage`` and parse what ptxas reports.
+
+    Needs nvcc only (no GPU). One nvcc run for all architectures.
+
+    Raises:
+        RuntimeError: without nvcc, when nvcc fails, or when an architecture reports no kernel.
+    """
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in archs]
+    with tempfile.TemporaryDirectory() as tmp:
+        result = subprocess.run([nvcc, "--resource-usage", "-std=c++17", "-O3", *gencode, "-c", str(CUDA_SOURCE),
+                                 "-o", str(Path(tmp) / "steer_cuda.o")], capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"nvcc failed:\n{result.stdout}\n{result.stderr}")
+    found: list[KernelResources] = []
+    entry: tuple[str, str] | None = None
+    spill = 0
+    for line in (result.stdout + result.stderr).splitlines():
+        if m := _PTXAS_ENTRY.search(line):
+            entry, spill = (m["arch"], m["name"]), 0
+        elif (m := _PTXAS_SPILL.search(line)) and entry is not None:
+            spill = int(m["stores"])
+        elif (m := _PTXAS_USED.search(line)) and entry is not None:
+            found.append(KernelResources(entry[0], entry[1], int(m["regs"]), spill))
+            entry = None
+    missing = [a for a in archs if not any(r.arch == a for r in found)]
+    if missing:
+        raise RuntimeError(f"ptxas reported no kernel for {', '.join(missing)}:\n{result.stdout}\n{result.stderr}")
+    return found
+
+
+def launch_threads(widths: list[int], nvcc: str | None = None) -> dict[int, int]:
+    """The block size the CUDA launcher picks for each row width, asked of the compiled launcher itself.
+
+    The launcher's host code is built into a small shared library (no GPU needed: nothing is launched) and its
+    ``steer_rows_cuda_threads`` is called through ctypes, so the answer is the code's, not a copy of its rule.
+    """
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    with tempfile.TemporaryDirectory() as tmp:
+        lib_path = Path(tmp) / "steer_threads.so"
+        result = subprocess.run([nvcc, "-shared", "-Xcompiler", "-fPIC", "-std=c++17", "-arch=sm_80",
+                                 str(CUDA_SOURCE), "-o", str(lib_path)], capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            raise RuntimeError(f"nvcc failed:\n{result.stdout}\n{result.stderr}")
+        lib = ctypes.CDLL(str(lib_path))
+        fn = lib.steer_rows_cuda_threads
+        fn.argtypes, fn.restype = [ctypes.c_int64], ctypes.c_int
+        return {w: int(fn(w)) for w in widths}

@@ -5,8 +5,15 @@
 // torch binding (steer_binding.cpp) reaches it through the extern "C" launcher at the bottom.
 //
 // One thread block per row. Each thread keeps up to kCached of its row elements in registers
-// between the projection pass and the write pass, so rows up to kCached * 1024 wide are read
-// from global memory once; wider rows re-read the remainder (normally from L2).
+// between the projection pass and the write pass, so rows up to kCached * kMaxThreads (4096) wide
+// are read from global memory once; wider rows re-read the remainder (normally from L2).
+//
+// Register budget: a block of T threads that each need R registers launches only if R * T fits the
+// SM's 65,536 registers. With read-out on, ptxas gave this kernel 72-80 registers on sm_100/sm_120
+// when nothing bounded it, so 1024-thread blocks (widths > 6400) failed to launch there. The block is
+// therefore capped at kMaxThreads = 512 and the kernel declares __launch_bounds__(kMaxThreads), which
+// makes ptxas keep R <= 128 on every architecture (measured: <= 64, no spills, sm_80..sm_120);
+// tests/test_kernel_resources.py checks R * T against `nvcc --resource-usage` for each.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -18,7 +25,7 @@ namespace {
 
 constexpr int kMaxMonitor = 16;  // K limit of the Python API
 constexpr int kCached = 8;       // row values per thread kept in registers
-constexpr int kMaxThreads = 1024;
+constexpr int kMaxThreads = 512;  // the __launch_bounds__ of the kernel
 constexpr int kMinThreads = 64;
 
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -69,7 +76,8 @@ __device__ __forceinline__ void block_sum(float (&vals)[NV], float* smem) {
 }
 
 int threads_for_width(int64_t width) {
-  // Enough threads that the register cache covers the row, rounded to whole warps.
+  // Enough threads that the register cache covers the row, rounded to whole warps, never more than the
+  // kernel's launch bounds.
   int64_t t = (width + kCached - 1) / kCached;
   t = (t + 31) / 32 * 32;
   if (t < kMinThreads) t = kMinThreads;
@@ -123,7 +131,7 @@ __device__ __forceinline__ bool row_gate_open(const RowParams& P, const T* in_ro
 }
 
 template <typename T, bool kHasMon>
-__global__ void steer_rows_kernel(RowParams P) {
+__global__ void __launch_bounds__(kMaxThreads) steer_rows_kernel(RowParams P) {
   __shared__ float smem[32 * kMaxMonitor];
   const int64_t row = blockIdx.x;
   const T* in_row = static_cast<const T*>(P.hidden) + row * P.stride_in;
@@ -219,6 +227,10 @@ cudaError_t launch_rows_typed(const RowParams& P, int64_t rows, cudaStream_t str
 }
 
 }  // namespace
+
+// The block size the launcher uses for rows of `width` elements (exported so that tests and tools check the
+// launch against the register budget without a GPU).
+extern "C" int steer_rows_cuda_threads(int64_t width) { return threads_for_width(width); }
 
 // Launches the per-row kernel (see RowParams). index/coef/lo/hi are [rows]; table is [V, width]
 // fp32. gate_dir [G, width] with gate_index/gate_lo/gate_hi [rows] turn on the gate (all nullptr: none);

@@ -48,9 +48,11 @@ from torch import Tensor, nn
 from steerlib.core.arch import get_layout
 from steerlib.core.compat import cache_keyword
 from steerlib.core.hooks import HookHandles
+from steerlib.kernels import prepare_backend
 from steerlib.serve.detok import TextStream
 from steerlib.serve.kv_slots import SlotCache
-from steerlib.steering.plan import Edit, SteeringPlan
+from steerlib.steering.devices import DevicePlans, layer_devices
+from steerlib.steering.plan import Edit
 from steerlib.steering.steer import TraitReadout
 
 __all__ = ["Completion", "Engine", "EngineError", "EngineStopped", "QueueFull", "RowFailed", "Sampling",
@@ -161,7 +163,10 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.readout = readout
         self.monitor_layer = readout.layers[0] if readout is not None else None
-        self.monitor_dirs = (readout.directions[self.monitor_layer].to(self.device, torch.float32)
+        # Under device_map="auto" each layer's plan and read-out live on that layer's device.
+        self.layer_devices = layer_devices(self.layout, self.device)
+        self.monitor_dirs = (readout.directions[self.monitor_layer].to(self.layer_devices[self.monitor_layer],
+                                                                       torch.float32)
                              if readout is not None else None)
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -172,7 +177,7 @@ class Engine:
         self._incoming: queue.Queue[_Row] = queue.Queue()
         self._rows: list[_Row] = []
         self._kv = SlotCache(model, self.device)
-        self.plan = SteeringPlan(self.layout.d_model, self.device, max_tokens=max_batch)
+        self.plan = DevicePlans(self.layout.d_model, self.layer_devices, max_tokens=max_batch)
         self._plan_for: tuple | None = None  # row serials the plan was built for
         self._plan_rows: list[_Row] = []  # the rows themselves (their latch state is read back on a change)
         self._hooks = HookHandles()
@@ -196,6 +201,8 @@ class Engine:
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop.clear()
+        for device in dict.fromkeys(self.layer_devices.values()):  # the kernel is built now, not in a step
+            prepare_backend(device)
         with self._hooks.registering() as handles:
             for layer in range(1, self.layout.n_layers + 1):
                 handles.add(self.layout.blocks[layer - 1].register_forward_hook(self._hook(layer)))

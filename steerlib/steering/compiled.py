@@ -17,7 +17,15 @@ Here every decision is a tensor operation:
   predicts the first generated one, as in ``steerlib.steering.generation``). Writes past ``max_steps`` land in the
   extra last slot instead of out of bounds;
 * the edit runs as the registered per-row op ``torch.ops.steerlib.steer_rows`` (torch/Triton/CUDA inside),
-  whose fake implementation lets the compiler place it; values are checked once, when the plan is built.
+  whose fake implementation lets the compiler place it; values are checked once, when the plan is built, never
+  inside the op;
+* every tensor the hooks read (the plan's tables, per-row parameters and latch state, prompt lengths, read-out
+  directions and buffer) is allocated once, before compiling, and marked as a static address
+  (``torch._dynamo.mark_static_address``): ``mode="reduce-overhead"`` (CUDA graphs) then records them in place
+  instead of copying them in each replay or skipping graphs for the ones the step mutates (latch state, read-out
+  buffer), and nothing rebinds them while installed;
+* under ``device_map="auto"`` (layers on several devices) each device has its own plan, prompt lengths, read-out
+  directions and buffer (``steerlib.steering.devices``), and each layer's hook reads only its own device's.
 
 Hooks are global state: while a ``CompiledSteering`` is installed, every forward pass of the model is steered.
 
@@ -39,8 +47,9 @@ from torch import Tensor, nn
 from steerlib.core.arch import Layout, get_layout
 from steerlib.core.compat import cache_keyword
 from steerlib.core.hooks import HookHandles
-from steerlib.kernels import steer_rows_inline, steer_rows_op
-from steerlib.steering.plan import Add, Edit, SteeringPlan, lower_ops
+from steerlib.kernels import prepare_backend, resolve_backend, steer_rows_inline, steer_rows_op
+from steerlib.steering.devices import DevicePlans, layer_devices, plan_tensors
+from steerlib.steering.plan import Add, Edit, lower_ops
 from steerlib.steering.steer import SteerOp, TraitReadout
 
 
@@ -118,29 +127,62 @@ class CompiledSteering:
             row_coefs = row_coefs.detach().to(device=self.device, dtype=torch.float32)
             if not bool(torch.isfinite(row_coefs).all()):  # checked once here, never on the decode path
                 raise ValueError("row_coefs contains NaN or inf values")
-        self.prompt_lengths = prompt_lengths.detach().to(device=self.device, dtype=torch.long)
-        self._rows = torch.arange(self.batch, device=self.device)
         for op in ops:
             self.layout.check_layer(op.layer, allow_embeddings=False)
-        self.plan = SteeringPlan(self.layout.d_model, self.device)
-        self.plan.set_rows(self._row_edits(ops, row_coefs), self.prompt_lengths.tolist())
+        # Per device: the plan, prompt lengths, batch rows, read-out directions and buffer of the layers there.
+        self.layer_devices = layer_devices(self.layout, self.device)
+        self.plans = DevicePlans(self.layout.d_model, self.layer_devices)
+        self.plans.set_rows(self._row_edits(ops, row_coefs), prompt_lengths.tolist())
+        self.plan = self.plans.for_layer(ops[0].layer) if ops else self.plans.first
+        devices = list(self.plans.plans)
+        self._prompt_lengths = {d: prompt_lengths.detach().to(device=d, dtype=torch.long) for d in devices}
+        self._batch_rows = {d: torch.arange(self.batch, device=d) for d in devices}
+        self.prompt_lengths = prompt_lengths.detach().to(device=self.device, dtype=torch.long)
         self._readout_dirs: dict[int, Tensor] = {}
         self._readout_index: dict[int, int] = {}
-        self.buffer: Tensor | None = None
+        self.buffers: dict[torch.device, Tensor] = {}
         if readout is not None:
             for i, layer in enumerate(readout.layers):
                 layer = self.layout.check_layer(layer, allow_embeddings=False)
-                dirs = readout.directions[layer].to(device=self.device, dtype=torch.float32).contiguous()
+                device = self.layer_devices[layer]
+                dirs = readout.directions[layer].to(device=device, dtype=torch.float32).contiguous()
                 if not bool(torch.isfinite(dirs).all()):  # checked once here, never on the decode path
                     raise ValueError(f"read-out directions at layer {layer} contain NaN or inf values")
                 self._readout_dirs[layer] = dirs
                 self._readout_index[layer] = i
-            k = len(readout.names)
-            self.buffer = torch.zeros(max_steps + 1, self.batch, len(readout.layers), k, device=self.device)
-            if self.device.type == "cuda":
-                # A fixed address lets CUDA graphs write into this buffer instead of refusing a mutated input.
-                torch._dynamo.mark_static_address(self.buffer)
+                if device not in self.buffers:
+                    self.buffers[device] = torch.zeros(max_steps + 1, self.batch, len(readout.layers),
+                                                       len(readout.names), device=device)
+        for tensor in self.static_tensors():
+            # A fixed, declared address: CUDA graphs read and write these in place (see the module docstring).
+            torch._dynamo.mark_static_address(tensor)
+        for device in devices:  # chosen and built now, not inside the first compiled step
+            if backend == "auto":
+                prepare_backend(device)
+            elif backend != "inline":  # an explicit backend is loaded now, or refused with its reason
+                resolve_backend(backend, torch.empty(0, self.layout.d_model, device=device))
         self._handles = HookHandles()
+
+    def static_tensors(self) -> list[Tensor]:
+        """Every tensor the installed hooks read or write, each allocated once before compiling."""
+        tensors = [t for plan in self.plans.plans.values() for t in plan_tensors(plan)]
+        tensors += [*self._prompt_lengths.values(), *self._batch_rows.values(), *self._readout_dirs.values(),
+                    *self.buffers.values()]
+        return list({id(t): t for t in tensors}.values())
+
+    @property
+    def buffer(self) -> Tensor | None:
+        """The read-out buffer ``[max_steps + 1, B, n_readout_layers, K]`` (on the model's first device; with
+        layers on several devices, each layer's slice gathered from its own device's buffer)."""
+        if not self.buffers:
+            return None
+        if len(self.buffers) == 1:
+            return next(iter(self.buffers.values()))
+        first = next(iter(self.buffers.values()))
+        out = torch.empty_like(first, device=self.device)
+        for layer, i in self._readout_index.items():
+            out[:, :, i].copy_(self.buffers[self.layer_devices[layer]][:, :, i])
+        return out
 
     def _row_edits(self, ops: list[SteerOp], row_coefs: Tensor | None) -> list[list[Edit]]:
         """Each batch row's edits: the ops, with that row's coefficient where ``row_coefs`` gives one."""
@@ -163,11 +205,13 @@ class CompiledSteering:
         return rows
 
     def _make_hook(self, layer: int):
-        state = self.plan.layers.get(layer)
-        plan = self.plan
+        # Everything the hook reads lives on its layer's device and was marked static in __init__.
+        device = self.layer_devices[layer]
+        plan = self.plans.plans[device]
+        state = plan.layers.get(layer)
         readout_dirs = self._readout_dirs.get(layer)
         readout_index = self._readout_index.get(layer, 0)
-        prompt_lengths, rows, buffer = self.prompt_lengths, self._rows, self.buffer
+        prompt_lengths, rows, buffer = self._prompt_lengths[device], self._batch_rows[device], self.buffers.get(device)
         max_steps, backend, batch = self.max_steps, self.backend, self.batch
 
         def hook(_module: nn.Module, _args: tuple, kwargs: dict, output: object):
@@ -239,9 +283,9 @@ class CompiledSteering:
                 "steerlib.steering.compiled.generate_batch / generate(compile=True), which do.",
                 RuntimeWarning, stacklevel=2,
             )
-        if self.buffer is not None:
-            self.buffer.zero_()
-        layers = sorted(set(self.plan.layers) | set(self._readout_dirs))
+        for buffer in self.buffers.values():
+            buffer.zero_()  # in place: the address a compiled graph recorded stays valid
+        layers = sorted(set(self.plans.layers) | set(self._readout_dirs))
         with self._handles.registering() as handles:
             for layer in layers:
                 block = self.layout.blocks[layer - 1]
@@ -308,4 +352,6 @@ def generate_batch(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
         model(input_ids=out.sequences[:, -1:], attention_mask=mask, position_ids=(mask.sum(1, keepdim=True) - 1),
               cache_position=torch.tensor([mask.shape[1] - 1], device=mask.device), use_cache=True,
               **{cache_keyword(model): out.past_key_values})
-    return new, cs.buffer[:n + 1].transpose(0, 1).float().cpu()
+    buffer = cs.buffer
+    assert buffer is not None
+    return new, buffer[:n + 1].transpose(0, 1).float().cpu()

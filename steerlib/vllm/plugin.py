@@ -7,8 +7,9 @@ loudly, instead of serving unsteered text):
 * ``InputProcessor.process_inputs`` (API process): parses a request's steering spec with the model's shape, so
   a bad spec is a 400 there and never reaches (and crashes) a worker, and salts the prefix cache with the
   steering (``cache_salt``), keeping any salt the client gave.
-* ``GPUModelRunner.load_model`` / ``CPUModelRunner.load_model`` (workers): hooks the decoder layers right after
-  the model loads, before vLLM compiles or warms it up.
+* ``GPUModelRunner.load_model`` / ``CPUModelRunner.load_model`` (workers): chooses and builds the steering kernel
+  (``steerlib.kernels.prepare_backend``, the same on every rank) and hooks the decoder layers right after the
+  model loads, before vLLM compiles or warms it up.
 * ``GPUModelRunner._model_forward`` (workers; the runner's documented override point): fills the step plan
   before the forward and checks afterwards that every steered layer ran.
 
@@ -79,9 +80,19 @@ def _load_model(original):
         from steerlib.vllm.worker import install
 
         out = original(self, *args, **kwargs)
+        _prepare_kernels(self)
         install(self)
         return out
     return load_model
+
+
+def _prepare_kernels(runner: Any) -> None:
+    """Choose and build the steering kernel now, before warm-up and capture, and check every rank chose the same."""
+    from vllm.distributed.parallel_state import get_world_group
+
+    from steerlib.kernels import prepare_backend
+
+    prepare_backend(runner.device, group=get_world_group().cpu_group)
 
 
 def _model_forward(original):
