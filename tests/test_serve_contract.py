@@ -75,6 +75,10 @@ def test_reply_stop_sequence_cuts_the_text_and_closes_like_length():
     assert no_readout.done and not no_readout.closing
     with pytest.raises(RuntimeError, match="no closing pass is pending"):
         no_readout.close([0.0])
+    short = _reply(max_tokens=5)
+    short.push(5, [1.0])
+    short.cut_short()  # the engine stopped first: the reply ends at length, with what it has
+    assert short.done and short.finish == "length" and short.summaries(["t"], None)["t"]["n_tokens"] == 0
     with pytest.raises(ValueError, match=r"unknown finish reason 'odd'; expected one of"):
         public_finish("odd")
 

@@ -145,6 +145,11 @@ class Reply:
         out, self.unsent = [*self.unsent, values], []
         return "", out
 
+    def cut_short(self) -> None:
+        """The engine ended the row first (e.g. its own length limit): the reply ends as it is, at ``length``
+        unless it had ended already, and without a closing read-out."""
+        self.finish, self.closing = self.finish or "length", False
+
     def cancel(self) -> None:
         """The client went away: the reply ends as it is."""
         self.finish, self.closing = "cancelled", False

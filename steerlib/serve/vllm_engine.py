@@ -286,9 +286,8 @@ class VllmEngine:
                 state.seen.extend(new)
                 if await self._take(row, state, new):
                     break
-            if state.reply.finish is None:  # vLLM ended the request first (e.g. its own length limit)
-                state.reply.finish = "length"
-            state.reply.closing = False
+            if not state.reply.done:  # vLLM ended the request first (e.g. its own length limit)
+                state.reply.cut_short()
             await self._llm.abort(row.request_id)
             self._complete(row, state)
         except asyncio.CancelledError:  # ``cancel``: wherever the row was waiting, vLLM must forget it
