@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
+pytest.register_assert_rewrite("service_cases")  # its asserts are the tests': report their values
 
 from service_cases import Served, ServiceCases, server_drift, server_options, server_vectors  # noqa: E402
 

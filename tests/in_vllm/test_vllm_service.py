@@ -6,11 +6,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from service_cases import READOUT_LAYER, Served, ServiceCases, server_drift, server_options, server_vectors
-from vllm_helpers import READOUT_LAYER as ENGINE_READOUT_LAYER
-from vllm_helpers import LentEngine
 
-from steerlib.serve import BackgroundServer, create_app
+pytest.register_assert_rewrite("service_cases")  # its asserts are the tests': report their values
+
+from service_cases import (  # noqa: E402
+    READOUT_LAYER,
+    Served,
+    ServiceCases,
+    server_drift,
+    server_options,
+    server_vectors,
+)
+from vllm_helpers import READOUT_LAYER as ENGINE_READOUT_LAYER  # noqa: E402
+from vllm_helpers import LentEngine  # noqa: E402
+
+from steerlib.serve import BackgroundServer, create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=["vllm"])
