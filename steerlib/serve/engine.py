@@ -460,7 +460,7 @@ class Engine:
 
     def _complete(self, r: _Row) -> None:
         reply = r.reply
-        finish = public_finish(reply.finish or "cancelled")
+        finish = public_finish(reply.finish)
         names = self.readout.names if self.readout is not None else []
         c = Completion(text=reply.text, completion_tokens=len(reply.tokens), prompt_tokens=len(r.prompt_ids),
                        finish_reason=finish, trait_projections=reply.summaries(names, self.monitor_layer),
