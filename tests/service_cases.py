@@ -10,6 +10,7 @@ same 400 (``code == "unsupported_steering"``), never answered differently or dro
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -157,6 +158,27 @@ class ServiceCases:
         assert stats["engine"] == served.engine and stats["finish_callback_errors"] == 0
         assert metric(after, "steerlib_engine_finish_callback_errors_total") == 0
         assert metric(after, "steerlib_engine_rows_completed_total") == stats["completed"]
+
+    def test_streamed_token_projections_pair_with_their_tokens(self, served: Served):
+        """Each streamed value is read at the position that produced its token (the first at the last prompt
+        token); a reply that did not end at EOS streams its last token's own value, from the closing pass, last."""
+        body = {"model": "smol", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": N_TOKENS,
+                "temperature": 0, "stream": True, "steering": STEERED}
+        with httpx.stream("POST", f"{served.url}/v1/chat/completions", json=body, timeout=300) as resp:
+            chunks = [json.loads(line[6:]) for line in resp.iter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+        values = [v for c in chunks for v in c.get("token_projections", {}).get("optimistic", [])]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        expected = served.reference(served.ops(STEERED))
+        assert text.strip() == expected.text
+        paired = expected.token_projections(layer=READOUT_LAYER).float().tolist()
+        if expected.token_ids and expected.token_ids[-1] in served.service.engine.eos_ids:
+            paired = paired[:-1]  # EOS is not streamed; its value (the last token's own) is in the summary
+        else:
+            paired.append(float(expected.closing[expected.layers.index(READOUT_LAYER), 0]))
+        assert values == pytest.approx(paired, abs=1e-3)
+        summary = chunks[-1]["trait_projections"]["optimistic"]
+        assert summary["mean"] == pytest.approx(expected.mean_projection(layer=READOUT_LAYER), abs=1e-3)
 
     def test_conversation_turns_follow_the_replies(self, served: Served):
         cid = f"conv-{served.engine}"
