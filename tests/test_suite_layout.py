@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-SHARED = {"helpers", "openai_stub"}  # modules written to be imported by tests (not test modules themselves)
+SHARED = {"helpers", "openai_stub", "service_cases"}  # modules written to be imported by tests (not test modules)
 
 
 def _imported_modules(path: Path) -> list[tuple[int, str]]:

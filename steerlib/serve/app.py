@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from importlib import resources
 from typing import Any
 
@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steerlib.core.vectors import TraitVectors
 from steerlib.monitoring.drift import DriftMonitor
+from steerlib.serve.contract import EngineFactory
 from steerlib.serve.guard import install_guards
 from steerlib.serve.ollama_routes import ollama_router
 from steerlib.serve.openai_routes import openai_router
@@ -38,11 +39,11 @@ __all__ = ["AppOptions", "Service", "create_app"]
 def create_app(model: torch.nn.Module, tokenizer: Any, vectors: Mapping[str, TraitVectors],
                options: AppOptions | None = None, drift: DriftMonitor | None = None,
                calibrations: Mapping[str, Calibration] | None = None,
-               engine_factory: Callable[..., Any] | None = None) -> FastAPI:
+               engine_factory: EngineFactory | None = None) -> FastAPI:
     """The FastAPI app; the engine starts and stops with its lifespan (``app.state.service`` holds it).
 
     ``calibrations`` (vector name -> ``Calibration``) enable ``cap_percentile`` in that vector's steering entries;
-    ``engine_factory`` builds another engine with ``Engine``'s surface (``steerlib.serve.vllm_engine``).
+    ``engine_factory`` builds another engine of the contract (``steerlib.serve.contract``; e.g. ``vllm_engine``).
     """
     options = options or AppOptions()
     service = Service(model, tokenizer, vectors, options, drift, calibrations, engine_factory)

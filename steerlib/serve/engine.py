@@ -49,62 +49,30 @@ from steerlib.core.arch import get_layout
 from steerlib.core.compat import cache_keyword
 from steerlib.core.hooks import HookHandles
 from steerlib.kernels import prepare_backend
-from steerlib.serve.detok import TextStream
+from steerlib.serve.contract import (
+    Completion,
+    EngineCapabilities,
+    EngineError,
+    EngineStopped,
+    FinishedRequest,
+    QueueFull,
+    RowFailed,
+    Sampling,
+    UnsupportedSteering,
+    public_finish,
+    summarize_projections,
+)
+from steerlib.serve.detok import Reply
 from steerlib.serve.kv_slots import SlotCache
 from steerlib.steering.devices import DevicePlans, layer_devices
 from steerlib.steering.plan import Edit
 from steerlib.steering.steer import TraitReadout
 
+# The contract's values and errors are re-exported: callers of earlier releases import them from here.
 __all__ = ["Completion", "Engine", "EngineError", "EngineStopped", "QueueFull", "RowFailed", "Sampling",
            "UnsupportedSteering", "summarize_projections"]
 
 log = logging.getLogger("steerlib.serve")
-
-
-class EngineError(Exception):
-    """Something the engine refused or could not do; the server maps each kind to its HTTP status."""
-
-
-class QueueFull(EngineError):
-    """More rows are queued than the engine accepts."""
-
-
-class EngineStopped(EngineError):
-    """The worker is not running, or is shutting down."""
-
-
-class UnsupportedSteering(EngineError):
-    """This engine cannot apply the row's steering (e.g. a condition on the vLLM engine); nothing was queued."""
-
-
-class RowFailed(EngineError):
-    """This row's generation failed (its sampling, decoding, or the step it was in)."""
-
-
-# Kept for callers of the previous release: a row's edits are now the plan's lowered ``Edit``s.
-@dataclass(frozen=True)
-class Sampling:
-    """Per-row decoding settings."""
-
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Completion:
-    """What a finished row hands back."""
-
-    text: str
-    completion_tokens: int
-    prompt_tokens: int
-    finish_reason: str
-    trait_projections: dict[str, dict[str, Any]]
-    steps: list[list[int]]  # [step id, batch size] per generated token
-    queue_ms: float
-    ttft_ms: float | None
 
 
 @dataclass
@@ -117,27 +85,29 @@ class _Row:
     sink: Callable[[tuple], None]
     steered: bool
     serial: int = -1  # set at admission; identifies the row for the step tables (ids of freed rows get reused)
+    request_id: str = ""
     meta_steering: list = field(default_factory=list)  # the request's steering as the client wrote it
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.monotonic)
     # -- worker state --
     pending: list[int] = field(default_factory=list)
     n_seen: int = 0
-    generated: list[int] = field(default_factory=list)
-    values: list[list[float]] = field(default_factory=list)  # per emitted token: K projections
+    reply: Reply | None = None  # tokens, text, finish, read-out (set at admission)
     latched: set[int] = field(default_factory=set)  # indices into edits whose latching gate has opened
     steps: list[list[int]] = field(default_factory=list)
-    text: TextStream | None = None
-    unsent_values: list[list[float]] = field(default_factory=list)
     generator: torch.Generator | None = None
     started: float | None = None
     first_token: float | None = None
-    finish: str | None = None
-    closing: bool = False  # finished; fed its last token once more for that token's read-out
+
+    @property
+    def generated(self) -> list[int]:
+        return self.reply.tokens if self.reply is not None else []
 
 
 class Engine:
     """Owns the model; knows nothing about HTTP, only runs rows. Use ``start()``/``stop()``.
+
+    Implements ``steerlib.serve.contract.ServingEngine``.
 
     Args:
         model, tokenizer: a loaded causal LM; the tokenizer is only used to decode on the worker.
@@ -192,8 +162,9 @@ class Engine:
         self._stats: dict[str, Any] = {"requests": 0, "completed": 0, "failed": 0, "cancelled": 0, "steps": 0,
                                        "rows_stepped": 0, "max_batch_seen": 0, "prefill_tokens": 0,
                                        "generated_tokens": 0, "mixed_steps": 0, "steered_row_steps": 0,
-                                       "step_seconds": 0.0}
-        self.on_finish: Callable[[_Row, Completion], None] | None = None
+                                       "step_seconds": 0.0, "finish_callback_errors": 0}
+        self.on_finish: Callable[[FinishedRequest], None] | None = None
+        self.capabilities = EngineCapabilities(name="hf", batch_steps=True)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -252,12 +223,18 @@ class Engine:
         row = _Row(prompt_ids=list(prompt_ids), edits=list(edits), sampling=sampling, sink=sink, steered=steered)
         with self._stats_lock:
             self._stats["requests"] += 1
+            row.request_id = f"hf-{self._stats['requests']}"
         self._incoming.put(row)
         return row
+
+    def cancel(self, row: _Row) -> None:
+        """End ``row``: it leaves the batch at the next step boundary (queued, it never starts)."""
+        row.cancelled.set()
 
     def stats(self) -> dict[str, Any]:
         with self._stats_lock:
             s = dict(self._stats)
+        s["engine"] = self.capabilities.name
         s["mean_batch_size"] = s["rows_stepped"] / s["steps"] if s["steps"] else None
         s["mean_step_ms"] = round(1000 * s["step_seconds"] / s["steps"], 2) if s["steps"] else None
         s["queue_depth"] = self.queue_depth()
@@ -319,13 +296,14 @@ class Engine:
         fresh = []
         for row in new:
             row.started = now
+            row.reply = Reply(self.tokenizer, row.sampling, len(row.prompt_ids), self.eos_ids,
+                              readout=self.readout is not None)
             if row.cancelled.is_set():  # its client left while it queued: it still gets its one ending
-                row.finish = "cancelled"
+                row.reply.cancel()
                 self._complete(row)
                 continue
             row.pending = list(row.prompt_ids)
             row.serial = next(self._row_serials)
-            row.text = TextStream(self.tokenizer, row.sampling.stop)
             if row.sampling.temperature > 0:
                 row.generator = torch.Generator(device=self.device)
                 if row.sampling.seed is not None:
@@ -421,24 +399,24 @@ class Engine:
             st["max_batch_seen"] = max(st["max_batch_seen"], b)
             st["prefill_tokens"] += sum(n for n, p in zip(lengths, prefill, strict=True) if p)
             st["generated_tokens"] += sum(1 for r, n in zip(rows, lengths, strict=True)
-                                          if len(r.pending) == n and not r.closing)
+                                          if len(r.pending) == n and not r.reply.closing)
             st["mixed_steps"] += int(any(prefill) and not all(prefill))
             st["steered_row_steps"] += sum(1 for r in rows if r.edits)
 
         # Whole input fed: sample (a closing row only wanted its read-out).
-        ready = [len(r.pending) == lengths[i] and not r.closing for i, r in enumerate(rows)]
+        ready = [len(r.pending) == lengths[i] and not r.reply.closing for i, r in enumerate(rows)]
         now = time.monotonic()
         keep = []
         for i, r in enumerate(rows):
             r.n_seen += lengths[i]
-            if r.closing:
-                r.values.append(proj[i])
+            if r.reply.closing:
+                self._send(r, r.reply.close(proj[i]), step_id, b)
                 self._complete(r)
                 continue
             if not ready[i]:  # mid-prompt: nothing to sample yet
                 r.pending = r.pending[lengths[i]:]
                 if r.cancelled.is_set():
-                    r.finish = "cancelled"
+                    r.reply.cancel()
                     self._complete(r)
                 else:
                     keep.append(i)
@@ -446,21 +424,17 @@ class Engine:
             try:  # a row whose sampling or decoding fails fails alone
                 token = self._sample(r, logits[i])
                 r.pending = [token]
-                r.generated.append(token)
                 r.steps.append([step_id, b])
                 if r.first_token is None:
                     r.first_token = now
-                self._emit(r, token, proj[i] if proj is not None else None, step_id, b)
+                self._send(r, r.reply.push(token, proj[i] if proj is not None else None), step_id, b)
             except Exception as exc:
                 log.exception("row %d failed", r.serial)
                 self._fail(r, RowFailed(f"generation failed: {type(exc).__name__}: {exc}"))
                 continue
-            if r.finish is None and r.cancelled.is_set():
-                r.finish = "cancelled"
-            if r.finish is None:
-                keep.append(i)
-            elif r.finish in ("length", "stop_sequence") and proj is not None:
-                r.closing = True  # one more step feeds its last token, for that token's read-out
+            if r.reply.finish is None and r.cancelled.is_set():
+                r.reply.cancel()
+            if not r.reply.done:  # still generating, or one more step feeds its last token for its read-out
                 keep.append(i)
             else:
                 self._complete(r)
@@ -486,45 +460,29 @@ class Engine:
             raise ValueError(f"sampling probabilities are not finite at temperature {sp.temperature:g}")
         return int(torch.multinomial(probs.float(), 1, generator=r.generator))
 
-    def _emit(self, r: _Row, token: int, values: list[float] | None, step_id: int, size: int) -> None:
-        """Decide finish conditions and send the text that is final so far."""
-        sp = r.sampling
-        is_eos = token in self.eos_ids
-        if values is not None:
-            # Kept for the EOS token too: it was read at the last response token, which the mean needs.
-            r.values.append(values)
-            if not is_eos:
-                r.unsent_values.append(values)
-        final = is_eos or len(r.generated) >= sp.max_tokens
-        delta, stopped = r.text.push(r.generated[:-1] if is_eos else r.generated, final)
-        r.finish = "stop" if is_eos else ("stop_sequence" if stopped else ("length" if final else None))
-        if delta or (r.finish is not None and r.unsent_values):
-            r.sink(("token", delta, r.unsent_values, [step_id, size]))
-            r.unsent_values = []
+    @staticmethod
+    def _send(r: _Row, event: tuple[str, list[list[float]]] | None, step_id: int, size: int) -> None:
+        if event is not None:
+            r.sink(("token", event[0], event[1], [step_id, size]))
 
     def _complete(self, r: _Row) -> None:
+        reply = r.reply
+        finish = public_finish(reply.finish)
         names = self.readout.names if self.readout is not None else []
-        proj = {name: summarize_projections([v[k] for v in r.values], self.monitor_layer) for k, name in enumerate(names)}
-        finish = {"stop_sequence": "stop"}.get(r.finish, r.finish)
-        c = Completion(text=r.text.text if r.text is not None else "", completion_tokens=len(r.generated),
-                       prompt_tokens=len(r.prompt_ids), finish_reason=finish, trait_projections=proj,
+        c = Completion(text=reply.text, completion_tokens=len(reply.tokens), prompt_tokens=len(r.prompt_ids),
+                       finish_reason=finish, trait_projections=reply.summaries(names, self.monitor_layer),
                        steps=r.steps, queue_ms=round(((r.started or r.enqueued) - r.enqueued) * 1000, 2),
                        ttft_ms=round((r.first_token - r.enqueued) * 1000, 2) if r.first_token else None)
         with self._stats_lock:
             self._stats["cancelled" if finish == "cancelled" else "completed"] += 1
         if finish != "cancelled" and self.on_finish is not None:
+            done = FinishedRequest.build(request_id=r.request_id, prompt_ids=r.prompt_ids, token_ids=reply.tokens,
+                                         readout=reply.readout_pairs(), edits=r.edits, steered=r.steered,
+                                         steering=r.meta_steering, completion=c)
             try:
-                self.on_finish(r, c)
-            except Exception:  # monitoring must never fail a request
-                log.exception("on_finish callback failed")
+                self.on_finish(done)
+            except Exception:  # monitoring must never fail a request, nor fail unseen
+                log.exception("on_finish callback failed for %s", r.request_id)
+                with self._stats_lock:
+                    self._stats["finish_callback_errors"] += 1
         r.sink(("done", c))
-
-
-def summarize_projections(values: list[float], layer: int | None) -> dict[str, Any]:
-    """One trait's summary of a response (every engine reports it so): ``mean`` and ``max`` over the response tokens' own read-outs, ``prompt_last`` at the
-    last prompt token. ``values[0]`` is read at the last prompt token and ``values[j]`` (j >= 1) at response token
-    ``j - 1`` (the engine's closing step supplies the last one)."""
-    response = values[1:]
-    return {"mean": sum(response) / len(response) if response else None,
-            "max": max(response) if response else None,
-            "prompt_last": values[0] if values else None, "layer": layer, "n_tokens": len(response)}

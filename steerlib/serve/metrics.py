@@ -57,6 +57,8 @@ ENGINE_COUNTERS: dict[str, tuple[str, str]] = {
     "mixed_steps": ("steerlib_engine_mixed_steps", "Steps that mixed steered and unsteered rows"),
     "steered_row_steps": ("steerlib_engine_steered_row_steps", "Row-steps that carried a steering edit"),
     "step_seconds": ("steerlib_engine_step_seconds", "Seconds spent in forward steps"),
+    "finish_callback_errors": ("steerlib_engine_finish_callback_errors",
+                               "Finished rows whose monitoring callback (drift, metrics) raised"),
 }
 ENGINE_GAUGES: dict[str, tuple[str, str]] = {
     "queue_depth": ("steerlib_engine_queue_depth", "Rows waiting for a batch slot"),

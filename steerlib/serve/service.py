@@ -11,7 +11,7 @@ import copy
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,9 @@ from steerlib.core.serialize import to_jsonable
 from steerlib.core.vectors import TraitVectors
 from steerlib.core.version import __version__
 from steerlib.monitoring.drift import Alert, DriftMonitor
+from steerlib.serve.contract import Completion, EngineFactory, FinishedRequest, ServingEngine
 from steerlib.serve.conversations import ConversationLog, turn_bucket
-from steerlib.serve.engine import Completion, Engine
+from steerlib.serve.engine import Engine
 from steerlib.serve.metrics import ServerMetrics, edits_label
 from steerlib.serve.registry import VectorRegistry
 from steerlib.serve.schema import ApiError, SteeringSpec
@@ -122,7 +123,7 @@ class Service:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, vectors: Mapping[str, TraitVectors],
                  options: AppOptions, drift: DriftMonitor | None = None,
                  calibrations: Mapping[str, Calibration] | None = None,
-                 engine_factory: Callable[..., Any] | None = None):
+                 engine_factory: EngineFactory | None = None):
         self.model = model
         self.options = options
         self.registry = VectorRegistry(model, vectors, options.vector_dirs, calibrations)
@@ -140,9 +141,9 @@ class Service:
         self._encoder = copy.deepcopy(tokenizer)
         self._encode_lock = threading.Lock()
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
-        # engine_factory: another engine with Engine's surface (steerlib.serve.vllm_engine); default the HF one.
-        make = engine_factory or (lambda **kw: Engine(model, tokenizer, **kw))
-        self.engine = make(readout=self.readout, max_batch=options.max_batch, max_queue=options.max_queue,
+        # engine_factory: another engine of the contract (steerlib.serve.vllm_engine); default the HF one.
+        make: EngineFactory = engine_factory or (lambda **kw: Engine(model, tokenizer, **kw))
+        self.engine: ServingEngine = make(readout=self.readout, max_batch=options.max_batch, max_queue=options.max_queue,
                            eos_ids=eos_ids(model, tokenizer))
         self.conversations = ConversationLog(options.conversations, options.conversation_turns)
         self.metrics = ServerMetrics(
@@ -270,24 +271,24 @@ class Service:
         return n
 
     # -- drift --------------------------------------------------------------------------------------------
-    def _finished(self, row: Any, completion: Completion) -> None:
-        """The engine's completion callback (worker thread, once per finished reply): drift, then metrics."""
-        steering = edits_label(row.edits)
-        alerts = self._feed_drift(row, completion)
+    def _finished(self, done: FinishedRequest) -> None:
+        """The engine's completion callback (engine thread, once per finished reply): drift, then metrics."""
+        alerts = self._feed_drift(done)
         if self.metrics is not None:
-            self.metrics.observe_response(completion.trait_projections, steering, completion.finish_reason)
+            self.metrics.observe_response(done.trait_projections, edits_label(done.edits), done.finish_reason)
             self.metrics.count_alerts([a.trait for a in alerts])
 
-    def _feed_drift(self, row: Any, completion: Completion) -> list[Alert]:
+    def _feed_drift(self, done: FinishedRequest) -> list[Alert]:
         if self.drift is None:
             return []
-        scores = {t: p["mean"] for t, p in completion.trait_projections.items() if p.get("mean") is not None}
-        if len(scores) < len(completion.trait_projections) or not scores:
+        projections = done.trait_projections
+        scores = {t: p["mean"] for t, p in projections.items() if p.get("mean") is not None}
+        if len(scores) < len(projections) or not scores:
             return []  # an empty reply has no projection; the monitor needs a value for every trait
         with self._drift_lock:
-            if row.steered and not self.drift.calibrated and not self.options.drift_include_steered:
+            if done.steered and not self.drift.calibrated and not self.options.drift_include_steered:
                 return []  # steered traffic must not become the baseline it is judged against
-            meta = {"steering": row.meta_steering, "text": completion.text[:200]}
+            meta = {"steering": [dict(s) for s in done.steering], "text": done.text[:200]}
             return self.drift.update(scores, timestamp=time.time(), meta=meta)
 
     def drift_state(self) -> dict[str, Any] | None:

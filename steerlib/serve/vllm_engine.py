@@ -1,8 +1,8 @@
-"""The serving engine on vLLM: the surface of ``steerlib.serve.engine.Engine`` over vLLM's ``AsyncLLM``.
+"""The serving engine on vLLM: ``steerlib.serve.contract.ServingEngine`` over vLLM's ``AsyncLLM``.
 
 ``steerlib serve --engine vllm`` builds this instead of the Hugging Face engine; the routes, the steering
-request field, the vector registry, the drift monitor and auth are unchanged (they only use ``submit``,
-``stats``, ``start``/``stop``, ``hold``, ``queue_depth``, ``active_rows``, ``monitor_layer`` and ``on_finish``).
+request field, the vector registry, the drift monitor, metrics and auth are unchanged (they use only the
+contract, and ``on_finish`` gets the same ``FinishedRequest`` from both engines).
 
 * A row's edits (already validated and lowered by the service) travel to vLLM's workers as a JSON spec in
   ``SamplingParams.extra_args["steerlib"]`` and salt the prefix cache (``steerlib.vllm``); steerlib's vLLM plugin
@@ -12,10 +12,10 @@ request field, the vector registry, the drift monitor and auth are unchanged (th
   outputs for every row that got tokens in it, not one per row.
 * AsyncLLM runs on an event loop in a thread of its own; ``sink`` is called from that thread, as the HF
   engine calls it from its worker thread.
-* Text and read-out mean what they mean on the HF engine: steerlib detokenises (``TextStream``, stop sequences
-  included) and a response's projections are its tokens' own (``values[0]`` at the last prompt token, then one
-  per response token). The last token's own read-out needs one more forward pass, so a row asks vLLM for one
-  token more than ``max_tokens`` (or, after a stop sequence, waits for the next token) and drops that token.
+* Text, finish reasons and read-out pairing are decided by the same ``detok.Reply`` as on the HF engine
+  (steerlib detokenises, stop sequences included). The last token's own read-out needs one more forward pass,
+  so a row asks vLLM for one token more than ``max_tokens`` (or, after a stop sequence, waits for the next
+  token) and drops that token.
 """
 
 from __future__ import annotations
@@ -27,19 +27,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from steerlib.serve.detok import TextStream
-from steerlib.serve.engine import (
+from steerlib.serve.contract import (
     Completion,
+    EngineCapabilities,
     EngineStopped,
+    FinishedRequest,
     QueueFull,
     RowFailed,
     Sampling,
     UnsupportedSteering,
-    summarize_projections,
+    public_finish,
 )
+from steerlib.serve.detok import Reply
 from steerlib.steering.plan import Edit
 from steerlib.steering.steer import TraitReadout
 from steerlib.vllm.spec import SPEC_KEY, UnsupportedOnVllm, cache_salt, encode_rows
@@ -67,13 +70,9 @@ def engine_args(model_path: str, *, max_batch: int = 16, max_model_len: int | No
 class _RowState:
     """A running row's progress (the engine's event loop only)."""
 
-    text: TextStream
-    seen: list[int] = field(default_factory=list)  # every token vLLM returned
-    tokens: list[int] = field(default_factory=list)  # the reply's tokens (EOS included, the closing one not)
-    values: list[list[float]] = field(default_factory=list)
-    unsent: list[list[float]] = field(default_factory=list)
+    reply: Reply
+    seen: list[int] = field(default_factory=list)  # every token vLLM returned (the closing one included)
     stored: dict[int, list[float]] = field(default_factory=dict)  # fetched read-outs by position, not yet used
-    finish: str | None = None
     first_token: float | None = None
 
 
@@ -82,6 +81,7 @@ class _Row:
     """One generation (one choice of one request); the app reads ``steered``, ``meta_steering``, ``cancelled``."""
 
     prompt_ids: list[int]
+    edits: tuple[Edit, ...]
     spec: str | None
     sampling: Sampling
     sink: Callable[[tuple], None]
@@ -92,6 +92,7 @@ class _Row:
     enqueued: float = field(default_factory=time.monotonic)
     started: bool = False
     token_ids: list[int] = field(default_factory=list)  # generated so far (EOS included, as vLLM reports)
+    task: Future | None = None  # the row's coroutine on the engine's loop (``cancel`` cancels it)
 
 
 class VllmEngine:
@@ -118,7 +119,8 @@ class VllmEngine:
         self.max_queue = max_queue
         self.eos_ids = set(eos_ids or ())
         self.dtype = args.get("dtype", "auto")
-        self.on_finish: Callable[[_Row, Completion], None] | None = None
+        self.on_finish: Callable[[FinishedRequest], None] | None = None
+        self.capabilities = EngineCapabilities(name="vllm", batch_steps=False)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._llm: Any = None
@@ -132,7 +134,7 @@ class VllmEngine:
         self._readout_wakeup: asyncio.Event | None = None
         self._stats: dict[str, Any] = {"requests": 0, "completed": 0, "failed": 0, "cancelled": 0,
                                        "prefill_tokens": 0, "generated_tokens": 0, "steered_rows": 0,
-                                       "readout_calls": 0}
+                                       "readout_calls": 0, "finish_callback_errors": 0}
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self, timeout: float = 1800.0) -> None:
@@ -215,7 +217,8 @@ class VllmEngine:
         with self._lock:
             s = dict(self._stats)
         s.update(queue_depth=self.queue_depth(), active_rows=self.active_rows(), worker_alive=self.alive,
-                 max_batch=self.max_batch, engine="vllm", steps=None, mean_batch_size=None, mean_step_ms=None)
+                 max_batch=self.max_batch, engine=self.capabilities.name, steps=None, mean_batch_size=None,
+                 mean_step_ms=None)
         return s
 
     # -- rows ---------------------------------------------------------------------------------------------
@@ -234,12 +237,20 @@ class VllmEngine:
             spec = encode_rows(edits, readout=self.readout is not None) if (edits or self.readout) else None
         except UnsupportedOnVllm as exc:
             raise UnsupportedSteering(str(exc)) from None
-        row = _Row(prompt_ids=list(prompt_ids), spec=spec, sampling=sampling, sink=sink, steered=steered)
+        row = _Row(prompt_ids=list(prompt_ids), edits=tuple(edits), spec=spec, sampling=sampling, sink=sink,
+                   steered=steered)
         row.request_id = f"steerlib-{next(self._ids)}"
         with self._lock:
             self._rows[row.request_id] = row
-        asyncio.run_coroutine_threadsafe(self._run(row), self._loop)
+        row.task = asyncio.run_coroutine_threadsafe(self._run(row), self._loop)
         return row
+
+    def cancel(self, row: _Row) -> None:
+        """End ``row`` now: its coroutine is cancelled on the engine's loop, which makes vLLM abort the request
+        (``AsyncLLM.generate`` aborts on cancellation) without waiting for its next output."""
+        row.cancelled.set()
+        if row.task is not None:
+            row.task.cancel()
 
     def _params(self, row: _Row) -> Any:
         from vllm import SamplingParams
@@ -262,7 +273,9 @@ class VllmEngine:
             salt = cache_salt(row.spec)
             if salt:
                 prompt["cache_salt"] = salt
-            state = _RowState(TextStream(self.tokenizer, row.sampling.stop))
+            eos = set() if self.ignore_eos else self.eos_ids
+            state = _RowState(Reply(self.tokenizer, row.sampling, len(row.prompt_ids), eos,
+                                    readout=self.readout is not None))
             async for out in self._llm.generate(prompt, self._params(row), row.request_id):
                 row.started = True
                 if row.cancelled.is_set():
@@ -273,10 +286,14 @@ class VllmEngine:
                 state.seen.extend(new)
                 if await self._take(row, state, new):
                     break
-            if state.finish is None:  # vLLM ended the request first (e.g. its own length limit)
-                state.finish = "length"
+            if not state.reply.done:  # vLLM ended the request first (e.g. its own length limit)
+                state.reply.cut_short()
             await self._llm.abort(row.request_id)
             self._complete(row, state)
+        except asyncio.CancelledError:  # ``cancel``: wherever the row was waiting, vLLM must forget it
+            with contextlib.suppress(Exception):
+                await self._llm.abort(row.request_id)
+            self._finish_cancelled(row)
         except Exception as exc:  # one row's failure must not take the loop down
             log.exception("vLLM row %s failed", row.request_id)
             with self._lock:
@@ -286,41 +303,31 @@ class VllmEngine:
 
     async def _take(self, row: _Row, state: _RowState, new: list[int]) -> bool:
         """Account for newly generated tokens; True when the row is complete (its read-out included)."""
+        reply = state.reply
         values = await self._values(row, state, len(state.seen) - len(new), len(new)) if self.readout else None
         for j, token in enumerate(new):
-            if state.finish is not None:  # the closing token: only its forward pass's read-out is used
-                if values is not None:
-                    state.values.append(values[j])
-                    state.unsent.append(values[j])
-                if state.unsent:
-                    row.sink(("token", "", state.unsent, [0, 0]))
-                    state.unsent = []
+            value = values[j] if values is not None else None
+            if reply.closing:  # the closing token: only its forward pass's read-out is used
+                self._send(row, reply.close(value))
                 return True
-            is_eos = token in self.eos_ids and not self.ignore_eos
-            state.tokens.append(token)
-            row.token_ids = list(state.tokens)
             if state.first_token is None:
                 state.first_token = time.monotonic()
-            if values is not None:
-                state.values.append(values[j])  # the EOS token's value too: read at the last response token
-                if not is_eos:
-                    state.unsent.append(values[j])
-            final = is_eos or len(state.tokens) >= row.sampling.max_tokens
-            delta, stopped = state.text.push(state.tokens[:-1] if is_eos else state.tokens, final)
-            state.finish = "stop" if is_eos or stopped else ("length" if final else None)
-            if delta or (state.finish is not None and state.unsent):
-                row.sink(("token", delta, state.unsent, [0, 0]))
-                state.unsent = []
-            if state.finish is not None and (is_eos or self.readout is None):
-                return True  # nothing more to read (EOS's value is the last response token's)
+            self._send(row, reply.push(token, value))
+            row.token_ids = list(reply.tokens)
+            if reply.done:
+                return True
         return False
 
+    @staticmethod
+    def _send(row: _Row, event: tuple[str, list[list[float]]] | None) -> None:
+        if event is not None:
+            row.sink(("token", event[0], event[1], [0, 0]))
+
     async def _values(self, row: _Row, state: _RowState, done: int, count: int) -> list[list[float]]:
-        """Read-out values of the forward passes that produced tokens ``done .. done + count - 1``: token ``i``
-        (0-based) was produced at position ``prompt_len - 1 + i``. A fetch may also bring positions of steps that
-        ran since (vLLM schedules ahead); they wait in ``state.stored`` for their tokens."""
-        first = len(row.prompt_ids) - 1
-        wanted = [first + i for i in range(done, done + count)]
+        """Read-out values of the forward passes that produced tokens ``done .. done + count - 1`` (token ``i`` at
+        ``Reply.position(i)``). A fetch may also bring positions of steps that ran since (vLLM schedules
+        ahead); they wait in ``state.stored`` for their tokens."""
+        wanted = [state.reply.position(i) for i in range(done, done + count)]
         if any(pos not in state.stored for pos in wanted):
             fut = asyncio.get_running_loop().create_future()
             self._pending_readout[row.request_id] = fut
@@ -363,21 +370,27 @@ class VllmEngine:
                                      queue_ms=0.0, ttft_ms=None)))
 
     def _complete(self, row: _Row, state: _RowState) -> None:
+        reply = state.reply
         names = self.readout.names if self.readout is not None else []
-        proj = {name: summarize_projections([v[k] for v in state.values], self.monitor_layer) for k, name in enumerate(names)}
         first = state.first_token
-        c = Completion(text=state.text.text, completion_tokens=len(state.tokens), prompt_tokens=len(row.prompt_ids),
-                       finish_reason=state.finish or "stop", trait_projections=proj, steps=[[0, 0]] * len(state.tokens),
-                       queue_ms=0.0, ttft_ms=round((first - row.enqueued) * 1000, 2) if first else None)
+        c = Completion(text=reply.text, completion_tokens=len(reply.tokens), prompt_tokens=len(row.prompt_ids),
+                       finish_reason=public_finish(reply.finish), trait_projections=reply.summaries(names,
+                                                                                                self.monitor_layer),
+                       steps=[[0, 0]] * len(reply.tokens), queue_ms=0.0,
+                       ttft_ms=round((first - row.enqueued) * 1000, 2) if first else None)
         with self._lock:
             self._rows.pop(row.request_id, None)
             self._stats["completed"] += 1
             self._stats["prefill_tokens"] += len(row.prompt_ids)
-            self._stats["generated_tokens"] += len(state.tokens)
+            self._stats["generated_tokens"] += len(reply.tokens)
         if self.on_finish is not None:
+            done = FinishedRequest.build(request_id=row.request_id, prompt_ids=row.prompt_ids,
+                                         token_ids=reply.tokens, readout=reply.readout_pairs(), edits=row.edits,
+                                         steered=row.steered, steering=row.meta_steering, completion=c)
             try:
-                self.on_finish(row, c)
-            except Exception:  # monitoring must never fail a request
-                log.exception("on_finish callback failed")
+                self.on_finish(done)
+            except Exception:  # monitoring must never fail a request, nor fail unseen
+                log.exception("on_finish callback failed for %s", row.request_id)
+                with self._lock:
+                    self._stats["finish_callback_errors"] += 1
         row.sink(("done", c))
-

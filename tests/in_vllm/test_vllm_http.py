@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 from test_vllm_steering import streamed_readout
-from vllm_helpers import READOUT_LAYER
+from vllm_helpers import READOUT_LAYER, LentEngine
 
 from steerlib.core.chat import format_messages
 from steerlib.steering.generation import generate
@@ -24,22 +24,6 @@ MAX_TOKENS = 12
 STEERING = [{"vector": "optimistic", "layer": 10, "coef": 6.0}, {"vector": "optimistic", "layer": 16,
                                                                    "mode": "cap", "cap_max": 0.0,
                                                                    "positions": "response"}]
-
-
-class _Shared:
-    """The session's engine lent to an app: the app's shutdown must not stop it."""
-
-    def __init__(self, engine):
-        object.__setattr__(self, "_engine", engine)
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def __setattr__(self, name, value):
-        setattr(self._engine, name, value)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        self._engine.on_finish = None
 
 
 def _hf_answer(embedded, tv, readout=None):
@@ -57,7 +41,7 @@ def test_steerlib_serve_on_vllm(vllm_engine, embedded, optimism_vectors, readout
     model, tok = embedded
     options = AppOptions(model_name="smol", monitor_layer=READOUT_LAYER, api_key="k")
     app = create_app(model, tok, {"optimistic": optimism_vectors}, options,
-                     engine_factory=lambda **kw: _Shared(vllm_engine))
+                     engine_factory=lambda **kw: LentEngine(vllm_engine))
     with BackgroundServer(app) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
         kw = dict(model="smol", messages=[{"role": "user", "content": PROMPT}], max_tokens=MAX_TOKENS,

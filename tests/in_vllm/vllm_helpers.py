@@ -43,3 +43,19 @@ def run_rows(engine, rows, max_tokens: int = 10, timeout: float = 300.0):
         assert got.done.wait(timeout), "a row did not finish"
         assert got.error is None, got.error
     return out
+
+
+class LentEngine:
+    """The session's engine lent to an app: the app's shutdown must not stop it (it only unhooks the app)."""
+
+    def __init__(self, engine):
+        object.__setattr__(self, "_engine", engine)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._engine, name, value)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._engine.on_finish = None
