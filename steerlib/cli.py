@@ -267,6 +267,17 @@ def _layer_coefs(items: list[str]) -> list[tuple[int, float]]:
     return out
 
 
+def _vllm_args(items: list[str], **given: object) -> dict[str, object]:
+    """vLLM engine arguments the user gave: the named flags set, then ``--vllm-arg NAME=VALUE`` items."""
+    from steerlib.vllm.layout import parse_engine_arg
+
+    out = {name: value for name, value in given.items() if value is not None}
+    for item in items:
+        name, value = parse_engine_arg(item)
+        out[name] = value
+    return out
+
+
 @app.command()
 def serve(
     vector: Annotated[list[str], typer.Option(help="trait vectors, name=path or path (repeatable)")],
@@ -316,8 +327,21 @@ def serve(
     model: ModelOpt = None,
     engine: Annotated[str, typer.Option(help="hf (steerlib's engine) or vllm (vLLM with steerlib's plugin; "
                                              "needs the vLLM environment, make vllm-env)")] = "hf",
-    vllm_eager: Annotated[bool, typer.Option(help="vLLM without torch.compile (starts faster)")] = False,
+    tensor_parallel_size: Annotated[int | None, typer.Option(help="vLLM: tensor-parallel workers")] = None,
+    pipeline_parallel_size: Annotated[int | None, typer.Option(help="vLLM: pipeline stages")] = None,
+    data_parallel_size: Annotated[int | None, typer.Option(help="vLLM: engine replicas (steering refuses > 1)")] = None,
+    max_num_seqs: Annotated[int | None, typer.Option(help="vLLM: requests per step (default: --max-batch)")] = None,
+    max_num_batched_tokens: Annotated[int | None, typer.Option(help="vLLM: tokens per step")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="vLLM's context limit (default: the model's)")] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(
+        help="vLLM's memory fraction (on vLLM's CPU build: of the machine's memory)")] = None,
+    enforce_eager: Annotated[bool, typer.Option(
+        "--enforce-eager", "--vllm-eager", help="vLLM without torch.compile / CUDA graphs (starts faster)")] = False,
+    enable_prefix_caching: Annotated[bool | None, typer.Option(
+        "--enable-prefix-caching/--no-enable-prefix-caching", help="vLLM's prefix cache (default: on)")] = None,
+    vllm_arg: Annotated[list[str] | None, typer.Option(
+        "--vllm-arg", help="any other vLLM engine argument, NAME=VALUE (VALUE as JSON when it parses; "
+                           "repeatable)")] = None,
 ) -> None:
     """OpenAI- and Ollama-compatible chat server: continuous batching with per-request steering, per-token
     trait projections and drift alerts."""
@@ -349,7 +373,14 @@ def serve(
                            app=app_options, port=port, drift_window=drift_window, drift_method=drift_method,
                            drift_threshold=drift_threshold, drift_reference_size=drift_reference_size,
                            alerts_path=alerts_path, dtype=dtype, engine=engine,
-                           vllm_args={"enforce_eager": vllm_eager, **({"max_model_len": max_model_len} if max_model_len else {})})
+                           vllm_args=_vllm_args(vllm_arg or [], tensor_parallel_size=tensor_parallel_size,
+                                                pipeline_parallel_size=pipeline_parallel_size,
+                                                data_parallel_size=data_parallel_size, max_num_seqs=max_num_seqs,
+                                                max_num_batched_tokens=max_num_batched_tokens,
+                                                max_model_len=max_model_len,
+                                                gpu_memory_utilization=gpu_memory_utilization,
+                                                enforce_eager=enforce_eager or None,
+                                                enable_prefix_caching=enable_prefix_caching))
     options.check()
     run_server(options)
 
