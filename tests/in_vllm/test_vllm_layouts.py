@@ -25,7 +25,8 @@ READOUT_AT = 20  # on the second stage under pipeline parallel 2 (stages hold la
 N_TOKENS = 8
 QUESTIONS = ["How do you feel about the future of your town?", "What will the next ten years bring?"]
 SYSTEM = ("You are a helpful assistant for a small town library. You answer questions about opening hours, "
-          "book loans, events for children and the reading club in a friendly way. Keep every answer short.")
+          "book loans, events for children, the reading club and the history of the town in a friendly way. "
+          "Keep every answer short, warm and clear, and suggest a book from the shelves whenever it fits.")
 # name -> vLLM engine arguments beside the shared ones; "tp1" is the reference.
 LAYOUTS = {
     "tp1": {"enforce_eager": True},
