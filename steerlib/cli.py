@@ -62,6 +62,9 @@ def extract(
     backend: Annotated[str, typer.Option(help="torch | transformer_lens | nnsight")] = "torch",
     engine: Annotated[str, typer.Option(help="hf | vllm: what generates the contrastive responses (activations "
                                              "are captured on the HF model either way)")] = "hf",
+    vllm_arg: Annotated[list[str] | None, typer.Option(
+        "--vllm-arg", help="with --engine vllm: a vLLM engine argument, NAME=VALUE (e.g. tensor_parallel_size=3; "
+                           "repeatable)")] = None,
 ) -> None:
     """Generate contrastive responses, judge, filter, and extract per-layer trait vectors (resumable)."""
     from steerlib.extraction.extract import ExtractionConfig
@@ -71,7 +74,8 @@ def extract(
                            pos_threshold=pos_threshold, neg_threshold=neg_threshold,
                            coherence_threshold=coherence_threshold, max_pairs=max_pairs,
                            max_questions=max_questions, batch_size=batch_size, backend=backend)
-    result = extract_file(trait, out, model_path=model, judge=judge, config=cfg, engine=engine)
+    result = extract_file(trait, out, model_path=model, judge=judge, config=cfg, engine=engine,
+                          vllm_args=_vllm_args(vllm_arg or []))
     typer.echo(result.sweep.table())
 
 
@@ -162,6 +166,9 @@ def flag(
     model: ModelOpt = None,
     negate: Annotated[bool, typer.Option("--negate", help="rank by the opposite pole (most negative first)")] = False,
     engine: Annotated[str, typer.Option(help="hf | vllm: what generates --baseline generate's responses")] = "hf",
+    vllm_arg: Annotated[list[str] | None, typer.Option(
+        "--vllm-arg", help="with --engine vllm: a vLLM engine argument, NAME=VALUE (e.g. tensor_parallel_size=3; "
+                           "repeatable)")] = None,
 ) -> None:
     """Score finetuning data by projection on a trait vector; rank, flag the top k, plot a histogram."""
     from steerlib.jobs import flag_file
@@ -169,7 +176,8 @@ def flag(
     report = flag_file(data, vector, out_dir=out, model_path=model, layer=layer, baseline=baseline,  # type: ignore[arg-type]
                        batch_size=batch_size, max_new_tokens=max_new_tokens, top_k=top_k, resume=not fresh,
                        on_error=on_error, use_ray=ray, ray_concurrency=ray_concurrency,  # type: ignore[arg-type]
-                       ray_address=ray_address, negate=negate, engine=engine)
+                       ray_address=ray_address, negate=negate, engine=engine,
+                       vllm_args=_vllm_args(vllm_arg or []))
     typer.echo(json.dumps(report.summary, indent=2))
     for i, row in enumerate(report.top[:top_k], start=1):
         typer.echo(f"{i:3d}. {json.dumps(row)[:160]}")

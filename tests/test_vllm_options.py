@@ -130,3 +130,21 @@ def test_core_binding(world, cpus, expected):
 def test_core_binding_needs_cores():
     with pytest.raises(ValueError, match=r"cannot bind 2 workers to cores \[\]"):
         core_binding(2, [])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["extract", "--trait", "optimistic", "--vllm-arg", "enforce_eager=true"],
+     "vLLM engine arguments (--vllm-arg) need --engine vllm"),
+    (["extract", "--trait", "optimistic", "--engine", "vllm", "--vllm-arg", "tensor_parallel_size=0"],
+     "--tensor-parallel-size must be an integer >= 1, got 0"),
+    (["flag", "--vector", "{vec}", "--data", "{vec}/d.jsonl", "--out", "{vec}/flag", "--baseline", "generate",
+      "--engine", "vllm", "--vllm-arg", "model=x"], "--vllm-arg model: steerlib sets model itself"),
+])
+def test_extract_and_flag_check_vllm_args_first(args, message, vec, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["steerlib", *[a.format(vec=vec) for a in args]])
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
