@@ -148,3 +148,15 @@ def test_extract_and_flag_check_vllm_args_first(args, message, vec, monkeypatch,
     assert info.value.code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], err
+
+
+def test_readouts_are_merged_over_workers():
+    """Pipeline parallel: only the stage holding the read-out layer has values (the others answer empty);
+    tensor parallel: every rank has the same ones. Each request gets every position once."""
+    from steerlib.serve.vllm_engine import merge_readouts
+
+    stage0 = {"a": {}, "b": {}}
+    stage1 = {"a": {5: [0.5], 6: [0.25]}, "b": {9: [1.0]}}
+    assert merge_readouts([stage0, stage1]) == {"a": {5: [0.5], 6: [0.25]}, "b": {9: [1.0]}}
+    assert merge_readouts([stage1, stage1, stage1]) == merge_readouts([stage1])
+    assert merge_readouts([{"a": {"5": [0.5]}}, {"a": {6: [0.25]}}]) == {"a": {5: [0.5], 6: [0.25]}}
