@@ -42,7 +42,7 @@ from steerlib.serve.engine import (
 )
 from steerlib.steering.plan import Edit
 from steerlib.steering.steer import TraitReadout
-from steerlib.vllm.layout import VllmOptions, start_config
+from steerlib.vllm.layout import VllmOptions, bound_cores, start_config
 from steerlib.vllm.spec import SPEC_KEY, UnsupportedOnVllm, cache_salt, encode_rows
 
 __all__ = ["VllmEngine", "engine_args", "merge_readouts"]
@@ -161,7 +161,9 @@ class VllmEngine:
     async def _boot(self) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self._llm = AsyncLLM.from_vllm_config(start_config(self.args))
+        config = start_config(self.args)  # refuses a layout steering is not right under, before any worker
+        with bound_cores(config.parallel_config.world_size):  # vLLM's processes are spawned in here
+            self._llm = AsyncLLM.from_vllm_config(config)
         if self.readout is not None:
             dirs = self.readout.directions[self.monitor_layer].float().tolist()
             await self._llm.collective_rpc("steerlib_configure_readout", args=(self.monitor_layer, dirs))

@@ -27,17 +27,18 @@ Importing this module does not import vLLM.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["BIND_ENV", "UnsupportedLayout", "VllmOptions", "check_layout", "core_binding", "parse_engine_arg",
-           "set_core_binding", "start_config"]
+__all__ = ["BIND_ENV", "UnsupportedLayout", "VllmOptions", "bound_cores", "check_layout", "core_binding",
+           "parse_engine_arg", "start_config"]
 
 log = logging.getLogger("steerlib.vllm")
 
@@ -48,7 +49,6 @@ BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 # Engine arguments steerlib itself sets: the worker extension the server reads read-outs through and the
 # compile-cache identity of the hooks. A user-given value would break steering, so it is refused.
 _OWNED = ("model", "additional_config", "worker_extension_cls")
-_BOUND: str | None = None  # the binding set_core_binding last set in this process
 
 
 class UnsupportedLayout(ValueError):
@@ -224,34 +224,31 @@ def core_binding(world_size: int, cpus: Sequence[int]) -> str:
     return "|".join(",".join(str(c) for c in g) for g in groups)
 
 
-def set_core_binding(world_size: int, environ: dict[str, str] | None = None) -> str | None:
-    """Give vLLM's CPU workers a core binding when there are several and the user set none (vLLM's automatic
-    binding wants one NUMA node per worker and refuses to start otherwise); returns the value set, or None.
-    Call before vLLM starts its worker processes (they inherit the environment). A binding this function set for
-    an earlier engine of this process is replaced (or removed for one worker): its worker count may differ."""
-    global _BOUND
+@contextlib.contextmanager
+def bound_cores(world_size: int, environ: MutableMapping[str, str] | None = None) -> Iterator[str | None]:
+    """While starting vLLM: give its CPU workers a core binding when there are several and the user set none
+    (vLLM's automatic binding wants one NUMA node per worker and refuses to start otherwise). Yields the value set
+    (or None). vLLM's processes inherit it when they are spawned, inside the block; afterwards the variable is as
+    it was, so a later engine of another size in this process does not inherit a binding of the wrong length."""
     env = os.environ if environ is None else environ
-    current = env.get(BIND_ENV)
-    if current and current != _BOUND:
-        return None  # the user's
-    if world_size <= 1 or not _is_cpu():
-        if current:
-            del env[BIND_ENV]
-        return None
+    if world_size <= 1 or env.get(BIND_ENV) or not _is_cpu():
+        yield None
+        return
     value = core_binding(world_size, sorted(os.sched_getaffinity(0)))
-    env[BIND_ENV] = _BOUND = value
-    return value
+    env[BIND_ENV] = value
+    log.info("vLLM CPU workers bound to cores %s (%s)", value, BIND_ENV)
+    try:
+        yield value
+    finally:
+        env.pop(BIND_ENV, None)
 
 
-def start_config(args: dict[str, Any], *, asynchronous: bool = True) -> Any:
+def start_config(args: Mapping[str, Any], *, asynchronous: bool = True) -> Any:
     """vLLM's resolved ``VllmConfig`` for these engine arguments, checked against the layouts steering is right
-    under (``check_layout``: a clear error before any worker starts), with the CPU build's core binding set when
-    the engine has several workers and the user gave none."""
+    under (``check_layout``: a clear error before any worker starts). Start the engine inside
+    ``bound_cores(config.parallel_config.world_size)``."""
     from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
 
     config = (AsyncEngineArgs if asynchronous else EngineArgs)(**args).create_engine_config()
     check_layout(config)
-    bound = set_core_binding(config.parallel_config.world_size)
-    if bound is not None:
-        log.info("vLLM CPU workers bound to cores %s (%s)", bound, BIND_ENV)
     return config

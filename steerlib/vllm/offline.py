@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from steerlib.vllm.layout import VllmOptions, start_config
+from steerlib.vllm.layout import VllmOptions, bound_cores, start_config
 
 __all__ = ["VllmGenerator"]
 
@@ -41,8 +41,9 @@ class VllmGenerator:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
             from vllm import LLM
 
-            start_config(self.kwargs, asynchronous=False)  # refuses a layout steering is not right under
-            self._llm = LLM(**self.kwargs)
+            config = start_config(self.kwargs, asynchronous=False)  # refuses a layout steering is not right under
+            with bound_cores(config.parallel_config.world_size):
+                self._llm = LLM(**self.kwargs)
         return self._llm
 
     def __call__(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,

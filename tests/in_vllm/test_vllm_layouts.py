@@ -10,6 +10,7 @@ per layout, started in turn (each stopped before the next starts). The refusals 
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -19,7 +20,7 @@ from vllm_helpers import TOKEN_BUDGET, run_rows
 from steerlib import format_prompt
 from steerlib.steering.plan import lower_ops
 from steerlib.steering.steer import build_ops
-from steerlib.vllm.layout import UnsupportedLayout
+from steerlib.vllm.layout import BIND_ENV, UnsupportedLayout, bound_cores
 
 READOUT_AT = 20  # on the second stage under pipeline parallel 2 (stages hold layers 1-15 and 16-30)
 N_TOKENS = 8
@@ -80,6 +81,7 @@ def _run_layout(name, embedded, optimism_vectors, batch):
     finally:
         engine.stop()
     WALL[name] = time.monotonic() - t0
+    assert BIND_ENV not in os.environ  # the core binding was for this engine's start only
     print(f"\n{name}: start + batch + stop {WALL[name]:.0f} s")
     return {label: (row.token_ids, torch.tensor(got.values))
             for (label, _, _), (row, got) in zip(batch, done, strict=True)}
@@ -102,6 +104,19 @@ def test_parallel_layout_equals_one_worker(layout, reference, embedded, optimism
     # The steering changes the text (else the comparison would be vacuous), on both stages' layers.
     for name in ("add", "add-prompt"):
         assert any(reference[f"{name}/{i}"][0] != reference[f"none/{i}"][0] for i in range(len(QUESTIONS))), name
+
+
+def test_core_binding_is_set_for_the_start_only():
+    env: dict[str, str] = {}
+    with bound_cores(3, env) as value:
+        assert env == {BIND_ENV: value} and value.count("|") == 2
+    assert env == {}
+    with bound_cores(1, env) as value:
+        assert value is None and env == {}
+    env = {BIND_ENV: "0|0|1"}  # the user's binding is kept
+    with bound_cores(3, env) as value:
+        assert value is None
+    assert env == {BIND_ENV: "0|0|1"}
 
 
 # -- refusals -------------------------------------------------------------------------------------------------
