@@ -114,20 +114,24 @@ class VllmOptions:
         """Worker processes of one engine (tensor x pipeline ranks)."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
-    def engine_args(self, model: str, *, max_num_seqs: int = 16) -> dict[str, Any]:
+    def engine_args(self, model: str, *, max_num_seqs: int | None = None) -> dict[str, Any]:
         """Keyword arguments of ``EngineArgs`` / ``AsyncEngineArgs`` / ``LLM`` for ``model`` (a local folder):
-        these options plus the worker extension and the hooks' compile-cache identity."""
+        these options plus the worker extension and the hooks' compile-cache identity. ``max_num_seqs`` is the
+        caller's default for the field (a server's batch size; None: vLLM's own)."""
         from steerlib.vllm.worker import IDENTITY
 
         args: dict[str, Any] = {
-            "model": str(model), "dtype": self.dtype, "max_num_seqs": self.max_num_seqs or max_num_seqs,
-            "enforce_eager": self.enforce_eager, "enable_prefix_caching": self.enable_prefix_caching,
+            "model": str(model), "dtype": self.dtype, "enforce_eager": self.enforce_eager,
+            "enable_prefix_caching": self.enable_prefix_caching,
             "tensor_parallel_size": self.tensor_parallel_size,
             "pipeline_parallel_size": self.pipeline_parallel_size,
             "data_parallel_size": self.data_parallel_size,
             "additional_config": {"steerlib": IDENTITY},
             "worker_extension_cls": "steerlib.vllm.worker.SteerlibWorkerExtension",
         }
+        seqs = self.max_num_seqs if self.max_num_seqs is not None else max_num_seqs
+        if seqs is not None:
+            args["max_num_seqs"] = seqs
         for name in ("max_model_len", "max_num_batched_tokens", "gpu_memory_utilization", "seed"):
             if getattr(self, name) is not None:
                 args[name] = getattr(self, name)
