@@ -193,6 +193,14 @@ def test_cpu_build_refuses_v2_itself(monkeypatch):
         start_config(_args())
 
 
+def test_vllm_refuses_tensor_parallel_2_on_this_model():
+    """The embedded model has 9 attention heads: vLLM itself refuses TP=2, while resolving."""
+    from steerlib.vllm.layout import start_config
+
+    with pytest.raises(ValueError, match=r"attention heads \(9\) must be divisible by tensor parallel size \(2\)"):
+        start_config(_args(tensor_parallel_size=2))
+
+
 def test_plugin_refuses_in_the_worker_before_the_weights_load(resolved):
     """``LLM(...)`` / ``vllm serve`` start without steerlib's builder: the plugin's wrapper of the worker's
     ``load_model`` runs the same check first (a worker that got past it would fail on this stand-in, which
