@@ -62,6 +62,9 @@ def extract(
     backend: Annotated[str, typer.Option(help="torch | transformer_lens | nnsight")] = "torch",
     engine: Annotated[str, typer.Option(help="hf | vllm: what generates the contrastive responses (activations "
                                              "are captured on the HF model either way)")] = "hf",
+    vllm_arg: Annotated[list[str] | None, typer.Option(
+        "--vllm-arg", help="with --engine vllm: a vLLM engine argument, NAME=VALUE (e.g. tensor_parallel_size=3; "
+                           "repeatable)")] = None,
 ) -> None:
     """Generate contrastive responses, judge, filter, and extract per-layer trait vectors (resumable)."""
     from steerlib.extraction.extract import ExtractionConfig
@@ -71,7 +74,8 @@ def extract(
                            pos_threshold=pos_threshold, neg_threshold=neg_threshold,
                            coherence_threshold=coherence_threshold, max_pairs=max_pairs,
                            max_questions=max_questions, batch_size=batch_size, backend=backend)
-    result = extract_file(trait, out, model_path=model, judge=judge, config=cfg, engine=engine)
+    result = extract_file(trait, out, model_path=model, judge=judge, config=cfg, engine=engine,
+                          vllm_args=_vllm_args(vllm_arg or []))
     typer.echo(result.sweep.table())
 
 
@@ -162,6 +166,9 @@ def flag(
     model: ModelOpt = None,
     negate: Annotated[bool, typer.Option("--negate", help="rank by the opposite pole (most negative first)")] = False,
     engine: Annotated[str, typer.Option(help="hf | vllm: what generates --baseline generate's responses")] = "hf",
+    vllm_arg: Annotated[list[str] | None, typer.Option(
+        "--vllm-arg", help="with --engine vllm: a vLLM engine argument, NAME=VALUE (e.g. tensor_parallel_size=3; "
+                           "repeatable)")] = None,
 ) -> None:
     """Score finetuning data by projection on a trait vector; rank, flag the top k, plot a histogram."""
     from steerlib.jobs import flag_file
@@ -169,7 +176,8 @@ def flag(
     report = flag_file(data, vector, out_dir=out, model_path=model, layer=layer, baseline=baseline,  # type: ignore[arg-type]
                        batch_size=batch_size, max_new_tokens=max_new_tokens, top_k=top_k, resume=not fresh,
                        on_error=on_error, use_ray=ray, ray_concurrency=ray_concurrency,  # type: ignore[arg-type]
-                       ray_address=ray_address, negate=negate, engine=engine)
+                       ray_address=ray_address, negate=negate, engine=engine,
+                       vllm_args=_vllm_args(vllm_arg or []))
     typer.echo(json.dumps(report.summary, indent=2))
     for i, row in enumerate(report.top[:top_k], start=1):
         typer.echo(f"{i:3d}. {json.dumps(row)[:160]}")
@@ -267,6 +275,17 @@ def _layer_coefs(items: list[str]) -> list[tuple[int, float]]:
     return out
 
 
+def _vllm_args(items: list[str], **given: object) -> dict[str, object]:
+    """vLLM engine arguments the user gave: the named flags set, then ``--vllm-arg NAME=VALUE`` items."""
+    from steerlib.vllm.layout import parse_engine_arg
+
+    out = {name: value for name, value in given.items() if value is not None}
+    for item in items:
+        name, value = parse_engine_arg(item)
+        out[name] = value
+    return out
+
+
 @app.command()
 def serve(
     vector: Annotated[list[str], typer.Option(help="trait vectors, name=path or path (repeatable)")],
@@ -316,8 +335,21 @@ def serve(
     model: ModelOpt = None,
     engine: Annotated[str, typer.Option(help="hf (steerlib's engine) or vllm (vLLM with steerlib's plugin; "
                                              "needs the vLLM environment, make vllm-env)")] = "hf",
-    vllm_eager: Annotated[bool, typer.Option(help="vLLM without torch.compile (starts faster)")] = False,
+    tensor_parallel_size: Annotated[int | None, typer.Option(help="vLLM: tensor-parallel workers")] = None,
+    pipeline_parallel_size: Annotated[int | None, typer.Option(help="vLLM: pipeline stages")] = None,
+    data_parallel_size: Annotated[int | None, typer.Option(help="vLLM: engine replicas (steering refuses > 1)")] = None,
+    max_num_seqs: Annotated[int | None, typer.Option(help="vLLM: requests per step (default: --max-batch)")] = None,
+    max_num_batched_tokens: Annotated[int | None, typer.Option(help="vLLM: tokens per step")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="vLLM's context limit (default: the model's)")] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(
+        help="vLLM's memory fraction (on vLLM's CPU build: of the machine's memory)")] = None,
+    enforce_eager: Annotated[bool, typer.Option(
+        "--enforce-eager", "--vllm-eager", help="vLLM without torch.compile / CUDA graphs (starts faster)")] = False,
+    enable_prefix_caching: Annotated[bool | None, typer.Option(
+        "--enable-prefix-caching/--no-enable-prefix-caching", help="vLLM's prefix cache (default: on)")] = None,
+    vllm_arg: Annotated[list[str] | None, typer.Option(
+        "--vllm-arg", help="any other vLLM engine argument, NAME=VALUE (VALUE as JSON when it parses; "
+                           "repeatable)")] = None,
 ) -> None:
     """OpenAI- and Ollama-compatible chat server: continuous batching with per-request steering, per-token
     trait projections and drift alerts."""
@@ -349,7 +381,14 @@ def serve(
                            app=app_options, port=port, drift_window=drift_window, drift_method=drift_method,
                            drift_threshold=drift_threshold, drift_reference_size=drift_reference_size,
                            alerts_path=alerts_path, dtype=dtype, engine=engine,
-                           vllm_args={"enforce_eager": vllm_eager, **({"max_model_len": max_model_len} if max_model_len else {})})
+                           vllm_args=_vllm_args(vllm_arg or [], tensor_parallel_size=tensor_parallel_size,
+                                                pipeline_parallel_size=pipeline_parallel_size,
+                                                data_parallel_size=data_parallel_size, max_num_seqs=max_num_seqs,
+                                                max_num_batched_tokens=max_num_batched_tokens,
+                                                max_model_len=max_model_len,
+                                                gpu_memory_utilization=gpu_memory_utilization,
+                                                enforce_eager=enforce_eager or None,
+                                                enable_prefix_caching=enable_prefix_caching))
     options.check()
     run_server(options)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -69,15 +69,17 @@ def extract_file(
     judge: str = "auto",
     config: ExtractionConfig | None = None,
     engine: str = "hf",
+    vllm_args: Mapping[str, Any] | None = None,
 ) -> ExtractionResult:
     """Extract a trait's vectors into ``out_dir`` (default ``runs/<trait>``), resuming a partial run there.
 
     The coherence judge, when ``config.coherence_threshold`` is set, is the same endpoint as an ``openai:``
     judge, else the model judging itself. ``engine="vllm"`` generates the responses with vLLM (the vLLM
-    environment, ``make vllm-env``); activations are captured on the HF model either way.
+    environment, ``make vllm-env``; ``vllm_args``: vLLM engine arguments by vLLM's names, ``VllmOptions``);
+    activations are captured on the HF model either way.
     """
     config = config or ExtractionConfig()  # its numbers are checked when it is built
-    generator = _text_generator(engine, model_path)
+    generator = _text_generator(engine, model_path, vllm_args)
     t = load_trait(trait)
     out_dir = check_out_dir(out_dir or Path("runs") / t.name)
     with exclusive_output(out_dir, f"steerlib extract {t.name}"):
@@ -96,11 +98,16 @@ def extract_file(
                 generator.close()
 
 
-def _text_generator(engine: str, model_path: str | Path | None):
+def _text_generator(engine: str, model_path: str | Path | None, vllm_args: Mapping[str, Any] | None = None):
     """None for the HF engine, else a started-on-first-use vLLM generator (checked before any model loads)."""
     check_choice(engine, "engine", ("hf", "vllm"))
     if engine == "hf":
+        if vllm_args:
+            raise ValueError("vLLM engine arguments (--vllm-arg) need --engine vllm")
         return None
+    from steerlib.vllm.layout import VllmOptions
+
+    options = VllmOptions.from_engine_args({"max_model_len": 2048, **(vllm_args or {})})
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
@@ -109,7 +116,7 @@ def _text_generator(engine: str, model_path: str | Path | None):
     from steerlib.vllm.offline import VllmGenerator
 
     folder, _ = resolve_model_path(model_path)
-    return VllmGenerator(folder)
+    return VllmGenerator(folder, options)
 
 
 def sweep_judge(trait: str):
@@ -307,6 +314,7 @@ def flag_file(
     label_key: str | None = None,
     negate: bool = False,
     engine: str = "hf",
+    vllm_args: Mapping[str, Any] | None = None,
 ) -> FlagReport:
     """Score a data file against a trait vector and write scores, rankings, a histogram and a summary.
 
@@ -337,6 +345,7 @@ def flag_file(
             against the trait first (e.g. the gloomiest samples with an optimism vector). Scores are then
             projections on ``-v``.
         engine: "hf" or "vllm": what generates the "generate" baseline's responses (activations stay on HF).
+        vllm_args: vLLM engine arguments by vLLM's names (``VllmOptions``) with ``engine="vllm"``.
     """
     check_int(top_k, "top_k")
     check_int(batch_size, "batch_size")
@@ -347,7 +356,7 @@ def flag_file(
     if engine != "hf" and (baseline != "generate" or use_ray):
         raise ValueError("--engine vllm generates the baseline responses: use it with --baseline generate, "
                          "without Ray")
-    generator = _text_generator(engine, model_path)
+    generator = _text_generator(engine, model_path, vllm_args)
     with exclusive_output(check_out_dir(out_dir), "steerlib flag"):
         out_dir = check_out_dir(out_dir)
         read = read_samples(data_path, on_error=on_error)

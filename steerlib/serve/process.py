@@ -27,6 +27,7 @@ from steerlib.monitoring.drift import METHODS, DriftMonitor
 from steerlib.serve.app import AppOptions, create_app
 from steerlib.serve.schema import MAX_ABS_COEF, SteeringSpec
 from steerlib.steering.calibration import Calibration, calibration_path
+from steerlib.vllm.layout import VllmOptions
 
 __all__ = ["API_KEY_ENV", "ENGINES", "METRICS_KEY_ENV",
            "BackgroundServer", "ServeOptions", "default_steering_specs", "named_vectors",
@@ -56,7 +57,8 @@ class ServeOptions:
         log_level: uvicorn log level.
         engine: "hf" (steerlib's continuous-batching engine on transformers) or "vllm" (vLLM with steerlib's
             plugin; the API process then holds only the model's shape, on the meta device).
-        vllm_args: extra vLLM engine arguments (``max_model_len``, ``enforce_eager``, ...).
+        vllm_args: vLLM's engine arguments under vLLM's names (``tensor_parallel_size``, ``enforce_eager``, ...):
+            a ``VllmOptions``, or a mapping turned into one (and so checked) when the options are built.
     """
 
     model_path: str | Path | None = None
@@ -76,12 +78,19 @@ class ServeOptions:
     device: str | None = None
     log_level: str = "info"
     engine: str = "hf"
-    vllm_args: Mapping[str, Any] = field(default_factory=dict)
+    vllm_args: VllmOptions | Mapping[str, Any] = field(default_factory=VllmOptions)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vllm_args, VllmOptions):
+            object.__setattr__(self, "vllm_args", VllmOptions.from_engine_args(self.vllm_args))
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first bad option (called before anything loads)."""
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r}; choose from {ENGINES}")
+        if self.engine != "vllm" and self.vllm_args != VllmOptions():
+            raise ValueError("vLLM engine arguments (--tensor-parallel-size, --enforce-eager, --vllm-arg, ...) "
+                             "need --engine vllm")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         for layer, coef in self.steer:
@@ -224,16 +233,13 @@ def build(options: ServeOptions) -> tuple[FastAPI, str]:
 def _vllm_engine(options: ServeOptions) -> tuple[Any, Any]:
     """The model's shape (meta device) for validation, and a factory of the vLLM engine holding the weights."""
     from steerlib.core.models import load_model_skeleton
-    from steerlib.serve.vllm_engine import VllmEngine, engine_args
+    from steerlib.serve.vllm_engine import VllmEngine
 
     loaded, folder = load_model_skeleton(options.model_path)
-    extra = dict(options.vllm_args)
-    eager = bool(extra.pop("enforce_eager", False))
+    vllm = replace(options.vllm_args, dtype=options.dtype)  # type: ignore[type-var]
 
     def factory(**kw: Any) -> VllmEngine:
-        args = engine_args(str(folder), max_batch=kw["max_batch"], dtype=options.dtype, enforce_eager=eager,
-                           extra=extra)
-        return VllmEngine(args, loaded.tokenizer, **kw)
+        return VllmEngine(vllm.engine_args(str(folder), max_num_seqs=kw["max_batch"]), loaded.tokenizer, **kw)
 
     return loaded, factory
 

@@ -45,25 +45,21 @@ from steerlib.serve.contract import (
 from steerlib.serve.detok import Reply
 from steerlib.steering.plan import Edit
 from steerlib.steering.steer import TraitReadout
+from steerlib.vllm.layout import VllmOptions, bound_cores, start_config
 from steerlib.vllm.spec import SPEC_KEY, UnsupportedOnVllm, cache_salt, encode_rows
 
-__all__ = ["VllmEngine", "engine_args"]
+__all__ = ["VllmEngine", "engine_args", "merge_readouts"]
 
 log = logging.getLogger("steerlib.serve")
 
 
 def engine_args(model_path: str, *, max_batch: int = 16, max_model_len: int | None = None, dtype: str = "float32",
                 enforce_eager: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """vLLM engine arguments for a steerlib server: the worker extension and the compile-cache identity."""
-    from steerlib.vllm.worker import IDENTITY
-
-    args = dict(model=str(model_path), dtype=dtype, max_num_seqs=max_batch, enforce_eager=enforce_eager,
-                enable_prefix_caching=True, additional_config={"steerlib": IDENTITY},
-                worker_extension_cls="steerlib.vllm.worker.SteerlibWorkerExtension")
-    if max_model_len is not None:
-        args["max_model_len"] = max_model_len
-    args.update(extra or {})
-    return args
+    """vLLM engine arguments for a steerlib server (``VllmOptions.engine_args``: the worker extension and the
+    compile-cache identity included); ``extra`` holds any other engine argument by vLLM's name."""
+    opts = VllmOptions.from_engine_args({"max_model_len": max_model_len, "dtype": dtype,
+                                         "enforce_eager": enforce_eager, **(extra or {})})
+    return opts.engine_args(str(model_path), max_num_seqs=max_batch)
 
 
 @dataclass
@@ -165,10 +161,11 @@ class VllmEngine:
         loop.close()
 
     async def _boot(self) -> None:
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args))
+        config = start_config(self.args)  # refuses a layout steering is not right under, before any worker
+        with bound_cores(config.parallel_config.world_size):  # vLLM's processes are spawned in here
+            self._llm = AsyncLLM.from_vllm_config(config)
         if self.readout is not None:
             dirs = self.readout.directions[self.monitor_layer].float().tolist()
             await self._llm.collective_rpc("steerlib_configure_readout", args=(self.monitor_layer, dirs))
@@ -349,7 +346,7 @@ class VllmEngine:
             if not waiting or self._llm is None:
                 continue
             try:
-                got = (await self._llm.collective_rpc("steerlib_pop_readouts", args=(list(waiting),)))[0]
+                got = merge_readouts(await self._llm.collective_rpc("steerlib_pop_readouts", args=(list(waiting),)))
                 with self._lock:
                     self._stats["readout_calls"] += 1
             except Exception as exc:  # noqa: BLE001 - every waiting row learns it
@@ -394,3 +391,16 @@ class VllmEngine:
                 with self._lock:
                     self._stats["finish_callback_errors"] += 1
         row.sink(("done", c))
+
+
+def merge_readouts(per_worker: Sequence[dict[str, dict[int, list[float]]]]) -> dict[str, dict[int, list[float]]]:
+    """One engine's read-outs from all its workers: under pipeline parallel only the stage that owns the read-out
+    layer has them; tensor-parallel ranks hold the same values (the residual stream after the all-reduce), the
+    first rank's are kept."""
+    out: dict[str, dict[int, list[float]]] = {}
+    for got in per_worker:
+        for rid, values in got.items():
+            mine = out.setdefault(rid, {})
+            for pos, v in values.items():
+                mine.setdefault(int(pos), v)
+    return out

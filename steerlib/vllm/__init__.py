@@ -2,11 +2,14 @@
 
 ``spec`` (the JSON a request carries in ``SamplingParams.extra_args["steerlib"]``, lowered by the one steering
 plan, ``steerlib.steering.plan``; its cache salt) -> ``worker`` (hooks, the registered op, the plan filled each
-step from vLLM's bookkeeping, the read-out store) -> ``plugin`` (vLLM's entry point); ``offline`` generates
-texts for the pipeline.
+step from vLLM's bookkeeping, the read-out store) -> ``plugin`` (vLLM's entry point); ``layout`` (the engine
+arguments steerlib starts vLLM with, ``VllmOptions``, and the layouts steering is right under, ``check_layout``);
+``offline`` generates texts for the pipeline.
 Importing this package does not import vLLM.
 """
 
+from steerlib.vllm.layout import UnsupportedLayout, VllmOptions, check_layout
 from steerlib.vllm.spec import SPEC_KEY, VECTORS_ENV, cache_salt, encode_spec, parse_spec
 
-__all__ = ["SPEC_KEY", "VECTORS_ENV", "cache_salt", "encode_spec", "parse_spec"]
+__all__ = ["SPEC_KEY", "VECTORS_ENV", "UnsupportedLayout", "VllmOptions", "cache_salt", "check_layout",
+           "encode_spec", "parse_spec"]

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from steerlib.vllm.layout import VllmOptions, bound_cores, start_config
+
 __all__ = ["VllmGenerator"]
 
 
@@ -20,20 +22,18 @@ class VllmGenerator:
 
     Args:
         model_folder: a Hugging Face model folder (``steerlib.core.models.resolve_model_path``).
-        max_model_len: vLLM's context limit (default: the model's).
-        enforce_eager: skip torch.compile (faster start; slower decoding).
-        dtype: weights' dtype in vLLM.
+        options: vLLM's engine arguments (``VllmOptions``; default: one worker, compiled, the context limit
+            ``max_model_len=2048``).
 
-    The engine starts on first use (a script using it needs an ``if __name__ == "__main__":`` guard: vLLM spawns
-    its engine process).
+    The engine starts on first use, after its layout is checked (``check_layout``) and, for several CPU workers,
+    their cores bound (a script using it needs an ``if __name__ == "__main__":`` guard: vLLM spawns its engine
+    process).
     """
 
-    def __init__(self, model_folder: str | Path, *, max_model_len: int | None = 2048, enforce_eager: bool = False,
-                 dtype: str = "float32", **engine_args: Any):
+    def __init__(self, model_folder: str | Path, options: VllmOptions | None = None):
         self.model_folder = str(model_folder)
-        self.kwargs = dict(dtype=dtype, enforce_eager=enforce_eager, **engine_args)
-        if max_model_len is not None:
-            self.kwargs["max_model_len"] = max_model_len
+        self.options = options if options is not None else VllmOptions(max_model_len=2048)
+        self.kwargs = self.options.engine_args(self.model_folder)
         self._llm: Any = None
 
     def _engine(self) -> Any:
@@ -41,9 +41,9 @@ class VllmGenerator:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
             from vllm import LLM
 
-            from steerlib.vllm.worker import IDENTITY
-
-            self._llm = LLM(model=self.model_folder, additional_config={"steerlib": IDENTITY}, **self.kwargs)
+            config = start_config(self.kwargs, asynchronous=False)  # refuses a layout steering is not right under
+            with bound_cores(config.parallel_config.world_size):
+                self._llm = LLM(**self.kwargs)
         return self._llm
 
     def __call__(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,

@@ -12,8 +12,10 @@ loudly, instead of serving unsteered text):
   model loads, before vLLM compiles or warms it up.
 * ``GPUModelRunner._model_forward`` (workers; the runner's documented override point): fills the step plan
   before the forward and checks afterwards that every steered layer ran.
-
-vLLM's V2 model runner keeps its bookkeeping elsewhere; loading a model with it raises.
+* ``Worker.load_model`` (workers, whatever runner they built; the CPU worker inherits it): refuses, before the
+  model loads, every engine layout steering is not right under (``steerlib.vllm.layout.check_layout``: data
+  parallel, speculative decoding, context/sequence parallel, DBO, the V2 runner, eager pipeline parallel on the
+  CPU build). The refusal reads vLLM's resolved config, so it cannot be skipped by a module that fails to import.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def _process_inputs(original):
                 raise _validation_error(f"{SPEC_KEY} must be a JSON string (vllm_xargs take str/int/float/list)")
             cfg = self.model_config
             try:
-                parse_spec(spec, cfg.get_num_layers(self.vllm_config.parallel_config), cfg.get_hidden_size())
+                parse_spec(spec, cfg.get_total_num_hidden_layers(), cfg.get_hidden_size())  # all PP stages
             except ValueError as exc:
                 raise _validation_error(str(exc)) from None
         request = original(self, request_id, prompt, params, *args, **kwargs)
@@ -115,10 +117,12 @@ def _model_forward(original):
     return model_forward
 
 
-def _refuse_v2(original):
+def _check_layout(original):
     def load_model(self, *args: Any, **kwargs: Any):
-        raise NotImplementedError("steerlib: vLLM's V2 model runner is not supported by the steering plugin; "
-                                  "run with VLLM_USE_V2_MODEL_RUNNER=0")
+        from steerlib.vllm.layout import check_layout
+
+        check_layout(self.vllm_config)  # before the weights load: a refusal costs seconds, not minutes
+        return original(self, *args, **kwargs)
     return load_model
 
 
@@ -130,16 +134,12 @@ def register() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
 
     _wrap(InputProcessor, "process_inputs", _process_inputs)
+    _wrap(Worker, "load_model", _check_layout)
     _wrap(GPUModelRunner, "load_model", _load_model)
     _wrap(CPUModelRunner, "load_model", _load_model)
     _wrap(GPUModelRunner, "_model_forward", _model_forward)
-    try:  # the V2 runner (its CPU variant subclasses it); its module may not import on every platform
-        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as RunnerV2
-    except Exception:  # noqa: BLE001
-        RunnerV2 = None
-    if RunnerV2 is not None and "load_model" in RunnerV2.__dict__:
-        _wrap(RunnerV2, "load_model", _refuse_v2)
     _REGISTERED = True
     log.info("steerlib vLLM plugin registered")

@@ -66,6 +66,9 @@ class WorkerState:
         self.in_step = False
         self.fired: dict[int, int] = {}
         self.expected: set[int] = set()
+        # Pipeline parallel: the 1-based layers this stage holds (the others are vLLM's PPMissingLayer
+        # placeholders); a plan layer is expected to run, and a read-out to be taken, only on its owner.
+        self.owned = frozenset(i + 1 for i, m in enumerate(layers) if type(m).__name__ != "PPMissingLayer")
         self._parsed: OrderedDict[str, ParsedSpec] = OrderedDict()
         # Per step: which flattened rows to keep read-outs for -> (request id, position).
         self.keep_rows: list[int] = []
@@ -130,8 +133,8 @@ class WorkerState:
             self.plan.set_rows([*rows, []], [*prompt_lens, 0])
             self._rows_key = key
         self.plan.fill(row_of_token.to(self.device), pos.to(self.device, torch.int64))
-        self.expected = set(self.plan.layers)
-        if self.keep_rows:
+        self.expected = set(self.plan.layers) & self.owned
+        if self.keep_rows and self.readout_layer in self.owned:
             self.expected.add(self.readout_layer)
         self.fired = {}
         self.in_step = True
