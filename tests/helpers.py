@@ -21,6 +21,22 @@ def count_hooks(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
+def residual_states(model: nn.Module, ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, ...]:
+    """steerlib's residual layers 0..n for one forward, computed without steerlib: ``output_hidden_states`` with
+    its top entry (after the final norm) replaced by the last block's raw output (a hook of the test's own)."""
+    from steerlib.core.arch import get_layout
+
+    blocks = get_layout(model).blocks
+    raw: list[torch.Tensor] = []
+    handle = blocks[-1].register_forward_hook(lambda _m, _a, out: raw.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            states = model(ids, output_hidden_states=True, **kwargs).hidden_states
+    finally:
+        handle.remove()
+    return (*states[:-1], raw[0])
+
+
 # (atol, rtol) for the stored hidden states: one ulp of the dtype, since kernel and reference
 # only differ by fp32 summation order before the final rounding.
 HIDDEN_TOL = {

@@ -3,8 +3,8 @@
 ``capture_activations`` tokenises (prompt, response) pairs, runs them through one of three backends and
 pools per sample; ``steerlib.core.hooks.record_residual`` is the hook-level primitive underneath.
 
-Layer ``L`` means ``output_hidden_states[L]``: 0 = embeddings, ``L`` = output of block ``L - 1``, and the last
-one after the final norm.
+Layer ``L``: 0 = embeddings, ``L`` = output of block ``L - 1``, the last one before the final norm (defined in
+``steerlib.core.hooks``).
 """
 
 from __future__ import annotations
