@@ -1,9 +1,9 @@
 """Three ways to read the residual stream, behind one function.
 
 Each backend takes a padded batch and returns ``layer -> [B, T, d_model]`` for the requested layers, layers as
-``steerlib.core.hooks`` defines them (the top layer before the final norm). "torch" uses plain forward hooks (and stops after the deepest layer),
-"transformer_lens" wraps the model in a TransformerLens 4.x ``TransformerBridge``, "nnsight" in an nnsight 0.8
-``LanguageModel``. The wrappers are built once per model and reused.
+``steerlib.core.hooks`` defines them (the top layer before the final norm). "torch" uses plain forward hooks (and
+stops after the deepest layer), "transformer_lens" wraps the model in a TransformerLens 4.x ``TransformerBridge``, "nnsight" in an nnsight 0.8
+``TransformersModel`` (the 0.8 name of ``LanguageModel``). The wrappers are built once per model and reused.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import contextlib
 import copy
 import weakref
 from collections.abc import Callable, Sequence
+from importlib.util import find_spec
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +23,12 @@ from steerlib.core.hooks import StopForward, record_residual, residual_site
 BackendFn = Callable[[nn.Module, object, Tensor, Tensor, Tensor, Sequence[int]], dict[int, Tensor]]
 
 _wrappers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def require_extra(module: str, package: str) -> None:
+    """A one-line error naming the ``interop`` extra when TransformerLens or nnsight is missing."""
+    if find_spec(module) is None:
+        raise ImportError(f"{package} is not installed: pip install 'steerlib[interop]' (or pip install {package})")
 
 
 def _wrapper(model: nn.Module, kind: str, build: Callable[[], object]) -> object:
@@ -48,6 +55,7 @@ def tl_hook_name(layer: int) -> str:
 
 @torch.inference_mode()
 def _transformer_lens_backend(model, tokenizer, ids, mask, positions, layers) -> dict[int, Tensor]:
+    require_extra("transformer_lens", "transformer-lens")
     from transformer_lens.model_bridge import TransformerBridge
 
     def build():
@@ -68,13 +76,15 @@ def _transformer_lens_backend(model, tokenizer, ids, mask, positions, layers) ->
     return {layer: cache[name] for name, layer in names.items()}
 
 
-def _envoy_at(root, path: str):
+def envoy_at(root, path: str):
+    """The nnsight envoy (or module) at dotted ``path`` under ``root``."""
     for part in path.split("."):
         root = getattr(root, part)
     return root
 
 
-def _module_path(model: nn.Module, target: nn.Module) -> str:
+def module_path(model: nn.Module, target: nn.Module) -> str:
+    """Dotted name of ``target`` inside ``model``."""
     for name, module in model.named_modules():
         if module is target:
             return name
@@ -82,16 +92,17 @@ def _module_path(model: nn.Module, target: nn.Module) -> str:
 
 
 def _nnsight_backend(model, tokenizer, ids, mask, positions, layers) -> dict[int, Tensor]:
-    from nnsight import LanguageModel
+    require_extra("nnsight", "nnsight")
+    from nnsight import TransformersModel  # nnsight 0.8's name (LanguageModel is deprecated there)
 
-    lm = _wrapper(model, "nnsight", lambda: LanguageModel(model, tokenizer=tokenizer))
+    lm = _wrapper(model, "nnsight", lambda: TransformersModel(model, tokenizer=tokenizer, task="text-generation"))
     layout = get_layout(model)
-    paths = {layer: (_module_path(model, module), is_input)
+    paths = {layer: (module_path(model, module), is_input)
              for layer in layers for module, is_input in [residual_site(layout, layer)]}
     saved = {}
     with torch.inference_mode(), lm.trace({"input_ids": ids, "attention_mask": mask, "position_ids": positions}):
         for layer, (path, is_input) in paths.items():
-            envoy = _envoy_at(lm, path)
+            envoy = envoy_at(lm, path)
             if is_input:
                 saved[layer] = envoy.input.save()
             else:
