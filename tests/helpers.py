@@ -6,14 +6,86 @@ Test modules import from here, never from each other, so that every test file ru
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
-from collections.abc import Callable
+import sys
+import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
+
+
+_DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+def _steerlib_caller() -> str | None:
+    """``module:line`` of the innermost steerlib frame on the current stack, or None. steerlib's own renaming
+    machinery (``steerlib.core.renamed``, which warns on purpose) counts as no steerlib frame."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if name == "steerlib.core.renamed":
+            return None
+        if name == "steerlib" or name.startswith("steerlib."):
+            return f"{name}:{frame.f_lineno}"
+        frame = frame.f_back
+    return None
+
+
+class _DeprecationLog(logging.Handler):
+    """Catches transformers' logged deprecation notices (``logger.warning_once``, not Python warnings)."""
+
+    def __init__(self, found: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.found = found
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "deprecat" in message.lower():
+            caller = _steerlib_caller()
+            if caller is not None:
+                self.found.append(f"{caller}: {record.name}: {message}")
+
+
+@contextlib.contextmanager
+def deprecations_from_steerlib() -> Iterator[list[str]]:
+    """Collect deprecation notices that steerlib's own calls trigger in its dependencies.
+
+    Yields a list that fills with ``"steerlib.module:line: what"``: a Python ``DeprecationWarning``,
+    ``PendingDeprecationWarning`` or ``FutureWarning`` (nnsight's category) raised while a steerlib frame is on
+    the stack, or a logged transformers message about a deprecation (transformers reports its renamed keywords
+    through its logger, once per process: the once-cache is cleared on entry so every call is seen). steerlib's
+    own renamed names, which warn on purpose, are not collected. Other warnings pass on as usual.
+    """
+    found: list[str] = []
+    handler = _DeprecationLog(found)
+    library_logger = logging.getLogger("transformers")
+    once = getattr(logging.Logger, "warning_once", None)
+    if hasattr(once, "cache_clear"):
+        once.cache_clear()
+    with warnings.catch_warnings():
+        previous = warnings.showwarning
+        for category in _DEPRECATIONS:
+            warnings.simplefilter("always", category)
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            caller = _steerlib_caller() if issubclass(category, _DEPRECATIONS) else None
+            if caller is not None:
+                found.append(f"{caller}: {category.__name__}: {message}")
+            elif not issubclass(category, DeprecationWarning):
+                previous(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        library_logger.addHandler(handler)
+        try:
+            yield found
+        finally:
+            library_logger.removeHandler(handler)
 
 
 def count_hooks(model: nn.Module) -> int:
