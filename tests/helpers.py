@@ -22,16 +22,32 @@ from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 _DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 
 
-def _steerlib_caller() -> str | None:
-    """``module:line`` of the innermost steerlib frame on the current stack, or None. steerlib's own renaming
-    machinery (``steerlib.core.renamed``, which warns on purpose) counts as no steerlib frame."""
-    frame = sys._getframe(1)
+def _in(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def _warned_from(filename: str, lineno: int) -> str | None:
+    """``module:line`` of the frame a Python warning is attributed to (its ``stacklevel``: the code that called the
+    deprecated API), or None when that frame is not steerlib's."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename == filename and frame.f_lineno == lineno:
+            name = frame.f_globals.get("__name__", "")
+            return f"{name}:{lineno}" if _in(name, "steerlib") else None
+        frame = frame.f_back
+    return None
+
+
+def _logged_from(package: str) -> str | None:
+    """``module:line`` of the first frame outside ``package`` (and ``logging``) below the one that logged: the code
+    that called into the library, or None when that is not steerlib's."""
+    frame, inside = sys._getframe(2), False
     while frame is not None:
         name = frame.f_globals.get("__name__", "")
-        if name == "steerlib.core.renamed":
-            return None
-        if name == "steerlib" or name.startswith("steerlib."):
-            return f"{name}:{frame.f_lineno}"
+        if _in(name, package):
+            inside = True
+        elif inside and not _in(name, "logging"):
+            return f"{name}:{frame.f_lineno}" if _in(name, "steerlib") else None
         frame = frame.f_back
     return None
 
@@ -46,7 +62,7 @@ class _DeprecationLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         if "deprecat" in message.lower():
-            caller = _steerlib_caller()
+            caller = _logged_from(record.name.split(".")[0])
             if caller is not None:
                 self.found.append(f"{caller}: {record.name}: {message}")
 
@@ -56,10 +72,12 @@ def deprecations_from_steerlib() -> Iterator[list[str]]:
     """Collect deprecation notices that steerlib's own calls trigger in its dependencies.
 
     Yields a list that fills with ``"steerlib.module:line: what"``: a Python ``DeprecationWarning``,
-    ``PendingDeprecationWarning`` or ``FutureWarning`` (nnsight's category) raised while a steerlib frame is on
-    the stack, or a logged transformers message about a deprecation (transformers reports its renamed keywords
-    through its logger, once per process: the once-cache is cleared on entry so every call is seen). steerlib's
-    own renamed names, which warn on purpose, are not collected. Other warnings pass on as usual.
+    ``PendingDeprecationWarning`` or ``FutureWarning`` (nnsight's category) attributed to a steerlib frame (the
+    warning's ``stacklevel`` names the caller of the deprecated API), or a message about a deprecation that a
+    library logs when steerlib code called into it (transformers reports its renamed keywords through its logger,
+    once per process: the once-cache is cleared on entry so every call is seen). A deprecation deep inside a
+    dependency that steerlib merely has on the stack (torch's compiler using its own old API) is not steerlib's.
+    Other warnings pass on as usual.
     """
     found: list[str] = []
     handler = _DeprecationLog(found)
@@ -73,7 +91,7 @@ def deprecations_from_steerlib() -> Iterator[list[str]]:
             warnings.simplefilter("always", category)
 
         def show(message, category, filename, lineno, file=None, line=None) -> None:
-            caller = _steerlib_caller() if issubclass(category, _DEPRECATIONS) else None
+            caller = _warned_from(filename, lineno) if issubclass(category, _DEPRECATIONS) else None
             if caller is not None:
                 found.append(f"{caller}: {category.__name__}: {message}")
             elif not issubclass(category, DeprecationWarning):

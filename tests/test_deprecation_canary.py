@@ -20,19 +20,21 @@ from steerlib.steering.steer import build_readout
 
 
 def _as_steerlib(source: str, name: str = "steerlib.fake"):
-    """A function whose frame belongs to a (fake) steerlib module."""
+    """A function whose frame belongs to module ``name`` (a fake steerlib one unless told)."""
     scope = {"__name__": name, "warnings": warnings}
-    exec(source, scope)  # noqa: S102 - a two-line function of this test's own
+    exec(compile(source, f"<{name}>", "exec"), scope)  # noqa: S102 - a two-line function of this test's own
     return scope["f"]
 
 
 def test_catches_deprecations_from_steerlib_frames_only() -> None:
     old_name = _as_steerlib("def f(out):\n    return out.past_key_values\n")
-    python_warning = _as_steerlib("def f():\n    warnings.warn('old', FutureWarning, stacklevel=2)\n")
+    # A dependency's deprecated function warns at its caller (stacklevel=2), here steerlib code.
+    deprecated = _as_steerlib("def f():\n    warnings.warn('old', FutureWarning, stacklevel=2)\n", name="dep.fake")
+    calls_it = _as_steerlib("def f(g):\n    g()\n")
     out = CausalLMOutputWithPast(logits=torch.zeros(1))
     with deprecations_from_steerlib() as found:
         old_name(out)
-        python_warning()
+        calls_it(deprecated)
     assert len(found) == 2
     assert found[0].startswith("steerlib.fake:2: ") and "`past_key_values`/`cache_params` are deprecated" in found[0]
     assert found[1] == "steerlib.fake:2: FutureWarning: old"
@@ -55,3 +57,13 @@ def test_dose_sweep_path_uses_current_cache_names(embedded) -> None:
                         readout=readout, max_new_tokens=3)
     assert found == []
     assert len(gens) == 2 and all(g.projections is not None for g in gens)
+
+
+def test_a_dependency_deprecating_inside_itself_is_not_steerlibs() -> None:
+    """steerlib on the stack is not enough: the deprecated call must be steerlib's own."""
+    inner = _as_steerlib("def f():\n    warnings.warn('inside torch', DeprecationWarning, stacklevel=1)\n",
+                         name="torch.fake")
+    outer = _as_steerlib("def f(g):\n    g()\n")
+    with deprecations_from_steerlib() as found:
+        outer(inner)
+    assert found == []
