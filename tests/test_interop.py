@@ -17,6 +17,7 @@ import torch
 
 from steerlib.core import backends
 from steerlib.core.capture import activations_from_hidden, capture_activations, pad_batch, tokenize_pairs
+from steerlib.extraction.sweep import mean_difference
 from steerlib.interop import edits as interop_edits
 from steerlib.interop import nnsight as slnn
 from steerlib.interop import transformer_lens as sltl
@@ -135,12 +136,16 @@ def test_activations_from_caches_equal_capture(embedded, bridge, lm) -> None:
     with torch.no_grad(), lm.trace({"input_ids": ids, "attention_mask": mask, "position_ids": positions}):
         saved = slnn.save_layers(lm, layers)
     got_nn = slnn.activations_from_saved(saved, mask, want.prompt_lengths)
+    labels = torch.tensor([True, False])
+    want_vectors = mean_difference(want.pooled["response_mean"], labels)  # [L, D], as extraction computes them
     for got, tol in ((got_tl, 2e-4), (got_nn, 1e-5)):
         assert got.layers == layers and got.response_lengths == want.response_lengths
         for kind in ("prompt_mean", "prompt_last", "response_mean"):
             for layer in layers:
                 w = want.at(kind, layer)
                 torch.testing.assert_close(got.at(kind, layer), w, atol=tol * float(w.abs().max()), rtol=1e-4)
+        vectors = mean_difference(got.pooled["response_mean"], labels)
+        torch.testing.assert_close(vectors, want_vectors, atol=tol * float(want_vectors.abs().max()), rtol=1e-4)
 
 
 def test_hook_names_and_layers() -> None:
