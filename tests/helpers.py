@@ -98,11 +98,15 @@ def deprecations_from_steerlib() -> Iterator[list[str]]:
                 previous(message, category, filename, lineno, file, line)
 
         warnings.showwarning = show
+        # Another test may have silenced transformers (set_verbosity_error): its warnings must reach the handler.
+        level = library_logger.level
+        library_logger.setLevel(min(level, logging.WARNING) if level else logging.WARNING)
         library_logger.addHandler(handler)
         try:
             yield found
         finally:
             library_logger.removeHandler(handler)
+            library_logger.setLevel(level)
 
 
 def count_hooks(model: nn.Module) -> int:

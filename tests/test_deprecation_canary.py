@@ -6,12 +6,12 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
 from helpers import deprecations_from_steerlib
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils import logging as hf_logging
 
 import steerlib.steering.steer as steer_module
 from steerlib.steering.generation import generate
@@ -32,9 +32,12 @@ def test_catches_deprecations_from_steerlib_frames_only() -> None:
     deprecated = _as_steerlib("def f():\n    warnings.warn('old', FutureWarning, stacklevel=2)\n", name="dep.fake")
     calls_it = _as_steerlib("def f(g):\n    g()\n")
     out = CausalLMOutputWithPast(logits=torch.zeros(1))
+    logging.getLogger("transformers").setLevel(logging.ERROR)  # as a test that silences transformers leaves it
     with deprecations_from_steerlib() as found:
         old_name(out)
         calls_it(deprecated)
+    assert logging.getLogger("transformers").level == logging.ERROR
+    logging.getLogger("transformers").setLevel(logging.WARNING)
     assert len(found) == 2
     assert found[0].startswith("steerlib.fake:2: ") and "`past_key_values`/`cache_params` are deprecated" in found[0]
     assert found[1] == "steerlib.fake:2: FutureWarning: old"
@@ -49,7 +52,6 @@ def test_dose_sweep_path_uses_current_cache_names(embedded) -> None:
     """Generation with a read-out (the dose sweep) reads the returned cache and passes it on for the closing
     read-out pass; on transformers 5.24 the old names were deprecated there (finding 10)."""
     model, tok = embedded
-    hf_logging.set_verbosity_warning()
     vec = torch.randn(576, generator=torch.Generator().manual_seed(0))
     readout = build_readout(model, {"t": vec}, [4])
     with deprecations_from_steerlib() as found:
