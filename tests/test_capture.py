@@ -6,7 +6,7 @@ import contextlib
 
 import pytest
 import torch
-from helpers import count_hooks
+from helpers import count_hooks, residual_states
 from torch import Tensor, nn
 
 from steerlib.core import backends
@@ -41,8 +41,7 @@ def reference(embedded, samples) -> list[tuple[tuple[Tensor, ...], int]]:
     out = []
     for prompt, response in zip(*samples, strict=True):
         p_ids = _token_ids(tok, prompt)
-        with torch.no_grad():
-            hs = model(torch.tensor([p_ids + _token_ids(tok, response)]), output_hidden_states=True).hidden_states
+        hs = residual_states(model, torch.tensor([p_ids + _token_ids(tok, response)]))
         out.append((tuple(h.float() for h in hs), len(p_ids)))
     return out
 
@@ -161,7 +160,7 @@ def test_stop_after_last_skips_later_blocks(embedded) -> None:
         assert len(records[2]) == len(records[4]) == 1
         capture_activations(model, tok, ["Hello"], layers=[3], backend="torch")
         assert calls == [] and head_calls == []
-        capture_activations(model, tok, ["Hello"], layers=[30], backend="torch")  # the final norm: lm_head skipped
+        capture_activations(model, tok, ["Hello"], layers=[30], backend="torch")  # the last block: lm_head skipped
         assert calls == [1] and head_calls == []
     finally:
         handle.remove()

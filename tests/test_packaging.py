@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Heavy or generated folders that a build does not need; the checkout itself is never built in place.
-_SKIP = shutil.ignore_patterns(".venv", ".git", "build", "dist", "runs", "*.egg-info", "__pycache__",
+# Heavy or generated folders that a build does not need; the checkout itself is never built in place. ".venv*" covers
+# every environment beside the checkout (.venv, .venv-vllm, .venv-canary: several GB that copytree would copy).
+_SKIP = shutil.ignore_patterns(".venv*", ".git", "build", "dist", "runs", "*.egg-info", "__pycache__",
                                ".pytest_cache", ".ruff_cache", "notebooks", "*.whl")
 
 

@@ -1,8 +1,7 @@
 """Where the residual stream lives in a decoder-only causal LM, found from the model's structure and config.
 
-Layer indices follow ``output_hidden_states``: index 0 is the embedding output (the input of the first decoder
-block) and index ``L`` (1..n) the output of decoder block ``L - 1``. The last index is taken where transformers
-reports it: after the final norm when the model has one.
+Layer indices (defined once, in ``steerlib.core.hooks``): index 0 is the embedding output (the input of the first
+decoder block) and index ``L`` (1..n) the output of decoder block ``L - 1``, the last one before the final norm.
 
 Discovery, without a per-architecture table:
 
@@ -91,8 +90,8 @@ class Layout:
 
     Attributes:
         blocks: the decoder blocks; block ``L - 1`` outputs residual layer ``L``.
-        final_norm: the module whose output is ``output_hidden_states[n_layers]``: the final norm, or the last
-            block for a body without one.
+        final_norm: the final norm (whose output transformers reports as ``output_hidden_states[n_layers]``; steerlib's
+            layer ``n_layers`` is its input), or the last block for a body without one.
         body: the module that owns the blocks; its forward starts each pass.
         n_layers: number of blocks.
         d_model: width of the residual stream.

@@ -1,9 +1,9 @@
 """Three ways to read the residual stream, behind one function.
 
-Each backend takes a padded batch and returns ``layer -> [B, T, d_model]`` for the requested layers, with
-the ``output_hidden_states`` indexing. "torch" uses plain forward hooks (and stops after the deepest layer),
-"transformer_lens" wraps the model in a TransformerLens 4.x ``TransformerBridge``, "nnsight" in an nnsight 0.8
-``LanguageModel``. The wrappers are built once per model and reused.
+Each backend takes a padded batch and returns ``layer -> [B, T, d_model]`` for the requested layers, layers as
+``steerlib.core.hooks`` defines them (the top layer before the final norm). "torch" uses plain forward hooks (and
+stops after the deepest layer), "transformer_lens" wraps the model in a TransformerLens 4.x ``TransformerBridge``, "nnsight" in an nnsight 0.8
+``TransformersModel`` (the 0.8 name of ``LanguageModel``). The wrappers are built once per model and reused.
 """
 
 from __future__ import annotations
@@ -12,16 +12,23 @@ import contextlib
 import copy
 import weakref
 from collections.abc import Callable, Sequence
+from importlib.util import find_spec
 
 import torch
 from torch import Tensor, nn
 
 from steerlib.core.arch import get_layout
-from steerlib.core.hooks import StopForward, record_residual
+from steerlib.core.hooks import StopForward, record_residual, residual_site
 
 BackendFn = Callable[[nn.Module, object, Tensor, Tensor, Tensor, Sequence[int]], dict[int, Tensor]]
 
 _wrappers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def require_extra(module: str, package: str) -> None:
+    """A one-line error naming the ``interop`` extra when TransformerLens or nnsight is missing."""
+    if find_spec(module) is None:
+        raise ImportError(f"{package} is not installed: pip install 'steerlib[interop]' (or pip install {package})")
 
 
 def _wrapper(model: nn.Module, kind: str, build: Callable[[], object]) -> object:
@@ -41,16 +48,14 @@ def _torch_backend(model, tokenizer, ids, mask, positions, layers, *, truncate: 
     return {layer: recs[0] for layer, recs in records.items()}
 
 
-def _tl_hook_name(layer: int, n_layers: int) -> str:
-    if layer == 0:
-        return "blocks.0.hook_resid_pre"
-    if layer == n_layers:
-        return "ln_final.hook_out"
-    return f"blocks.{layer - 1}.hook_resid_post"
+def tl_hook_name(layer: int) -> str:
+    """TransformerLens hook point of residual layer ``layer`` (block input for 0, else block ``layer - 1``'s output)."""
+    return "blocks.0.hook_resid_pre" if layer == 0 else f"blocks.{layer - 1}.hook_resid_post"
 
 
 @torch.inference_mode()
 def _transformer_lens_backend(model, tokenizer, ids, mask, positions, layers) -> dict[int, Tensor]:
+    require_extra("transformer_lens", "transformer-lens")
     from transformer_lens.model_bridge import TransformerBridge
 
     def build():
@@ -64,21 +69,22 @@ def _transformer_lens_backend(model, tokenizer, ids, mask, positions, layers) ->
         )
 
     bridge = _wrapper(model, "transformer_lens", build)
-    n_layers = get_layout(model).n_layers
-    names = {_tl_hook_name(layer, n_layers): layer for layer in layers}
+    names = {tl_hook_name(layer): layer for layer in layers}
     _, cache = bridge.run_with_cache(
         ids, attention_mask=mask, position_ids=positions, names_filter=lambda name: name in names
     )
     return {layer: cache[name] for name, layer in names.items()}
 
 
-def _envoy_at(root, path: str):
+def envoy_at(root, path: str):
+    """The nnsight envoy (or module) at dotted ``path`` under ``root``."""
     for part in path.split("."):
         root = getattr(root, part)
     return root
 
 
-def _module_path(model: nn.Module, target: nn.Module) -> str:
+def module_path(model: nn.Module, target: nn.Module) -> str:
+    """Dotted name of ``target`` inside ``model``."""
     for name, module in model.named_modules():
         if module is target:
             return name
@@ -86,22 +92,21 @@ def _module_path(model: nn.Module, target: nn.Module) -> str:
 
 
 def _nnsight_backend(model, tokenizer, ids, mask, positions, layers) -> dict[int, Tensor]:
-    from nnsight import LanguageModel
+    require_extra("nnsight", "nnsight")
+    from nnsight import TransformersModel  # nnsight 0.8's name (LanguageModel is deprecated there)
 
-    lm = _wrapper(model, "nnsight", lambda: LanguageModel(model, tokenizer=tokenizer))
+    lm = _wrapper(model, "nnsight", lambda: TransformersModel(model, tokenizer=tokenizer, task="text-generation"))
     layout = get_layout(model)
-    blocks_path = _module_path(model, layout.blocks)
-    norm_path = _module_path(model, layout.final_norm)
+    paths = {layer: (module_path(model, module), is_input)
+             for layer in layers for module, is_input in [residual_site(layout, layer)]}
     saved = {}
     with torch.inference_mode(), lm.trace({"input_ids": ids, "attention_mask": mask, "position_ids": positions}):
-        blocks = _envoy_at(lm, blocks_path)
-        for layer in layers:
-            if layer == 0:
-                saved[layer] = blocks[0].input.save()
-            elif layer == layout.n_layers:
-                saved[layer] = _envoy_at(lm, norm_path).output.save()
+        for layer, (path, is_input) in paths.items():
+            envoy = envoy_at(lm, path)
+            if is_input:
+                saved[layer] = envoy.input.save()
             else:
-                out = blocks[layer - 1].output
+                out = envoy.output
                 saved[layer] = (out[0] if isinstance(out, tuple) else out).save()
     return {layer: getattr(value, "value", value) for layer, value in saved.items()}
 

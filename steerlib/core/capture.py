@@ -3,13 +3,13 @@
 ``capture_activations`` tokenises (prompt, response) pairs, runs them through one of three backends and
 pools per sample; ``steerlib.core.hooks.record_residual`` is the hook-level primitive underneath.
 
-Layer ``L`` means ``output_hidden_states[L]``: 0 = embeddings, ``L`` = output of block ``L - 1``, and the last
-one after the final norm.
+Layer ``L``: 0 = embeddings, ``L`` = output of block ``L - 1``, the last one before the final norm (defined in
+``steerlib.core.hooks``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +21,7 @@ from steerlib.core.backends import BACKENDS, run_backend
 from steerlib.core.hooks import check_layers, record_residual
 from steerlib.core.models import unwrap_model
 
-__all__ = ["POOLINGS", "Activations", "capture_activations", "pad_batch", "pad_token_id", "pooled_activations", "record_residual",
+__all__ = ["POOLINGS", "Activations", "activations_from_hidden", "capture_activations", "pad_batch", "pad_token_id", "pooled_activations", "record_residual",
            "tokenize_pairs"]
 
 POOLINGS = ("prompt_mean", "prompt_last", "response_mean")
@@ -214,11 +214,7 @@ def capture_activations(
             seq_len, p_len = len(encoded[i][0]), encoded[i][1]
             off = int(offsets[row])
             acts = stacked[row, :, off : off + seq_len]  # [n_sel, seq, D]
-            pooled["prompt_mean"][i] = acts[:, :p_len].mean(dim=1)
-            pooled["prompt_last"][i] = acts[:, p_len - 1]
-            token_norms[i] = acts.norm(dim=-1).median(dim=1).values
-            if seq_len > p_len:
-                pooled["response_mean"][i] = acts[:, p_len:].mean(dim=1)
+            _pool_sample(acts, p_len, pooled, token_norms, i)
             if keep_tokens:
                 tokens[i] = acts.clone()
         bar.update(len(idx))
@@ -232,6 +228,67 @@ def capture_activations(
         tokens=tokens if keep_tokens else None,  # type: ignore[arg-type]
         meta={"backend": backend},
     )
+
+
+def _pool_sample(acts: Tensor, p_len: int, pooled: dict[str, Tensor], token_norms: Tensor, i: int) -> None:
+    """Pool one sample's tokens ``acts`` [n_sel, seq, D] (prompt first, ``p_len`` tokens) into row ``i``."""
+    pooled["prompt_mean"][i] = acts[:, :p_len].mean(dim=1)
+    pooled["prompt_last"][i] = acts[:, p_len - 1]
+    token_norms[i] = acts.norm(dim=-1).median(dim=1).values
+    if acts.shape[1] > p_len:
+        pooled["response_mean"][i] = acts[:, p_len:].mean(dim=1)
+
+
+def activations_from_hidden(
+    hidden: Mapping[int, Tensor],
+    attention_mask: Tensor,
+    prompt_lengths: Sequence[int],
+    *,
+    keep_tokens: bool = False,
+    meta: Mapping[str, object] | None = None,
+) -> Activations:
+    """Pool residual states read elsewhere (another library's hooks) into steerlib's ``Activations``.
+
+    Args:
+        hidden: layer -> [B, T, D] states of one padded batch, layers as ``steerlib.core.hooks`` defines them.
+        attention_mask: [B, T], 1 on real tokens; padding may be on either side.
+        prompt_lengths: per row, how many of its real tokens are the prompt (the rest are the response).
+        keep_tokens: also keep every token's activation per sample.
+        meta: recorded in ``Activations.meta``.
+    """
+    if not hidden:
+        raise ValueError("no layers given: hidden is empty")
+    layers = sorted(hidden)
+    first = hidden[layers[0]]
+    if first.dim() != 3:
+        raise ValueError(f"hidden states must be [batch, seq, d_model], got shape {tuple(first.shape)}")
+    for layer in layers:
+        if hidden[layer].shape != first.shape:
+            raise ValueError(f"layer {layer} has shape {tuple(hidden[layer].shape)}, layer {layers[0]} "
+                             f"{tuple(first.shape)}: all layers must come from the same batch")
+    n, t, d = first.shape
+    if tuple(attention_mask.shape) != (n, t):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the states {(n, t)}")
+    if len(prompt_lengths) != n:
+        raise ValueError(f"got {len(prompt_lengths)} prompt lengths for a batch of {n}")
+    stacked = torch.stack([hidden[layer].detach().float().cpu() for layer in layers], dim=1)  # [B, n_sel, T, D]
+    keep = attention_mask.detach().cpu().bool()
+    pooled = {kind: torch.full((n, len(layers), d), float("nan")) for kind in POOLINGS}
+    token_norms = torch.zeros(n, len(layers))
+    tokens: list[Tensor] = []
+    lengths = []
+    for i in range(n):
+        acts = stacked[i][:, keep[i]]  # [n_sel, seq_i, D], padding dropped wherever it was
+        p_len = int(prompt_lengths[i])
+        if not 1 <= p_len <= acts.shape[1]:
+            raise ValueError(f"prompt length {p_len} of row {i} is outside 1..{acts.shape[1]} (its real tokens)")
+        _pool_sample(acts, p_len, pooled, token_norms, i)
+        lengths.append(acts.shape[1] - p_len)
+        if keep_tokens:
+            tokens.append(acts.clone())
+    return Activations(layers=layers, pooled=pooled, prompt_lengths=[int(p) for p in prompt_lengths],
+                       response_lengths=lengths, token_norms=token_norms, tokens=tokens if keep_tokens else None,
+                       meta=dict(meta or {}))
 
 
 def pooled_activations(

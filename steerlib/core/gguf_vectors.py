@@ -12,7 +12,7 @@ The format, as llama.cpp's loader defines it (``common_control_vector_load_one``
 - llama.cpp adds ``direction.N`` to the output of block ``il = N`` (0-based: ``cvec.apply_to(cur, il)`` at the end
   of each layer loop, ``tensors[il]`` filled from ``direction.il``); block 0 never gets a tensor.
 
-Layer mapping: steerlib layer ``L`` is ``output_hidden_states[L]``, the output of block ``L - 1``. So
+Layer mapping: steerlib layer ``L`` is the output of block ``L - 1`` (see ``steerlib.core.hooks``). So
 
     steerlib layer L  <->  direction.(L - 1),   for L = 2 .. n_layers
 

@@ -1,7 +1,14 @@
-"""Hook-level primitives on the residual stream.
+"""Hook-level primitives on the residual stream, and the one definition of "layer ``L``".
 
-Layer ``L`` means ``output_hidden_states[L]``: 0 = embeddings, ``L`` = output of block ``L - 1``, and the last
-one after the final norm.
+Layer ``L`` of the residual stream, for capture, steering and read-out alike:
+
+- ``0``: the embeddings, i.e. the input of block 0;
+- ``1..n``: the output of block ``L - 1``, the top layer ``n`` included: **before** the final norm.
+
+This equals transformers' ``output_hidden_states[L]`` for every ``L < n``; transformers reports its last entry
+after the final norm, steerlib's layer ``n`` is the last block's raw output. So a vector read at any layer is
+added back in the space it was read from. ``residual_site`` maps a layer to the module and hook side that see it;
+every path that hooks the stream by layer goes through it.
 """
 
 from __future__ import annotations
@@ -52,6 +59,17 @@ def _hidden_of(output: object) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def residual_site(layout: Layout, layer: int) -> tuple[nn.Module, bool]:
+    """``(module, is_input)`` whose input (``is_input``) or output carries residual layer ``layer``.
+
+    Layer 0 is the first block's input; layer ``L >= 1`` the output of block ``L - 1``, the top layer too.
+    """
+    layer = layout.check_layer(layer)
+    if layer == 0:
+        return layout.blocks[0], True
+    return layout.blocks[layer - 1], False
+
+
 def check_layers(layout: Layout, layers: Sequence[int] | int | None) -> list[int]:
     """Normalise a layer selection (None = all, negatives count from the end) and validate it."""
     if layers is None:
@@ -72,7 +90,7 @@ def record_residual(
     to_cpu: bool = True,
     stop_after_last: bool = False,
 ) -> Iterator[dict[int, list[Tensor]]]:
-    """Record ``output_hidden_states[L]`` for each selected layer on every forward pass.
+    """Record residual layer ``L`` (see the module docstring) for each selected layer on every forward pass.
 
     Yields a dict ``layer -> list of tensors [batch, seq, d_model]``, one per forward call. Hooks are all
     registered before the body runs and removed when it exits, also when it raises.
@@ -113,12 +131,11 @@ def record_residual(
     handles = HookHandles()
     try:
         for layer in layers:
-            if layer == 0:
-                handles.add(layout.blocks[0].register_forward_pre_hook(pre_block_hook(0), with_kwargs=True))
-            elif layer == layout.n_layers:
-                handles.add(layout.final_norm.register_forward_hook(post_hook(layer)))
+            module, is_input = residual_site(layout, layer)
+            if is_input:
+                handles.add(module.register_forward_pre_hook(pre_block_hook(layer), with_kwargs=True))
             else:
-                handles.add(layout.blocks[layer - 1].register_forward_hook(post_hook(layer)))
+                handles.add(module.register_forward_hook(post_hook(layer)))
         yield records
     finally:
         handles.remove()

@@ -1,11 +1,12 @@
 """Vectors made by other tools, read as ``TraitVectors`` with steerlib's layer meaning.
 
-Layer conventions (steerlib layer ``L`` = ``output_hidden_states[L]``: 0 = embeddings, ``L`` = output of block
-``L - 1``):
+Layer conventions (steerlib layer ``L``: 0 = embeddings, ``L`` = output of block ``L - 1``, the top one before the
+final norm; ``output_hidden_states[L]`` below the top):
 
 - **Persona Vectors paper repository** (``{trait}_response_avg_diff.pt`` and friends): one tensor
   ``[n_layers + 1, d_model]`` whose row ``i`` is the difference of means of ``hidden_states[i]``, i.e. the same
-  indexing as steerlib: row ``i`` -> layer ``i``. Loaded with ``torch.load(..., weights_only=True)``. The file-name
+  indexing as steerlib: row ``i`` -> layer ``i`` (the last row was read after the final norm, steerlib's top
+  layer is before it). Loaded with ``torch.load(..., weights_only=True)``. The file-name
   suffix gives the pooling: ``response_avg_diff`` -> ``response_mean``, ``prompt_avg_diff`` -> ``prompt_mean``,
   ``prompt_last_diff`` -> ``prompt_last``.
 - **saklas profiles** (``name.safetensors`` + ``name.json`` sidecar, written by ``saklas.core.profile.save_profile``):

@@ -2,8 +2,8 @@
 
 ``tiny_config(model_type)`` shrinks the architecture's default config generically (hidden 64, 3 layers, vocab 256,
 4 experts, ...) without downloading anything; ``check_architecture(model_type)`` builds it and verifies that
-``record_residual`` captures ``output_hidden_states[L]`` at every layer and that steering at ``L`` shifts exactly
-that output. ``tests/test_all_archs.py`` and ``scripts/arch_table.py`` share these.
+``record_residual`` captures ``output_hidden_states[L]`` at every layer (the top one before the final norm) and that
+steering at ``L`` shifts exactly that output. ``tests/test_all_archs.py`` and ``scripts/arch_table.py`` share these.
 """
 
 from __future__ import annotations
@@ -197,7 +197,8 @@ def check_model(model: nn.Module, ids: Tensor, *, shifted: bool = False, atol: f
                 rtol: float = 1e-4) -> float:
     """Assert steerlib's layer convention on ``model``; return the largest absolute error seen.
 
-    Checks: ``record_residual`` at every layer equals ``output_hidden_states``; steering ``coef * v`` at each layer
+    Checks: ``record_residual`` at every layer equals ``output_hidden_states`` (at the top layer, the last block's
+    output before the final norm); steering ``coef * v`` at each layer
     ``L`` < n changes ``output_hidden_states[L]`` by exactly ``coef * v`` and leaves earlier layers alone; steering
     at the last layer changes it to ``final_norm(block output + coef * v)``.
 
@@ -234,15 +235,29 @@ def check_model(model: nn.Module, ids: Tensor, *, shifted: bool = False, atol: f
                 states = (model.get_input_embeddings()(ids), *states[: n - 1], states[n])
             return states
 
+        def last_block_output() -> Tensor:
+            raw: list[Tensor] = []
+
+            def keep(_m: nn.Module, _a: tuple, out: object) -> None:
+                raw.append(out[0] if isinstance(out, tuple) else out)
+
+            handle = layout.blocks[-1].register_forward_hook(keep)
+            try:
+                model(ids)
+            finally:
+                handle.remove()
+            return raw[0]
+
         want = hidden(model(ids, output_hidden_states=True))
         if len(want) != n + 1:
             raise AssertionError(f"output_hidden_states has {len(want)} entries for {n} blocks")
         with record_residual(model) as records:
             model(ids)
+        residual = (*want[:n], last_block_output())
         for layer in range(n + 1):
             if len(records[layer]) != 1:
                 raise AssertionError(f"layer {layer}: recorded {len(records[layer])} times in one forward")
-            close(records[layer][0], want[layer], f"capture at layer {layer}")
+            close(records[layer][0], residual[layer], f"capture at layer {layer}")
         vec = torch.randn(layout.d_model, generator=torch.Generator().manual_seed(2))
         coef = 0.5
         for layer in range(1, n + 1):
@@ -253,17 +268,7 @@ def check_model(model: nn.Module, ids: Tensor, *, shifted: bool = False, atol: f
             if layer < n:
                 close(got[layer], want[layer] + coef * vec, f"steering at {layer}: shift of layer {layer}")
             elif layout.final_norm is not layout.blocks[-1]:
-                raw: list[Tensor] = []
-
-                def keep(_m: nn.Module, _a: tuple, out: object, raw: list[Tensor] = raw) -> None:
-                    raw.append(out[0] if isinstance(out, tuple) else out)
-
-                handle = layout.blocks[-1].register_forward_hook(keep)
-                try:
-                    model(ids)
-                finally:
-                    handle.remove()
-                close(got[n], layout.final_norm(raw[0] + coef * vec), f"steering at {n}: normed last layer")
+                close(got[n], layout.final_norm(residual[n] + coef * vec), f"steering at {n}: normed last layer")
             else:
                 close(got[n], want[n] + coef * vec, f"steering at {n}: shift of the last layer")
     return worst

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from steerlib.core.arch import Layout, get_layout
-from steerlib.core.compat import cache_keyword
+from steerlib.core.compat import cache_keyword, output_cache
 from steerlib.core.hooks import HookHandles
 from steerlib.kernels import prepare_backend, resolve_backend, steer_rows_inline, steer_rows_op
 from steerlib.steering.devices import DevicePlans, layer_devices, plan_tensors
@@ -351,7 +351,7 @@ def generate_batch(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
         mask = torch.cat([attention_mask, attention_mask.new_ones((b, n))], dim=1)
         model(input_ids=out.sequences[:, -1:], attention_mask=mask, position_ids=(mask.sum(1, keepdim=True) - 1),
               cache_position=torch.tensor([mask.shape[1] - 1], device=mask.device), use_cache=True,
-              **{cache_keyword(model): out.past_key_values})
+              **{cache_keyword(model): output_cache(out)})
     buffer = cs.buffer
     assert buffer is not None
     return new, buffer[:n + 1].transpose(0, 1).float().cpu()

@@ -27,7 +27,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from steerlib.core.capture import check_context, pad_batch, pad_token_id
 from steerlib.core.checks import check_int, check_number, check_text
-from steerlib.core.compat import cache_keyword
+from steerlib.core.compat import cache_keyword, output_cache
 from steerlib.core.models import eos_ids
 from steerlib.core.renamed import warn_renamed
 from steerlib.steering.compiled import generate_batch
@@ -242,7 +242,7 @@ def generate(
                 per_row = _split_readout(readout, len(idx), new.shape[1])
                 if readout is not None:
                     closing = _closing_readout(model, readout, out.sequences, mask.to(device),
-                                               out.past_key_values)
+                                               output_cache(out))
         for row, i in enumerate(idx):
             tokens = new[row].tolist()
             n = next((j + 1 for j, t in enumerate(tokens) if t in eos), len(tokens))
