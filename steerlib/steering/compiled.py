@@ -42,6 +42,7 @@ from steerlib.core.hooks import HookHandles
 from steerlib.kernels import steer_rows_inline, steer_rows_op
 from steerlib.steering.plan import Add, Edit, SteeringPlan, lower_ops
 from steerlib.steering.steer import SteerOp, TraitReadout
+from steerlib.steering.temperature import greedy_if_tiny
 
 
 def compile_config(model: nn.Module, **overrides):
@@ -268,7 +269,8 @@ def generate_batch(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
         model: HF causal LM.
         input_ids: [B, T] left-padded prompt ids on the model's device.
         attention_mask: [B, T] 1 for real tokens.
-        generate_kwargs: further ``generate`` arguments (``max_new_tokens`` is required).
+        generate_kwargs: further ``generate`` arguments (``max_new_tokens`` is required); sampling at a temperature
+            below ``steerlib.steering.temperature.MIN_TEMPERATURE`` (0.01) decodes greedily.
         steering: steering ops.
         readout: read-out traits, or None.
         row_coefs: [B, len(steering)] per-row coefficients, or None.
@@ -282,7 +284,7 @@ def generate_batch(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     max_new = generate_kwargs.get("max_new_tokens")
     if not isinstance(max_new, int) or max_new < 1:
         raise ValueError(f"generate_kwargs needs max_new_tokens >= 1, got {max_new!r}")
-    kwargs = dict(generate_kwargs, compile_config=compile_config(model, **(compile_options or {})))
+    kwargs = dict(greedy_if_tiny(generate_kwargs), compile_config=compile_config(model, **(compile_options or {})))
     if readout is None:
         kwargs["cache_implementation"] = "static"
     else:
