@@ -159,8 +159,10 @@ class Service:
             self._default_edits = self.resolve_steering(self.default_steering, "default steering")
             self.presets: dict[str, tuple[list[Edit], list[dict]]] = {}
             for name, specs in options.presets:
-                if name in (options.model_name, *options.model_aliases) or name in self.presets:
-                    raise ValueError(f"preset {name!r} is defined twice (or is the model's own name or alias)")
+                if name == options.model_name or name in self.presets:
+                    raise ValueError(f"preset {name!r} is defined twice (or is the model's own name)")
+                if name in options.model_aliases:
+                    raise ValueError(f"preset {name!r} is also an alias of the model")
                 self.presets[name] = (self.resolve_steering(specs, f"preset {name}"),
                                       [s.model_dump(exclude_defaults=True) for s in specs])
         except ApiError as exc:  # a start-up problem, not a request's
