@@ -92,10 +92,11 @@ class _Departures:
             with self.lock:
                 self.left[seed] = time.monotonic()
 
-    def after_leaving(self) -> list[int]:
-        """Per departed row (its client left before the answer): tokens generated after the client left."""
+    def after_leaving(self) -> list[tuple[int, int]]:
+        """Per departed row (its client left before the answer): (tokens before the client left, after it)."""
         with self.lock:
-            return [sum(1 for t in self.token_times[seed] if t > left) for seed, left in self.left.items()]
+            return [(sum(1 for t in self.token_times[seed] if t <= left),
+                     sum(1 for t in self.token_times[seed] if t > left)) for seed, left in self.left.items()]
 
 
 class _HungHandlers(logging.Handler):
@@ -296,12 +297,15 @@ def main() -> None:
           f"steps={stats['steps']} mean_batch_size={stats['mean_batch_size']}")
     if stats["active_rows"] or stats["queue_depth"]:
         failures.append(f"rows left: active {stats['active_rows']}, queued {stats['queue_depth']}")
-    after = departures.after_leaving()
+    counted = departures.after_leaving()
+    after = [n for _, n in counted]
     over = [n for n in after if n > DEPART_GOAL]
     if after:
-        print(f"departed non-streamed clients: {len(after)} left before their answer came; tokens generated after "
-              f"leaving: max {max(after)}, mean {sum(after) / len(after):.2f}, total {sum(after)} "
-              f"(goal <= {DEPART_GOAL} per row; over it: {len(over)})")
+        running = sum(1 for before, _ in counted if before)
+        print(f"departed non-streamed clients: {len(after)} left before their answer came ({running} while their "
+              f"row was generating); tokens generated after leaving: max {max(after)}, mean "
+              f"{sum(after) / len(after):.2f}, total {sum(after)} (goal <= {DEPART_GOAL} per row; over it: "
+              f"{len(over)})")
     if over:
         failures.append(f"{len(over)} departed rows generated more than {DEPART_GOAL} tokens after their client "
                         f"left (max {max(over)})")

@@ -256,24 +256,29 @@ class TokenTally:
         return sum(n for at, n in self.events if at > after)
 
 
-def departed_client_tokens(url: str, service, model: str, max_tokens: int = 64, leave_after: float = 0.5,
+def departed_client_tokens(url: str, service, model: str, max_tokens: int = 64, leave_after_tokens: int = 2,
                            headers: dict | None = None) -> tuple[int, int]:
-    """One non-streamed request whose client gives up after ``leave_after`` s: (tokens generated after it left,
-    tokens generated in all), once the engine is idle again."""
+    """One non-streamed request whose client hangs up once its row has generated ``leave_after_tokens`` tokens:
+    (tokens generated after it left, tokens generated in all), once the engine is idle again."""
+    import socket
     import time
-
-    import httpx
-    import pytest
+    from urllib.parse import urlsplit
 
     tally = TokenTally(service.engine)
     service.engine = tally  # the routes submit through service.engine
     try:
-        body = request_body("/v1/chat/completions", model, {"messages": [
-            {"role": "user", "content": "Write a long story about a lighthouse keeper."}]}, max_tokens=max_tokens)
-        with pytest.raises(httpx.TimeoutException):
-            httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=leave_after)
-        left = time.monotonic()
-        deadline = left + 300
+        body = json.dumps(request_body("/v1/chat/completions", model, {"messages": [
+            {"role": "user", "content": "Write a long story about a lighthouse keeper."}]}, max_tokens=max_tokens))
+        where = urlsplit(url)
+        head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": where.hostname, "Content-Type": "application/json",
+                                                      "Content-Length": len(body), **(headers or {})}.items())
+        with socket.create_connection((where.hostname, where.port)) as client:
+            client.sendall(f"POST /v1/chat/completions HTTP/1.1\r\n{head}\r\n{body}".encode())
+            deadline = time.monotonic() + 300
+            while tally.tokens() < leave_after_tokens:
+                assert time.monotonic() < deadline, "the row never started generating"
+                time.sleep(0.005)
+        left = time.monotonic()  # the connection is closed: the client has left
         while tally.engine.active_rows() or tally.engine.queue_depth():
             assert time.monotonic() < deadline, "the departed client's row never ended"
             time.sleep(0.02)
