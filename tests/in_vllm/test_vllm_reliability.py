@@ -23,7 +23,7 @@ def live(vllm_engine, embedded, optimism_vectors):
 
     model, tok = embedded
     preset = SteeringSpec(vector="optimistic", layer=10, coef=6.0)
-    options = AppOptions(model_name=MODEL, monitor_layer=READOUT_LAYER, max_tokens_limit=64,
+    options = AppOptions(model_name=MODEL, monitor_layer=READOUT_LAYER, max_tokens_limit=64, default_max_tokens=8,
                          presets=(("cheerful", (preset,)),))
     app = create_app(model, tok, {"optimistic": optimism_vectors}, options,
                      engine_factory=lambda **kw: _Shared(vllm_engine))
