@@ -34,6 +34,20 @@ LAYER = 15
 UP = {"vector": "optimistic", "layer": LAYER, "coef": 8.0}
 
 
+# -- 5: tiny temperatures in the library (first: the live server below guards the shared model's thread, which a
+#    compiled generate cannot trace) ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compile", [False, {"backend": "eager"}], ids=["eager", "compiled"])
+def test_generate_at_a_tiny_temperature_is_greedy(embedded, compile):
+    model, tok = embedded
+    prompts = [format_prompt(tok, "How do you feel about the future?")]
+    greedy = generate(model, tok, prompts, max_new_tokens=6, compile=compile)[0].text
+    for t in (1e-40, 1e-6, MIN_TEMPERATURE / 2):
+        assert generate(model, tok, prompts, max_new_tokens=6, temperature=t, seed=0,
+                        compile=compile)[0].text == greedy
+
+
 @pytest.fixture(scope="module")
 def live(embedded) -> Iterator[BackgroundServer]:
     model, tok = embedded
@@ -154,16 +168,3 @@ def test_a_failed_export_leaves_the_old_file_as_it_was(saved, monkeypatch):
     result = runner.invoke(cli_app, ["export", str(saved), "--out", str(out), "--layers", "20"])
     assert isinstance(result.exception, OSError) and out.read_bytes() == b"old"
     assert sorted(p.name for p in saved.parent.iterdir()) == ["optimistic.gguf", "selfout"]
-
-
-# -- 5: tiny temperatures in the library -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("compile", [False, {"backend": "eager"}], ids=["eager", "compiled"])
-def test_generate_at_a_tiny_temperature_is_greedy(embedded, compile):
-    model, tok = embedded
-    prompts = [format_prompt(tok, "How do you feel about the future?")]
-    greedy = generate(model, tok, prompts, max_new_tokens=6, compile=compile)[0].text
-    for t in (1e-40, 1e-6, MIN_TEMPERATURE / 2):
-        assert generate(model, tok, prompts, max_new_tokens=6, temperature=t, seed=0,
-                        compile=compile)[0].text == greedy
