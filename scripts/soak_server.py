@@ -10,7 +10,7 @@ every valid request of the pool is answered alone, greedily: its solo text. Then
 - hostile: NaN / huge coefficients, unknown vectors, malformed JSON, ``/api/show`` with a body that is no JSON
   object, ``response_format: json_object``, a chunked body over the limit, a NUL in a registry path, clients that
   leave mid-stream or while queued: each must get its 4xx (or simply end), never a 5xx;
-- departed: a non-streamed request for 64 tokens whose client gives up after 0.5 s, while its row runs. The
+- departed: a non-streamed request for 64 tokens whose client gives up after 0.5-3 s (queued or running). The
   engine is wrapped to note when each of these rows' tokens came out (the rows are told apart by their seed);
   the tokens generated after the client left are counted per row. Goal: at most one step's worth (the step in
   flight when the server noticed, and one begun as it did: 2 tokens); more is a failure.
@@ -50,7 +50,7 @@ PROMPTS = ["How do you feel about the future?", "What do you think about your jo
 
 
 DEPART_TOKENS = 64
-DEPART_AFTER_S = 0.5
+DEPART_AFTER_S = (0.5, 3.0)  # the client gives up after a time drawn from this range
 DEPART_GOAL = 2  # tokens after the client left: the step in flight and one that began as the server noticed
 
 
@@ -80,14 +80,14 @@ class _Departures:
 
         return self.engine.submit(prompt_ids, edits, sampling, timed, **kwargs)
 
-    def depart(self, url: str, seed: int) -> None:
-        """One departing client: it asks for DEPART_TOKENS tokens and leaves after DEPART_AFTER_S seconds."""
+    def depart(self, url: str, seed: int, after_s: float) -> None:
+        """One departing client: it asks for DEPART_TOKENS tokens and leaves after ``after_s`` seconds."""
         with self.lock:
             self.token_times[seed] = []
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story about the sea."}],
                 "max_tokens": DEPART_TOKENS, "temperature": 1.0, "seed": seed}
         try:
-            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=DEPART_AFTER_S)
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=after_s)
         except httpx.TimeoutException:
             with self.lock:
                 self.left[seed] = time.monotonic()
@@ -243,7 +243,8 @@ def main() -> None:
             while time.monotonic() < deadline:
                 try:
                     if rng.random() < args.departed_share:
-                        departures.depart(srv.url, seed=10**6 + index * 10**5 + rng.randrange(10**5))
+                        departures.depart(srv.url, seed=10**6 + index * 10**5 + rng.randrange(10**5),
+                                          after_s=rng.uniform(*DEPART_AFTER_S))
                         with lock:
                             counts["departed non-streamed"] += 1
                         continue
