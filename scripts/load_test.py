@@ -259,7 +259,8 @@ def _table(results: list[Result]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", help="server base URL; default: start steerlib's server in-process")
-    ap.add_argument("--model", default="any", help="model id sent with --url (default 'any')")
+    ap.add_argument("--model", help="model id sent with --url (default: the first one its /v1/models lists; a "
+                                    "name the server does not serve is a 404)")
     ap.add_argument("--vector", default="random", help="steering vector name with --url (default 'random')")
     ap.add_argument("--layer", type=int, default=15, help="steering layer with --url (default 15)")
     ap.add_argument("--api-key", help="bearer token for the server")
@@ -284,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = tempfile.TemporaryDirectory(prefix="steerlib-load-")
     if args.url:
         url, model, vector, layer = args.url.rstrip("/"), args.model, args.vector, args.layer
+        if model is None:
+            headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+            model = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
     else:
         server = LocalServer(args.max_batch, args.max_tokens, Path(workdir.name))
         url, model, vector, layer = server.url, server.model, "random", server.layer

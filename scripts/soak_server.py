@@ -9,7 +9,11 @@ every valid request of the pool is answered alone, greedily: its solo text. Then
   greedy ones sent with ``temperature: 1e-40`` (greedy too): the text must equal the solo text;
 - hostile: NaN / huge coefficients, unknown vectors, malformed JSON, ``/api/show`` with a body that is no JSON
   object, ``response_format: json_object``, a chunked body over the limit, a NUL in a registry path, clients that
-  leave mid-stream or while queued: each must get its 4xx (or simply end), never a 5xx.
+  leave mid-stream or while queued: each must get its 4xx (or simply end), never a 5xx;
+- departed: a non-streamed request for 64 tokens whose client gives up after 0.5-3 s (queued or running). The
+  engine is wrapped to note when each of these rows' tokens came out (the rows are told apart by their seed);
+  the tokens generated after the client left are counted per row. Goal: at most one step's worth (the step in
+  flight when the server noticed, and one begun as it did: 2 tokens); more is a failure.
 
 At the end the engine must be idle: no row running or queued (``/v1/stats``: ``active_rows == 0``).
 
@@ -43,6 +47,56 @@ from steerlib.serve.schema import SteeringSpec
 MODEL = "soak"
 PROMPTS = ["How do you feel about the future?", "What do you think about your job?", "Describe your city.",
            "What will tomorrow bring?"]
+
+
+DEPART_TOKENS = 64
+DEPART_AFTER_S = (0.5, 3.0)  # the client gives up after a time drawn from this range
+DEPART_GOAL = 2  # tokens after the client left: the step in flight and one that began as the server noticed
+
+
+class _Departures:
+    """The engine, with the rows of departing clients (known by their seed) timed token by token."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.lock = threading.Lock()
+        self.token_times: dict[int, list[float]] = {}  # seed -> when each token came out
+        self.left: dict[int, float] = {}  # seed -> when its client gave up
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+    def submit(self, prompt_ids, edits, sampling, sink, **kwargs):
+        with self.lock:
+            times = self.token_times.get(sampling.seed) if sampling.seed is not None else None
+        if times is None:
+            return self.engine.submit(prompt_ids, edits, sampling, sink, **kwargs)
+
+        def timed(item: tuple) -> None:
+            if item[0] == "token":  # one read-out value per token; text may lag a token behind
+                n = len(item[2]) if item[2] else int(bool(item[1]))
+                times.extend([time.monotonic()] * n)
+            sink(item)
+
+        return self.engine.submit(prompt_ids, edits, sampling, timed, **kwargs)
+
+    def depart(self, url: str, seed: int, after_s: float) -> None:
+        """One departing client: it asks for DEPART_TOKENS tokens and leaves after ``after_s`` seconds."""
+        with self.lock:
+            self.token_times[seed] = []
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story about the sea."}],
+                "max_tokens": DEPART_TOKENS, "temperature": 1.0, "seed": seed}
+        try:
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=after_s)
+        except httpx.TimeoutException:
+            with self.lock:
+                self.left[seed] = time.monotonic()
+
+    def after_leaving(self) -> list[tuple[int, int]]:
+        """Per departed row (its client left before the answer): (tokens before the client left, after it)."""
+        with self.lock:
+            return [(sum(1 for t in self.token_times[seed] if t <= left),
+                     sum(1 for t in self.token_times[seed] if t > left)) for seed, left in self.left.items()]
 
 
 class _HungHandlers(logging.Handler):
@@ -145,6 +199,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=12)
     parser.add_argument("--hostile-share", type=float, default=0.4)
+    parser.add_argument("--departed-share", type=float, default=0.1,
+                        help="share of requests from non-streamed clients that leave while their row runs")
     parser.add_argument("--vector", type=Path, default=None, help="trait vectors (default: a random direction)")
     parser.add_argument("--layer", type=int, default=15)
     parser.add_argument("--model", default=None)
@@ -168,7 +224,10 @@ def main() -> None:
     counts: collections.Counter = collections.Counter()
     failures: list[str] = []
     lock = threading.Lock()
-    with BackgroundServer(create_app(model, tok, {"trait": tv}, options)) as srv:
+    app = create_app(model, tok, {"trait": tv}, options)
+    departures = _Departures(app.state.service.engine)
+    app.state.service.engine = departures  # the routes submit through service.engine
+    with BackgroundServer(app) as srv:
         logging.getLogger("uvicorn.error").addHandler(hung)  # after uvicorn configured its loggers
         solo = {}
         for prompt in PROMPTS:
@@ -183,6 +242,12 @@ def main() -> None:
             rng = random.Random(args.seed * 1000 + index)
             while time.monotonic() < deadline:
                 try:
+                    if rng.random() < args.departed_share:
+                        departures.depart(srv.url, seed=10**6 + index * 10**5 + rng.randrange(10**5),
+                                          after_s=rng.uniform(*DEPART_AFTER_S))
+                        with lock:
+                            counts["departed non-streamed"] += 1
+                        continue
                     if rng.random() < args.hostile_share:
                         kind, status = _hostile(srv.url, rng, args.layer, max_body)
                         with lock:
@@ -233,6 +298,18 @@ def main() -> None:
           f"steps={stats['steps']} mean_batch_size={stats['mean_batch_size']}")
     if stats["active_rows"] or stats["queue_depth"]:
         failures.append(f"rows left: active {stats['active_rows']}, queued {stats['queue_depth']}")
+    counted = departures.after_leaving()
+    after = [n for _, n in counted]
+    over = [n for n in after if n > DEPART_GOAL]
+    if after:
+        running = sum(1 for before, _ in counted if before)
+        print(f"departed non-streamed clients: {len(after)} left before their answer came ({running} while their "
+              f"row was generating); tokens generated after leaving: max {max(after)}, mean "
+              f"{sum(after) / len(after):.2f}, total {sum(after)} (goal <= {DEPART_GOAL} per row; over it: "
+              f"{len(over)})")
+    if over:
+        failures.append(f"{len(over)} departed rows generated more than {DEPART_GOAL} tokens after their client "
+                        f"left (max {max(over)})")
     print(f"request handlers still waiting at shutdown (cancelled by uvicorn's graceful timeout): {hung.count}")
     if hung.count:
         failures.append(f"{hung.count} request handlers never ended (their rows gave no done/error signal)")

@@ -293,3 +293,104 @@ def mixed_case(n: int, d: int, k: int, dtype: torch.dtype, seed: int = 0, device
             "readout": torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=-1) if k else None}
     moved = {name: (t.to(device) if isinstance(t, torch.Tensor) else t) for name, t in args.items()}
     return hidden.to(device), moved
+
+
+# -- issue 28: HTTP checks shared by the HF server tests and tests/in_vllm (they speak HTTP only) --------------
+
+# (route, body additions, the field the 400 must name): JSON values of the wrong type that a lax parser coerced.
+LAX_TYPES = [
+    ("/v1/chat/completions", {"max_tokens": True}, "max_tokens"),
+    ("/v1/chat/completions", {"stream": "yes"}, "stream"),
+    ("/v1/chat/completions", {"temperature": "0.5"}, "temperature"),
+    ("/v1/chat/completions", {"n": 1.0}, "n"),
+    ("/v1/chat/completions", {"seed": True}, "seed"),
+    ("/v1/chat/completions", {"stream": True, "stream_options": {"include_usage": "yes"}},
+     "stream_options.include_usage"),
+    ("/v1/chat/completions", {"steering": [{"vector": "optimistic", "layer": "15"}]}, "steering.0.layer"),
+    ("/api/chat", {"stream": "yes"}, "stream"),
+    ("/api/chat", {"options": {"num_predict": True}}, "options.num_predict"),
+    ("/api/chat", {"options": {"temperature": "0"}}, "options.temperature"),
+    ("/api/generate", {"raw": 1}, "raw"),
+]
+
+
+def request_body(route: str, model: str, extra: dict, max_tokens: int = 4) -> dict:
+    """A valid greedy request for ``route`` (OpenAI chat, Ollama chat or generate) plus ``extra``."""
+    if route == "/v1/chat/completions":
+        return {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": max_tokens,
+                "temperature": 0, **extra}
+    options = {"temperature": 0, "num_predict": max_tokens, **extra.pop("options", {})}
+    if route == "/api/chat":
+        return {"model": model, "messages": [{"role": "user", "content": "Hi"}], "stream": False,
+                "options": options, **extra}
+    return {"model": model, "prompt": "Hi", "stream": False, "options": options, **extra}
+
+
+def check_unknown_model_is_404(url: str, name: str, headers: dict | None = None) -> None:
+    """A name the server does not serve is a 404 in each API's own shape, with or without steering of its own."""
+    import httpx
+
+    openai_error = {"error": {"message": f"model {name!r} not found", "type": "invalid_request_error",
+                              "param": "model", "code": "model_not_found"}}
+    for route in ("/v1/chat/completions", "/api/chat", "/api/generate"):
+        for extra in ({}, {"stream": True}):
+            r = httpx.post(url + route, json=request_body(route, name, dict(extra)), headers=headers, timeout=60)
+            assert r.status_code == 404, (route, extra, r.text)
+            assert r.json() == (openai_error if route.startswith("/v1/") else {"error": f"model {name!r} not found"})
+    r = httpx.post(url + "/api/show", json={"model": name}, headers=headers, timeout=60)
+    assert (r.status_code, r.json()) == (404, {"error": f"model {name!r} not found"})
+
+
+class TokenTally:
+    """A stand-in for an engine that passes everything through and notes when each generated token came out."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.events: list[tuple[float, int]] = []  # (time.monotonic(), tokens in the event)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def submit(self, prompt_ids, edits, sampling, sink, **kwargs):
+        import time
+
+        def counting(item: tuple) -> None:
+            if item[0] == "token":  # one read-out value per token (text may be held back a token or two)
+                self.events.append((time.monotonic(), len(item[2]) if item[2] else int(bool(item[1]))))
+            sink(item)
+
+        return self.engine.submit(prompt_ids, edits, sampling, counting, **kwargs)
+
+    def tokens(self, after: float = float("-inf")) -> int:
+        return sum(n for at, n in self.events if at > after)
+
+
+def departed_client_tokens(url: str, service, model: str, max_tokens: int = 64, leave_after_tokens: int = 2,
+                           headers: dict | None = None) -> tuple[int, int]:
+    """One non-streamed request whose client hangs up once its row has generated ``leave_after_tokens`` tokens:
+    (tokens generated after it left, tokens generated in all), once the engine is idle again."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    tally = TokenTally(service.engine)
+    service.engine = tally  # the routes submit through service.engine
+    try:
+        body = json.dumps(request_body("/v1/chat/completions", model, {"messages": [
+            {"role": "user", "content": "Write a long story about a lighthouse keeper."}]}, max_tokens=max_tokens))
+        where = urlsplit(url)
+        head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": where.hostname, "Content-Type": "application/json",
+                                                      "Content-Length": len(body), **(headers or {})}.items())
+        with socket.create_connection((where.hostname, where.port)) as client:
+            client.sendall(f"POST /v1/chat/completions HTTP/1.1\r\n{head}\r\n{body}".encode())
+            deadline = time.monotonic() + 300
+            while tally.tokens() < leave_after_tokens:
+                assert time.monotonic() < deadline, "the row never started generating"
+                time.sleep(0.005)
+        left = time.monotonic()  # the connection is closed: the client has left
+        while tally.engine.active_rows() or tally.engine.queue_depth():
+            assert time.monotonic() < deadline, "the departed client's row never ended"
+            time.sleep(0.02)
+    finally:
+        service.engine = tally.engine
+    return tally.tokens(after=left), tally.tokens()

@@ -25,8 +25,10 @@ of ``model.layers[i]`` and exports it as ``direction.i``; saklas hooks ``layers[
 
 from __future__ import annotations
 
+import os
 import re
 import struct
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -193,21 +195,31 @@ def export_gguf(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     kind = kind or vectors.default_kind
-    writer = gguf.GGUFWriter(str(path), ARCH)  # sets general.architecture
-    writer.add_string(_KEY_HINT, model_hint)
-    writer.add_int32(_KEY_COUNT, len(set(resolved)))
-    writer.add_string(_KEY_TRAIT, vectors.trait)
-    writer.add_string(_KEY_MODEL, vectors.model_name)
-    writer.add_string(_KEY_KIND, kind)
-    writer.add_int32(_KEY_N_LAYERS, n_layers)
-    writer.add_float32(_KEY_COEF, float(coef))
-    for layer in sorted(set(resolved)):
-        vec = vectors.get(layer, kind, normalize=normalize).detach().float().cpu() * float(coef)
-        writer.add_tensor(f"direction.{direction_index(layer)}", vec.numpy().astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    # Written beside the target and renamed into place: a reader (or the vectors this was exported from, should
+    # they share the name) never sees a half-written file, and a failure leaves the old file as it was.
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = gguf.GGUFWriter(str(tmp), ARCH)  # sets general.architecture
+        writer.add_string(_KEY_HINT, model_hint)
+        writer.add_int32(_KEY_COUNT, len(set(resolved)))
+        writer.add_string(_KEY_TRAIT, vectors.trait)
+        writer.add_string(_KEY_MODEL, vectors.model_name)
+        writer.add_string(_KEY_KIND, kind)
+        writer.add_int32(_KEY_N_LAYERS, n_layers)
+        writer.add_float32(_KEY_COEF, float(coef))
+        for layer in sorted(set(resolved)):
+            vec = vectors.get(layer, kind, normalize=normalize).detach().float().cpu() * float(coef)
+            writer.add_tensor(f"direction.{direction_index(layer)}", vec.numpy().astype(np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.chmod(0o644)  # mkstemp makes it owner-only; an export is meant to be read by other tools
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

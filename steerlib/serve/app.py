@@ -104,12 +104,15 @@ def create_app(model: torch.nn.Module, tokenizer: Any, vectors: Mapping[str, Tra
         presets = [{"id": name, "object": "model", "created": int(service.started_at), "owned_by": "steerlib",
                     "parent": options.model_name, "steering": steering}
                    for name, (_, steering) in service.presets.items()]
-        return {"object": "list", "data": [{
+        aliases = [{"id": name, "object": "model", "created": int(service.started_at), "owned_by": "steerlib",
+                    "parent": options.model_name} for name in options.model_aliases]
+        # served_names: every `model` a request may name (others are a 404), `:latest` forms included.
+        return {"object": "list", "served_names": service.served_names(), "data": [{
             "id": options.model_name, "object": "model", "created": int(service.started_at), "owned_by": "steerlib",
             "trait_vectors": service.vector_info(), "monitored_traits": list(service.monitored),
             "monitor_layer": engine.monitor_layer,
             "default_steering": [s.model_dump(exclude_defaults=True) for s in service.default_steering],
-        }, *presets]}
+        }, *aliases, *presets]}
 
     @app.get("/v1/monitor")
     async def monitor(last: int = Query(200, ge=1, le=10_000), alerts: int = Query(50, ge=0, le=10_000)) -> dict:

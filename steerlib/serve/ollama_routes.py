@@ -102,6 +102,7 @@ def ollama_router(service: Service) -> APIRouter:
             raise ApiError(400, "format (structured output) is not supported", param="format")
         if any(m.images for m in req.messages):
             raise ApiError(400, "images are not supported", param="messages")
+        service.preset_named(req.model)  # an unknown model is a 404 before any work (ollama_run resolves it)
         conversation = check_conversation_id(request.headers.get(CONVERSATION_HEADER), req.conversation_id)
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
         prompt_ids = await asyncio.to_thread(service.encode_messages, messages)
@@ -113,6 +114,7 @@ def ollama_router(service: Service) -> APIRouter:
         if req.format:
             raise ApiError(400, "format (structured output) is not supported", param="format")
         conversation = check_conversation_id(request.headers.get(CONVERSATION_HEADER), req.conversation_id)
+        service.preset_named(req.model)  # an unknown model is a 404, also for the empty prompt's "load"
         if not req.prompt:  # Ollama answers an empty prompt by loading the model; there is nothing to load
             return {"model": service.options.model_name, "created_at": _now(), "response": "", "done": True,
                     "done_reason": "load"}
@@ -144,7 +146,9 @@ def ollama_router(service: Service) -> APIRouter:
     async def ollama_tags() -> dict:
         # Steering presets are listed as models of their own, so a client that can only pick a model can steer.
         presets = [{**ollama_model(name), "steering": steering} for name, (_, steering) in service.presets.items()]
-        return {"models": [ollama_model(), *presets]}
+        aliases = [ollama_model(name) for name in service.options.model_aliases]
+        # served_names: every `model` a request may name (others are a 404), `:latest` forms included.
+        return {"models": [ollama_model(), *aliases, *presets], "served_names": service.served_names()}
 
     @router.post("/api/show")
     async def ollama_show(request: Request) -> dict:
@@ -161,9 +165,7 @@ def ollama_router(service: Service) -> APIRouter:
             first = exc.errors()[0]
             raise ApiError(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
         name = req.model or req.name
-        if name not in (None, service.options.model_name) and service.preset_named(name) is None:
-            known = [service.options.model_name, *service.presets]
-            raise ApiError(404, f"model {name!r} not found (this server serves {known})")
+        service.preset_named(name)  # 404 for a name this server does not serve
         info = ollama_model(name)
         return {"modelfile": "", "parameters": "", "template": "", "details": info["details"],
                 "model_info": {"general.architecture": info["details"]["family"],

@@ -88,25 +88,26 @@ class RequestRun:
             yield index, item
 
     async def results(self, request: Request) -> list[Completion]:
-        """Wait for every row; a client that disconnects cancels its rows at the next step."""
+        """Wait for every row; a client that disconnects cancels its rows at once, so they leave the batch at the
+        engine's next step (a watcher waits on the connection itself: tokens arriving steadily never delay it)."""
+        watcher = asyncio.ensure_future(self._cancel_on_disconnect(request))
         out: list[Completion | None] = [None] * len(self.rows)
-        it = self.events_until_done().__aiter__()
-        while True:
-            task = asyncio.ensure_future(it.__anext__())
-            while not task.done():
-                done, _ = await asyncio.wait({task}, timeout=0.5)
-                if not done and await request.is_disconnected():
+        try:
+            async for index, item in self.events_until_done():
+                if item[0] == "error":
                     self.cancel()
-            try:
-                index, item = task.result()
-            except StopAsyncIteration:
-                break
-            if item[0] == "error":
-                self.cancel()
-                raise item[1]
-            if item[0] == "done":
-                out[index] = item[1]
+                    raise item[1]
+                if item[0] == "done":
+                    out[index] = item[1]
+        finally:
+            watcher.cancel()
         return [c for c in out if c is not None]
+
+    async def _cancel_on_disconnect(self, request: Request) -> None:
+        # The body has been read: the server's next message for this request is its disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.cancel()
 
 
 def batch_meta(c: Completion) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 Everything a client sends is checked here, before any work is queued: numbers must be finite and within sane
 bounds (a NaN or 1e30 coefficient is a 400, not a 500 or a wrecked monitor), text must be valid Unicode (a lone
 surrogate cannot be tokenised), and fields that would change the meaning of the answer but are not implemented
-(``tools``, ``logprobs``) are refused rather than ignored.
+(``tools``, ``logprobs``) are refused rather than ignored. Types are strict, as in OpenAI's and Ollama's own
+schemas: ``"max_tokens": true`` or ``"stream": "yes"`` is a 400 naming the field, not 1 token or a stream
+(every model here sets ``strict=True``; an integer is still a valid float).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any, Literal
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from steerlib.steering.temperature import MIN_TEMPERATURE, effective_temperature
 
 __all__ = [
     "MAX_ABS_COEF",
@@ -37,15 +41,11 @@ MAX_ABS_COEF = 1000.0
 MAX_ABS_BOUND = 1e6
 MAX_STOP = 4
 MAX_N = 8
-# Sampling divides the logits by the temperature: below this, logits / T overflows float32 for ordinary logits
-# (1e-40 turned a row's probabilities into NaN). Such temperatures mean "as good as greedy", so they are treated
-# as greedy (0) instead of being refused: clients that send 1e-6 to ask for near-determinism keep working.
-MIN_TEMPERATURE = 1e-2
 
 
 def _greedy_below_floor(value: float | None) -> float | None:
-    """Temperatures in (0, MIN_TEMPERATURE) become 0 (greedy); None and others pass unchanged."""
-    return 0.0 if value is not None and 0.0 < value < MIN_TEMPERATURE else value
+    """Temperatures in (0, MIN_TEMPERATURE) become 0 (greedy; the rule ``steerlib.generate`` follows too)."""
+    return None if value is None else effective_temperature(value)
 
 
 def _valid_unicode(text: str) -> str:
@@ -61,7 +61,7 @@ class WhenSpec(BaseModel):
     """A steering entry's condition: steer only where the token's projection on ``vector`` is above/below a
     threshold, measured at the edit's own layer (``layer``, when given, must be that layer)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     vector: str = Field(description="name of a loaded trait vector whose projection decides")
     layer: int | None = Field(None, ge=1, le=10_000, description="must equal the edit's layer when given")
@@ -78,7 +78,7 @@ class WhenSpec(BaseModel):
 class SteeringSpec(BaseModel):
     """One steering edit requested by a client (see ``steerlib.steering.steer.build_ops``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     vector: str = Field(description="name of a trait vector loaded by the server")
     layer: int | None = Field(None, ge=1, le=10_000,
@@ -117,6 +117,8 @@ class SteeringSpec(BaseModel):
 
 
 class ContentPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"]
     text: str
 
@@ -124,6 +126,8 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
     name: str | None = None
@@ -140,6 +144,8 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
@@ -162,7 +168,7 @@ class ChatCompletionRequest(BaseModel):
     Unknown fields are ignored (clients send many optional ones).
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
@@ -205,6 +211,8 @@ class ChatCompletionRequest(BaseModel):
 
 
 class OllamaMessage(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     role: Literal["system", "user", "assistant"]
     content: str
     images: list[Any] | None = None
@@ -215,7 +223,7 @@ class OllamaMessage(BaseModel):
 class OllamaOptions(BaseModel):
     """The Ollama ``options`` the server honours, plus ``steer`` (a list of steering specs)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
@@ -234,7 +242,7 @@ class OllamaOptions(BaseModel):
 
 
 class OllamaChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     messages: list[OllamaMessage] = Field(min_length=1)
@@ -246,7 +254,7 @@ class OllamaChatRequest(BaseModel):
 
 
 class OllamaGenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     prompt: str = ""
@@ -261,7 +269,7 @@ class OllamaGenerateRequest(BaseModel):
 
 
 class VectorLoadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     path: str = Field(min_length=1, max_length=4096)
@@ -278,7 +286,7 @@ class VectorLoadRequest(BaseModel):
 class OllamaShowRequest(BaseModel):
     """``POST /api/show``: the model to describe (``model``, or ``name`` from older clients)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     name: str | None = None

@@ -43,6 +43,7 @@ class AppOptions:
 
     Attributes:
         model_name: id reported by ``/v1/models`` and ``/api/tags``.
+        model_aliases: further names the unsteered model answers to (listed there too).
         default_steering: steering for requests that give none.
         monitor_traits: traits read out per token (default: every loaded vector).
         monitor_layer: layer of the read-out (default: the monitored vectors' shared recommended layer).
@@ -71,6 +72,7 @@ class AppOptions:
     """
 
     model_name: str = "steerlib"
+    model_aliases: tuple[str, ...] = ()
     default_steering: tuple[SteeringSpec, ...] = ()
     monitor_traits: tuple[str, ...] | None = None
     monitor_layer: int | None = None
@@ -160,6 +162,8 @@ class Service:
             for name, specs in options.presets:
                 if name == options.model_name or name in self.presets:
                     raise ValueError(f"preset {name!r} is defined twice (or is the model's own name)")
+                if name in options.model_aliases:
+                    raise ValueError(f"preset {name!r} is also an alias of the model")
                 self.presets[name] = (self.resolve_steering(specs, f"preset {name}"),
                                       [s.model_dump(exclude_defaults=True) for s in specs])
         except ApiError as exc:  # a start-up problem, not a request's
@@ -217,21 +221,39 @@ class Service:
         Args:
             specs: the request's steering field (None: not given; ``[]`` turns steering off).
             param: the field's name, for errors.
-            model: the request's ``model`` field (a preset's name selects the preset).
+            model: the request's ``model`` field (a preset's name selects the preset; a name this server does
+                not serve is a 404, never the unsteered model).
         """
+        preset = self.preset_named(model)
         if specs is not None:
             return self.resolve_steering(specs, param), [s.model_dump(exclude_defaults=True) for s in specs]
-        preset = self.preset_named(model)
         if preset is not None:
             return self.presets[preset]
         return self._default_edits, [s.model_dump(exclude_defaults=True) for s in self.default_steering]
 
+    def served_names(self) -> list[str]:
+        """Every ``model`` a request may name: the model, its aliases and the presets, each also as Ollama's
+        ``name:latest``."""
+        names = [self.options.model_name, *self.options.model_aliases, *self.presets]
+        return [form for name in names for form in (name, f"{name}:latest")]
+
     def preset_named(self, model: str | None) -> str | None:
-        """The preset a request's ``model`` names (``name`` or Ollama's ``name:latest``), else None."""
+        """The preset a request's ``model`` names (``name`` or Ollama's ``name:latest``); None for the model
+        itself (or no ``model``).
+
+        Raises:
+            ApiError: 404 (``model_not_found``) for a name this server does not serve: a misspelled preset
+                must not be answered by the unsteered model.
+        """
         if model is None:
             return None
         name = model.removesuffix(":latest")
-        return name if name in self.presets else None
+        if name in self.presets:
+            return name
+        if name in (self.options.model_name, *self.options.model_aliases):
+            return None
+        # Ollama's wording, word for word (clients match on it); /v1/models and /api/tags list the served names.
+        raise ApiError(404, f"model {model!r} not found", param="model", code="model_not_found")
 
     # -- prompts ------------------------------------------------------------------------------------------
     def encode_messages(self, messages: list[dict]) -> list[int]:

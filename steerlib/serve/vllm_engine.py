@@ -181,6 +181,9 @@ class VllmEngine:
             row.cancelled.set()
             row.sink(("error", error))
         if self._llm is not None:
+            if self._loop is not None and self._loop.is_running():
+                with contextlib.suppress(Exception):  # a wedged loop must not keep vLLM from being shut down
+                    asyncio.run_coroutine_threadsafe(_cancel_tasks(), self._loop).result(timeout)
             self._llm.shutdown()
             self._llm = None
         if self._loop is not None:
@@ -404,3 +407,16 @@ def merge_readouts(per_worker: Sequence[dict[str, dict[int, list[float]]]]) -> d
             for pos, v in values.items():
                 mine.setdefault(int(pos), v)
     return out
+
+
+async def _cancel_tasks() -> None:
+    """Cancel every other task of the engine's loop, vLLM's output handler among them, and wait for them.
+
+    vLLM's ``AsyncLLM.shutdown`` stops the engine core before it cancels the task reading from it; run from
+    another thread, that task first sees the engine die and logs ``EngineDeadError`` at ERROR (and rows still
+    waiting fail loudly). Cancelled first, a deliberate stop logs nothing at ERROR.
+    """
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

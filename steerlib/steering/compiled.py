@@ -51,6 +51,7 @@ from steerlib.kernels import prepare_backend, resolve_backend, steer_rows_inline
 from steerlib.steering.devices import DevicePlans, layer_devices, plan_tensors
 from steerlib.steering.plan import Add, Edit, lower_ops
 from steerlib.steering.steer import SteerOp, TraitReadout
+from steerlib.steering.temperature import greedy_if_tiny
 
 
 def compile_config(model: nn.Module, **overrides):
@@ -312,7 +313,8 @@ def generate_batch(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
         model: HF causal LM.
         input_ids: [B, T] left-padded prompt ids on the model's device.
         attention_mask: [B, T] 1 for real tokens.
-        generate_kwargs: further ``generate`` arguments (``max_new_tokens`` is required).
+        generate_kwargs: further ``generate`` arguments (``max_new_tokens`` is required); sampling at a temperature
+            below ``steerlib.steering.temperature.MIN_TEMPERATURE`` (0.01) decodes greedily.
         steering: steering ops.
         readout: read-out traits, or None.
         row_coefs: [B, len(steering)] per-row coefficients, or None.
@@ -326,7 +328,7 @@ def generate_batch(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     max_new = generate_kwargs.get("max_new_tokens")
     if not isinstance(max_new, int) or max_new < 1:
         raise ValueError(f"generate_kwargs needs max_new_tokens >= 1, got {max_new!r}")
-    kwargs = dict(generate_kwargs, compile_config=compile_config(model, **(compile_options or {})))
+    kwargs = dict(greedy_if_tiny(generate_kwargs), compile_config=compile_config(model, **(compile_options or {})))
     if readout is None:
         kwargs["cache_implementation"] = "static"
     else:

@@ -32,6 +32,7 @@ from steerlib.core.models import eos_ids
 from steerlib.core.renamed import warn_renamed
 from steerlib.steering.compiled import generate_batch
 from steerlib.steering.steer import ResidualEditor, SteerOp, TraitReadout
+from steerlib.steering.temperature import effective_temperature
 
 # Another generator of response texts (e.g. vLLM's): (formatted prompts, max_new_tokens, temperature, seed) -> texts.
 GenerateTexts = Callable[[list[str], int, float, "int | None"], list[str]]
@@ -118,7 +119,8 @@ def _one_readout(readout: TraitReadout | None, monitor: TraitReadout | None) -> 
 
 def _sampling_kwargs(max_new_tokens: int, temperature: float, top_p: float, pad_id: int) -> dict:
     check_int(max_new_tokens, "max_new_tokens")
-    temperature = check_number(temperature, "temperature", minimum=0)  # NaN would silently mean greedy
+    # NaN would silently mean greedy; a tiny temperature is greedy on purpose (steerlib.steering.temperature).
+    temperature = effective_temperature(check_number(temperature, "temperature", minimum=0))
     top_p = check_number(top_p, "top_p", minimum=0, strict=True)
     if top_p > 1:
         raise ValueError(f"top_p must be within (0, 1], got {top_p:g}")
@@ -199,7 +201,8 @@ def generate(
         readout: a ``TraitReadout`` whose traits are read out per generated token.
         monitor: the first release's name for ``readout`` (deprecated: warns).
         max_new_tokens: generation length cap.
-        temperature: 0 for greedy decoding.
+        temperature: 0 for greedy decoding; below ``MIN_TEMPERATURE`` (0.01) also greedy, as in the server
+            (dividing the logits by a tinier one overflows float32; see ``steerlib.steering.temperature``).
         top_p: nucleus sampling when temperature > 0.
         batch_size: prompts per batch (left padded).
         seed: seed for sampling.
