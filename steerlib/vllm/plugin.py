@@ -46,7 +46,8 @@ def _salted(existing: str | None, salt: str) -> str:
 
 def _process_inputs(original):
     def process_inputs(self, request_id: str, prompt: Any, params: Any, *args: Any, **kwargs: Any):
-        from steerlib.vllm.spec import SPEC_KEY, cache_salt, parse_spec
+        from steerlib.vllm.slots import capacity_of, store_of
+        from steerlib.vllm.spec import SPEC_KEY, cache_salt, register_spec
 
         extra = getattr(params, "extra_args", None) or {}
         spec = extra.get(SPEC_KEY)
@@ -54,16 +55,77 @@ def _process_inputs(original):
             if not isinstance(spec, str):
                 raise _validation_error(f"{SPEC_KEY} must be a JSON string (vllm_xargs take str/int/float/list)")
             cfg = self.model_config
+            additional = self.vllm_config.additional_config
+            global _STORE, _ADMISSION
+            if _STORE is None:
+                from steerlib.vllm.slots import SlotTable
+
+                _STORE = store_of(additional, cache=1024)
+                _ADMISSION = SlotTable(capacity_of(additional))
             try:
-                parse_spec(spec, cfg.get_num_layers(self.vllm_config.parallel_config), cfg.get_hidden_size())
+                # Registration: every row is written to the store once; the request carries keys from here on.
+                spec, _ = register_spec(spec, cfg.get_num_layers(self.vllm_config.parallel_config),
+                                        cfg.get_hidden_size(), _STORE)
             except ValueError as exc:
                 raise _validation_error(str(exc)) from None
+            params.extra_args[SPEC_KEY] = spec
         request = original(self, request_id, prompt, params, *args, **kwargs)
         salt = cache_salt(spec) if spec is not None else None
         if salt is not None:
             request.cache_salt = _salted(request.cache_salt, salt)
         return request
     return process_inputs
+
+
+# The API process's registration state: the engine's vector store and the slot table that admits requests (the
+# workers' tables hold the rows; this one counts keys and pins, with the same capacity and policy).
+_STORE = None
+_ADMISSION = None
+
+
+def _admit(original):
+    def add_request(self, request: Any, *args: Any, **kwargs: Any):
+        """Pin the request's vector keys (``OutputProcessor.add_request`` runs once per request, and per child of
+        an ``n > 1`` request, right before the request goes to the engine core); refuse it when every slot is
+        pinned by requests still in flight. In-flight is the output processor's own bookkeeping."""
+        from steerlib.vllm.slots import SlotsExhausted
+        from steerlib.vllm.spec import SPEC_KEY, spec_keys
+
+        params = getattr(request, "sampling_params", None)
+        spec = ((getattr(params, "extra_args", None) or {}).get(SPEC_KEY)) if params is not None else None
+        if spec and _ADMISSION is not None:
+            keys = spec_keys(spec)
+            if keys:
+                _ADMISSION.release_missing(_Live(self))
+                try:
+                    _ADMISSION.acquire(request.request_id, keys)
+                except SlotsExhausted as exc:
+                    raise _slots_error(str(exc)) from None
+        return original(self, request, *args, **kwargs)
+    return add_request
+
+
+class _Live:
+    """Request ids an output processor still tracks (running, waiting, or a parent of running children)."""
+
+    def __init__(self, processor: Any):
+        self._states = processor.request_states
+        self._parents = processor.parent_requests
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._states or request_id in self._parents
+
+
+@functools.cache
+def _slots_full() -> type:
+    from steerlib.vllm.slots import SlotsExhausted
+
+    return type("SlotsFull", (type(_validation_error("")), SlotsExhausted), {})
+
+
+def _slots_error(message: str) -> Exception:
+    """A client error (vLLM answers 400) that is also a ``SlotsExhausted`` (steerlib's server answers 429)."""
+    return _slots_full()(message)
 
 
 def _validation_error(message: str) -> Exception:
@@ -117,10 +179,12 @@ def register() -> None:
     if _REGISTERED:
         return
     from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.engine.output_processor import OutputProcessor
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     _wrap(InputProcessor, "process_inputs", _process_inputs)
+    _wrap(OutputProcessor, "add_request", _admit)
     _wrap(GPUModelRunner, "load_model", _load_model)
     _wrap(CPUModelRunner, "load_model", _load_model)
     _wrap(GPUModelRunner, "_model_forward", _model_forward)
