@@ -318,6 +318,8 @@ def serve(
                                              "needs the vLLM environment, make vllm-env)")] = "hf",
     vllm_eager: Annotated[bool, typer.Option(help="vLLM without torch.compile (starts faster)")] = False,
     max_model_len: Annotated[int | None, typer.Option(help="vLLM's context limit (default: the model's)")] = None,
+    max_steer_vectors: Annotated[int | None, typer.Option(
+        help="vLLM: steering vector rows each worker keeps registered (LRU; default 256)")] = None,
 ) -> None:
     """OpenAI- and Ollama-compatible chat server: continuous batching with per-request steering, per-token
     trait projections and drift alerts."""
@@ -349,7 +351,8 @@ def serve(
                            app=app_options, port=port, drift_window=drift_window, drift_method=drift_method,
                            drift_threshold=drift_threshold, drift_reference_size=drift_reference_size,
                            alerts_path=alerts_path, dtype=dtype, engine=engine,
-                           vllm_args={"enforce_eager": vllm_eager, **({"max_model_len": max_model_len} if max_model_len else {})})
+                           vllm_args={"enforce_eager": vllm_eager, **({"max_model_len": max_model_len} if max_model_len else {}),
+                                      **({"max_steer_vectors": max_steer_vectors} if max_steer_vectors else {})})
     options.check()
     run_server(options)
 

@@ -229,10 +229,11 @@ def _vllm_engine(options: ServeOptions) -> tuple[Any, Any]:
     loaded, folder = load_model_skeleton(options.model_path)
     extra = dict(options.vllm_args)
     eager = bool(extra.pop("enforce_eager", False))
+    max_steer_vectors = extra.pop("max_steer_vectors", None)
 
     def factory(**kw: Any) -> VllmEngine:
         args = engine_args(str(folder), max_batch=kw["max_batch"], dtype=options.dtype, enforce_eager=eager,
-                           extra=extra)
+                           max_steer_vectors=max_steer_vectors, extra=extra)
         return VllmEngine(args, loaded.tokenizer, **kw)
 
     return loaded, factory

@@ -42,6 +42,7 @@ from steerlib.serve.engine import (
 )
 from steerlib.steering.plan import Edit
 from steerlib.steering.steer import TraitReadout
+from steerlib.vllm.slots import CAPACITY_KEY, SlotsExhausted, capacity_of, store_of
 from steerlib.vllm.spec import SPEC_KEY, UnsupportedOnVllm, cache_salt, encode_rows
 
 __all__ = ["VllmEngine", "engine_args"]
@@ -50,8 +51,10 @@ log = logging.getLogger("steerlib.serve")
 
 
 def engine_args(model_path: str, *, max_batch: int = 16, max_model_len: int | None = None, dtype: str = "float32",
-                enforce_eager: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """vLLM engine arguments for a steerlib server: the worker extension and the compile-cache identity."""
+                enforce_eager: bool = False, max_steer_vectors: int | None = None,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """vLLM engine arguments for a steerlib server: the worker extension and the compile-cache identity
+    (``max_steer_vectors``: rows each worker's slot table holds, ``steerlib.vllm.slots``)."""
     from steerlib.vllm.worker import IDENTITY
 
     args = dict(model=str(model_path), dtype=dtype, max_num_seqs=max_batch, enforce_eager=enforce_eager,
@@ -59,6 +62,8 @@ def engine_args(model_path: str, *, max_batch: int = 16, max_model_len: int | No
                 worker_extension_cls="steerlib.vllm.worker.SteerlibWorkerExtension")
     if max_model_len is not None:
         args["max_model_len"] = max_model_len
+    if max_steer_vectors is not None:
+        args["additional_config"][CAPACITY_KEY] = capacity_of({CAPACITY_KEY: max_steer_vectors})
     args.update(extra or {})
     return args
 
@@ -118,6 +123,7 @@ class VllmEngine:
         self.max_queue = max_queue
         self.eos_ids = set(eos_ids or ())
         self.dtype = args.get("dtype", "auto")
+        self._store = store_of(args.get("additional_config"))  # rows go there once; requests carry their keys
         self.on_finish: Callable[[_Row, Completion], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -231,7 +237,8 @@ class VllmEngine:
             self._stats["requests"] += 1
             self._stats["steered_rows"] += int(bool(edits))
         try:
-            spec = encode_rows(edits, readout=self.readout is not None) if (edits or self.readout) else None
+            spec = (encode_rows(edits, readout=self.readout is not None, store=self._store)
+                    if (edits or self.readout) else None)
         except UnsupportedOnVllm as exc:
             raise UnsupportedSteering(str(exc)) from None
         row = _Row(prompt_ids=list(prompt_ids), spec=spec, sampling=sampling, sink=sink, steered=steered)
@@ -277,6 +284,10 @@ class VllmEngine:
                 state.finish = "length"
             await self._llm.abort(row.request_id)
             self._complete(row, state)
+        except SlotsExhausted as exc:  # every vector slot is pinned by running rows: retry later (429)
+            with self._lock:
+                self._rows.pop(row.request_id, None)
+            row.sink(("error", QueueFull(str(exc))))
         except Exception as exc:  # one row's failure must not take the loop down
             log.exception("vLLM row %s failed", row.request_id)
             with self._lock:
