@@ -5,8 +5,12 @@ once; it is idempotent. It wraps three public methods, each checked to exist (a 
 loudly, instead of serving unsteered text):
 
 * ``InputProcessor.process_inputs`` (API process): parses a request's steering spec with the model's shape, so
-  a bad spec is a 400 there and never reaches (and crashes) a worker, and salts the prefix cache with the
-  steering (``cache_salt``), keeping any salt the client gave.
+  a bad spec is a 400 there and never reaches (and crashes) a worker, registers its vectors (each row written
+  once to the engine's content-addressed store) and rewrites the spec to carry keys, and salts the prefix cache
+  with the steering (``cache_salt``), keeping any salt the client gave.
+* ``OutputProcessor.add_request`` (API process): pins the request's vector keys in the API process's slot table
+  (``steerlib.vllm.slots``, the workers' capacity and policy) and refuses it with a 4xx when every slot is pinned
+  by requests still in flight, so a worker's table never overflows.
 * ``GPUModelRunner.load_model`` / ``CPUModelRunner.load_model`` (workers): hooks the decoder layers right after
   the model loads, before vLLM compiles or warms it up.
 * ``GPUModelRunner._model_forward`` (workers; the runner's documented override point): fills the step plan

@@ -108,7 +108,9 @@ def test_requests_carry_keys_and_more_vectors_than_slots_rotate_through_lru(slot
     after = _status(slots_engine)
     assert after["capacity"] == CAPACITY and after["resident"] <= CAPACITY
     assert after["loads"] - before["loads"] == 16 and after["evictions"] - before["evictions"] >= 16 - CAPACITY
-    assert after["pinned"] == 0  # every request finished: nothing stays pinned
+    # A worker unpins the rows of finished requests at its next step: after one more (unsteered) row, none is.
+    run_rows(slots_engine, [(_ids(tok, prompts[0]), [])], 2)
+    assert _status(slots_engine)["pinned"] == 0
 
 
 def test_a_request_needing_a_slot_while_every_slot_is_pinned_gets_429(slots_engine, embedded, prompts):
@@ -137,3 +139,29 @@ def test_a_request_needing_a_slot_while_every_slot_is_pinned_gets_429(slots_engi
     # Once the holder finished its slots are free again: the same request now runs.
     (_, again), = run_rows(slots_engine, [(_ids(tok, prompts[1]), lower_ops(extra_ops))], 4)
     assert again.completion is not None
+
+
+def test_a_plain_vllm_client_sends_floats_once_and_the_api_process_registers_them(slots_engine, embedded,
+                                                                                     optimism_vectors, prompts):
+    """What `vllm serve` with the plugin does with a client's spec (vectors inline, a latched gate): the API
+    process checks it, writes its rows to the store and rewrites it to keys; the worker loads them once."""
+    from vllm import SamplingParams
+
+    from steerlib.vllm.spec import SPEC_KEY, encode_spec
+
+    model, tok = embedded
+    v = optimism_vectors.get(12)
+    ops = [SteerOp(layer=12, vector=v * 0.97, coef=5.0, when=Condition(v * 1.01, above=10.0, latch=True))]
+    params = SamplingParams(max_tokens=N_TOKENS, temperature=0.0,
+                            extra_args={SPEC_KEY: encode_spec(ops)})  # floats, as any HTTP client writes them
+
+    async def ask() -> list[int]:
+        last = None
+        async for out in slots_engine._llm.generate({"prompt_token_ids": _ids(tok, prompts[0])}, params, "client"):
+            last = out
+        return list(last.outputs[0].token_ids)
+
+    before = _status(slots_engine)
+    got = asyncio.run_coroutine_threadsafe(ask(), slots_engine._loop).result(300)
+    assert got == _hf(model, tok, prompts[0], ops)
+    assert _status(slots_engine)["loads"] - before["loads"] == 2  # the edit's row and its gate direction
