@@ -60,14 +60,16 @@ def test_capacity_is_read_from_the_engine_config():
         capacity_of({"steerlib_max_vectors": 0})
 
 
-def _runner(specs: dict[str, str], prompt_lens: dict[str, int]):
-    """The V1 runner bookkeeping the worker reads, for requests that each decode one token."""
+def _runner(specs: dict[str, str], prompt_lens: dict[str, int], preempted: dict[str, str] | None = None):
+    """The V1 runner bookkeeping the worker reads, for requests that each decode one token (``preempted``: known
+    to the runner but not in this step's batch)."""
     from types import SimpleNamespace
 
     ids = list(specs)
+    specs = {**specs, **(preempted or {})}
     qsl = torch.arange(len(ids) + 1, dtype=torch.int32)
     requests = {rid: SimpleNamespace(sampling_params=SimpleNamespace(extra_args={"steerlib": specs[rid]}),
-                                     num_prompt_tokens=prompt_lens[rid]) for rid in ids}
+                                     num_prompt_tokens=prompt_lens[rid]) for rid in specs}
     return SimpleNamespace(input_batch=SimpleNamespace(num_reqs=len(ids), req_ids=ids),
                            query_start_loc=SimpleNamespace(cpu=qsl), requests=requests)
 
@@ -107,6 +109,15 @@ def test_worker_pins_a_requests_vectors_while_it_runs_and_carries_latches_across
     st.end()
     assert float(h[1, 1]) == 2.0 and float(h[0, 1]) == 0.0 and float(h[0, 2]) == 1.0
     assert st.slots.pinned() == 3
+    # a is preempted for a step (out of the batch, still running) and resumes: its latch still holds.
+    _step(st, _runner({"b": spec_b}, {"a": 3, "b": 2}, preempted={"a": spec_a}), [3])
+    assert st.slots.pinned() == 3  # a's rows stay pinned while it waits
+    st.begin(_runner({"a": spec_a, "b": spec_b}, {"a": 3, "b": 2}), torch.tensor([5, 4]))
+    h = torch.zeros(2, D)
+    for layer in (1, 2):
+        st.run_layer(layer, h)
+    st.end()
+    assert float(h[0, 1]) == 2.0
     # Step 3: a finished (gone from the runner's requests) and c arrives with a new vector: a's rows are unpinned
     # and the least recently used one makes room.
     spec_c = encode_rows(lower_ops([SteerOp(layer=2, vector=torch.eye(D)[3], coef=1.0)]), store=store)

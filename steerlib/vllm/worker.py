@@ -71,7 +71,10 @@ class WorkerState:
         # The registered vectors (steerlib.vllm.slots): keyed rows read once from the store, pinned per request.
         self.slots = slots if slots is not None else SlotTable(DEFAULT_CAPACITY, load=store_of(None).get)
         self._parsed: dict[str, tuple[str, ParsedSpec]] = {}  # request id -> (its spec, parsed)
-        self._row_ids: list[str] = []  # the request of each plan row (latch state is carried over by request)
+        self._row_ids: list[str] = []  # the request of each plan row
+        # Per running request with a latching gate, its opened edits: carried over when the batch's rows change
+        # (a request that is preempted and resumes keeps them too).
+        self._latched: dict[str, set[int]] = {}
         # Per step: which flattened rows to keep read-outs for -> (request id, position).
         self.keep_rows: list[int] = []
         self.keep_keys: list[tuple[str, int]] = []
@@ -94,14 +97,20 @@ class WorkerState:
         if len(self._parsed) > len(running) or any(rid not in running for rid in self._parsed):
             for rid in [r for r in self._parsed if r not in running]:
                 del self._parsed[rid]
+                self._latched.pop(rid, None)
             self.slots.release_missing(running)
 
     def _carried_latches(self, req_ids: list[str], rows: list[list]) -> list[set[int]] | None:
         """Per new row, the edits whose latching gate already opened for that request (None: nothing latches)."""
-        if not any(e.latch for edits in rows for e in edits) or not self._row_ids:
+        if self._row_ids and self._latched:  # remember the rows' latches as they leave the plan (or stay in it)
+            for rid, opened in zip(self._row_ids, self.plan.latched_edits(), strict=False):
+                if rid in self._latched:
+                    self._latched[rid] = opened
+        self._latched.update({rid: set() for rid, edits in zip(req_ids, rows, strict=True)
+                              if rid not in self._latched and any(e.latch for e in edits)})
+        if not self._latched:
             return None
-        before = dict(zip(self._row_ids, self.plan.latched_edits(), strict=False))
-        return [before.get(rid, set()) for rid in req_ids]
+        return [self._latched.get(rid, set()) for rid in req_ids]
 
     def configure_readout(self, layer: int | None, directions: list[list[float]] | None) -> None:
         if layer is None:
