@@ -8,9 +8,11 @@ loudly, instead of serving unsteered text):
   a bad spec is a 400 there and never reaches (and crashes) a worker, registers its vectors (each row written
   once to the engine's content-addressed store) and rewrites the spec to carry keys, and salts the prefix cache
   with the steering (``cache_salt``), keeping any salt the client gave.
-* ``OutputProcessor.add_request`` (API process): pins the request's vector keys in the API process's slot table
-  (``steerlib.vllm.slots``, the workers' capacity and policy) and refuses it with a 4xx when every slot is pinned
-  by requests still in flight, so a worker's table never overflows.
+  It also pins the request's vector keys in the engine's admission table (``steerlib.vllm.slots``, the workers'
+  capacity and policy) and refuses it with a 4xx when every slot is pinned by requests still in flight, so a
+  worker's table never overflows.
+* ``OutputProcessor.add_request`` (API process): notes the output processor, whose requests in flight are the
+  ones whose vectors stay pinned.
 * ``GPUModelRunner.load_model`` / ``CPUModelRunner.load_model`` (workers): hooks the decoder layers right after
   the model loads, before vLLM compiles or warms it up.
 * ``GPUModelRunner._model_forward`` (workers; the runner's documented override point): fills the step plan
@@ -23,6 +25,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import time
+import weakref
 from typing import Any
 
 log = logging.getLogger("steerlib.vllm")
@@ -50,8 +55,8 @@ def _salted(existing: str | None, salt: str) -> str:
 
 def _process_inputs(original):
     def process_inputs(self, request_id: str, prompt: Any, params: Any, *args: Any, **kwargs: Any):
-        from steerlib.vllm.slots import capacity_of, store_of
-        from steerlib.vllm.spec import SPEC_KEY, cache_salt, register_spec
+        from steerlib.vllm.slots import SlotsExhausted
+        from steerlib.vllm.spec import SPEC_KEY, cache_salt, register_spec, spec_keys
 
         extra = getattr(params, "extra_args", None) or {}
         spec = extra.get(SPEC_KEY)
@@ -59,21 +64,23 @@ def _process_inputs(original):
             if not isinstance(spec, str):
                 raise _validation_error(f"{SPEC_KEY} must be a JSON string (vllm_xargs take str/int/float/list)")
             cfg = self.model_config
-            additional = self.vllm_config.additional_config
-            global _STORE, _ADMISSION
-            if _STORE is None:
-                from steerlib.vllm.slots import SlotTable
-
-                _STORE = store_of(additional, cache=1024)
-                _ADMISSION = SlotTable(capacity_of(additional))
+            store, admission = _registry(self)
             try:
                 # Registration: every row is written to the store once; the request carries keys from here on.
                 spec, _ = register_spec(spec, cfg.get_num_layers(self.vllm_config.parallel_config),
-                                        cfg.get_hidden_size(), _STORE)
+                                        cfg.get_hidden_size(), store)
             except ValueError as exc:
                 raise _validation_error(str(exc)) from None
             params.extra_args[SPEC_KEY] = spec
         request = original(self, request_id, prompt, params, *args, **kwargs)
+        keys = spec_keys(spec) if spec is not None else []
+        if keys:
+            admission.release_missing(_Live())
+            try:
+                admission.acquire(request_id, keys)
+            except SlotsExhausted as exc:
+                raise _slots_error(str(exc)) from None
+            _ADMITTED[request_id] = time.monotonic()
         salt = cache_salt(spec) if spec is not None else None
         if salt is not None:
             request.cache_salt = _salted(request.cache_salt, salt)
@@ -81,43 +88,48 @@ def _process_inputs(original):
     return process_inputs
 
 
-# The API process's registration state: the engine's vector store and the slot table that admits requests (the
-# workers' tables hold the rows; this one counts keys and pins, with the same capacity and policy).
-_STORE = None
-_ADMISSION = None
+def _registry(processor: Any) -> tuple[Any, Any]:
+    """An engine's vector store and admission table (the API process's side of registered vectors), kept on its
+    input processor: the workers' tables hold the rows; this one counts keys and pins, with the same capacity
+    and policy, so that no worker is ever handed more pinned vectors than it holds."""
+    got = getattr(processor, "_steerlib_registry", None)
+    if got is None:
+        from steerlib.vllm.slots import SlotTable, capacity_of, store_of
+
+        additional = processor.vllm_config.additional_config
+        got = (store_of(additional, cache=1024), SlotTable(capacity_of(additional)))
+        processor._steerlib_registry = got
+    return got
 
 
-def _admit(original):
-    def add_request(self, request: Any, *args: Any, **kwargs: Any):
-        """Pin the request's vector keys (``OutputProcessor.add_request`` runs once per request, and per child of
-        an ``n > 1`` request, right before the request goes to the engine core); refuse it when every slot is
-        pinned by requests still in flight. In-flight is the output processor's own bookkeeping."""
-        from steerlib.vllm.slots import SlotsExhausted
-        from steerlib.vllm.spec import SPEC_KEY, spec_keys
+# Output processors of this process (each tracks its engine's requests in flight by their client-given id) and
+# when each steered request was admitted: a request counts as in flight from admission until its output
+# processor stops tracking it (the grace covers the moment between ``process_inputs`` and ``add_request``).
+_PROCESSORS: weakref.WeakSet = weakref.WeakSet()
+_ADMITTED: dict[str, float] = {}
+_GRACE_S = 30.0
 
-        params = getattr(request, "sampling_params", None)
-        spec = ((getattr(params, "extra_args", None) or {}).get(SPEC_KEY)) if params is not None else None
-        if spec and _ADMISSION is not None:
-            keys = spec_keys(spec)
-            if keys:
-                _ADMISSION.release_missing(_Live(self))
-                try:
-                    _ADMISSION.acquire(request.request_id, keys)
-                except SlotsExhausted as exc:
-                    raise _slots_error(str(exc)) from None
-        return original(self, request, *args, **kwargs)
+
+def _track(original):
+    def add_request(self, *args: Any, **kwargs: Any):
+        _PROCESSORS.add(self)
+        return original(self, *args, **kwargs)
     return add_request
 
 
 class _Live:
-    """Request ids an output processor still tracks (running, waiting, or a parent of running children)."""
+    """Request ids (as given to ``process_inputs``) still in flight in this process."""
 
-    def __init__(self, processor: Any):
-        self._states = processor.request_states
-        self._parents = processor.parent_requests
+    def __init__(self) -> None:
+        self._now = time.monotonic()
 
     def __contains__(self, request_id: object) -> bool:
-        return request_id in self._states or request_id in self._parents
+        if any(request_id in p.external_req_ids for p in list(_PROCESSORS)):
+            return True
+        if self._now - _ADMITTED.get(request_id, -math.inf) < _GRACE_S:  # type: ignore[arg-type]
+            return True
+        _ADMITTED.pop(request_id, None)  # type: ignore[arg-type]
+        return False
 
 
 @functools.cache
@@ -188,7 +200,7 @@ def register() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     _wrap(InputProcessor, "process_inputs", _process_inputs)
-    _wrap(OutputProcessor, "add_request", _admit)
+    _wrap(OutputProcessor, "add_request", _track)
     _wrap(GPUModelRunner, "load_model", _load_model)
     _wrap(CPUModelRunner, "load_model", _load_model)
     _wrap(GPUModelRunner, "_model_forward", _model_forward)
