@@ -103,17 +103,20 @@ def _registry(processor: Any) -> tuple[Any, Any]:
 
 
 # Output processors of this process (each tracks its engine's requests in flight by their client-given id) and
-# when each steered request was admitted: a request counts as in flight from admission until its output
-# processor stops tracking it (the grace covers the moment between ``process_inputs`` and ``add_request``).
+# the steered requests admitted but not yet handed to one: a request counts as in flight from admission until its
+# output processor stops tracking it (the grace covers the moment between ``process_inputs`` and ``add_request``,
+# and frees the pins of a request refused in between).
 _PROCESSORS: weakref.WeakSet = weakref.WeakSet()
 _ADMITTED: dict[str, float] = {}
 _GRACE_S = 30.0
 
 
 def _track(original):
-    def add_request(self, *args: Any, **kwargs: Any):
+    def add_request(self, request: Any, *args: Any, **kwargs: Any):
         _PROCESSORS.add(self)
-        return original(self, *args, **kwargs)
+        out = original(self, request, *args, **kwargs)
+        _ADMITTED.pop(getattr(request, "external_req_id", None), None)  # tracked from here on: no grace needed
+        return out
     return add_request
 
 
