@@ -133,22 +133,17 @@ def encode_rows(edits: Sequence[Edit], readout: bool = False, store: VectorStore
     Raises:
         UnsupportedOnVllm: an edit carries a marker position.
     """
-    def row(t: Tensor, key: str) -> str | list[float]:
-        if store is None:
-            return _floats(t)
-        if not store.has(key):
-            stored = store.put(t)
-            if stored != key:
-                raise ValueError(f"steerlib: an edit's key {key!r} is not the digest of its row ({stored!r})")
-        return key
+    def row(t: Tensor) -> str | list[float]:
+        # The key is the row's own digest (put computes it), whatever key an edit was built with.
+        return _floats(t) if store is None else store.put(t)
 
     items = []
     for i, e in enumerate(edits):
         _rule(e.rule, f"steerlib edit {i}")
-        item = {"layer": int(e.layer), "row": row(e.row, e.key), "coef": float(e.coef), "lo": _bound(e.lo),
+        item = {"layer": int(e.layer), "row": row(e.row), "coef": float(e.coef), "lo": _bound(e.lo),
                 "hi": _bound(e.hi), "positions": e.rule.spec()}
         if e.gate_row is not None:
-            item.update(gate_row=row(e.gate_row, e.gate_key), gate_lo=_bound(e.gate_lo), gate_hi=_bound(e.gate_hi),
+            item.update(gate_row=row(e.gate_row), gate_lo=_bound(e.gate_lo), gate_hi=_bound(e.gate_hi),
                         latch=bool(e.latch))
         items.append(item)
     return json.dumps({"edits": items, "readout": bool(readout)}, separators=(",", ":"))
