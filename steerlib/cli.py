@@ -350,6 +350,8 @@ def serve(
     vllm_arg: Annotated[list[str] | None, typer.Option(
         "--vllm-arg", help="any other vLLM engine argument, NAME=VALUE (VALUE as JSON when it parses; "
                            "repeatable)")] = None,
+    max_steer_vectors: Annotated[int | None, typer.Option(
+        help="vLLM: steering vector rows each worker keeps registered (LRU; default 256)")] = None,
 ) -> None:
     """OpenAI- and Ollama-compatible chat server: continuous batching with per-request steering, per-token
     trait projections and drift alerts."""
@@ -388,7 +390,8 @@ def serve(
                                                 max_model_len=max_model_len,
                                                 gpu_memory_utilization=gpu_memory_utilization,
                                                 enforce_eager=enforce_eager or None,
-                                                enable_prefix_caching=enable_prefix_caching))
+                                                enable_prefix_caching=enable_prefix_caching,
+                                                max_steer_vectors=max_steer_vectors))
     options.check()
     run_server(options)
 

@@ -12,16 +12,21 @@ from steerlib.serve.engine import UnsupportedSteering
 from steerlib.serve.runs import engine_api_error
 from steerlib.steering.plan import Condition, FirstGenerated, FromMarker, GeneratedWindow, SteerOp, lower_ops
 from steerlib.vllm import cache_salt, encode_spec, parse_spec
-from steerlib.vllm.spec import UnsupportedOnVllm, encode_rows
+from steerlib.vllm.slots import SlotTable, VectorStore, content_key
+from steerlib.vllm.spec import UnsupportedOnVllm, encode_rows, register_spec, spec_keys
 
 D = 16
 
 
 def _same(a: list, b: list) -> bool:
     """Edits equal field by field (their rows are tensors)."""
+    def gate(e):
+        return (e.gate_key, e.gate_lo, e.gate_hi, e.latch)
     return len(a) == len(b) and all(
         x.layer == y.layer and x.key == y.key and torch.equal(x.row, y.row) and (x.coef, x.lo, x.hi) == (y.coef, y.lo, y.hi)
-        and x.rule == y.rule for x, y in zip(a, b, strict=True))
+        and x.rule == y.rule and gate(x) == gate(y)
+        and (x.gate_row is None) == (y.gate_row is None) and (x.gate_row is None or torch.equal(x.gate_row, y.gate_row))
+        for x, y in zip(a, b, strict=True))
 
 
 def _vec(seed: int) -> torch.Tensor:
@@ -58,17 +63,64 @@ def test_parametrised_positions_travel_and_what_vllm_cannot_apply_is_refused_not
     by_name = parse_spec(json.dumps({"edits": [{"layer": 1, "vector": [1.0] * D, "positions": "first:4"}]}),
                          n_layers=4, d_model=D).edits
     assert by_name[0].rule == FirstGenerated(4)
-    gated = lower_ops([SteerOp(layer=2, vector=_vec(6), coef=1.0, when=Condition(_vec(7), above=0.5))])
-    with pytest.raises(UnsupportedOnVllm, match="steerlib edit 0: conditional steering .'when'. is not supported"):
-        encode_rows(gated)
-    # The vLLM engine turns that into its own refusal, which the app answers with a 400 naming the field.
-    err = engine_api_error(UnsupportedSteering("conditional steering ('when') is not supported"))
+    # What vLLM cannot apply yet is refused, and the vLLM engine turns that into its own refusal, which the app
+    # answers with the same 400 as the HF engine's unsupported steering.
+    err = engine_api_error(UnsupportedSteering("positions 'marker:x' are not supported"))
     assert (err.status, err.param, err.code) == (400, "steering", "unsupported_steering")
     marker = lower_ops([SteerOp(layer=2, vector=_vec(8), coef=1.0, positions=FromMarker("</think>"))])
     with pytest.raises(UnsupportedOnVllm, match="positions 'marker:</think>' are not supported on the vLLM engine"):
         encode_rows(marker)
     with pytest.raises(ValueError, match="positions 'marker:x' are not supported"):
         parse_spec(json.dumps({"edits": [{"layer": 1, "vector": [1.0] * D, "positions": "marker:x"}]}), 4, D)
+
+
+def test_gates_and_latches_travel_as_the_plan_lowers_them():
+    ops = [SteerOp(layer=2, vector=_vec(6), coef=1.0, when=Condition(_vec(7), above=0.5)),
+           SteerOp(layer=3, vector=_vec(8), mode="cap", cap_max=0.25, when=Condition(_vec(9), below=-0.1, latch=True),
+                   positions="response")]
+    lowered = lower_ops(ops)
+    assert _same(parse_spec(encode_spec(ops), n_layers=4, d_model=D).edits, lowered)  # vectors inline
+    assert _same(parse_spec(encode_rows(lowered), n_layers=4, d_model=D).edits, lowered)  # lowered rows
+    gate = parse_spec(encode_rows(lowered), n_layers=4, d_model=D).edits[1]
+    assert (gate.gate_lo, gate.gate_hi, gate.latch) == (-math.inf, -0.1, True)
+
+
+def test_rows_travel_as_content_keys_and_are_registered_once(tmp_path):
+    ops = [SteerOp(layer=2, vector=_vec(10), coef=2.0, when=Condition(_vec(11), above=0.0, latch=True)),
+           SteerOp(layer=3, vector=_vec(10), mode="ablate")]
+    lowered = lower_ops(ops)
+    store = VectorStore(tmp_path / "store")
+    keyed = encode_rows(lowered, readout=True, store=store)
+    floats = encode_rows(lowered, readout=True)
+    assert len(keyed) < 500 < len(floats)  # the keyed spec does not grow with the width
+    keys = [lowered[0].key, lowered[0].gate_key, lowered[1].key]
+    assert spec_keys(keyed) == keys and all(k == content_key(r) for k, r in zip(
+        keys, [lowered[0].row, lowered[0].gate_row, lowered[1].row], strict=True))
+    assert sorted(p.stem for p in (tmp_path / "store").rglob("*.safetensors")) == sorted(keys)
+    # A worker resolves the keys from its slot table (loading on a miss) to exactly the server's edits.
+    table = SlotTable(8, load=VectorStore(tmp_path / "store").get)
+    parsed = parse_spec(keyed, 4, D, rows=lambda ks: table.acquire("req", ks))
+    assert _same(parsed.edits, lowered) and parsed.readout and table.loads == 3
+    # The API process rewrites a client's floats to the same keys; a keyed spec it sees again stays as it is.
+    rewritten, _ = register_spec(encode_spec(ops, readout=True), 4, D, VectorStore(tmp_path / "store"))
+    assert rewritten == keyed and register_spec(keyed, 4, D, store)[0] == keyed
+    assert cache_salt(rewritten) == cache_salt(keyed)
+    # An unknown or malformed key is a one-line error before anything runs.
+    with pytest.raises(ValueError, match="steerlib: vector key 'f{24}' is not in the vector store"):
+        register_spec(keyed.replace(keys[2], "f" * 24), 4, D, store)
+    with pytest.raises(ValueError, match="steerlib: 'abc' is not a vector key"):
+        parse_spec(keyed.replace(keys[2], "abc"), 4, D, rows=lambda ks: {})
+    with pytest.raises(ValueError, match="names vectors by key but no vector store is configured"):
+        parse_spec(keyed, 4, D)
+
+
+def test_store_refuses_a_file_that_is_not_what_its_key_says(tmp_path):
+    store = VectorStore(tmp_path)
+    key = store.put(_vec(12))
+    other = VectorStore(tmp_path).path(store.put(_vec(13)))
+    VectorStore(tmp_path).path(key).write_bytes(other.read_bytes())
+    with pytest.raises(ValueError, match=f"the stored vector '{key}' does not match its key"):
+        VectorStore(tmp_path).get(key)
 
 
 @pytest.mark.parametrize(("spec", "message"), [
@@ -80,6 +132,11 @@ def test_parametrised_positions_travel_and_what_vllm_cannot_apply_is_refused_not
     (json.dumps({"edits": [{"layer": 1, "vector": [1.0] * D, "coef": float("nan")}]}), "coef must be a finite"),
     (json.dumps({"edits": [{"layer": 1, "row": [1.0] * D, "lo": 0.0, "hi": 0.0}]}), "needs a unit row"),
     (json.dumps({"edits": [], "extra": 1}), "must be an object with 'edits'"),
+    (json.dumps({"edits": [{"layer": 1, "vector": [1.0] * D, "when": {"vector": [1.0] * D}}]}),
+     "steerlib edit 0: a condition needs a threshold"),
+    (json.dumps({"edits": [{"layer": 1, "row": [1.0] * D, "gate_row": [2.0] * D, "gate_lo": 0.0}]}),
+     "a gate needs a unit row"),
+    (json.dumps({"edits": [{"layer": 1, "row": [1.0] * D, "latch": True}]}), "need a gate_row"),
 ])
 def test_bad_specs_name_the_problem(spec, message, monkeypatch):
     monkeypatch.delenv("STEERLIB_VLLM_VECTORS", raising=False)

@@ -46,6 +46,7 @@ from steerlib.serve.detok import Reply
 from steerlib.steering.plan import Edit
 from steerlib.steering.steer import TraitReadout
 from steerlib.vllm.layout import VllmOptions, bound_cores, start_config
+from steerlib.vllm.slots import SlotsExhausted, store_of
 from steerlib.vllm.spec import SPEC_KEY, UnsupportedOnVllm, cache_salt, encode_rows
 
 __all__ = ["VllmEngine", "engine_args", "merge_readouts"]
@@ -54,11 +55,14 @@ log = logging.getLogger("steerlib.serve")
 
 
 def engine_args(model_path: str, *, max_batch: int = 16, max_model_len: int | None = None, dtype: str = "float32",
-                enforce_eager: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                enforce_eager: bool = False, max_steer_vectors: int | None = None,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """vLLM engine arguments for a steerlib server (``VllmOptions.engine_args``: the worker extension and the
-    compile-cache identity included); ``extra`` holds any other engine argument by vLLM's name."""
+    compile-cache identity included); ``max_steer_vectors``: rows each worker's slot table holds
+    (``steerlib.vllm.slots``); ``extra`` holds any other engine argument by vLLM's name."""
     opts = VllmOptions.from_engine_args({"max_model_len": max_model_len, "dtype": dtype,
-                                         "enforce_eager": enforce_eager, **(extra or {})})
+                                         "enforce_eager": enforce_eager, "max_steer_vectors": max_steer_vectors,
+                                         **(extra or {})})
     return opts.engine_args(str(model_path), max_num_seqs=max_batch)
 
 
@@ -115,6 +119,7 @@ class VllmEngine:
         self.max_queue = max_queue
         self.eos_ids = set(eos_ids or ())
         self.dtype = args.get("dtype", "auto")
+        self._store = store_of(args.get("additional_config"))  # rows go there once; requests carry their keys
         self.on_finish: Callable[[FinishedRequest], None] | None = None
         self.capabilities = EngineCapabilities(name="vllm", batch_steps=False)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -234,7 +239,8 @@ class VllmEngine:
             self._stats["requests"] += 1
             self._stats["steered_rows"] += int(bool(edits))
         try:
-            spec = encode_rows(edits, readout=self.readout is not None) if (edits or self.readout) else None
+            spec = (encode_rows(edits, readout=self.readout is not None, store=self._store)
+                    if (edits or self.readout) else None)
         except UnsupportedOnVllm as exc:
             raise UnsupportedSteering(str(exc)) from None
         row = _Row(prompt_ids=list(prompt_ids), edits=tuple(edits), spec=spec, sampling=sampling, sink=sink,
@@ -290,6 +296,10 @@ class VllmEngine:
                 state.reply.cut_short()
             await self._llm.abort(row.request_id)
             self._complete(row, state)
+        except SlotsExhausted as exc:  # every vector slot is pinned by running rows: retry later (429)
+            with self._lock:
+                self._rows.pop(row.request_id, None)
+            row.sink(("error", QueueFull(str(exc))))
         except asyncio.CancelledError:  # ``cancel``: wherever the row was waiting, vLLM must forget it
             with contextlib.suppress(Exception):
                 await self._llm.abort(row.request_id)

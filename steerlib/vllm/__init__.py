@@ -1,6 +1,7 @@
 """Steering and trait read-out inside vLLM: a general plugin and the request-side helpers.
 
-``spec`` (the JSON a request carries in ``SamplingParams.extra_args["steerlib"]``, lowered by the one steering
+``slots`` (vectors registered once by content key: the store and each worker's LRU slot table) -> ``spec`` (the
+JSON a request carries in ``SamplingParams.extra_args["steerlib"]``, lowered by the one steering
 plan, ``steerlib.steering.plan``; its cache salt) -> ``worker`` (hooks, the registered op, the plan filled each
 step from vLLM's bookkeeping, the read-out store) -> ``plugin`` (vLLM's entry point); ``layout`` (the engine
 arguments steerlib starts vLLM with, ``VllmOptions``, and the layouts steering is right under, ``check_layout``);
@@ -9,7 +10,7 @@ Importing this package does not import vLLM.
 """
 
 from steerlib.vllm.layout import UnsupportedLayout, VllmOptions, check_layout
-from steerlib.vllm.spec import SPEC_KEY, VECTORS_ENV, cache_salt, encode_spec, parse_spec
+from steerlib.vllm.spec import SPEC_KEY, VECTORS_ENV, cache_salt, encode_spec, parse_spec, register_spec
 
 __all__ = ["SPEC_KEY", "VECTORS_ENV", "UnsupportedLayout", "VllmOptions", "cache_salt", "check_layout",
-           "encode_spec", "parse_spec"]
+           "encode_spec", "parse_spec", "register_spec"]

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
+from steerlib.vllm.slots import CAPACITY_KEY
+
 __all__ = ["BIND_ENV", "UnsupportedLayout", "VllmOptions", "bound_cores", "check_layout", "core_binding",
            "parse_engine_arg", "start_config"]
 
@@ -69,6 +71,8 @@ class VllmOptions:
         enable_prefix_caching: reuse KV blocks of shared prefixes (steering salts the cache, so it stays right).
         dtype: the weights' dtype in vLLM.
         seed: vLLM's sampling seed.
+        max_steer_vectors: steering vector rows each worker keeps registered (``steerlib.vllm.slots``; LRU,
+            default 256), passed in ``additional_config``.
         extra: any other ``EngineArgs`` field by name (``--vllm-arg NAME=VALUE``), e.g. ``speculative_config``.
     """
 
@@ -83,6 +87,7 @@ class VllmOptions:
     enable_prefix_caching: bool = True
     dtype: str = "float32"
     seed: int | None = None
+    max_steer_vectors: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -93,6 +98,8 @@ class VllmOptions:
                 _check_int(name, getattr(self, name), minimum=1)
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
+        if self.max_steer_vectors is not None:
+            _check_int("max_steer_vectors", self.max_steer_vectors, minimum=1)
         gmu = self.gpu_memory_utilization
         if gmu is not None and not (isinstance(gmu, int | float) and math.isfinite(gmu) and 0 < gmu <= 1):
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {gmu!r}")
@@ -135,6 +142,8 @@ class VllmOptions:
         for name in ("max_model_len", "max_num_batched_tokens", "gpu_memory_utilization", "seed"):
             if getattr(self, name) is not None:
                 args[name] = getattr(self, name)
+        if self.max_steer_vectors is not None:
+            args["additional_config"][CAPACITY_KEY] = self.max_steer_vectors
         if self.world_size > 1:  # worker processes, not Ray: nothing else is needed on one machine
             args["distributed_executor_backend"] = "mp"
         args.update(self.extra)

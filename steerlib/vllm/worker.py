@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from steerlib.steering.plan import SteeringPlan
+from steerlib.vllm.slots import DEFAULT_CAPACITY, SlotTable, capacity_of, store_of
 from steerlib.vllm.spec import SPEC_KEY, ParsedSpec, parse_spec
 
 __all__ = ["IDENTITY", "SteerlibWorkerExtension", "install", "state"]
@@ -53,7 +54,8 @@ _MAX_STORED_REQUESTS = 4096
 class WorkerState:
     """Everything one worker keeps: the hooked layers, the step plan, the read-out and its store."""
 
-    def __init__(self, layers: nn.ModuleList, d_model: int, max_tokens: int, device: torch.device):
+    def __init__(self, layers: nn.ModuleList, d_model: int, max_tokens: int, device: torch.device,
+                 slots: SlotTable | None = None):
         self.layers = layers
         self.n_layers = len(layers)
         self.d_model = d_model
@@ -69,21 +71,49 @@ class WorkerState:
         # Pipeline parallel: the 1-based layers this stage holds (the others are vLLM's PPMissingLayer
         # placeholders); a plan layer is expected to run, and a read-out to be taken, only on its owner.
         self.owned = frozenset(i + 1 for i, m in enumerate(layers) if type(m).__name__ != "PPMissingLayer")
-        self._parsed: OrderedDict[str, ParsedSpec] = OrderedDict()
+        # The registered vectors (steerlib.vllm.slots): keyed rows read once from the store, pinned per request.
+        self.slots = slots if slots is not None else SlotTable(DEFAULT_CAPACITY, load=store_of(None).get)
+        self._parsed: dict[str, tuple[str, ParsedSpec]] = {}  # request id -> (its spec, parsed)
+        self._row_ids: list[str] = []  # the request of each plan row
+        # Per running request with a latching gate, its opened edits: carried over when the batch's rows change
+        # (a request that is preempted and resumes keeps them too).
+        self._latched: dict[str, set[int]] = {}
         # Per step: which flattened rows to keep read-outs for -> (request id, position).
         self.keep_rows: list[int] = []
         self.keep_keys: list[tuple[str, int]] = []
         self.store: OrderedDict[str, dict[int, list[float]]] = OrderedDict()
         self.steps = 0
 
-    def parsed(self, spec: str) -> ParsedSpec:
-        got = self._parsed.get(spec)
-        if got is None:
-            got = parse_spec(spec, self.n_layers, self.d_model)
-            self._parsed[spec] = got
-            if len(self._parsed) > 256:
-                self._parsed.popitem(last=False)
-        return got
+    def parsed(self, request_id: str, spec: str) -> ParsedSpec:
+        """A running request's parsed spec; its vector keys are pinned in the slot table until it leaves."""
+        got = self._parsed.get(request_id)
+        if got is not None and got[0] == spec:
+            return got[1]
+        self.slots.release(request_id)
+        parsed = parse_spec(spec, self.n_layers, self.d_model,
+                            rows=lambda keys: self.slots.acquire(request_id, keys))
+        self._parsed[request_id] = (spec, parsed)
+        return parsed
+
+    def forget_finished(self, running: Any) -> None:
+        """Unpin the vectors of requests no longer in ``running`` (the runner's ``requests``)."""
+        if len(self._parsed) > len(running) or any(rid not in running for rid in self._parsed):
+            for rid in [r for r in self._parsed if r not in running]:
+                del self._parsed[rid]
+                self._latched.pop(rid, None)
+            self.slots.release_missing(running)
+
+    def _carried_latches(self, req_ids: list[str], rows: list[list]) -> list[set[int]] | None:
+        """Per new row, the edits whose latching gate already opened for that request (None: nothing latches)."""
+        if self._row_ids and self._latched:  # remember the rows' latches as they leave the plan (or stay in it)
+            for rid, opened in zip(self._row_ids, self.plan.latched_edits(), strict=False):
+                if rid in self._latched:
+                    self._latched[rid] = opened
+        self._latched.update({rid: set() for rid, edits in zip(req_ids, rows, strict=True)
+                              if rid not in self._latched and any(e.latch for e in edits)})
+        if not self._latched:
+            return None
+        return [self._latched.get(rid, set()) for rid in req_ids]
 
     def configure_readout(self, layer: int | None, directions: list[list[float]] | None) -> None:
         if layer is None:
@@ -114,11 +144,12 @@ class WorkerState:
         rows, prompt_lens, specs = [], [], []
         self.keep_rows, self.keep_keys = [], []
         pos_cpu = pos.to("cpu", torch.int64)
+        self.forget_finished(runner.requests)
         for r, rid in enumerate(req_ids):
             req = runner.requests[rid]
             extra = getattr(req.sampling_params, "extra_args", None) or {}
             spec = extra.get(SPEC_KEY)
-            parsed = self.parsed(spec) if spec else None
+            parsed = self.parsed(rid, spec) if spec else None
             rows.append(parsed.edits if parsed else [])
             prompt_lens.append(int(req.num_prompt_tokens))
             specs.append(spec)
@@ -130,8 +161,9 @@ class WorkerState:
                     self.keep_keys.append((rid, p))
         key = (tuple(req_ids), tuple(specs), tuple(prompt_lens))
         if key != self._rows_key:  # the batch's rows changed: describe them again (not on every step)
-            self.plan.set_rows([*rows, []], [*prompt_lens, 0])
-            self._rows_key = key
+            latched = self._carried_latches(req_ids, rows)
+            self.plan.set_rows([*rows, []], [*prompt_lens, 0], latched=None if latched is None else [*latched, set()])
+            self._rows_key, self._row_ids = key, req_ids
         self.plan.fill(row_of_token.to(self.device), pos.to(self.device, torch.int64))
         self.expected = set(self.plan.layers) & self.owned
         if self.keep_rows and self.readout_layer in self.owned:
@@ -244,7 +276,9 @@ def install(runner: Any) -> WorkerState:
     layers = find_layers(model)
     d_model = int(config.model_config.get_hidden_size())
     max_tokens = int(config.scheduler_config.max_num_batched_tokens)
-    st = WorkerState(layers, d_model, max_tokens, torch.device(runner.device))
+    extra = config.additional_config if isinstance(config.additional_config, dict) else {}
+    slots = SlotTable(capacity_of(extra), load=store_of(extra).get)
+    st = WorkerState(layers, d_model, max_tokens, torch.device(runner.device), slots=slots)
     for i, layer in enumerate(layers):
         if type(layer).__name__ != "PPMissingLayer":
             layer.register_forward_hook(_make_hook(i + 1))
@@ -268,7 +302,9 @@ class SteerlibWorkerExtension:
 
     def steerlib_status(self) -> dict[str, Any]:
         st = _require_state()
-        return {"layers": st.n_layers, "steps": st.steps, "readout_layer": st.readout_layer, "identity": IDENTITY}
+        return {"layers": st.n_layers, "steps": st.steps, "readout_layer": st.readout_layer, "identity": IDENTITY,
+                "slots": {"capacity": st.slots.capacity, "resident": len(st.slots), "pinned": st.slots.pinned(),
+                          "loads": st.slots.loads, "evictions": st.slots.evictions}}
 
 
 def _require_state() -> WorkerState:
