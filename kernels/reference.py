@@ -264,14 +264,19 @@ def prepare_inputs(hidden: torch.Tensor, steer_vec: torch.Tensor | None = None, 
                      readout=mon)
 
 
-def allocate_outputs(hidden: torch.Tensor, k: int, inplace: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def allocate_outputs(hidden: torch.Tensor, k: int, inplace: bool,
+                     proj_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The output buffers every backend writes: ``hidden`` itself (in place) or a new ``[N, D]`` tensor, and
     ``[N, K]`` fp32 projections, or None for K = 0. The projections are left uninitialised (the kernel writes
-    every value; no extra fill on the decode path) except for an empty input, where no kernel runs."""
+    every value; no extra fill on the decode path) except for an empty input, where no kernel runs. A caller's
+    ``proj_out`` buffer (``[N, K]`` fp32, contiguous) is used as it is: nothing is allocated for an in-place call
+    that brings its own read-out buffer (what a captured graph needs)."""
     n, d = hidden.shape
     out = hidden if inplace else torch.empty((n, d), dtype=hidden.dtype, device=hidden.device)
     if not k:
         return out, None
+    if proj_out is not None:
+        return out, proj_out
     alloc = torch.zeros if n == 0 or d == 0 else torch.empty
     return out, alloc((n, k), dtype=torch.float32, device=hidden.device)
 

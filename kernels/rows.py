@@ -290,7 +290,8 @@ def gate_open_torch(h: torch.Tensor, spec: RowSteerSpec) -> torch.Tensor:
 
 
 def steer_rows_torch(hidden: torch.Tensor, spec: RowSteerSpec, inplace: bool = True,
-                     gate_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     gate_out: torch.Tensor | None = None,
+                     proj_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply a validated ``RowSteerSpec`` with plain torch ops (the CPU production path and the reference).
 
     Args:
@@ -299,6 +300,7 @@ def steer_rows_torch(hidden: torch.Tensor, spec: RowSteerSpec, inplace: bool = T
         inplace: Write the result into ``hidden`` instead of a new tensor.
         gate_out: Optional ``[N]`` bool buffer that receives which rows' gates were open (all True without
             gates).
+        proj_out: Optional ``[N, K]`` fp32 buffer the read-out is written into (``mm`` with ``out=``).
 
     Returns:
         ``(updated hidden [N, D] in hidden's dtype, projections [N, K] fp32 or None)``.
@@ -323,7 +325,9 @@ def steer_rows_torch(hidden: torch.Tensor, spec: RowSteerSpec, inplace: bool = T
             bounded = steered & (torch.isfinite(spec.cap_min) | torch.isfinite(spec.cap_max))
             delta = torch.where(bounded, torch.clamp(p, min=spec.cap_min, max=spec.cap_max) - p, 0.0)
             h.add_(t * delta[:, None])
-    proj = h @ spec.readout.T if spec.readout is not None else None
+    proj = None
+    if spec.readout is not None:
+        proj = h @ spec.readout.T if proj_out is None else torch.mm(h, spec.readout.T, out=proj_out)
     return write_back(hidden, h, inplace), proj
 
 

@@ -22,7 +22,13 @@ consumes this module and nothing else decides what an edit means:
   turns that into per-token ``index / coef / lo / hi`` buffers (written in place, a handful of tensor ops
   whatever the batch, no Python loop over tokens), and ``apply(layer, hidden)`` runs the registered op once
   per slot. A *slot* is the n-th edit a row makes at a layer: two edits at one layer (an add and a cap, say)
-  are two slots, applied in the order given.
+  are two slots, applied in the order given;
+* a plan is **growing** (tables and slots sized to the rows, buffers grown with the pass: the eager editor, the
+  compiled path, the HF engine) or **fixed** (``PlanCapacity``: the vLLM worker). A fixed plan allocates every
+  tensor once and writes only in place; each of its layers has the same slots whatever the rows ask, and
+  ``apply`` launches the same op calls with every argument (gates, latches, a ``[tokens, K]`` read-out per layer)
+  reading only device memory, so a CUDA graph captured with no steering replays any steering. ``write_row``
+  puts a vector into table row ``i`` of a layer (with its content key, ``set_rows`` then finds it there).
 
 Adding a steering method
 ------------------------

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from vllm_helpers import READOUT_LAYER, Harness, forbidden_in_step, signature
+from vllm_helpers import READOUT_LAYER, Harness, forbidden_in_step, owned_tensors, signature
 
 from steerlib import format_prompt
 from steerlib.steering.plan import Condition, lower_ops
@@ -116,7 +116,7 @@ def harnessed(embedded, optimism_vectors, readout):
     def watched_begin(runner, positions):
         begin(runner, positions)
         batch_sizes.append(runner.input_batch.num_reqs)
-        addresses.append({k: t.data_ptr() for k, t in [*st.plan.tensors().items(), ("stamp", st.stamp)]})
+        addresses.append({k: t.data_ptr() for k, t in owned_tensors(st).items()})
 
     st.begin = watched_begin
     harness = Harness(_runner(llm).model)
@@ -188,8 +188,7 @@ def test_a_hook_that_did_not_run_fails_loudly():
     from steerlib.vllm.worker import WorkerState
 
     d = 8
-    st = WorkerState(torch.nn.ModuleList([torch.nn.Identity() for _ in range(3)]), d, 16, torch.device("cpu"),
-                     max_rows=2)
+    st = WorkerState(torch.nn.ModuleList([torch.nn.Identity() for _ in range(3)]), d, 16, torch.device("cpu"))
     spec = encode_spec([SteerOp(2, torch.ones(d), coef=1.0)])
     batch = SimpleNamespace(num_reqs=1, req_ids=["a"], num_computed_tokens_cpu=[0])
     runner = SimpleNamespace(input_batch=batch, query_start_loc=SimpleNamespace(cpu=torch.tensor([0, 4])),

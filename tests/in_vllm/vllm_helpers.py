@@ -151,6 +151,30 @@ def forbidden_in_step(ops: list[tuple]) -> list[str]:
     return bad
 
 
+def owned_tensors(obj, prefix: str = "", depth: int = 0, skip: tuple[str, ...] = ("store", "_parsed")) -> dict:
+    """Every tensor reachable from ``obj``'s attributes (dicts, lists and plain objects, a few levels deep), by
+    path: the buffers a worker state and its plan own, whatever their layout. Skipped: model modules, and the
+    host-side caches of parsed requests and stored read-outs (``skip``), which no forward reads."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    if depth > 4 or isinstance(obj, torch.nn.Module | str | bytes | int | float | bool) or obj is None:
+        return {}
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, list | tuple):
+        items = enumerate(obj)
+    elif hasattr(obj, "__dict__"):
+        items = ((k, v) for k, v in vars(obj).items() if k not in skip)
+    else:
+        return {}
+    out: dict = {}
+    for key, value in items:
+        out.update(owned_tensors(value, f"{prefix}.{key}", depth + 1, skip))
+    return out
+
+
 class Harness:
     """Wraps a vLLM runner's model call. Modes: ``"eager"`` (run, and keep the first record of each step size),
     ``"capture"`` (run and record, per step size), ``"replay"`` (run the captured record of the step's size
