@@ -52,7 +52,9 @@ def run_rows(engine, rows, max_tokens: int = 10, timeout: float = 300.0):
 # third at an address it does not own).
 FACTORY_OPS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "full", "full_like",
                "new_full", "zeros", "zeros_like", "new_zeros", "ones", "ones_like", "new_ones", "scalar_tensor",
-               "tensor", "arange", "linspace", "rand", "randn", "randint")
+               "tensor", "lift_fresh", "lift_fresh_copy", "arange", "linspace", "rand", "randn", "randint")
+# Python-level reads of a tensor's values by the host (``.tolist()`` reads memory without dispatching an op).
+HOST_READS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 
 
 def steerlib_op(func) -> bool:
@@ -66,12 +68,26 @@ def make_recorder():
     itself: its Python body runs under the recorder, so the record holds the kernels it launched, the way a CUDA
     graph holds kernels and not the Python that chose them."""
     from torch._library.custom_ops import _maybe_get_opdef
+    from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchFunctionMode):
+        """Notes every Python-level read of tensor values (``.tolist()``, ``.item()``, ``bool(t)``...)."""
+
+        def __init__(self, sink: list[str]) -> None:
+            super().__init__()
+            self.sink = sink
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in HOST_READS:
+                self.sink.append(f"Tensor.{func.__name__}")
+            return func(*args, **(kwargs or {}))
 
     class Recorder(TorchDispatchMode):
         def __init__(self) -> None:
             super().__init__()
             self.ops: list[tuple] = []
+            self.host_reads: list[str] = []  # inside steerlib's ops
             self.depth = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -79,7 +95,7 @@ def make_recorder():
             if steerlib_op(func):
                 self.depth += 1
                 try:
-                    with self:
+                    with self, HostReads(self.host_reads):
                         return _maybe_get_opdef(func)._init_fn(*args, **kwargs)
                 finally:
                     self.depth -= 1
@@ -187,6 +203,7 @@ class Harness:
         self.captured: dict[int, tuple[list[tuple], tuple]] = {}
         self.eager_records: dict[int, list[tuple]] = {}
         self.replayed: list[int] = []
+        self.host_reads: list[str] = []  # host reads of tensor values inside steerlib's ops, every record
         model.forward = self.forward
 
     def remove(self) -> None:
@@ -208,6 +225,7 @@ class Harness:
             rec = make_recorder()
             with rec:
                 out = self.original(**call)
+            self.host_reads.extend(rec.host_reads)
             if self.mode == "capture":
                 self.captured.setdefault(n, (rec.ops, (out, (input_ids, positions))))
             else:
