@@ -432,15 +432,17 @@ def fused_steer_rows(
 
 
 def run_rows(name: str, hidden: torch.Tensor, spec: RowSteerSpec, *, inplace: bool,
-             gate_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run prepared per-row inputs on the backend ``name`` (from ``resolve_backend``): the one dispatch."""
+             gate_out: torch.Tensor | None,
+             proj_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run prepared per-row inputs on the backend ``name`` (from ``resolve_backend``): the one dispatch. With
+    ``proj_out`` (``[N, K]`` fp32 contiguous) the read-out is written there and nothing is allocated for it."""
     if name == "cuda":
-        return cuda_steer.steer_rows_cuda(hidden, spec, inplace=inplace, gate_out=gate_out)
+        return cuda_steer.steer_rows_cuda(hidden, spec, inplace=inplace, gate_out=gate_out, proj_out=proj_out)
     if name == "triton":
         rows_backend = load_triton_rows()
         assert rows_backend is not None  # resolve_backend checked triton
-        return rows_backend.steer_rows_triton(hidden, spec, inplace=inplace, gate_out=gate_out)
-    return steer_rows_torch(hidden, spec, inplace=inplace, gate_out=gate_out)
+        return rows_backend.steer_rows_triton(hidden, spec, inplace=inplace, gate_out=gate_out, proj_out=proj_out)
+    return steer_rows_torch(hidden, spec, inplace=inplace, gate_out=gate_out, proj_out=proj_out)
 
 
 # Registered last: the custom op's body resolves backends through the functions above.

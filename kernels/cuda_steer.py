@@ -90,7 +90,8 @@ def load_extension() -> ModuleType | None:
 
 
 def steer_rows_cuda(hidden: torch.Tensor, spec: RowSteerSpec, inplace: bool = True,
-                    gate_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    gate_out: torch.Tensor | None = None,
+                    proj_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the per-row op (``rows.py``) with the CUDA extension.
 
     Args:
@@ -110,7 +111,7 @@ def steer_rows_cuda(hidden: torch.Tensor, spec: RowSteerSpec, inplace: bool = Tr
         raise RuntimeError(f"CUDA steer kernel unavailable: {_build_error}")
     n, d = hidden.shape
     k = spec.num_readouts
-    out, proj = allocate_outputs(hidden, k, inplace)
+    out, proj = allocate_outputs(hidden, k, inplace, proj_out)
     if n == 0 or d == 0:
         return out, proj
     if gate_out is not None and not spec.has_gate:

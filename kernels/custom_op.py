@@ -32,14 +32,16 @@ def _run(hidden: torch.Tensor, table: torch.Tensor, index: torch.Tensor, coef: t
          cap_min: torch.Tensor | None, cap_max: torch.Tensor | None, readout: torch.Tensor | None,
          backend: str, inplace: bool, gate_dir: torch.Tensor | None = None, gate_index: torch.Tensor | None = None,
          gate_lo: torch.Tensor | None = None, gate_hi: torch.Tensor | None = None,
-         gate_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+         gate_out: torch.Tensor | None = None,
+         proj_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dispatch one call to the backend that runs here (shapes checked, values trusted)."""
     from . import resolve_backend, run_rows  # deferred: the package imports this module
 
     spec: RowSteerSpec = prepare_row_inputs(hidden, table, index, coef, cap_min, cap_max, readout, validate=False,
                                             gate_dir=gate_dir, gate_index=gate_index, gate_lo=gate_lo,
                                             gate_hi=gate_hi)
-    return run_rows(resolve_backend(backend, hidden), hidden, spec, inplace=inplace, gate_out=gate_out)
+    return run_rows(resolve_backend(backend, hidden), hidden, spec, inplace=inplace, gate_out=gate_out,
+                    proj_out=proj_out)
 
 
 @torch.library.custom_op(f"{LIB}::steer_rows_", mutates_args=("hidden", "proj_out", "gate_out"))
@@ -66,12 +68,14 @@ def steer_rows_(hidden: torch.Tensor, table: torch.Tensor, index: torch.Tensor, 
         gate_hi: ``[N]`` fp32 upper gate bound per token.
         gate_out: ``[N]`` bool buffer receiving which tokens' gates were open, or None.
     """
-    _, proj = _run(hidden, table, index, coef, cap_min, cap_max, readout, backend, inplace=True,
-                   gate_dir=gate_dir, gate_index=gate_index, gate_lo=gate_lo, gate_hi=gate_hi, gate_out=gate_out)
-    if proj is not None:
-        if proj_out is None:
-            raise ValueError("steer_rows_ was given a readout but no proj_out buffer")
-        proj_out.copy_(proj)
+    if readout is not None and (proj_out is None or proj_out.dtype != torch.float32
+                                or not proj_out.is_contiguous() or proj_out.device != hidden.device
+                                or tuple(proj_out.shape) != (hidden.shape[0], readout.shape[0])):
+        raise ValueError(f"steer_rows_ was given a readout but no proj_out buffer (a contiguous fp32 "
+                         f"[{hidden.shape[0]}, {readout.shape[0]}] tensor on {hidden.device})")
+    # The backends write the read-out straight into proj_out: nothing is allocated for it (graph-safe).
+    _run(hidden, table, index, coef, cap_min, cap_max, readout, backend, inplace=True, gate_dir=gate_dir,
+         gate_index=gate_index, gate_lo=gate_lo, gate_hi=gate_hi, gate_out=gate_out, proj_out=proj_out)
 
 
 @steer_rows_.register_fake

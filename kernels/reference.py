@@ -127,7 +127,7 @@ _VECTORS = _VectorCache()
 
 
 def prepare_vector(name: str, t: torch.Tensor, shape: tuple[int, ...], device: torch.device,
-                    unit: bool = False) -> torch.Tensor:
+                    unit: bool = False, check_values: bool = True) -> torch.Tensor:
     """Check one steering/cap/readout tensor and return it as contiguous fp32.
 
     Args:
@@ -136,6 +136,10 @@ def prepare_vector(name: str, t: torch.Tensor, shape: tuple[int, ...], device: t
         shape: Expected shape.
         device: ``hidden``'s device.
         unit: Also require every row to have unit L2 norm.
+        check_values: Check the values (finite, unit norm) once per tensor version (a host read on a GPU).
+            ``False`` checks shape, device and dtype only and reads no device memory: for callers whose values
+            were checked on the host when they were written (a steering plan's tables), and for ops that run
+            inside a captured graph, where a read back is not allowed.
 
     Returns:
         ``t`` as a contiguous fp32 tensor (``t`` itself when it already is one).
@@ -150,6 +154,8 @@ def prepare_vector(name: str, t: torch.Tensor, shape: tuple[int, ...], device: t
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
     if not t.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if not check_values:
+        return t.to(torch.float32).contiguous()  # no-ops (no dispatch) for a contiguous fp32 tensor
     cached = _VECTORS.get(t, unit)
     if cached is not None:
         return cached
@@ -258,14 +264,19 @@ def prepare_inputs(hidden: torch.Tensor, steer_vec: torch.Tensor | None = None, 
                      readout=mon)
 
 
-def allocate_outputs(hidden: torch.Tensor, k: int, inplace: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def allocate_outputs(hidden: torch.Tensor, k: int, inplace: bool,
+                     proj_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The output buffers every backend writes: ``hidden`` itself (in place) or a new ``[N, D]`` tensor, and
     ``[N, K]`` fp32 projections, or None for K = 0. The projections are left uninitialised (the kernel writes
-    every value; no extra fill on the decode path) except for an empty input, where no kernel runs."""
+    every value; no extra fill on the decode path) except for an empty input, where no kernel runs. A caller's
+    ``proj_out`` buffer (``[N, K]`` fp32, contiguous) is used as it is: nothing is allocated for an in-place call
+    that brings its own read-out buffer (what a captured graph needs)."""
     n, d = hidden.shape
     out = hidden if inplace else torch.empty((n, d), dtype=hidden.dtype, device=hidden.device)
     if not k:
         return out, None
+    if proj_out is not None:
+        return out, proj_out
     alloc = torch.zeros if n == 0 or d == 0 else torch.empty
     return out, alloc((n, k), dtype=torch.float32, device=hidden.device)
 

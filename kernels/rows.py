@@ -143,7 +143,7 @@ def _prepare_gate(gate_dir: torch.Tensor | None, gate_index: torch.Tensor | None
     g = int(gate_dir.shape[0])
     if g == 0:
         raise ValueError("gate_dir must have at least one direction")
-    dirs = prepare_vector("gate_dir", gate_dir, (g, d), device, unit=validate)
+    dirs = prepare_vector("gate_dir", gate_dir, (g, d), device, unit=validate, check_values=validate)
     gi = _index_tensor("gate_index", gate_index, n, device)
     lo = _row_tensor("gate_lo", gate_lo, n, device, float("-inf"))
     hi = _row_tensor("gate_hi", gate_hi, n, device, float("inf"))
@@ -175,8 +175,9 @@ def prepare_row_inputs(hidden: torch.Tensor, table: torch.Tensor, index: torch.T
         cap_max: ``[N]`` upper projection bound per row (None or ``+inf``: unbounded).
         readout: ``[K, D]`` directions (K <= 16) read out after the update, or None.
         validate: Check the values (index range, finite coefficients, ordered bounds, unit rows where bounded).
-            ``False`` is for callers that built the per-row tensors from values they checked on the host (the
-            serving engine): shapes, dtypes and devices are still checked, nothing reads device memory, and
+            ``False`` is for callers that built the per-row tensors and vectors from values they checked on the
+            host (the steering plan): shapes, dtypes and devices are still checked, nothing reads device memory
+            (not even a first check of the table, gate or read-out vectors), and
             the op adds when ``coef`` is given and caps when ``cap_min`` or ``cap_max`` is given.
         gate_dir: ``[G, D]`` unit condition directions, or None for no gates.
         gate_index: ``[N]`` integer entry of ``gate_dir`` per row, ``-1`` for an ungated (open) row.
@@ -204,7 +205,7 @@ def prepare_row_inputs(hidden: torch.Tensor, table: torch.Tensor, index: torch.T
         raise ValueError(f"table must be a 2-D [V, D] tensor, got "
                          f"{list(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__}")
     v = int(table.shape[0])
-    table32 = prepare_vector("table", table, (v, d), device) if v else torch.zeros(
+    table32 = prepare_vector("table", table, (v, d), device, check_values=validate) if v else torch.zeros(
         (0, d), dtype=torch.float32, device=device)
 
     index64 = _index_tensor("index", index, n, device)
@@ -213,7 +214,7 @@ def prepare_row_inputs(hidden: torch.Tensor, table: torch.Tensor, index: torch.T
         coef32 = _row_tensor("coef", coef, n, device, 0.0)
         lo = _row_tensor("cap_min", cap_min, n, device, float("-inf"))
         hi = _row_tensor("cap_max", cap_max, n, device, float("inf"))
-        mon = _check_readout(readout, d, device)
+        mon = _check_readout(readout, d, device, check_values=False)
         return RowSteerSpec(table=table32, index=index64, coef=coef32, cap_min=lo, cap_max=hi,
                             has_steer=coef is not None and v > 0,
                             has_cap=(cap_min is not None or cap_max is not None) and v > 0, readout=mon,
@@ -249,7 +250,8 @@ def prepare_row_inputs(hidden: torch.Tensor, table: torch.Tensor, index: torch.T
                         gate_hi=gate[3])
 
 
-def _check_readout(readout: torch.Tensor | None, d: int, device: torch.device) -> torch.Tensor | None:
+def _check_readout(readout: torch.Tensor | None, d: int, device: torch.device,
+                   check_values: bool = True) -> torch.Tensor | None:
     if readout is None:
         return None
     if not isinstance(readout, torch.Tensor) or readout.dim() != 2:
@@ -257,7 +259,7 @@ def _check_readout(readout: torch.Tensor | None, d: int, device: torch.device) -
     k = readout.shape[0]
     if k == 0 or k > MAX_READOUT_DIRS:
         raise ValueError(f"readout must have 1 to {MAX_READOUT_DIRS} directions, got K={k}")
-    return prepare_vector("readout", readout, (k, d), device)
+    return prepare_vector("readout", readout, (k, d), device, check_values=check_values)
 
 
 def check_gate_out(gate_out: torch.Tensor | None, hidden: torch.Tensor) -> None:
@@ -288,7 +290,8 @@ def gate_open_torch(h: torch.Tensor, spec: RowSteerSpec) -> torch.Tensor:
 
 
 def steer_rows_torch(hidden: torch.Tensor, spec: RowSteerSpec, inplace: bool = True,
-                     gate_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     gate_out: torch.Tensor | None = None,
+                     proj_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply a validated ``RowSteerSpec`` with plain torch ops (the CPU production path and the reference).
 
     Args:
@@ -297,6 +300,7 @@ def steer_rows_torch(hidden: torch.Tensor, spec: RowSteerSpec, inplace: bool = T
         inplace: Write the result into ``hidden`` instead of a new tensor.
         gate_out: Optional ``[N]`` bool buffer that receives which rows' gates were open (all True without
             gates).
+        proj_out: Optional ``[N, K]`` fp32 buffer the read-out is written into (``mm`` with ``out=``).
 
     Returns:
         ``(updated hidden [N, D] in hidden's dtype, projections [N, K] fp32 or None)``.
@@ -321,7 +325,9 @@ def steer_rows_torch(hidden: torch.Tensor, spec: RowSteerSpec, inplace: bool = T
             bounded = steered & (torch.isfinite(spec.cap_min) | torch.isfinite(spec.cap_max))
             delta = torch.where(bounded, torch.clamp(p, min=spec.cap_min, max=spec.cap_max) - p, 0.0)
             h.add_(t * delta[:, None])
-    proj = h @ spec.readout.T if spec.readout is not None else None
+    proj = None
+    if spec.readout is not None:
+        proj = h @ spec.readout.T if proj_out is None else torch.mm(h, spec.readout.T, out=proj_out)
     return write_back(hidden, h, inplace), proj
 
 

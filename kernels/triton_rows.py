@@ -137,7 +137,8 @@ def _steer_rows_kernel(
 
 
 def steer_rows_triton(hidden: torch.Tensor, spec: RowSteerSpec, inplace: bool = True,
-                      gate_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      gate_out: torch.Tensor | None = None,
+                      proj_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the per-row op with the Triton kernel.
 
     Args:
@@ -145,13 +146,14 @@ def steer_rows_triton(hidden: torch.Tensor, spec: RowSteerSpec, inplace: bool = 
         spec: Output of ``prepare_row_inputs`` for this ``hidden``.
         inplace: Write the result into ``hidden`` instead of a new tensor.
         gate_out: Optional ``[N]`` bool buffer that receives which rows' gates were open.
+        proj_out: Optional ``[N, K]`` fp32 contiguous buffer the read-out is written into (else a new tensor).
 
     Returns:
         ``(updated hidden [N, D], projections [N, K] fp32 or None)``.
     """
     n, d = hidden.shape
     k = spec.num_readouts
-    out, proj = allocate_outputs(hidden, k, inplace)
+    out, proj = allocate_outputs(hidden, k, inplace, proj_out)
     if n == 0 or d == 0:
         return out, proj
     if gate_out is not None and not spec.has_gate:

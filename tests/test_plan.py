@@ -14,7 +14,9 @@ from steerlib.steering.compiled import CompiledSteering
 from steerlib.steering.plan import (
     METHODS,
     NO_END,
+    Condition,
     Lowered,
+    PlanCapacity,
     SteeringMethod,
     SteeringPlan,
     SteerOp,
@@ -79,14 +81,95 @@ def test_token_args_follow_the_prompt_rule_per_row():
 
 
 def test_fixed_plan_refuses_to_grow():
-    plan = SteeringPlan(2, "cpu", max_tokens=4, capacity=2, fixed=True)
+    plan = SteeringPlan(2, "cpu", capacity=PlanCapacity(layers=(1,), rows=2, tokens=4, table_rows=2))
     (a,), (b,) = lower_ops([SteerOp(1, torch.tensor([1.0, 0.0]))]), lower_ops([SteerOp(1, torch.tensor([0.0, 1.0]))])
     with pytest.raises(ValueError, match="layer 1 needs 3 table rows but the plan holds 2"):
         plan.set_rows([[a], [b]], [1, 1])
     plan.set_rows([[a]], [1])
     with pytest.raises(ValueError, match="a forward pass of 5 tokens exceeds the plan's 4 tokens"):
         plan.fill(torch.zeros(5, dtype=torch.long), torch.arange(5))
+    with pytest.raises(ValueError, match="row 0 makes more than 2 edits at layer 1; the plan holds 2 per layer"):
+        plan.set_rows([[a, a, a]], [1])
+    with pytest.raises(ValueError, match="got 3 rows but the plan holds 2"):
+        plan.set_rows([[], [], []], [1, 1, 1])
+    with pytest.raises(ValueError, match=r"layer 3 is not one the plan can edit \(1..1\)"):
+        plan.set_rows([lower_ops([SteerOp(3, torch.ones(2))])], [1])
     assert NO_END > 2**40
+
+
+def _mixed_rows(d: int, gen: torch.Generator) -> tuple[list[list], list[int]]:
+    """Five rows: add (response), ablate + add at one layer, a cap (prompt), a gated latching add, nothing."""
+    v, u, w, c = (torch.randn(d, generator=gen) for _ in range(4))
+    rows = [
+        lower_ops([SteerOp(2, v, coef=3.0, positions="response")]),
+        lower_ops([SteerOp(2, u, "ablate"), SteerOp(2, v, coef=-2.0), SteerOp(3, w, coef=1.5)]),
+        lower_ops([SteerOp(3, u, "cap", cap_min=-0.5, cap_max=0.5, positions="prompt")]),
+        lower_ops([SteerOp(3, w, coef=4.0, when=Condition(c, above=0.0, latch=True))]),
+        [],
+    ]
+    return rows, [3, 2, 4, 3, 2]
+
+
+def test_fixed_plan_equals_the_growing_plan_and_never_moves_its_tensors():
+    """Same rows, same passes: a fixed plan edits exactly as the growing one (gates and latches included), and
+    every tensor it owns keeps its address through new rows, new vectors, read-outs and passes of any size."""
+    d = 8
+    gen = torch.Generator().manual_seed(0)
+    rows, prompts = _mixed_rows(d, gen)
+    fixed = SteeringPlan(d, "cpu", capacity=PlanCapacity(layers=(1, 2, 3, 4), rows=6, tokens=32, slots=2,
+                                                         table_rows=4, gate_rows=2, readout_dirs=3))
+    before = {k: t.data_ptr() for k, t in fixed.tensors().items()}
+    readout = torch.randn(2, d, generator=gen)
+    fixed.set_readout(readout)
+    grow = SteeringPlan(d, "cpu")
+    # Growing plans have no slot limit: give the growing plan the same edits.
+    for plan in (fixed, grow):
+        plan.set_rows(rows, prompts)
+    assert fixed.active_layers == {2, 3} == set(grow.layers)
+    opened = False
+    for step, (n_per_row, pos0) in enumerate([(4, 0), (1, 4), (1, 5)]):
+        row_of_token = torch.arange(len(rows)).repeat_interleave(n_per_row)
+        position = (torch.arange(n_per_row) + pos0).repeat(len(rows))
+        h0 = torch.randn(len(row_of_token), d, generator=gen) * 2
+        outs = []
+        for plan in (fixed, grow):
+            plan.fill(row_of_token, position)
+            h = h0.clone()
+            proj = None
+            for layer in (1, 2, 3, 4):
+                got = plan.apply(layer, h, readout if layer == 3 and plan is grow else None)
+                if layer == 3:
+                    proj = got
+            outs.append((h, proj))
+        torch.testing.assert_close(outs[0][0], outs[1][0])
+        torch.testing.assert_close(outs[0][1][:, :2], outs[1][1])
+        assert torch.equal(outs[0][1][:, 2], torch.zeros(len(row_of_token)))  # unused read-out direction
+        opened = opened or bool(fixed.latched_edits()[3])
+        assert fixed.latched_edits() == grow.latched_edits(), step
+    assert opened  # the latch was exercised
+    # New rows (the gated row moves to row 0), new vectors: same addresses, latches follow their row.
+    latched_before = fixed.latched_edits()[3]
+    fixed.set_rows([rows[3], lower_ops([SteerOp(4, torch.randn(d, generator=gen))])], [3, 2],
+                   moved_from=[3, None])
+    assert fixed.latched_edits() == [latched_before, set()]
+    fixed.fill(torch.zeros(32, dtype=torch.long), torch.arange(32))
+    fixed.apply(4, torch.randn(32, d, generator=gen))
+    assert {k: t.data_ptr() for k, t in fixed.tensors().items()} == before
+
+
+def test_fixed_plan_reuses_a_vector_already_in_its_table():
+    d = 4
+    v, w = torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 1.0, 0, 0])
+    plan = SteeringPlan(d, "cpu", capacity=PlanCapacity(layers=(1,), rows=2, tokens=4, table_rows=3))
+    (a,), (b,) = lower_ops([SteerOp(1, v)]), lower_ops([SteerOp(1, w)])
+    plan.set_rows([[a]], [1])
+    assert torch.equal(plan.layers[1].table[1], v)
+    plan.write_row(1, 2, torch.full((d,), 7.0), key="other")
+    plan.set_rows([[b], [a]], [1, 1])  # a stays in row 1; b takes the row no vector of this batch needs
+    assert torch.equal(plan.layers[1].table[1], v) and torch.equal(plan.layers[1].table[2], w)
+    assert plan.tensors()["param.entry"][:2, :2].tolist() == [[2, 1], [0, 0]]
+    with pytest.raises(ValueError, match=r"table row 0 is outside 1..2 \(row 0 is .no edit.\)"):
+        plan.write_row(1, 0, v)
 
 
 @register_method

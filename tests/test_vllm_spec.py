@@ -171,15 +171,16 @@ def test_serve_engine_vllm_validates_on_the_model_shape_without_weights(optimism
         ServeOptions(engine="sglang").check()
 
 
-def _fake_runner(specs: list[str | None], prompt_lens: list[int], counts: list[int]):
-    """Just the V1 runner bookkeeping the worker reads: request ids, where each request's tokens start, specs."""
+def _fake_runner(specs: list[str | None], prompt_lens: list[int], counts: list[int], computed: list[int]):
+    """Just the V1 runner bookkeeping the worker reads: request ids, where each request's tokens start, specs,
+    and how many tokens each request had computed before the step."""
     from types import SimpleNamespace
 
     ids = [f"req{i}-abcdefgh" for i in range(len(specs))]
     qsl = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
     requests = {rid: SimpleNamespace(sampling_params=SimpleNamespace(extra_args={"steerlib": s} if s else None),
                                      num_prompt_tokens=p) for rid, s, p in zip(ids, specs, prompt_lens, strict=True)}
-    return SimpleNamespace(input_batch=SimpleNamespace(num_reqs=len(ids), req_ids=ids),
+    return SimpleNamespace(input_batch=SimpleNamespace(num_reqs=len(ids), req_ids=ids, num_computed_tokens_cpu=computed),
                            query_start_loc=SimpleNamespace(cpu=qsl), requests=requests)
 
 
@@ -188,10 +189,11 @@ def test_worker_step_raises_when_a_steered_layer_did_not_run_and_keeps_readouts_
 
     layers = torch.nn.ModuleList([torch.nn.Identity() for _ in range(4)])
     st = worker.WorkerState(layers, D, max_tokens=16, device=torch.device("cpu"))
-    st.configure_readout(3, torch.nn.functional.normalize(torch.randn(2, D), dim=-1).tolist())
+    dirs = torch.nn.functional.normalize(torch.randn(2, D), dim=-1)
+    st.configure_readout(3, dirs.tolist())
     spec = encode_spec([SteerOp(layer=2, vector=_vec(6), coef=1.5)], readout=True)
     # Request 0 ends its prompt (positions 2..4 of a 5-token prompt), request 1 (unsteered, no read-out) decodes.
-    runner = _fake_runner([spec, None], [5, 3], [3, 1])
+    runner = _fake_runner([spec, None], [5, 3], [3, 1], [2, 7])
     positions = torch.tensor([2, 3, 4, 7])
     hidden = torch.randn(4, D)
     st.begin(runner, positions)
@@ -210,4 +212,4 @@ def test_worker_step_raises_when_a_steered_layer_did_not_run_and_keeps_readouts_
     torch.testing.assert_close(h[3], hidden[3])
     got = st.pop(["req0", "req1"])
     assert list(got["req0"]) == [4] and got["req1"] == {}  # the last prompt position of request 0 only
-    torch.testing.assert_close(torch.tensor(got["req0"][4]), h[2] @ st.readout_dirs.T)
+    torch.testing.assert_close(torch.tensor(got["req0"][4]), h[2] @ dirs.T)

@@ -22,7 +22,13 @@ consumes this module and nothing else decides what an edit means:
   turns that into per-token ``index / coef / lo / hi`` buffers (written in place, a handful of tensor ops
   whatever the batch, no Python loop over tokens), and ``apply(layer, hidden)`` runs the registered op once
   per slot. A *slot* is the n-th edit a row makes at a layer: two edits at one layer (an add and a cap, say)
-  are two slots, applied in the order given.
+  are two slots, applied in the order given;
+* a plan is **growing** (tables and slots sized to the rows, buffers grown with the pass: the eager editor, the
+  compiled path, the HF engine) or **fixed** (``PlanCapacity``: the vLLM worker). A fixed plan allocates every
+  tensor once and writes only in place; each of its layers has the same slots whatever the rows ask, and
+  ``apply`` launches the same op calls with every argument (gates, latches, a ``[tokens, K]`` read-out per layer)
+  reading only device memory, so a CUDA graph captured with no steering replays any steering. ``write_row``
+  puts a vector into table row ``i`` of a layer (with its content key, ``set_rows`` then finds it there).
 
 Adding a steering method
 ------------------------
@@ -61,7 +67,7 @@ from torch import Tensor
 
 from steerlib.core.checks import check_number
 from steerlib.core.vectors import check_vector
-from steerlib.kernels import fused_steer_rows, steer_rows_
+from steerlib.kernels import fused_steer_rows, resolve_backend, steer_rows_
 
 INF = math.inf
 # The end of an open interval, as an int64 (positions are compared as integers on the device).
@@ -447,6 +453,50 @@ def lower_ops(ops: Sequence[SteerOp]) -> list[Edit]:
     return [lower_op(op) for op in ops]
 
 
+@dataclass(frozen=True)
+class PlanCapacity:
+    """The fixed size of a plan that never re-allocates (what a CUDA graph or a replayed record needs).
+
+    Attributes:
+        layers: the layers the plan can edit (1-based); each owns ``slots`` slots whatever the rows ask.
+        rows: batch rows (requests) per forward pass; one more, always "no edit", is added for padding tokens.
+        tokens: tokens per forward pass.
+        slots: edits one row may make at one layer.
+        table_rows: steering-table rows per layer, row 0 ("no edit") included.
+        gate_rows: condition directions per layer.
+        readout_dirs: read-out directions ``K``: every layer's op writes ``[tokens, K]`` projections.
+    """
+
+    layers: tuple[int, ...]
+    rows: int
+    tokens: int
+    slots: int = 2
+    table_rows: int = 64
+    gate_rows: int = 8
+    readout_dirs: int = 16
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
+        for name in ("rows", "tokens", "slots", "gate_rows", "readout_dirs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"plan capacity {name} must be an int >= 1, got {value!r}")
+        if isinstance(self.table_rows, bool) or not isinstance(self.table_rows, int) or self.table_rows < 2:
+            raise ValueError(f"plan capacity table_rows must be an int >= 2 (row 0 is 'no edit'), "
+                             f"got {self.table_rows!r}")
+        if not self.layers or min(self.layers) < 1:
+            raise ValueError(f"plan capacity layers must be 1-based layer numbers, got {self.layers!r}")
+
+
+# Per (slot, row) parameter defaults: "no edit" (table row 0, nothing added, bounds open, no gate, no latch).
+_PARAM_DEFAULTS: dict[str, tuple[float | int | bool, torch.dtype]] = {
+    "entry": (0, torch.int64), "coef": (0.0, torch.float32), "lo": (-INF, torch.float32),
+    "hi": (INF, torch.float32), "start": (0, torch.int64), "end": (0, torch.int64),
+    "gentry": (-1, torch.int64), "glo": (-INF, torch.float32), "ghi": (INF, torch.float32),
+    "latch": (False, torch.bool),
+}
+
+
 @dataclass
 class _LayerState:
     """One steered layer: its table, the plan rows of its slots, and which op arguments the slots use."""
@@ -462,41 +512,145 @@ class _LayerState:
 class SteeringPlan:
     """Per-layer vector tables and per-token op arguments for a batch of rows.
 
+    Two modes, one meaning:
+
+    * **growing** (``capacity=None``, the eager editor, compiled path and HF engine): tables hold what the rows
+      use, slot counts follow the rows, buffers grow when a pass is larger;
+    * **fixed** (``capacity=PlanCapacity(...)``, the vLLM worker): every tensor is allocated once, in
+      ``__init__``, and never moves. ``set_rows``, ``fill``, ``write_row`` and ``set_readout`` write in place;
+      every layer of the capacity has ``slots`` slots whether a row uses them or not (unused: table row 0,
+      coefficient 0, bounds open, gate index -1); ``apply`` runs the op with every argument, gates and read-out
+      included, so nothing it launches depends on what the rows ask. A captured graph (or a replayed record of
+      the ops) therefore stays valid for any later rows.
+
     Args:
         d_model: hidden width.
         device: where the tables and buffers live.
-        max_tokens: tokens per forward pass the buffers hold at first (they grow when a pass is larger,
-            unless ``fixed`` is set).
-        capacity: table rows per layer (row 0 included) to preallocate, for callers that need fixed addresses
-            (CUDA graphs); None sizes tables to what the rows use.
-        fixed: never reallocate buffers or tables (a pass larger than ``max_tokens`` or more distinct vectors
-            than ``capacity`` raises instead).
+        max_tokens: tokens per forward pass the buffers hold at first (growing mode; they grow when a pass is
+            larger).
+        capacity: the fixed size (fixed mode), or None (growing mode).
+        backend: the op's backend; in fixed mode it is resolved once, here, and the same for every call.
     """
 
     def __init__(self, d_model: int, device: torch.device | str, *, max_tokens: int = 256,
-                 capacity: int | None = None, fixed: bool = False):
+                 capacity: PlanCapacity | None = None, backend: str = "auto"):
         self.d_model = d_model
         self.device = torch.device(device)
         self.capacity = capacity
-        self.fixed = fixed
         self.layers: dict[int, _LayerState] = {}
+        self.active_layers: set[int] = set()  # layers some row of the last set_rows edits (host-side)
         self._max_tokens = max(1, max_tokens)
         self._n_slots = 0
         self._params: dict[str, Tensor] = {}
         self._buffers: dict[str, Tensor] = {}
         self._proj: dict[int, Tensor] = {}
         self._n = 0
-        self._tables: dict[int, Tensor] = {}  # preallocated tables (capacity set), kept across set_rows
         self._has_gates = False
         self._slot_latch: list[bool] = []  # per slot: some row's gate latches
         # [n_slots, n_rows] uint8: 1 where a latching gate has opened for that row (kept on the device).
         self._latched = torch.zeros((0, 1), dtype=torch.uint8, device=self.device)
         self._edit_slots: list[list[int]] = []  # per row, the plan slot of each of its edits
+        self._backend = backend
+        if capacity is not None:
+            self._allocate(capacity)
+
+    @property
+    def fixed(self) -> bool:
+        """Whether the plan was allocated once with a ``PlanCapacity`` (its tensors never move)."""
+        return self.capacity is not None
+
+    def _allocate(self, cap: PlanCapacity) -> None:
+        """Allocate every tensor of a fixed plan, once."""
+        dev, d, s_per = self.device, self.d_model, cap.slots
+        # Chosen once: the op must launch the same kernel on every call, graph-captured or not.
+        self._backend = resolve_backend(self._backend, torch.empty((0, d), device=dev))
+        self._layer_index = {layer: i for i, layer in enumerate(cap.layers)}
+        self._row_keys: dict[int, list[str | None]] = {}
+        self._gate_keys: dict[int, list[str | None]] = {}
+        for i, layer in enumerate(cap.layers):
+            state = _LayerState(torch.zeros(cap.table_rows, d, device=dev), range(i * s_per, (i + 1) * s_per),
+                                [True] * s_per, [True] * s_per, [True] * s_per,
+                                torch.zeros(cap.gate_rows, d, device=dev))
+            self.layers[layer] = state
+            self._row_keys[layer] = [""] + [None] * (cap.table_rows - 1)  # row 0: "no edit", never reassigned
+            self._gate_keys[layer] = [None] * cap.gate_rows
+        self._n_slots = len(cap.layers) * s_per
+        self._has_gates = True
+        self._slot_latch = [True] * self._n_slots
+        shape = (self._n_slots, cap.rows + 1)
+        self._params = {name: torch.full(shape, fill, dtype=dtype, device=dev)
+                        for name, (fill, dtype) in _PARAM_DEFAULTS.items()}
+        self._latched = torch.zeros(shape, dtype=torch.uint8, device=dev)
+        self._max_tokens = cap.tokens
+        self._allocate_buffers()
+        self._readout = torch.zeros(cap.readout_dirs, d, device=dev)
+        # One [tokens, K] read-out per layer: every layer's op writes its own, the caller reads the one it wants
+        # after the forward (which layer is read is a host choice that no captured graph needs to know).
+        self._proj_all = torch.zeros(len(cap.layers), cap.tokens, cap.readout_dirs, device=dev)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor the plan owns, by name (tables, parameters, per-token buffers, latches, read-out)."""
+        out = {f"table.{layer}": st.table for layer, st in self.layers.items()}
+        out.update({f"gate_table.{layer}": st.gate_table for layer, st in self.layers.items()
+                    if st.gate_table is not None})
+        out.update({f"param.{k}": v for k, v in self._params.items()})
+        out.update({f"buffer.{k}": v for k, v in self._buffers.items()})
+        out["latched"] = self._latched
+        if self._buffers:
+            out["row_of_token"] = self._row_buffer
+        if self.fixed:
+            out["readout"] = self._readout
+            out["proj"] = self._proj_all
+        return out
+
+    def write_row(self, layer: int, row: int, vector: Tensor, key: str | None = None) -> None:
+        """Write ``vector`` [D] into table row ``row`` of ``layer``, in place (fixed mode). With ``key`` (the
+        content digest ``Edit.key``), ``set_rows`` finds the vector there and writes nothing for it."""
+        table = self._fixed_table(layer)
+        if not 1 <= row < table.shape[0]:
+            raise ValueError(f"table row {row} is outside 1..{table.shape[0] - 1} (row 0 is 'no edit')")
+        table[row].copy_(vector.to(table.dtype))
+        self._row_keys[layer][row] = key
+
+    def write_gate_row(self, layer: int, row: int, direction: Tensor, key: str | None = None) -> None:
+        """Write a unit condition ``direction`` [D] into gate row ``row`` of ``layer``, in place (fixed mode)."""
+        self._fixed_table(layer)
+        table = self.layers[layer].gate_table
+        assert table is not None
+        if not 0 <= row < table.shape[0]:
+            raise ValueError(f"gate row {row} is outside 0..{table.shape[0] - 1}")
+        table[row].copy_(direction.to(table.dtype))
+        self._gate_keys[layer][row] = key
+
+    def _fixed_table(self, layer: int) -> Tensor:
+        if not self.fixed:
+            raise ValueError("write_row needs a fixed plan (capacity=PlanCapacity(...))")
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} is not one of the plan's layers {self.capacity.layers}")
+        return self.layers[layer].table
+
+    def set_readout(self, directions: Tensor | None) -> None:
+        """Write read-out directions ``[k, D]`` (k <= K) into the fixed read-out buffer, the rest zeros."""
+        if not self.fixed:
+            raise ValueError("set_readout needs a fixed plan (capacity=PlanCapacity(...))")
+        self._readout.zero_()
+        if directions is None:
+            return
+        k = directions.shape[0]
+        if directions.ndim != 2 or directions.shape[1] != self.d_model or k > self._readout.shape[0]:
+            raise ValueError(f"read-out directions must be [k, {self.d_model}] with k <= {self._readout.shape[0]}, "
+                             f"got {list(directions.shape)}")
+        self._readout[:k].copy_(directions.to(self._readout.dtype))
+
+    def readout_values(self, layer: int) -> Tensor:
+        """The fixed plan's read-out buffer ``[tokens, K]`` of ``layer`` (valid for the last pass's tokens)."""
+        return self._proj_all[self._layer_index[layer]]
 
     # -- rows -----------------------------------------------------------------------------------------
     def set_rows(self, rows: Sequence[Sequence[Edit]], prompt_lens: Sequence[int],
                  markers: Sequence[int | None] | None = None,
-                 latched: Sequence[set[int]] | None = None) -> None:
+                 latched: Sequence[set[int]] | None = None,
+                 moved_from: Sequence[int | None] | None = None) -> None:
         """Describe the batch: row ``r`` makes ``rows[r]``'s edits and has a prompt of ``prompt_lens[r]`` tokens.
 
         Runs on the host once per change of the batch's rows (not per forward pass).
@@ -507,10 +661,17 @@ class SteeringPlan:
             markers: per row, the absolute position a ``FromMarker`` rule starts at (None: not seen yet).
             latched: per row, the indices into ``rows[r]`` of edits whose latching gate has already opened (from
                 ``latched_edits()`` of the rows as they were); default: nothing latched.
+            moved_from: fixed mode only: per row, the row it was at in the previous ``set_rows`` (None: new), so
+                its latched gates follow it on the device without a read back to the host.
         """
         if len(prompt_lens) != len(rows):
             raise ValueError(f"got {len(rows)} rows but {len(prompt_lens)} prompt lengths")
         markers = list(markers) if markers is not None else [None] * len(rows)
+        if self.capacity is not None:
+            self._set_rows_fixed(rows, prompt_lens, markers, latched, moved_from)
+            return
+        if moved_from is not None:
+            raise ValueError("moved_from needs a fixed plan (capacity=PlanCapacity(...))")
         per_layer: dict[int, list[list[Edit]]] = {}
         for r, edits in enumerate(rows):
             for e in edits:
@@ -559,6 +720,7 @@ class SteeringPlan:
                 state.gates.append(any(e is not None for e in gated))
             layers[layer] = state
         self.layers = layers
+        self.active_layers = set(layers)
         self._n_slots = len(entry)
         self._has_gates = any(any(st.gates) for st in layers.values())
         self._slot_latch = [any(x) for x in latch]
@@ -608,28 +770,108 @@ class SteeringPlan:
         self._ensure_buffers(self._max_tokens)
 
     def _table(self, layer: int, vectors: list[Tensor]) -> Tensor:
-        """The layer's table [V, D] with row 0 zeros; written in place when its capacity is fixed."""
-        if self.capacity is None:
-            rows = [torch.zeros(self.d_model), *vectors]
-            return torch.stack(rows).to(self.device, torch.float32).contiguous()
-        if len(vectors) + 1 > self.capacity:
-            raise ValueError(f"layer {layer} needs {len(vectors) + 1} table rows but the plan holds "
-                             f"{self.capacity}; raise the capacity")
-        table = self._tables.get(layer)
-        if table is None:
-            table = self._tables[layer] = torch.zeros(self.capacity, self.d_model, device=self.device)
-        if vectors:
-            table[1:len(vectors) + 1].copy_(torch.stack(vectors))
-        return table
+        """The layer's table [V, D] with row 0 zeros (growing mode: sized to what the rows use)."""
+        rows = [torch.zeros(self.d_model), *vectors]
+        return torch.stack(rows).to(self.device, torch.float32).contiguous()
+
+    def _set_rows_fixed(self, rows: Sequence[Sequence[Edit]], prompt_lens: Sequence[int],
+                        markers: Sequence[int | None], latched: Sequence[set[int]] | None,
+                        moved_from: Sequence[int | None] | None) -> None:
+        """``set_rows`` of a fixed plan: host work, then in-place writes into the tensors allocated once."""
+        cap = self.capacity
+        assert cap is not None
+        if len(rows) > cap.rows:
+            raise ValueError(f"got {len(rows)} rows but the plan holds {cap.rows}")
+        if moved_from is not None and len(moved_from) != len(rows):
+            raise ValueError(f"got {len(moved_from)} previous rows for {len(rows)} rows")
+        # Pass 1: which vectors each layer needs, and the slot of every edit (the j-th edit of a row at a layer
+        # is that layer's j-th slot: it depends on the row's own edits only, so a row keeps its slots when the
+        # batch around it changes).
+        needed: dict[int, dict[str, Tensor]] = {}
+        gates_needed: dict[int, dict[str, Tensor]] = {}
+        edit_slots: list[list[int]] = []
+        for r, edits in enumerate(rows):
+            seen: dict[int, int] = {}
+            slots_of_row = []
+            for e in edits:
+                if e.layer not in self._layer_index:
+                    raise ValueError(f"layer {e.layer} is not one the plan can edit ({cap.layers[0]}.."
+                                     f"{cap.layers[-1]})")
+                j = seen.get(e.layer, 0)
+                if j >= cap.slots:
+                    raise ValueError(f"row {r} makes more than {cap.slots} edits at layer {e.layer}; the plan "
+                                     f"holds {cap.slots} per layer")
+                seen[e.layer] = j + 1
+                slots_of_row.append(self.layers[e.layer].slots.start + j)
+                needed.setdefault(e.layer, {}).setdefault(e.key, e.row)
+                if e.gate_key is not None:
+                    gates_needed.setdefault(e.layer, {}).setdefault(e.gate_key, e.gate_row)
+            edit_slots.append(slots_of_row)
+        entries = {layer: self._place(layer, keys, self._row_keys[layer], self.write_row, "table")
+                   for layer, keys in needed.items()}
+        gate_entries = {layer: self._place(layer, keys, self._gate_keys[layer], self.write_gate_row, "condition")
+                        for layer, keys in gates_needed.items()}
+        # Pass 2: the per (slot, row) parameters on the host, then one copy each into the device tensors.
+        shape = (self._n_slots, cap.rows + 1)
+        host = {name: torch.full(shape, fill, dtype=dtype) for name, (fill, dtype) in _PARAM_DEFAULTS.items()}
+        for r, edits in enumerate(rows):
+            for e, s in zip(edits, edit_slots[r], strict=True):
+                a, b = e.rule.interval(int(prompt_lens[r]), markers[r])
+                host["entry"][s, r] = entries[e.layer][e.key]
+                host["coef"][s, r], host["lo"][s, r], host["hi"][s, r] = e.coef, e.lo, e.hi
+                host["start"][s, r], host["end"][s, r] = a, b
+                if e.gate_key is not None:
+                    host["gentry"][s, r] = gate_entries[e.layer][e.gate_key]
+                    host["glo"][s, r], host["ghi"][s, r], host["latch"][s, r] = e.gate_lo, e.gate_hi, e.latch
+        for name, value in host.items():
+            self._params[name].copy_(value)
+        # Latches: carried with the rows that stay (a gather on the device), zero for new rows.
+        if moved_from is None:
+            self._latched.zero_()
+        else:
+            pad = cap.rows  # the padding row never latches: its column is all zeros
+            src = [pad if m is None else int(m) for m in moved_from] + [pad] * (cap.rows + 1 - len(rows))
+            if any(not 0 <= m <= pad for m in src):
+                raise ValueError(f"moved_from must name previous rows 0..{cap.rows - 1}, got {list(moved_from)}")
+            self._latched.copy_(self._latched.index_select(1, torch.tensor(src, device=self.device)))
+        self._edit_slots = edit_slots
+        if latched is not None:
+            if len(latched) != len(rows):
+                raise ValueError(f"got latch state for {len(latched)} rows but {len(rows)} rows")
+            for r, ks in enumerate(latched):
+                for k in ks:
+                    self._latched[edit_slots[r][k], r] = 1
+        self.active_layers = set(needed)
+
+    def _place(self, layer: int, keys: dict[str, Tensor], owner: list[str | None], write, what: str) -> dict[str, int]:
+        """Table rows of ``keys`` at ``layer``: a vector already in a row stays there; the others take rows that
+        no vector of this batch needs, and are written there in place."""
+        where = {k: i for i, k in enumerate(owner) if k}
+        missing = [k for k in keys if k not in where]
+        if missing:
+            free = [i for i, k in enumerate(owner) if k != "" and (k is None or k not in keys)]
+            if len(missing) > len(free):
+                used = len(keys) + (1 if what == "table" else 0)
+                raise ValueError(f"layer {layer} needs {used} {what} rows but the plan holds {len(owner)}; "
+                                 "raise the capacity")
+            for k, i in zip(missing, free, strict=False):
+                write(layer, i, keys[k], k)
+                where[k] = i
+        return {k: where[k] for k in keys}
 
     def _ensure_buffers(self, n: int) -> None:
+        if self.fixed:
+            if n > self._max_tokens:
+                raise ValueError(f"a forward pass of {n} tokens exceeds the plan's {self._max_tokens} tokens")
+            return
         shape_ok = (self._buffers and self._buffers["index"].shape[0] == self._n_slots
                     and self._buffers["index"].shape[1] >= n)
         if shape_ok:
             return
-        if self.fixed and self._buffers and n > self._buffers["index"].shape[1]:
-            raise ValueError(f"a forward pass of {n} tokens exceeds the plan's {self._max_tokens} tokens")
         self._max_tokens = max(self._max_tokens, n)
+        self._allocate_buffers()
+
+    def _allocate_buffers(self) -> None:
         s, t, dev = self._n_slots, self._max_tokens, self.device
         self._buffers = {
             "index": torch.zeros((s, t), dtype=torch.int64, device=dev),
@@ -686,7 +928,8 @@ class SteeringPlan:
             return
         self._ensure_buffers(n)
         self._row_buffer[:n].copy_(row_of_token)
-        for name, value in self.token_args(row_of_token, position).items():
+        rows = self._row_buffer[:n]  # on the device whatever the caller passed
+        for name, value in self.token_args(rows, position.to(self.device)).items():
             self._buffers[name][:, :n].copy_(value)
 
     def buffers(self, layer: int) -> list[dict[str, Tensor]]:
@@ -704,6 +947,8 @@ class SteeringPlan:
         state before rounding), or None without ``readout``. Under autograd (training) the torch backend runs
         out of place and the caller must use the returned hidden, see ``apply_functional``.
         """
+        if self.fixed:
+            return self._apply_fixed(layer, hidden)
         state = self.layers.get(layer)
         n = hidden.shape[0]
         if state is None:
@@ -721,6 +966,25 @@ class SteeringPlan:
             self._after_gate(state, j, s, n)
             proj = out
         return proj
+
+    def _apply_fixed(self, layer: int, hidden: Tensor) -> Tensor:
+        """The fixed plan's edit at ``layer``: the same op calls whatever the rows ask (every slot, every
+        argument, gates, latches and read-out), reading only device tensors allocated once; no host read, no
+        allocation of its own. Tokens past the last ``fill`` read stale but harmless arguments (a graph warm-up
+        pass). Returns the ``[N, K]`` read-out view it wrote."""
+        state = self.layers[layer]
+        n = hidden.shape[0]
+        b = self._buffers
+        out = self._proj_all[self._layer_index[layer], :n]
+        last = state.slots.stop - 1
+        rows = self._row_buffer[:n]
+        for s in state.slots:
+            steer_rows_(hidden, state.table, b["index"][s, :n], b["coef"][s, :n], b["lo"][s, :n], b["hi"][s, :n],
+                        self._readout if s == last else None, out if s == last else None, self._backend,
+                        gate_dir=state.gate_table, gate_index=b["gindex"][s, :n], gate_lo=b["glo"][s, :n],
+                        gate_hi=b["ghi"][s, :n], gate_out=b["gopen"][s, :n])
+            self.latch(s, rows, b["gopen"][s, :n] & (b["gindex"][s, :n] >= 0))
+        return out
 
     def _gate_args(self, state: _LayerState, j: int, s: int, n: int) -> dict[str, Tensor]:
         """The op's gate arguments for slot ``s`` (the ``j``-th of its layer), or none when it is ungated."""

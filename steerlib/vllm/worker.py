@@ -2,26 +2,39 @@
 
 vLLM 0.32's decoder layers (Llama and its relatives) return ``(hidden_states, residual)`` and defer the add to
 the next layer's fused add + RMSNorm; the residual stream steerlib edits (HF's block output) is their sum. The
-hook on block ``L - 1`` therefore returns ``(h + r edited, zeros)``: the next fused add then sees exactly the
-edited stream. The edit runs in one registered op, ``torch.ops.steerlib_vllm.steer_layer``, which vLLM's
-``torch.compile`` keeps opaque: its body runs at every step, reads the plan filled for that step and counts that
-it ran, so a step whose steered layer did not run raises instead of returning unsteered text.
+hook on block ``L - 1`` calls one registered op, ``torch.ops.steerlib_vllm.steer_layer_``, which writes the
+edited sum into ``hidden_states`` and zeros ``residual``, both IN PLACE (``mutates_args``, returning nothing, as
+vLLM's own ``unified_attention_with_output`` writes into the tensor it is given): the next fused add then sees
+exactly the edited stream, at the addresses a captured graph recorded.
 
-Per step (``GPUModelRunner._model_forward``, the runner's documented override point), the flattened tokens are
-mapped to requests with the runner's own bookkeeping: ``input_batch.req_ids``, ``query_start_loc`` (where each
-request's tokens start), ``requests[id].sampling_params.extra_args`` (the spec) and ``num_prompt_tokens``; a
-token's absolute position comes from the ``positions`` the runner passes to the model. Prompt vs response is
-``position < prompt_len``, so chunked prefill, requests joining and leaving, and prefix-cache hits (which skip
-computed positions) all steer the same tokens.
+Graph-safe by construction. The plan is a fixed-capacity ``SteeringPlan`` (``PlanCapacity``: every hookable
+layer, ``max_num_seqs`` rows, ``max_num_batched_tokens`` tokens, a few slots per layer, ``K`` read-out
+directions), allocated once at load; nothing it owns ever moves. Every hooked layer calls the op on every
+forward, steps and vLLM's own warm-up / capture passes alike, and the op's body launches the same ops whatever
+the rows ask: every slot, every argument, gates, latches and the read-out (rows that do not steer point at table
+row 0 and open bounds). It reads only device tensors, never the host (no ``.item()``/``.tolist()``), and
+allocates nothing of its own. So a graph captured with an empty plan, replayed after ``begin()`` refilled the
+plan, steers (``tests/in_vllm/test_vllm_replay.py`` records the forward's ops and replays them to show it).
 
-Read-out: at the read-out layer the projections of the last token each request computed in the step are kept
-when that position is ``>= prompt_len - 1`` (the positions whose outputs produce generated tokens), keyed by
-request id and position; the API process fetches them with ``collective_rpc("steerlib_pop_readouts")`` through
-``SteerlibWorkerExtension`` (vLLM's ``worker_extension_cls``).
+Per step (``GPUModelRunner._model_forward``, the runner's documented override point), ``begin()`` does the host
+work from the runner's host-side bookkeeping, before the forward: ``input_batch.req_ids``, ``query_start_loc``
+(where each request's tokens start), ``requests[id].sampling_params.extra_args`` (the spec),
+``num_prompt_tokens`` and ``num_computed_tokens_cpu`` (the position of a request's last token in the step). The
+per-token arguments are then computed on the device from the ``positions`` tensor the runner passes to the model
+(no copy to the host). Prompt vs response is ``position < prompt_len``, so chunked prefill, requests joining and
+leaving, and prefix-cache hits (which skip computed positions) all steer the same tokens. Rows are described to
+the plan again only when the batch's rows change; a row that moves keeps its latched gates (moved on the device).
 
-CUDA graphs: the table, index, coef and bounds live in buffers allocated once for ``max_num_batched_tokens``
-and filled with ``copy_``. On CPU (no graphs) the op's Python body also does the bookkeeping; a graph-captured
-step would keep the same buffers and move the fired counter onto the device.
+"Did the steered layers run" is a device-side stamp: each op call adds 1 to its layer's entry of an
+``[n_layers + 1]`` counter that ``begin()`` zeros; ``end()`` reads it after the forward and raises when a layer the
+step needed did not run exactly once, so a replayed graph passes and a skipped hook fails loudly.
+
+Read-out: every layer's op writes its projections on the ``K`` configured directions into a fixed
+``[max_tokens, K]`` buffer of its own; after the forward, ``end()`` gathers the rows of the read-out layer it
+wants: the last token each request computed in the step, when that position is ``>= prompt_len - 1`` (the
+positions whose outputs produce generated tokens), keyed by request id and position. The API process fetches
+them with ``collective_rpc("steerlib_pop_readouts")`` through ``SteerlibWorkerExtension`` (vLLM's
+``worker_extension_cls``).
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from steerlib.steering.plan import SteeringPlan
+from steerlib.steering.plan import PlanCapacity, SteeringPlan
 from steerlib.vllm.slots import DEFAULT_CAPACITY, SlotTable, capacity_of, store_of
 from steerlib.vllm.spec import SPEC_KEY, ParsedSpec, parse_spec
 
@@ -49,34 +62,56 @@ log = logging.getLogger("steerlib.vllm")
 # hooks, so a graph compiled without them (or with an older version of them) would otherwise be reused.
 IDENTITY = "steerlib-hooks-" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 _MAX_STORED_REQUESTS = 4096
+SLOTS_PER_LAYER = 2  # edits one request may make at one layer
+READOUT_DIRS = 16  # read-out directions K every layer's op computes (the op's maximum)
 
 
 class WorkerState:
-    """Everything one worker keeps: the hooked layers, the step plan, the read-out and its store."""
+    """Everything one worker keeps: the hooked layers, the fixed step plan, the stamp, the read-out and its store.
+
+    Args:
+        layers: the model's decoder layers.
+        d_model: hidden width.
+        max_tokens: tokens per forward pass (vLLM's ``max_num_batched_tokens``).
+        device: the worker's device.
+        max_rows: requests per forward pass (vLLM's ``max_num_seqs``).
+        owned: the layers (1-based) this worker runs and hooks; default all (a pipeline stage owns fewer).
+        edits_per_layer: edits one request may make at one layer (the plan's slots per layer).
+        slots: the registered vectors (``steerlib.vllm.slots``): rows read once from the store by content key,
+            pinned while a request uses them; default the store under steerlib's cache, 256 rows.
+        table_rows: steering-table rows per layer (row 0, "no edit", included); default enough for every row's
+            slots to hold distinct vectors.
+        gate_rows: condition directions per layer.
+    """
 
     def __init__(self, layers: nn.ModuleList, d_model: int, max_tokens: int, device: torch.device,
-                 slots: SlotTable | None = None):
+                 max_rows: int = 256, owned: set[int] | None = None, edits_per_layer: int = SLOTS_PER_LAYER,
+                 table_rows: int | None = None, gate_rows: int | None = None, slots: SlotTable | None = None):
         self.layers = layers
         self.n_layers = len(layers)
         self.d_model = d_model
-        # The one steering plan (steerlib.steering.plan), buffers sized for vLLM's largest step.
-        self.plan = SteeringPlan(d_model, device, max_tokens=max_tokens)
-        self._rows_key: tuple | None = None
         self.device = device
+        self.owned = set(range(1, self.n_layers + 1)) if owned is None else set(owned)
+        distinct = max_rows * edits_per_layer
+        capacity = PlanCapacity(layers=tuple(sorted(self.owned)), rows=max_rows, tokens=max_tokens,
+                                slots=edits_per_layer,
+                                table_rows=table_rows or min(distinct, 256) + 1,
+                                gate_rows=gate_rows or min(distinct, 32), readout_dirs=READOUT_DIRS)
+        # The one steering plan (steerlib.steering.plan), allocated once: its tensors never move.
+        self.plan = SteeringPlan(d_model, device, capacity=capacity)
+        # [n_layers + 1] int32: how many times each layer's op ran in this step (index = layer; 0 unused).
+        self.stamp = torch.zeros(self.n_layers + 1, dtype=torch.int32, device=device)
+        self._rows_key: tuple | None = None
+        self._row_of: dict[str, int] = {}  # request id -> its plan row at the last set_rows
         self.readout_layer: int | None = None
-        self.readout_dirs: Tensor | None = None
+        self.readout_k = 0
         self.in_step = False
-        self.fired: dict[int, int] = {}
         self.expected: set[int] = set()
-        # Pipeline parallel: the 1-based layers this stage holds (the others are vLLM's PPMissingLayer
-        # placeholders); a plan layer is expected to run, and a read-out to be taken, only on its owner.
-        self.owned = frozenset(i + 1 for i, m in enumerate(layers) if type(m).__name__ != "PPMissingLayer")
         # The registered vectors (steerlib.vllm.slots): keyed rows read once from the store, pinned per request.
         self.slots = slots if slots is not None else SlotTable(DEFAULT_CAPACITY, load=store_of(None).get)
         self._parsed: dict[str, tuple[str, ParsedSpec]] = {}  # request id -> (its spec, parsed)
-        self._row_ids: list[str] = []  # the request of each plan row
-        # Per running request with a latching gate, its opened edits: carried over when the batch's rows change
-        # (a request that is preempted and resumes keeps them too).
+        # Per running request with a latching gate that left the batch (preempted), its opened edits, restored
+        # when it comes back; rows that stay carry theirs on the device (``set_rows(moved_from=...)``).
         self._latched: dict[str, set[int]] = {}
         # Per step: which flattened rows to keep read-outs for -> (request id, position).
         self.keep_rows: list[int] = []
@@ -104,33 +139,45 @@ class WorkerState:
             self.slots.release_missing(running)
 
     def _carried_latches(self, req_ids: list[str], rows: list[list]) -> list[set[int]] | None:
-        """Per new row, the edits whose latching gate already opened for that request (None: nothing latches)."""
-        if self._row_ids and self._latched:  # remember the rows' latches as they leave the plan (or stay in it)
-            for rid, opened in zip(self._row_ids, self.plan.latched_edits(), strict=False):
-                if rid in self._latched:
-                    self._latched[rid] = opened
-        self._latched.update({rid: set() for rid, edits in zip(req_ids, rows, strict=True)
-                              if rid not in self._latched and any(e.latch for e in edits)})
-        if not self._latched:
-            return None
-        return [self._latched.get(rid, set()) for rid in req_ids]
+        """Per new row, the opened latches of a request that comes back after leaving the batch (None: none).
+
+        Rows that stay are carried on the device (``moved_from``); only a latching request that leaves the batch
+        while still running (preempted) costs one read of the plan's latch state, here, outside any forward."""
+        new = set(req_ids)
+        leaving = [(r, rid) for rid, r in self._row_of.items() if rid not in new and self._latches(rid)]
+        if leaving:
+            state = self.plan.latched_edits()
+            for r, rid in leaving:
+                self._latched[rid] = state[r]
+        back = [self._latched.pop(rid, set()) if rid not in self._row_of else set() for rid in req_ids]
+        return back if any(back) else None
+
+    def _latches(self, request_id: str) -> bool:
+        got = self._parsed.get(request_id)
+        return got is not None and any(e.latch for e in got[1].edits)
 
     def configure_readout(self, layer: int | None, directions: list[list[float]] | None) -> None:
         if layer is None:
-            self.readout_layer, self.readout_dirs = None, None
+            self.readout_layer, self.readout_k = None, 0
+            self.plan.set_readout(None)
             return
         if not 1 <= layer <= self.n_layers:
             raise ValueError(f"read-out layer {layer} is outside 1..{self.n_layers}")
-        dirs = torch.tensor(directions, dtype=torch.float32, device=self.device)
+        dirs = torch.tensor(directions, dtype=torch.float32)
         if dirs.ndim != 2 or dirs.shape[1] != self.d_model:
             raise ValueError(f"read-out directions must be [K, {self.d_model}], got {list(dirs.shape)}")
-        self.readout_layer, self.readout_dirs = layer, dirs
+        if not 1 <= dirs.shape[0] <= READOUT_DIRS or not bool(torch.isfinite(dirs).all()):
+            raise ValueError(f"read-out directions must be 1 to {READOUT_DIRS} finite rows, got {dirs.shape[0]}")
+        self.plan.set_readout(dirs.to(self.device))  # written into the fixed buffer, in place
+        self.readout_layer, self.readout_k = layer, int(dirs.shape[0])
 
     # -- per step -------------------------------------------------------------------------------------
     def begin(self, runner: Any, positions: Tensor) -> None:
-        """Fill the plan for this step from the runner's bookkeeping (before the forward)."""
-        num_reqs = runner.input_batch.num_reqs
-        req_ids = list(runner.input_batch.req_ids[:num_reqs])
+        """Fill the plan for this step from the runner's host-side bookkeeping (before the forward; the only
+        device work is copying the host's row map in and computing the per-token arguments from ``positions``)."""
+        batch = runner.input_batch
+        num_reqs = batch.num_reqs
+        req_ids = list(batch.req_ids[:num_reqs])
         qsl = runner.query_start_loc.cpu[: num_reqs + 1].to(torch.int64)
         pos = positions if positions.ndim == 1 else positions[0]
         n = int(pos.shape[0])
@@ -138,12 +185,11 @@ class WorkerState:
         total = int(qsl[-1]) if num_reqs else 0
         if total > n:
             raise RuntimeError(f"steerlib: the step schedules {total} tokens but the model gets {n}")
-        # Padding tokens (a step padded beyond its scheduled tokens) belong to an extra, unsteered row.
-        row_of_token = torch.full((n,), num_reqs, dtype=torch.int64)
+        # Padding tokens (a step padded beyond its scheduled tokens) belong to the plan's padding row.
+        row_of_token = torch.full((n,), self.plan.capacity.rows, dtype=torch.int64)
         row_of_token[:total] = torch.repeat_interleave(torch.arange(num_reqs), counts)
         rows, prompt_lens, specs = [], [], []
         self.keep_rows, self.keep_keys = [], []
-        pos_cpu = pos.to("cpu", torch.int64)
         self.forget_finished(runner.requests)
         for r, rid in enumerate(req_ids):
             req = runner.requests[rid]
@@ -155,47 +201,53 @@ class WorkerState:
             specs.append(spec)
             if parsed is not None and parsed.readout and self.readout_layer is not None and counts[r] > 0:
                 last = int(qsl[r + 1]) - 1
-                p = int(pos_cpu[last])
+                # The last token's position, from the host's count of computed tokens (no read of `positions`).
+                p = int(batch.num_computed_tokens_cpu[r]) + int(counts[r]) - 1
                 if p >= req.num_prompt_tokens - 1:
                     self.keep_rows.append(last)
                     self.keep_keys.append((rid, p))
         key = (tuple(req_ids), tuple(specs), tuple(prompt_lens))
         if key != self._rows_key:  # the batch's rows changed: describe them again (not on every step)
+            moved = [self._row_of.get(rid) for rid in req_ids]
             latched = self._carried_latches(req_ids, rows)
-            self.plan.set_rows([*rows, []], [*prompt_lens, 0], latched=None if latched is None else [*latched, set()])
-            self._rows_key, self._row_ids = key, req_ids
-        self.plan.fill(row_of_token.to(self.device), pos.to(self.device, torch.int64))
-        self.expected = set(self.plan.layers) & self.owned
-        if self.keep_rows and self.readout_layer in self.owned:
+            self.plan.set_rows(rows, prompt_lens, moved_from=moved, latched=latched)
+            self._rows_key = key
+            self._row_of = {rid: r for r, rid in enumerate(req_ids)}
+        self.plan.fill(row_of_token, pos)
+        self.expected = set(self.plan.active_layers)
+        if self.keep_rows:
             self.expected.add(self.readout_layer)
-        self.fired = {}
+        self.expected &= self.owned
+        self.stamp.zero_()
         self.in_step = True
 
     def end(self) -> None:
-        """Check that every layer the step needed ran (after the forward)."""
+        """After the forward: check the stamp (every layer the step needed ran exactly once), then gather the
+        read-out rows the step keeps. Two reads of device memory, both outside the forward."""
         self.in_step = False
         self.steps += 1
-        missing = sorted(layer for layer in self.expected if self.fired.get(layer, 0) != 1)
+        fired = self.stamp.tolist()
+        missing = sorted(layer for layer in self.expected if fired[layer] != 1)
         if missing:
+            ran = {layer: c for layer, c in enumerate(fired) if c}
             raise RuntimeError(f"steerlib: the steering hook at layer(s) {missing} did not run exactly once in a "
-                               f"steered step (ran: {self.fired}); refusing to return unsteered output")
+                               f"steered step (ran: {ran}); refusing to return unsteered output")
+        if not self.keep_rows:
+            return
+        proj = self.plan.readout_values(self.readout_layer)
+        index = torch.tensor(self.keep_rows, device=proj.device)
+        values = proj.index_select(0, index)[:, : self.readout_k].tolist()
+        for (rid, p), v in zip(self.keep_keys, values, strict=True):
+            self.store.setdefault(rid, {})[p] = v
+            self.store.move_to_end(rid)
+        while len(self.store) > _MAX_STORED_REQUESTS:
+            self.store.popitem(last=False)
 
     def run_layer(self, layer: int, hidden: Tensor) -> None:
-        """The op's body at ``layer``: edit ``hidden`` [N, D] in place and keep the read-out rows."""
-        if not self.in_step:
-            return
-        self.fired[layer] = self.fired.get(layer, 0) + 1
-        readout = self.readout_dirs if layer == self.readout_layer and self.keep_rows else None
-        if layer not in self.plan.layers and readout is None:
-            return
-        proj = self.plan.apply(layer, hidden, readout)
-        if readout is not None and proj is not None:
-            values = proj[torch.tensor(self.keep_rows, device=proj.device)].tolist()
-            for (rid, p), v in zip(self.keep_keys, values, strict=True):
-                self.store.setdefault(rid, {})[p] = v
-                self.store.move_to_end(rid)
-            while len(self.store) > _MAX_STORED_REQUESTS:
-                self.store.popitem(last=False)
+        """The op's body at ``layer``: stamp it, edit ``hidden`` [N, D] in place, write its read-out buffer.
+        The same device ops whatever the plan holds: no branch on its contents, no host read, no allocation."""
+        self.stamp[layer].add_(1)
+        self.plan.apply(layer, hidden)
 
     def pop(self, request_ids: list[str]) -> dict[str, dict[int, list[float]]]:
         """Take the stored read-outs of these requests. vLLM appends ``-`` and 8 characters to the id a client
@@ -217,25 +269,26 @@ def state() -> WorkerState | None:
     return _STATE
 
 
-@torch.library.custom_op("steerlib_vllm::steer_layer", mutates_args=())
-def steer_layer(hidden: Tensor, residual: Tensor, layer: int) -> Tensor:
-    """``hidden + residual`` with this step's edits at ``layer`` applied (a new tensor)."""
-    out = hidden + residual
+@torch.library.custom_op("steerlib_vllm::steer_layer_", mutates_args=("hidden", "residual"))
+def steer_layer_(hidden: Tensor, residual: Tensor, layer: int) -> None:
+    """``hidden += residual`` with this step's edits at ``layer`` applied, then ``residual = 0``; in place."""
+    hidden.add_(residual)
+    residual.zero_()
     st = _STATE
     if st is not None:
-        st.run_layer(layer, out.view(-1, out.shape[-1]))
-    return out
+        st.run_layer(layer, hidden.view(-1, hidden.shape[-1]))
 
 
-@steer_layer.register_fake
-def _steer_layer_fake(hidden: Tensor, residual: Tensor, layer: int) -> Tensor:
-    return torch.empty_like(hidden)
+@steer_layer_.register_fake
+def _steer_layer_fake(hidden: Tensor, residual: Tensor, layer: int) -> None:
+    return None
 
 
 def _make_hook(layer: int):
     def hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
         hidden, residual = output
-        return steer_layer(hidden, residual, layer), torch.zeros_like(residual)
+        steer_layer_(hidden, residual, layer)
+        return hidden, residual
     return hook
 
 
@@ -276,16 +329,19 @@ def install(runner: Any) -> WorkerState:
     layers = find_layers(model)
     d_model = int(config.model_config.get_hidden_size())
     max_tokens = int(config.scheduler_config.max_num_batched_tokens)
+    max_rows = int(config.scheduler_config.max_num_seqs)
+    owned = {i + 1 for i, layer in enumerate(layers) if type(layer).__name__ != "PPMissingLayer"}
     extra = config.additional_config if isinstance(config.additional_config, dict) else {}
     slots = SlotTable(capacity_of(extra), load=store_of(extra).get)
-    st = WorkerState(layers, d_model, max_tokens, torch.device(runner.device), slots=slots)
+    st = WorkerState(layers, d_model, max_tokens, torch.device(runner.device), max_rows=max_rows, owned=owned,
+                     slots=slots)
     for i, layer in enumerate(layers):
-        if type(layer).__name__ != "PPMissingLayer":
+        if i + 1 in owned:
             layer.register_forward_hook(_make_hook(i + 1))
     _STATE = st
     runner._steerlib_installed = True
-    log.info("steerlib: hooked %d decoder layers of %s (plan for %d tokens)", len(layers), type(model).__name__,
-             max_tokens)
+    log.info("steerlib: hooked %d decoder layers of %s (fixed plan: %d tokens, %d requests)", len(owned),
+             type(model).__name__, max_tokens, max_rows)
     return st
 
 

@@ -59,3 +59,192 @@ class LentEngine:
 
     def stop(self, timeout: float = 30.0) -> None:
         self._engine.on_finish = None
+
+
+# -- capture / replay harness (tests/in_vllm/test_vllm_replay.py) ----------------------------------------------
+
+# What a step must not dispatch inside steerlib's ops once warmed up: a read back to the host, a copy across
+# devices, or a fresh allocation (a captured graph would freeze the first, break on the second and replay the
+# third at an address it does not own).
+FACTORY_OPS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "full", "full_like",
+               "new_full", "zeros", "zeros_like", "new_zeros", "ones", "ones_like", "new_ones", "scalar_tensor",
+               "tensor", "lift_fresh", "lift_fresh_copy", "arange", "linspace", "rand", "randn", "randint")
+# Python-level reads of a tensor's values by the host (``.tolist()`` reads memory without dispatching an op).
+HOST_READS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+def steerlib_op(func) -> bool:
+    """Whether a dispatched op is one of steerlib's registered ops (whose bodies the harness records)."""
+    return getattr(func, "namespace", "") in ("steerlib", "steerlib_vllm")
+
+
+def make_recorder():
+    """A ``TorchDispatchMode`` that records every op dispatched while it is active, as ``(func, args, kwargs, out,
+    inside)``; ``inside`` is True for ops dispatched from within a steerlib op. A steerlib op is not recorded
+    itself: its Python body runs under the recorder, so the record holds the kernels it launched, the way a CUDA
+    graph holds kernels and not the Python that chose them."""
+    from torch._library.custom_ops import _maybe_get_opdef
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchFunctionMode):
+        """Notes every Python-level read of tensor values (``.tolist()``, ``.item()``, ``bool(t)``...)."""
+
+        def __init__(self, sink: list[str]) -> None:
+            super().__init__()
+            self.sink = sink
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in HOST_READS:
+                self.sink.append(f"Tensor.{func.__name__}")
+            return func(*args, **(kwargs or {}))
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[tuple] = []
+            self.host_reads: list[str] = []  # inside steerlib's ops
+            self.depth = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if steerlib_op(func):
+                self.depth += 1
+                try:
+                    with self, HostReads(self.host_reads):
+                        return _maybe_get_opdef(func)._init_fn(*args, **kwargs)
+                finally:
+                    self.depth -= 1
+            out = func(*args, **kwargs)
+            self.ops.append((func, args, kwargs, out, self.depth > 0))
+            return out
+
+    return Recorder()
+
+
+def replay(ops: list[tuple], inputs: dict[int, object]):
+    """Run a record again on the tensors it captured (by identity), the step's inputs swapped in by ``inputs``
+    (id of a recorded input -> the live one); returns what the recorded forward returned, live."""
+    import torch
+    from torch.utils._pytree import tree_flatten, tree_map
+
+    env: dict[int, object] = dict(inputs)
+
+    def live(x):
+        return env.get(id(x), x) if isinstance(x, torch.Tensor) else x
+
+    for func, args, kwargs, out, _ in ops:
+        new = func(*tree_map(live, args), **tree_map(live, kwargs))
+        for old, got in zip(tree_flatten(out)[0], tree_flatten(new)[0], strict=True):
+            if isinstance(old, torch.Tensor):
+                env[id(old)] = got
+    return env
+
+
+def signature(ops: list[tuple]) -> list[tuple]:
+    """A record as data: each op's name and arguments, a tensor written as the op output it came from, or, for a
+    tensor from outside (weights, KV cache, the plan's buffers, the runner's inputs), its address, shape and
+    dtype. Two records with equal signatures launch the same kernels on the same memory."""
+    import torch
+    from torch.utils._pytree import tree_flatten, tree_map
+
+    produced: dict[int, tuple[int, int]] = {}
+    sig = []
+
+    def enc(x):
+        if isinstance(x, torch.Tensor):
+            return ("op", *produced[id(x)]) if id(x) in produced else ("ext", x.data_ptr(), tuple(x.shape), x.dtype)
+        return x
+
+    for k, (func, args, kwargs, out, inside) in enumerate(ops):
+        sig.append((str(func), inside, tree_map(enc, args), tree_map(enc, kwargs)))
+        for i, t in enumerate(tree_flatten(out)[0]):
+            if isinstance(t, torch.Tensor):
+                produced[id(t)] = (k, i)
+    return sig
+
+
+def forbidden_in_step(ops: list[tuple]) -> list[str]:
+    """Ops dispatched inside steerlib's ops that a graph cannot hold: host reads, cross-device copies, factories."""
+    import torch
+
+    bad = []
+    for func, args, kwargs, _, inside in ops:
+        if not inside:
+            continue
+        name = func.__name__.split(".")[0] if hasattr(func, "__name__") else str(func)
+        if name == "_local_scalar_dense" or name in FACTORY_OPS:
+            bad.append(str(func))
+        elif name in ("_to_copy", "copy_", "to"):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            devices = {t.device for t in tensors} | ({kwargs["device"]} if kwargs.get("device") else set())
+            if len(devices) > 1:
+                bad.append(f"{func} across {sorted(map(str, devices))}")
+    return bad
+
+
+def owned_tensors(obj, prefix: str = "", depth: int = 0, skip: tuple[str, ...] = ("store", "_parsed")) -> dict:
+    """Every tensor reachable from ``obj``'s attributes (dicts, lists and plain objects, a few levels deep), by
+    path: the buffers a worker state and its plan own, whatever their layout. Skipped: model modules, and the
+    host-side caches of parsed requests and stored read-outs (``skip``), which no forward reads."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    if depth > 4 or isinstance(obj, torch.nn.Module | str | bytes | int | float | bool) or obj is None:
+        return {}
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, list | tuple):
+        items = enumerate(obj)
+    elif hasattr(obj, "__dict__"):
+        items = ((k, v) for k, v in vars(obj).items() if k not in skip)
+    else:
+        return {}
+    out: dict = {}
+    for key, value in items:
+        out.update(owned_tensors(value, f"{prefix}.{key}", depth + 1, skip))
+    return out
+
+
+class Harness:
+    """Wraps a vLLM runner's model call. Modes: ``"eager"`` (run, and keep the first record of each step size),
+    ``"capture"`` (run and record, per step size), ``"replay"`` (run the captured record of the step's size
+    instead of the model; a size never captured fails)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.original = model.forward
+        self.mode = "eager"
+        self.captured: dict[int, tuple[list[tuple], tuple]] = {}
+        self.eager_records: dict[int, list[tuple]] = {}
+        self.replayed: list[int] = []
+        self.host_reads: list[str] = []  # host reads of tensor values inside steerlib's ops, every record
+        model.forward = self.forward
+
+    def remove(self) -> None:
+        self.model.forward = self.original
+
+    def forward(self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        n = int(positions.shape[-1])
+        call = dict(input_ids=input_ids, positions=positions, intermediate_tensors=intermediate_tensors,
+                    inputs_embeds=inputs_embeds, **kwargs)
+        if self.mode == "replay":
+            if n not in self.captured:
+                raise AssertionError(f"no record was captured for a step of {n} tokens")
+            ops, (out, inputs) = self.captured[n]
+            live = {id(old): new for old, new in zip(inputs, (input_ids, positions), strict=True)
+                    if old is not None}
+            self.replayed.append(n)
+            return replay(ops, live).get(id(out), out)
+        if self.mode == "capture" or n not in self.eager_records:
+            rec = make_recorder()
+            with rec:
+                out = self.original(**call)
+            self.host_reads.extend(rec.host_reads)
+            if self.mode == "capture":
+                self.captured.setdefault(n, (rec.ops, (out, (input_ids, positions))))
+            else:
+                self.eager_records[n] = rec.ops
+            return out
+        return self.original(**call)
