@@ -136,6 +136,7 @@ def harnessed(embedded, optimism_vectors, readout):
                           addresses=addresses, batch_sizes=batch_sizes, configs=configs)
     harness.remove()
     st.begin = begin
+    llm.llm_engine.engine_core.shutdown()  # the in-process engine: free its KV cache for the tests after these
 
 
 def test_plan_buffers_keep_their_addresses_while_requests_join_and_leave(harnessed):
