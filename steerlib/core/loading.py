@@ -30,10 +30,10 @@ def load_vectors(source: VectorSource, model=None) -> TraitVectors | Tensor:
     Returns:
         TraitVectors, or a tensor of shape [d_model] or [n_layers + 1, d_model].
     """
-    if isinstance(source, str) and source.startswith("sae:"):  # an SAE latent (steerlib.core.sae_format)
+    if isinstance(source, str | Path) and str(source).startswith("sae:"):  # an SAE latent (core.sae_format)
         from steerlib.core.sae_format import latent_vectors
 
-        source = latent_vectors(source, model)
+        source = latent_vectors(str(source), model)
     if isinstance(source, str | Path):
         path = Path(source)
         try:

@@ -66,7 +66,7 @@ class ActivationCache:
 
     def rows(self, index: np.ndarray | slice) -> torch.Tensor:
         """Activations of the given rows as a float32 tensor [n, d_model] (a copy)."""
-        return torch.from_numpy(np.ascontiguousarray(self.acts[index]))
+        return torch.from_numpy(np.array(self.acts[index], dtype=np.float32))
 
 
 def _memmap(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray:

@@ -132,8 +132,12 @@ def _sparsify():
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             import sparsify
+            import sparsify.sparse_coder
+            import sparsify.utils
     except ImportError:
         raise ImportError("training SAEs needs eai-sparsify: pip install 'steerlib[sae]'") from None
+    if not torch.cuda.is_available():  # imported earlier by someone else, before the variable was set
+        sparsify.sparse_coder.decoder_impl = sparsify.utils.eager_decode
     return sparsify
 
 
