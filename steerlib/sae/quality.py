@@ -95,18 +95,22 @@ def spliced(model: nn.Module, sae: SparseAutoencoder, skip_first: int = 1) -> It
 
 @torch.no_grad()
 def lm_loss(model: nn.Module, tokenizer, samples: Sequence[Sample], *, batch_size: int = 8,
-            skip_first: int = 1) -> float:
-    """Mean next-token cross-entropy (nats) over every token after the first ``skip_first + 1`` of each sample."""
+            skip_first: int = 1, responses_only: bool = False) -> float:
+    """Mean next-token cross-entropy (nats) over every token after the first ``skip_first + 1`` of each sample
+    (over the response tokens only with ``responses_only``; ``exp`` of it is the perplexity)."""
     encoded = tokenize_pairs(tokenizer, [s.prompt for s in samples], [s.response for s in samples])
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(encoded), batch_size):
-        seqs = [ids for ids, _ in encoded[start : start + batch_size]]
-        ids, mask, positions, _ = pad_batch(seqs, pad_token_id(tokenizer), "right")
+        part = encoded[start : start + batch_size]
+        ids, mask, positions, _ = pad_batch([seq for seq, _ in part], pad_token_id(tokenizer), "right")
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                        position_ids=positions.to(device)).logits.float().cpu()
         target = ids[:, 1:]
         keep = mask[:, 1:].bool() & (positions[:, 1:] > skip_first)
+        if responses_only:  # the target at column j is token j + 1
+            starts = torch.tensor([p_len for _, p_len in part])[:, None]
+            keep &= positions[:, 1:] >= starts
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, reduction="none")
         total += float(nll[keep].sum())
         count += int(keep.sum())
