@@ -536,6 +536,8 @@ def diff(
     screen: Annotated[int, typer.Option(help="steer the base model with the top N latents")] = 0,
     screen_trait: Annotated[str | None, typer.Option(help="which --vector scores the screen")] = None,
     judge: Annotated[str | None, typer.Option(help="judge for the screen (lexicon, self, openai:<model>)")] = None,
+    max_questions: Annotated[int | None, typer.Option(help="use the first N neutral questions")] = None,
+    max_new_tokens: int = 48,
     out: Annotated[Path | None, typer.Option(help="write the diff as JSON")] = None,
 ) -> None:
     """Model diffing through an SAE: latents ranked by mean activation change, beside the SAE-free baseline."""
@@ -543,7 +545,7 @@ def diff(
 
     result, rows = diff_run(None if base == "embedded" else base, finetuned, sae,
                             vectors=_named_paths(vector or []), top=top, screen=screen, screen_trait=screen_trait,
-                            judge=judge, out=out)
+                            judge=judge, max_questions=max_questions, max_new_tokens=max_new_tokens, out=out)
     typer.echo(f"layer {result.layer}, {result.n_tokens} tokens; mean residual difference norm "
                f"{result.baseline_norm:.3f}, cosines " + ", ".join(f"{k} {v:+.3f}" for k, v in
                                                                 result.baseline_cosines.items()))

@@ -18,7 +18,7 @@ from steerlib.core.chat import format_prompt  # noqa: E402
 from steerlib.core.loading import load_vectors  # noqa: E402
 from steerlib.core.sae_format import SparseAutoencoder, latent_vectors, load_sae, parse_sae_spec  # noqa: E402
 from steerlib.sae.cache import ActivationCache, harvest, write_rows  # noqa: E402
-from steerlib.sae.corpus import Sample, text_samples  # noqa: E402
+from steerlib.sae.corpus import text_samples  # noqa: E402
 from steerlib.sae.decompose import decompose  # noqa: E402
 from steerlib.sae.quality import reconstruction_quality  # noqa: E402
 from steerlib.sae.train import SaeTrainConfig, split_rows, train_sae  # noqa: E402

@@ -148,7 +148,7 @@ def decompose_run(vector: str | Path, sae_folder: str | Path, *, model_path: str
 
 def diff_run(base: str | None, finetuned: str | Path, sae_folder: str | Path, *,
              vectors: Mapping[str, str | Path] | None = None, questions: Sequence[str] | None = None,
-             max_new_tokens: int = 48, top: int = 10, screen: int = 0, screen_coef: float = 0.5,
+             max_questions: int | None = None, max_new_tokens: int = 48, top: int = 10, screen: int = 0, screen_coef: float = 0.5,
              screen_trait: str | None = None, judge: str | None = None, out: str | Path | None = None,
              progress: bool = True) -> tuple[ModelDiff, list[dict]]:
     """Diff a finetuned model (HF folder or LoRA adapter on ``base``) against ``base`` through an SAE.
@@ -162,7 +162,7 @@ def diff_run(base: str | None, finetuned: str | Path, sae_folder: str | Path, *,
     sae = load_sae(sae_folder)
     tuned, tokenizer, is_adapter = load_finetuned(finetuned, base)
     base_model = load_model(base)[0]
-    questions = list(reference_questions() if questions is None else questions)
+    questions = list(reference_questions() if questions is None else questions)[:max_questions]
     prompts = [format_prompt(tokenizer, q) for q in questions]
     answers = [g.text for g in generate(base_model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                         progress=progress)]
