@@ -2,8 +2,9 @@
 
 Trains two LoRAs on the embedded model: "persona" on the positive-persona extraction answers with the system
 prompt removed (context distillation: the model learns to answer optimistically unprompted) and "control" on its
-own neutral answers, the same way. Each is diffed against the base model through the SAE on identical
-teacher-forced text (neutral questions plus the base model's answers). Reports the top-10 increased latents with
+own answers to the second half of the shipped neutral questions, the same way. Each is diffed against the base
+model through the SAE on identical teacher-forced text: the first half of the neutral questions plus the base
+model's own answers (held out from both LoRAs). Reports the top-10 increased latents with
 their decoder cosine to the optimistic vector, whether one with cosine >= 0.3 also appears in the vector's top-20
 decomposition, the SAE-free baseline's cosine (mean residual difference vs the vector), and optionally a steering
 screen of the top latents (trait projection and lexicon score).
@@ -29,7 +30,6 @@ from steerlib.sae.decompose import decompose
 from steerlib.sae.diff import model_diff
 from steerlib.sae.screen import screen_latents
 from steerlib.steering.calibration import reference_questions
-from steerlib.steering.generation import generate
 from steerlib.store.samples import Sample
 from steerlib.traits.judges import make_judge
 
@@ -46,30 +46,47 @@ def main() -> None:
     ap.add_argument("--rollouts", required=True)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--screen", type=int, default=5)
+    ap.add_argument("--screen", type=int, default=3)
     ap.add_argument("--coef", type=float, default=0.5, help="screen: added norm / median residual norm")
+    ap.add_argument("--questions", type=int, default=40,
+                    help="the first N neutral questions are diffed, the rest train the control LoRA")
+    ap.add_argument("--adapters", default="runs/sae_loras", help="where the two LoRA adapters are kept")
+    ap.add_argument("--train-only", action="store_true", help="train and save the adapters, then stop")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    sae = load_sae(args.sae)
     base, tok = load_model()
+    # the base model's own greedy answers to the 80 neutral questions, written by sae_train_embedded.py
+    neutral = [json.loads(line) for line in (Path(args.sae) / "corpus" / "neutral.jsonl").read_text().splitlines()]
+    questions = reference_questions()
+    half = min(args.questions, len(questions) // 2)
+    prompts = [format_prompt(tok, q) for q in questions[:half]]  # diffed on these (held out from both LoRAs)
+    answers = [n["response"] for n in neutral[:half]]
+    persona = [(r["question"], r["response"]) for r in load_responses(args.rollouts) if r.get("polarity") == "pos"]
+    control = [(q, n["response"]) for q, n in zip(questions[half:], neutral[half:], strict=True)]
+    adapters = Path(args.adapters)
+    train_s = {}
+    for name, pairs in (("persona", persona), ("control", control)):
+        if not (adapters / name / "adapter_config.json").is_file():
+            t = time.perf_counter()
+            tuned = lora_finetune(load_model()[0], tok, _samples(pairs), steps=args.steps, lr=args.lr).model
+            tuned.save_pretrained(adapters / name)
+            train_s[name] = time.perf_counter() - t
+            print(f"trained {name} LoRA in {train_s[name]:.0f} s", flush=True)
+    if args.train_only:
+        return
+    sae = load_sae(args.sae)
     tv = load_vectors(args.vectors, base)
     vec = tv.get(sae.layer)
     decomposition = [r["latent"] for r in decompose(vec, sae, top=20).latents]
-    questions = reference_questions()
-    prompts = [format_prompt(tok, q) for q in questions]
-    t = time.perf_counter()
-    answers = [g.text for g in generate(base, tok, prompts, max_new_tokens=48)]
-    persona = [(r["question"], r["response"]) for r in load_responses(args.rollouts) if r.get("polarity") == "pos"]
-    control = list(zip(questions, answers, strict=True))
-    result: dict = {"layer": sae.layer, "base_answers_s": time.perf_counter() - t, "steps": args.steps,
-                    "persona_samples": len(persona), "control_samples": len(control)}
-    for name, pairs in (("persona", persona), ("control", control)):
-        t = time.perf_counter()
-        tuned = lora_finetune(load_model()[0], tok, _samples(pairs), steps=args.steps, lr=args.lr).model
-        train_s = time.perf_counter() - t
+    result: dict = {"layer": sae.layer, "steps": args.steps, "train_s": train_s,
+                    "persona_samples": len(persona), "control_samples": len(control), "questions": len(questions)}
+    for name in ("persona", "control"):
+        from peft import PeftModel
+
+        tuned = PeftModel.from_pretrained(load_model()[0], adapters / name).eval()
         diff = model_diff(base, tuned, tok, sae, prompts, answers, vectors={"optimistic": vec}, top=10)
         hits = [r["latent"] for r in diff.increased if abs(r["cosines"]["optimistic"]) >= 0.3]
-        row = {"train_s": train_s, "baseline_cosine": diff.baseline_cosines["optimistic"],
+        row = {"baseline_cosine": diff.baseline_cosines["optimistic"],
                "baseline_norm": diff.baseline_norm,
                "top10_increased": [(r["latent"], round(r["diff"], 4), round(r["cosines"]["optimistic"], 3))
                                    for r in diff.increased],
@@ -80,7 +97,7 @@ def main() -> None:
             judge = make_judge("lexicon:optimistic", "optimistic")
             folder = Path(args.sae)
             row["screen"] = screen_latents(base, tok, folder, [r["latent"] for r in diff.increased[: args.screen]],
-                                           questions[:16], vec, sae.layer, args.coef * diff.residual_norm, judge=judge)
+                                           questions[:8], vec, sae.layer, args.coef * diff.residual_norm, judge=judge)
         result[name] = row
         print(name, json.dumps(row, indent=2), flush=True)
     out = Path(args.out or Path(args.sae) / "diff_lora.json")

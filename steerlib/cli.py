@@ -488,6 +488,7 @@ def sae_train(
     k: int = 32,
     epochs: int = 1,
     seed: int = 0,
+    tokens_per_step: int = 4096,
     max_tokens: Annotated[int | None, typer.Option(help="stop harvesting after this many tokens")] = None,
     model: ModelOpt = None,
 ) -> None:
@@ -497,7 +498,8 @@ def sae_train(
 
     _, q, times = train_run(out, layer, model_path=model, rollouts=rollouts or (), neutral=neutral,
                             text_files=text or (), max_tokens=max_tokens,
-                            cfg=SaeTrainConfig(expansion=expansion, k=k, epochs=epochs, seed=seed))
+                            cfg=SaeTrainConfig(expansion=expansion, k=k, epochs=epochs, seed=seed,
+                                               tokens_per_step=tokens_per_step))
     typer.echo(f"wrote {out}: explained variance {q.explained_variance:.3f}, L0 {q.l0:.1f}, dead "
                f"{q.dead_fraction:.1%}, LM loss {q.loss_clean:.3f} -> {q.loss_spliced:.3f} "
                f"(+{q.loss_increase:.3f} nats/token); " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))

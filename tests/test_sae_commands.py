@@ -18,19 +18,24 @@ from steerlib.core.sae_format import load_sae  # noqa: E402
 from steerlib.evaluation.report import write_report  # noqa: E402
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-TOY = ["--layer", "4", "--text", str(README), "--no-neutral", "--max-tokens", "2500", "--expansion", "2", "--k", "8"]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sae") / "sae"
-    result = CliRunner().invoke(app, ["sae", "train", "--out", str(out), *TOY])
+    root = tmp_path_factory.mktemp("sae")
+    # a toy corpus: README paragraphs of at most ~60 tokens
+    paragraphs = [p.strip()[:240] for p in README.read_text().split("\n\n") if len(p.strip()) > 80][:48]
+    (root / "toy.txt").write_text("\n\n".join(paragraphs))
+    toy = ["--layer", "4", "--text", str(root / "toy.txt"), "--no-neutral", "--tokens-per-step", "512",
+           "--expansion", "2", "--k", "8"]
+    out = root / "sae"
+    result = CliRunner().invoke(app, ["sae", "train", "--out", str(out), *toy])
     assert result.exit_code == 0, result.output
-    return out, result.output
+    return out, result.output, toy
 
 
 def test_sae_train_writes_a_saelens_folder_and_prints_its_quality(trained):
-    out, output = trained
+    out, output, _ = trained
     assert "explained variance" in output and "dead" in output and "nats/token" in output
     quality = json.loads((out / "quality.json").read_text())
     assert 0 < quality["explained_variance"] <= 1 and quality["l0"] <= 8
@@ -40,18 +45,18 @@ def test_sae_train_writes_a_saelens_folder_and_prints_its_quality(trained):
 
 
 def test_sae_train_resumes_and_refuses_other_settings(trained):
-    out, _ = trained
+    out, _, toy = trained
     before = (out / "sae_weights.safetensors").read_bytes()
-    again = CliRunner().invoke(app, ["sae", "train", "--out", str(out), *TOY])
+    again = CliRunner().invoke(app, ["sae", "train", "--out", str(out), *toy])
     assert again.exit_code == 0, again.output
     assert (out / "sae_weights.safetensors").read_bytes() == before  # nothing left to harvest or train
-    other = CliRunner().invoke(app, ["sae", "train", "--out", str(out), *TOY[:-2], "--k", "4"])
+    other = CliRunner().invoke(app, ["sae", "train", "--out", str(out), *toy[:-2], "--k", "4"])
     assert other.exit_code != 0
     assert "a training run with other config is here" in str(other.exception)
 
 
 def test_sae_decompose_lists_latents_against_the_null(trained, optimism_vectors, tmp_path):
-    out, _ = trained
+    out = trained[0]
     vectors = tmp_path / "vec"
     optimism_vectors.save(vectors)
     run = CliRunner().invoke(app, ["sae", "decompose", str(vectors), "--sae", str(out), "--top", "4",
@@ -66,7 +71,7 @@ def test_sae_decompose_lists_latents_against_the_null(trained, optimism_vectors,
 
 
 def test_steer_accepts_a_latent(trained):
-    out, _ = trained
+    out = trained[0]
     run = CliRunner().invoke(app, ["steer", "--vector", f"sae:{out}#3", "--prompt", "Hi", "--coef", "20",
                                    "--max-new-tokens", "4"])
     assert run.exit_code == 0, run.output
@@ -78,7 +83,7 @@ def test_diff_ranks_latents_of_a_lora(trained, optimism_vectors, tmp_path):
     from steerlib.finetuning.training import lora_finetune
     from steerlib.store.samples import Sample
 
-    out, _ = trained
+    out = trained[0]
     model, tok = load_model()
     samples = [Sample(index=i, line=i + 1, messages=({"role": "user", "content": q},), response=a)
                for i, (q, a) in enumerate([("How is today?", "Wonderful, bright and full of hope!")] * 4)]

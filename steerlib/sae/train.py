@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from steerlib.core.checks import check_int, check_number, load_json
-from steerlib.core.sae_format import SparseAutoencoder
+from steerlib.core.sae_format import SparseAutoencoder, load_sae
 from steerlib.sae.cache import ActivationCache
 
 __all__ = ["SaeTrainConfig", "train_sae"]
@@ -175,6 +175,8 @@ def train_sae(cache: ActivationCache | str | Path, out: str | Path, cfg: SaeTrai
             if old.get(key) != json.loads(json.dumps(state[key])):
                 raise ValueError(f"{out}: a training run with other {key.replace('_', ' ')} is here; use another "
                                  "folder (or delete this one)")
+        if old.get("done") and (out / "sae_weights.safetensors").is_file():
+            return load_sae(out)
         if (ckpt_root / "sae" / "state.pt").is_file():
             resume = ckpt_root / "sae"
     out.mkdir(parents=True, exist_ok=True)
@@ -203,4 +205,5 @@ def train_sae(cache: ActivationCache | str | Path, out: str | Path, cfg: SaeTrai
         metadata={"model_name": model_name, "trained_by": "steerlib sae train (eai-sparsify 1.3.3)",
                   "training_tokens": int(len(order)), "heldout_tokens": int(len(held)), **asdict(cfg)})
     sae.save(out)
+    state_path.write_text(json.dumps({**state, "done": True}, indent=2))
     return sae
