@@ -68,7 +68,7 @@ def main() -> None:
     for name, pairs in (("persona", persona), ("control", control)):
         if not (adapters / name / "adapter_config.json").is_file():
             t = time.perf_counter()
-            tuned = lora_finetune(load_model()[0], tok, _samples(pairs), steps=args.steps, lr=args.lr).model
+            tuned = lora_finetune(load_model().model, tok, _samples(pairs), steps=args.steps, lr=args.lr).model
             tuned.save_pretrained(adapters / name)
             train_s[name] = time.perf_counter() - t
             print(f"trained {name} LoRA in {train_s[name]:.0f} s", flush=True)
@@ -83,7 +83,7 @@ def main() -> None:
     for name in ("persona", "control"):
         from peft import PeftModel
 
-        tuned = PeftModel.from_pretrained(load_model()[0], adapters / name).eval()
+        tuned = PeftModel.from_pretrained(load_model().model, adapters / name).eval()
         diff = model_diff(base, tuned, tok, sae, prompts, answers, vectors={"optimistic": vec}, top=10)
         hits = [r["latent"] for r in diff.increased if abs(r["cosines"]["optimistic"]) >= 0.3]
         row = {"baseline_cosine": diff.baseline_cosines["optimistic"],

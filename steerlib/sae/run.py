@@ -161,7 +161,7 @@ def diff_run(base: str | None, finetuned: str | Path, sae_folder: str | Path, *,
 
     sae = load_sae(sae_folder)
     tuned, tokenizer, is_adapter = load_finetuned(finetuned, base)
-    base_model = load_model(base)[0]
+    base_model = load_model(base).model
     questions = list(reference_questions() if questions is None else questions)[:max_questions]
     prompts = [format_prompt(tokenizer, q) for q in questions]
     answers = [g.text for g in generate(base_model, tokenizer, prompts, max_new_tokens=max_new_tokens,
