@@ -181,4 +181,6 @@ def test_a_latent_steers_exactly_like_its_decoder_row(embedded, synthetic_sae, t
         with steer(model, sae.W_dec[5], layers=9, coef=3.0):
             by_hand = model(ids).logits
     assert torch.equal(by_spec, by_hand)
+    read_first = load_vectors(f"sae:{tmp_path / 'sae'}#5")  # read before the model, as the CLI does
+    assert load_vectors(read_first, model).n_positions == model.config.num_hidden_layers + 1
     assert not torch.allclose(by_spec, clean, atol=1e-3)

@@ -41,6 +41,10 @@ def load_vectors(source: VectorSource, model=None) -> TraitVectors | Tensor:
         except ValueError as exc:  # every message about a file names it, once
             raise ValueError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
     if isinstance(source, TraitVectors):
+        if model is not None and source.method == "sae_latent":  # read without a model: re-read at its depth
+            from steerlib.core.sae_format import latent_vectors
+
+            source = latent_vectors(f"sae:{source.metadata['path']}#{source.metadata['latent']}", model)
         if model is not None:
             source.check_model(model)
         return source

@@ -230,12 +230,13 @@ def parse_sae_spec(spec: str) -> tuple[Path, int]:
 def latent_vectors(spec: str, model=None) -> TraitVectors:
     """The decoder row named by ``sae:<folder>#<id>`` as ``TraitVectors`` with the SAE's layer recommended.
 
-    The table has one row per residual layer of ``model`` (or up to the SAE's layer without a model); every
+    The table has one row per residual layer of ``model`` (without a model: of the depth the SAE's metadata
+    records as ``n_layers``, else up to the SAE's layer; ``load_vectors`` re-reads it at a model's depth); every
     row but the SAE's layer is zero, so the latent steers and reads out only where the SAE was trained.
     """
     folder, latent = parse_sae_spec(spec)
     sae = load_sae(folder)
-    n_positions = sae.layer + 1
+    n_positions = max(sae.layer, int(sae.metadata.get("n_layers") or 0)) + 1  # the model's depth when recorded
     if model is not None:
         from steerlib.core.arch import get_layout
 

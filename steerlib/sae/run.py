@@ -89,7 +89,7 @@ def train_run(out: str | Path, layer: int, *, model_path: str | None = None, rol
     _say(progress, f"cached {cache.n_tokens} tokens of {cache.done_samples}/{len(samples)} samples at layer {layer}")
     t = time.perf_counter()
     name = str(getattr(model.config, "name_or_path", "") or "unknown")
-    sae = train_sae(cache, out, cfg, model_name=name)
+    sae = train_sae(cache, out, cfg, model_name=name, n_layers=layout.n_layers)
     times["train_s"] = time.perf_counter() - t
     t = time.perf_counter()
     _, held = split_rows(cache.n_tokens, cfg)

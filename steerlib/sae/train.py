@@ -142,7 +142,7 @@ def _sparsify():
 
 
 def train_sae(cache: ActivationCache | str | Path, out: str | Path, cfg: SaeTrainConfig | None = None, *,
-              model_name: str = "unknown") -> SparseAutoencoder:
+              model_name: str = "unknown", n_layers: int | None = None) -> SparseAutoencoder:
     """Train a TopK SAE on a cache and save it to ``out`` in SAELens's format; an interrupted run resumes.
 
     Args:
@@ -150,6 +150,7 @@ def train_sae(cache: ActivationCache | str | Path, out: str | Path, cfg: SaeTrai
         out: the SAE folder; sparsify's checkpoints go to ``out/checkpoints``.
         cfg: training settings.
         model_name: recorded in ``cfg.json``'s metadata.
+        n_layers: the model's depth, recorded too (a latent read without the model then has the right depth).
 
     sparsify's own progress bar (on stderr) shows the steps.
     """
@@ -202,7 +203,7 @@ def train_sae(cache: ActivationCache | str | Path, out: str | Path, cfg: SaeTrai
     sae = SparseAutoencoder(
         W_enc=coder.encoder.weight.detach().T, W_dec=coder.W_dec.detach(), b_enc=coder.encoder.bias.detach(),
         b_dec=coder.b_dec.detach(), architecture="topk", k=cfg.k, layer=cache.settings.layer,
-        metadata={"model_name": model_name, "trained_by": "steerlib sae train (eai-sparsify 1.3.3)",
+        metadata={"model_name": model_name, "n_layers": n_layers, "trained_by": "steerlib sae train (eai-sparsify 1.3.3)",
                   "training_tokens": int(len(order)), "heldout_tokens": int(len(held)), **asdict(cfg)})
     sae.save(out)
     state_path.write_text(json.dumps({**state, "done": True}, indent=2))
