@@ -52,6 +52,7 @@ def main() -> None:
                     help="the first N neutral questions are diffed, the rest train the control LoRA")
     ap.add_argument("--adapters", default="runs/sae_loras", help="where the two LoRA adapters are kept")
     ap.add_argument("--train-only", action="store_true", help="train and save the adapters, then stop")
+    ap.add_argument("--only", choices=("persona", "control"), default=None, help="train/diff one adapter only")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     base, tok = load_model()
@@ -65,7 +66,10 @@ def main() -> None:
     control = [(q, n["response"]) for q, n in zip(questions[half:], neutral[half:], strict=True)]
     adapters = Path(args.adapters)
     train_s = {}
+    names = ("persona", "control") if args.only is None else (args.only,)
     for name, pairs in (("persona", persona), ("control", control)):
+        if name not in names:
+            continue
         if not (adapters / name / "adapter_config.json").is_file():
             t = time.perf_counter()
             tuned = lora_finetune(load_model().model, tok, _samples(pairs), steps=args.steps, lr=args.lr).model
@@ -80,7 +84,7 @@ def main() -> None:
     decomposition = [r["latent"] for r in decompose(vec, sae, top=20).latents]
     result: dict = {"layer": sae.layer, "steps": args.steps, "train_s": train_s,
                     "persona_samples": len(persona), "control_samples": len(control), "questions": len(questions)}
-    for name in ("persona", "control"):
+    for name in names:
         from peft import PeftModel
 
         tuned = PeftModel.from_pretrained(load_model().model, adapters / name).eval()
@@ -100,7 +104,7 @@ def main() -> None:
                                            questions[:8], vec, sae.layer, args.coef * diff.residual_norm, judge=judge)
         result[name] = row
         print(name, json.dumps(row, indent=2), flush=True)
-    out = Path(args.out or Path(args.sae) / "diff_lora.json")
+    out = Path(args.out or Path(args.sae) / f"diff_lora{'_' + args.only if args.only else ''}.json")
     out.write_text(json.dumps(result, indent=2))
 
 
