@@ -52,10 +52,12 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "steerlib.finetuning.training": ("PreventativeSteeringCallback", "lora_finetune", "preventative_steering"),
     "steerlib.monitoring.conversations": ("monitor_conversations",),
     "steerlib.monitoring.drift": ("Alert", "DriftMonitor"),
+    "steerlib.core.sae_format": ("SparseAutoencoder", "load_sae"),
+    "steerlib.sae.train": ("SaeTrainConfig", "train_sae"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBPACKAGES = ("cli", "core", "evaluation", "extraction", "finetuning", "jobs", "kernels", "monitoring", "serve",
-                "steering", "store", "traits")
+_SUBPACKAGES = ("cli", "core", "evaluation", "extraction", "finetuning", "jobs", "kernels", "monitoring", "sae",
+                "serve", "steering", "store", "traits")
 _RENAMED = {"Monitor": "TraitReadout", "build_monitor": "build_readout"}
 """The first release's names (the read-out was called a monitor). ``steerlib.monitoring``, the old name of
 ``read_out``, is the ``steerlib.monitoring`` package, which stays callable with the same warning."""

@@ -515,6 +515,93 @@ def export(
     typer.echo(f"wrote {path}: layers {written} as {', '.join(names)} (coef {coef:g})")
 
 
+sae_app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders: train one, decompose a vector with it.")
+app.add_typer(sae_app, name="sae")
+
+
+@sae_app.command("train")
+def sae_train(
+    out: Annotated[Path, typer.Option(help="SAE folder (SAELens format; cache and checkpoints inside; resumes)")],
+    layer: Annotated[int, typer.Option(help="steerlib layer whose residual stream the SAE reads")],
+    rollouts: Annotated[list[Path] | None, typer.Option(help="extraction run folder (repeatable)")] = None,
+    text: Annotated[list[Path] | None, typer.Option(help="text file for the corpus (repeatable)")] = None,
+    neutral: Annotated[bool, typer.Option(help="add the model's answers to the shipped neutral questions")] = True,
+    expansion: int = 8,
+    k: int = 32,
+    epochs: int = 1,
+    seed: int = 0,
+    tokens_per_step: int = 4096,
+    max_tokens: Annotated[int | None, typer.Option(help="stop harvesting after this many tokens")] = None,
+    model: ModelOpt = None,
+) -> None:
+    """Train a TopK SAE (eai-sparsify) on the model's own answers and text files; print its quality."""
+    from steerlib.sae.run import train_run
+    from steerlib.sae.train import SaeTrainConfig
+
+    _, q, times = train_run(out, layer, model_path=model, rollouts=rollouts or (), neutral=neutral,
+                            text_files=text or (), max_tokens=max_tokens,
+                            cfg=SaeTrainConfig(expansion=expansion, k=k, epochs=epochs, seed=seed,
+                                               tokens_per_step=tokens_per_step))
+    typer.echo(f"wrote {out}: explained variance {q.explained_variance:.3f}, L0 {q.l0:.1f}, dead "
+               f"{q.dead_fraction:.1%}, LM loss {q.loss_clean:.3f} -> {q.loss_spliced:.3f} "
+               f"(+{q.loss_increase:.3f} nats/token); " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+
+
+@sae_app.command("decompose")
+def sae_decompose(
+    vector: Annotated[Path, typer.Argument(help="trait vectors (anything load_vectors reads)")],
+    sae: Annotated[Path, typer.Option(help="SAE folder (SAELens format)")],
+    rollouts: Annotated[list[Path] | None, typer.Option(help="extraction run: rank latents pos - neg")] = None,
+    top: int = 10,
+    snippets: Annotated[int, typer.Option(help="top-activating snippets per latent (from the SAE's cache)")] = 3,
+    out: Annotated[Path | None, typer.Option(help="write the decomposition as JSON")] = None,
+    model: ModelOpt = None,
+) -> None:
+    """The vector's top SAE latents by decoder cosine, against the random-vector null."""
+    from steerlib.sae.run import decompose_run
+
+    d = decompose_run(vector, sae, model_path=model, rollouts=rollouts or (), top=top, snippets=snippets, out=out)
+    typer.echo(f"layer {d.layer}; null best cosine mean {d.null['mean']:.3f}, p99 {d.null['p99']:.3f}; rebuilt "
+               + ", ".join(f"top{k} {v:.1%}" for k, v in d.rebuilt.items()) + f"; vector: {' '.join(d.vector_names)}")
+    for row in d.latents:
+        extra = f" pos-neg {row['pos_minus_neg']:+.3f}" if "pos_minus_neg" in row else ""
+        typer.echo(f"  latent {row['latent']:>6} cos {row['cosine']:+.3f}{extra}  {' '.join(row.get('names', []))}")
+        for snip in row.get("snippets", [])[:snippets]:
+            typer.echo(f"      {snip['activation']:.1f}: {' '.join(snip['text'].split())}")
+
+
+@app.command()
+def diff(
+    base: Annotated[str, typer.Argument(help="base model folder or .gguf ('embedded' for the embedded model)")],
+    finetuned: Annotated[Path, typer.Argument(help="finetuned HF folder or LoRA adapter folder")],
+    sae: Annotated[Path, typer.Option(help="SAE folder trained on the base model")],
+    vector: Annotated[list[str] | None, typer.Option(help="NAME=PATH trait vectors for the cosines")] = None,
+    top: int = 10,
+    screen: Annotated[int, typer.Option(help="steer the base model with the top N latents")] = 0,
+    screen_trait: Annotated[str | None, typer.Option(help="which --vector scores the screen")] = None,
+    judge: Annotated[str | None, typer.Option(help="judge for the screen (lexicon, self, openai:<model>)")] = None,
+    max_questions: Annotated[int | None, typer.Option(help="use the first N neutral questions")] = None,
+    max_new_tokens: int = 48,
+    out: Annotated[Path | None, typer.Option(help="write the diff as JSON")] = None,
+) -> None:
+    """Model diffing through an SAE: latents ranked by mean activation change, beside the SAE-free baseline."""
+    from steerlib.sae.run import diff_run
+
+    result, rows = diff_run(None if base == "embedded" else base, finetuned, sae,
+                            vectors=_named_paths(vector or []), top=top, screen=screen, screen_trait=screen_trait,
+                            judge=judge, max_questions=max_questions, max_new_tokens=max_new_tokens, out=out)
+    typer.echo(f"layer {result.layer}, {result.n_tokens} tokens; mean residual difference norm "
+               f"{result.baseline_norm:.3f}, cosines " + ", ".join(f"{k} {v:+.3f}" for k, v in
+                                                                result.baseline_cosines.items()))
+    for label, items in (("increased", result.increased), ("decreased", result.decreased)):
+        typer.echo(label + ":")
+        for r in items:
+            cos = " ".join(f"{k} {v:+.2f}" for k, v in r["cosines"].items())
+            typer.echo(f"  latent {r['latent']:>6} diff {r['diff']:+.3f} ({r['base']:.3f} -> {r['finetuned']:.3f}) {cos}")
+    for r in rows:
+        typer.echo(f"screen latent {r['latent']}: projection {r['projection']:.2f} judge {r.get('judge')}")
+
+
 def main() -> None:
     """Entry point: bad input ends with one clear line, not a traceback."""
     from steerlib.traits.judges import JudgeError

@@ -30,6 +30,10 @@ def load_vectors(source: VectorSource, model=None) -> TraitVectors | Tensor:
     Returns:
         TraitVectors, or a tensor of shape [d_model] or [n_layers + 1, d_model].
     """
+    if isinstance(source, str | Path) and str(source).startswith("sae:"):  # an SAE latent (core.sae_format)
+        from steerlib.core.sae_format import latent_vectors
+
+        source = latent_vectors(str(source), model)
     if isinstance(source, str | Path):
         path = Path(source)
         try:
@@ -37,6 +41,10 @@ def load_vectors(source: VectorSource, model=None) -> TraitVectors | Tensor:
         except ValueError as exc:  # every message about a file names it, once
             raise ValueError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
     if isinstance(source, TraitVectors):
+        if model is not None and source.method == "sae_latent":  # read without a model: re-read at its depth
+            from steerlib.core.sae_format import latent_vectors
+
+            source = latent_vectors(f"sae:{source.metadata['path']}#{source.metadata['latent']}", model)
         if model is not None:
             source.check_model(model)
         return source

@@ -7,6 +7,9 @@ evidence commands add to the same folder:
   ``steerlib report --dose-coefs``);
 * ``shiftcheck/shiftcheck.json``: the prompt-induced shift experiment (``steerlib shiftcheck``);
 * ``inventory.json``: the inventory matrix (``steerlib inventory --out RUN_DIR/inventory.json``);
+* ``sae_decompose.json`` and ``sae_diff.json`` (optional, shown only when present): the vector's SAE
+  decomposition (``steerlib sae decompose RUN_DIR --sae SAE --out RUN_DIR/sae_decompose.json``) and a model diff
+  (``steerlib diff BASE FINETUNED --sae SAE --out RUN_DIR/sae_diff.json``);
 
 and writes a single self-contained ``report.html``: plots are PNGs embedded as base64, styles are inline, and
 nothing is fetched when it is opened. A section whose data is missing says so and names the command that
@@ -30,6 +33,8 @@ DOSE_FILE = "dose.json"
 INVENTORY_FILE = "inventory.json"
 SHIFT_DIR = "shiftcheck"
 REPORT_FILE = "report.html"
+SAE_DECOMPOSE_FILE = "sae_decompose.json"
+SAE_DIFF_FILE = "sae_diff.json"
 
 _CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1000px;
@@ -288,6 +293,65 @@ def _diagnostics(mat) -> str:
             "sits at the midpoint of every keyed scale, and steering can then move little.</p>")
 
 
+def _sae_decompose_section(run: Path) -> str:
+    d = _object(run / SAE_DECOMPOSE_FILE, "SAE decomposition")
+    null = d["null"]
+    rows = [(r["latent"], float(r["cosine"]), r.get("pos_minus_neg"), " ".join(r.get("names", [])))
+            for r in d["latents"]]
+
+    def plot(path: Path) -> Path:
+        from steerlib.store.plots import pyplot, save_figure
+
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(7, 3))
+        ax.bar([str(r[0]) for r in rows], [abs(r[1]) for r in rows], color="#4a7")
+        ax.axhline(float(null["p99"]), color="#c33", linestyle="--", label="random vectors, 99th percentile")
+        ax.set_xlabel("latent")
+        ax.set_ylabel("|cosine| with the vector")
+        ax.legend(fontsize=8)
+        return save_figure(fig, path)
+
+    rebuilt = ", ".join(f"top {k}: {float(v):.1%}" for k, v in d["rebuilt"].items())
+    return ("<h2>SAE decomposition</h2>"
+            f"<p>Decoder rows of the SAE at layer {_e(d['layer'])} closest to the vector. A random unit vector's best "
+            f"|cosine| against the same dictionary is {float(null['mean']):.3f} on average "
+            f"(99th percentile {float(null['p99']):.3f}). Share of the vector rebuilt from its top latents: "
+            f"{_e(rebuilt)}.</p>" + _png(plot)
+            + _table(["latent", "cosine", "pos - neg activation", "logit-lens tokens"], rows, text_cols=(3,)))
+
+
+def _sae_diff_section(run: Path) -> str:
+    data = _object(run / SAE_DIFF_FILE, "SAE model diff")
+    d = data["diff"]
+    ranked = d["increased"] + list(reversed(d["decreased"]))
+    trait = next(iter(d["baseline_cosines"]), None)
+
+    def plot(path: Path) -> Path:
+        from steerlib.store.plots import pyplot, save_figure
+
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(7, 3))
+        colors = ["#4a7" if trait and abs(r["cosines"].get(trait, 0)) >= 0.3 else "#999" for r in ranked]
+        ax.bar(range(len(ranked)), [r["diff"] for r in ranked], color=colors)
+        ax.set_xticks(range(len(ranked)), [str(r["latent"]) for r in ranked], rotation=90, fontsize=7)
+        ax.set_ylabel("mean activation, finetuned - base")
+        ax.set_title(f"green: |cosine| >= 0.3 with {trait}" if trait else "latents by activation change", fontsize=9)
+        return save_figure(fig, path)
+
+    rows = [(r["latent"], float(r["diff"]), float(r["base"]), float(r["finetuned"]),
+             " ".join(f"{k} {float(v):+.2f}" for k, v in r["cosines"].items())) for r in ranked]
+    base = ", ".join(f"{k} {float(v):+.3f}" for k, v in d["baseline_cosines"].items())
+    screen = data.get("screen") or []
+    return ("<h2>Model diff through the SAE</h2>"
+            f"<p>Latents at layer {_e(d['layer'])} ranked by the change of their mean activation over "
+            f"{_e(d['n_tokens'])} teacher-forced tokens. SAE-free baseline: the mean residual difference "
+            f"(norm {float(d['baseline_norm']):.3f}) has cosine {_e(base or '-')} with the trait vectors.</p>"
+            + _png(plot) + _table(["latent", "diff", "base", "finetuned", "decoder cosines"], rows, text_cols=(4,))
+            + (_table(["steered latent", "trait projection", "judge"],
+                      [(r["latent"] if r["latent"] is not None else "none", float(r["projection"]), r.get("judge"))
+                       for r in screen]) if screen else ""))
+
+
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the run's self-contained HTML report (default ``RUN_DIR/report.html``) and return its path.
 
@@ -310,6 +374,10 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                 _section(run / DOSE_FILE, "dose-response", lambda: _dose_section(run)),
                 _section(run / SHIFT_DIR / "shiftcheck.json", "prompt-shift results", lambda: _shift_section(run)),
                 _section(run / INVENTORY_FILE, "inventory matrix", lambda: _inventory_section(run))]
+    sections += [_section(run / name, what, lambda build=build: build(run))  # only when the run has them
+                 for name, what, build in ((SAE_DECOMPOSE_FILE, "SAE decomposition", _sae_decompose_section),
+                                           (SAE_DIFF_FILE, "SAE model diff", _sae_diff_section))
+                 if (run / name).is_file()]
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p>Run folder <code>{html.escape(str(run.resolve()))}</code>; written "
