@@ -10,8 +10,7 @@ import pytest
 import torch
 import transformers
 from helpers import LAX_TYPES, check_unknown_model_is_404, departed_client_tokens, request_body
-from test_vllm_http import _Shared
-from vllm_helpers import READOUT_LAYER, run_rows
+from vllm_helpers import READOUT_LAYER, LentEngine, run_rows
 
 MODEL = "smol"
 
@@ -26,7 +25,7 @@ def live(vllm_engine, embedded, optimism_vectors):
     options = AppOptions(model_name=MODEL, monitor_layer=READOUT_LAYER, max_tokens_limit=64, default_max_tokens=8,
                          presets=(("cheerful", (preset,)),))
     app = create_app(model, tok, {"optimistic": optimism_vectors}, options,
-                     engine_factory=lambda **kw: _Shared(vllm_engine))
+                     engine_factory=lambda **kw: LentEngine(vllm_engine))
     with BackgroundServer(app) as server:
         yield server
 
