@@ -196,10 +196,11 @@ class WorkerState:
             extra = getattr(req.sampling_params, "extra_args", None) or {}
             spec = extra.get(SPEC_KEY)
             parsed = self.parsed(rid, spec) if spec else None
-            rows.append(parsed.edits if parsed else [])
+            # A pipeline stage's plan holds only the layers it owns; the other stages make the other edits.
+            rows.append([e for e in parsed.edits if e.layer in self.owned] if parsed else [])
             prompt_lens.append(int(req.num_prompt_tokens))
             specs.append(spec)
-            if parsed is not None and parsed.readout and self.readout_layer is not None and counts[r] > 0:
+            if parsed is not None and parsed.readout and self.readout_layer in self.owned and counts[r] > 0:
                 last = int(qsl[r + 1]) - 1
                 # The last token's position, from the host's count of computed tokens (no read of `positions`).
                 p = int(batch.num_computed_tokens_cpu[r]) + int(counts[r]) - 1

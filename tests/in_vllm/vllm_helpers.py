@@ -183,10 +183,13 @@ def forbidden_in_step(ops: list[tuple]) -> list[str]:
     return bad
 
 
-def owned_tensors(obj, prefix: str = "", depth: int = 0, skip: tuple[str, ...] = ("store", "_parsed")) -> dict:
+def owned_tensors(obj, prefix: str = "", depth: int = 0,
+                  skip: tuple[str, ...] = ("store", "_parsed", "slots")) -> dict:
     """Every tensor reachable from ``obj``'s attributes (dicts, lists and plain objects, a few levels deep), by
     path: the buffers a worker state and its plan own, whatever their layout. Skipped: model modules, and the
-    host-side caches of parsed requests and stored read-outs (``skip``), which no forward reads."""
+    host-side caches of parsed requests, stored read-outs and registered vector rows (``skip``: the slot table's
+    CPU rows are copied into the plan's fixed device tables by ``set_rows``, between steps), which no forward
+    reads."""
     import torch
 
     if isinstance(obj, torch.Tensor):
