@@ -355,19 +355,13 @@ def serve(
 ) -> None:
     """OpenAI- and Ollama-compatible chat server: continuous batching with per-request steering, per-token
     trait projections and drift alerts."""
-    from steerlib.commands.serve import check_serve
     from steerlib.serve import AppOptions, ServeOptions
     from steerlib.serve import serve as run_server
     from steerlib.serve.schema import parse_presets
 
     presets = parse_presets(preset or [])
-
-    check_serve(model, _named_paths(vector), steer=_layer_coefs(steer or []), steer_mode=steer_mode,
-                steer_positions=steer_positions, monitor_layer=monitor_layer, port=port, max_batch=max_batch,
-                max_queue=max_queue, max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens,
-                presets=presets)
-
-    # Bad options are ValueErrors: main() prints them as one line, like every other command's.
+    # Bad options are ValueErrors: main() prints them as one line, like every other command's. AppOptions checks
+    # its numbers when built, ServeOptions.check the rest (reading only the model's config and the vector files).
     app_options = AppOptions(
         monitor_traits=tuple(monitor) if monitor else None, monitor_layer=monitor_layer, max_batch=max_batch,
         max_queue=max_queue, max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens,

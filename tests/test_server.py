@@ -458,9 +458,9 @@ def test_api_key_cors_and_options(embedded, optimism, live, service, monkeypatch
             assert pre.headers["access-control-allow-origin"] == "http://app.example"
     assert resolve_api_key(None, {API_KEY_ENV: KEY}) == KEY and resolve_api_key("x", {API_KEY_ENV: KEY}) == "x"
     assert resolve_api_key(None, {}) is None and resolve_api_key(None, {API_KEY_ENV: " "}) is None
-    with pytest.raises(ValueError, match="port must be in 0..65535"):
+    with pytest.raises(ValueError, match="--port must be within 0..65535, got 99999"):
         ServeOptions(port=99999).check()
-    with pytest.raises(ValueError, match="coefficient must be finite"):
+    with pytest.raises(ValueError, match="--steer coefficient at layer 22 must be a finite number, got nan"):
         ServeOptions(steer=((22, math.nan),)).check()
 
 

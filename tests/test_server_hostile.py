@@ -35,9 +35,8 @@ pytest.importorskip("fastapi")
 litellm = pytest.importorskip("litellm")
 langchain_openai = pytest.importorskip("langchain_openai")
 
-from steerlib.commands.serve import check_serve  # noqa: E402
 from steerlib.core.vectors import TraitVectors  # noqa: E402
-from steerlib.serve import AppOptions, BackgroundServer, create_app  # noqa: E402
+from steerlib.serve import AppOptions, BackgroundServer, ServeOptions, create_app  # noqa: E402
 from steerlib.serve.schema import SteeringSpec, parse_preset, parse_presets  # noqa: E402
 
 MODEL = "smol-hostile"
@@ -348,10 +347,10 @@ def test_presets_group_by_name_and_bad_ones_stop_start_up(embedded, vector_dir):
 def test_serve_checks_presets_before_the_model_loads(vector_dir):
     vectors = {"optimistic": str(vector_dir / "optimistic")}
     with pytest.raises(ValueError, match=r"^--preset c: no vector named 'nope' \(given: \['optimistic'\]\)$"):
-        check_serve(None, vectors, presets=parse_presets(["c=nope@3:1"]))
+        ServeOptions(vectors=vectors, app=AppOptions(presets=parse_presets(["c=nope@3:1"]))).check()
     with pytest.raises(ValueError, match=r"^--preset c layer must be within 1\.\.30, got 31$"):
-        check_serve(None, vectors, presets=parse_presets(["c=optimistic@31:1"]))
-    check_serve(None, vectors, presets=parse_presets(["c=optimistic@30:1"]))
+        ServeOptions(vectors=vectors, app=AppOptions(presets=parse_presets(["c=optimistic@31:1"]))).check()
+    ServeOptions(vectors=vectors, app=AppOptions(presets=parse_presets(["c=optimistic@30:1"]))).check()
 
 
 assert os.sep == "/"  # the symlink cases need a POSIX file system

@@ -8,17 +8,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from steerlib.commands.common import fit_vectors
 from steerlib.core import models
 from steerlib.core.chat import format_prompt
-from steerlib.core.checks import check_choice, check_int, check_number, check_out_dir, check_text
+from steerlib.core.checks import check_int, check_number, check_out_dir, check_text
 from steerlib.core.loading import load_vectors, pick_layer
 from steerlib.core.vectors import TraitVectors
 from steerlib.steering.calibration import Calibration, Percentile, calibrated_cap, calibration_path
 from steerlib.steering.dose import DoseResponse, dose_response
 from steerlib.steering.generation import Generation, generate
-from steerlib.steering.plan import position_rule
-from steerlib.steering.steer import MODES, When, build_ops, build_readout
+from steerlib.steering.plan import SteerOp
+from steerlib.steering.steer import When, build_ops, build_readout
 from steerlib.traits.judges import make_judge
 from steerlib.traits.library import TraitError, load_trait
 
@@ -81,8 +83,6 @@ def steer_file(
         check_text(p, f"prompt {i}")
     if system is not None:
         check_text(system, "system prompt")
-    check_choice(mode, "steering mode", MODES)
-    position_rule(positions)  # first:N, window:A-B and marker:TEXT too
     check_number(coef, "coef")
     check_int(max_new_tokens, "max_new_tokens")
     if sweep is not None:
@@ -90,9 +90,11 @@ def steer_file(
             raise ValueError("sweep is empty: give the coefficients to compare, e.g. --sweep 0,2,4")
         for c in sweep:
             check_number(c, "sweep coefficient")
-    for bound in cap or ():
-        if bound is not None:
-            check_number(bound, "cap bound")
+    if cap_percentile is None:
+        # The op's own checks, on a stand-in vector: the method by its registered name with its fields (a cap
+        # needs a bound), the position rule (first:N, window:A-B and marker:TEXT too).
+        lo, hi = cap if cap is not None else (None, None)
+        SteerOp(layer=1, vector=torch.ones(1), mode=mode, coef=coef, cap_min=lo, cap_max=hi, positions=positions)
     if plot is not None:
         check_out_dir(Path(plot).parent, "--plot folder")
     pct = calibration = None

@@ -76,6 +76,12 @@ def _config_int(config: object, keys: tuple[str, ...]) -> int | None:
     return None
 
 
+def config_depth(config: object) -> int | None:
+    """The number of decoder blocks a model config declares (its language tower's, for a multimodal one), or
+    None where it names none; read without building the model (``get_layout`` reads the same keys)."""
+    return _config_int(text_config(config), _LAYER_KEYS)
+
+
 def _n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

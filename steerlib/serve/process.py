@@ -8,7 +8,6 @@ steering coefficient or an unknown layer is an error at start, not after minutes
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import threading
@@ -20,10 +19,13 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI
+from pydantic import ValidationError
 
+from steerlib.core.arch import config_depth
+from steerlib.core.checks import check_int, check_number
 from steerlib.core.loading import load_vectors
 from steerlib.core.vectors import TraitVectors
-from steerlib.monitoring.drift import METHODS, DriftMonitor
+from steerlib.monitoring.drift import DriftMonitor
 from steerlib.serve.app import AppOptions, create_app
 from steerlib.serve.schema import MAX_ABS_COEF, SteeringSpec
 from steerlib.steering.calibration import Calibration, calibration_path
@@ -85,31 +87,61 @@ class ServeOptions:
             object.__setattr__(self, "vllm_args", VllmOptions.from_engine_args(self.vllm_args))
 
     def check(self) -> None:
-        """Raise ``ValueError`` naming the first bad option (called before anything loads)."""
+        """Raise ``ValueError`` naming the first bad option: the one check of what ``steerlib serve`` was given,
+        run before the model loads and the port binds.
+
+        The numbers of ``app`` were checked when it was built (``AppOptions``); this reads only the model's config
+        (for its depth, ``core.arch.config_depth``) and the vector files. The default steering and the presets
+        are checked by building their ``SteeringSpec``s, so their modes and positions are the HTTP API's own.
+        """
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r}; choose from {ENGINES}")
         if self.engine != "vllm" and self.vllm_args != VllmOptions():
             raise ValueError("vLLM engine arguments (--tensor-parallel-size, --enforce-eager, --vllm-arg, ...) "
                              "need --engine vllm")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        check_int(self.port, "--port", minimum=0, maximum=65535)  # 0: any free port
         for layer, coef in self.steer:
-            if not math.isfinite(coef) or abs(coef) > MAX_ABS_COEF:
-                raise ValueError(f"--steer {layer}:{coef}: the coefficient must be finite and at most "
-                                 f"{MAX_ABS_COEF:g} in size")
-        if self.drift_method not in METHODS:
-            raise ValueError(f"unknown drift method {self.drift_method!r}; choose from {METHODS}")
-        if not math.isfinite(self.drift_threshold):
-            raise ValueError(f"drift threshold must be finite, got {self.drift_threshold}")
-        if self.drift_window < 1 or self.drift_reference_size < 2:
-            raise ValueError("drift window must be >= 1 and drift reference size >= 2")
+            check_number(coef, f"--steer coefficient at layer {layer}")
+            if abs(coef) > MAX_ABS_COEF:
+                raise ValueError(f"--steer coefficient at layer {layer} must be at most {MAX_ABS_COEF:g} in size, "
+                                 f"got {coef:g}")
+        DriftMonitor(["check"], window=self.drift_window, method=self.drift_method, threshold=self.drift_threshold,
+                     reference_size=self.drift_reference_size)  # the monitor's own checks, on a throwaway
         for folder in self.app.vector_dirs:
             if not Path(folder).is_dir():
                 raise ValueError(f"--vector-dir {folder}: not a folder")
         for name, path in self.vectors.items():
             if not Path(path).exists():
                 raise ValueError(f"vector {name!r}: {path} does not exist")
+        try:
+            specs = default_steering_specs(self.steer, self.steer_vector, list(self.vectors), self.steer_mode,
+                                           self.steer_positions)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ValueError(f"--steer-{first['loc'][0]}: {first['msg']}") from None
+        from transformers import AutoConfig  # config only: no weights are read
 
+        from steerlib.core.models import resolve_model_path
+
+        n_layers = config_depth(AutoConfig.from_pretrained(resolve_model_path(self.model_path)[0]))
+        if n_layers is None:
+            return  # the model's layout check names what is missing when it loads
+        for spec in specs:
+            check_int(spec.layer, "--steer layer", maximum=n_layers)
+        if self.app.monitor_layer is not None:
+            check_int(self.app.monitor_layer, "--monitor-layer", maximum=n_layers)
+        for name, preset in self.app.presets:
+            for spec in preset:
+                if spec.vector not in self.vectors:
+                    raise ValueError(f"--preset {name}: no vector named {spec.vector!r} (given: "
+                                     f"{sorted(self.vectors)})")
+                if spec.layer is not None:
+                    check_int(spec.layer, f"--preset {name} layer", maximum=n_layers)
+        for name, path in self.vectors.items():
+            source = load_vectors(path)
+            if isinstance(source, TraitVectors) and source.n_positions != n_layers + 1:
+                raise ValueError(f"{path}: vectors {name!r} cover {source.n_positions - 1} blocks but the model "
+                                 f"has {n_layers}")
 
 class BackgroundServer:
     """Run an app with uvicorn on a background thread; ``port=0`` picks a free port; ``url`` is the base URL."""

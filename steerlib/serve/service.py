@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from steerlib.core.chat import format_messages
+from steerlib.core.checks import check_int
 from steerlib.core.models import eos_ids
 from steerlib.core.serialize import to_jsonable
 from steerlib.core.vectors import TraitVectors
@@ -97,6 +98,8 @@ class AppOptions:
     presets: tuple[tuple[str, tuple[SteeringSpec, ...]], ...] = ()
 
     def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "max_tokens_limit"):
+            check_int(getattr(self, name), name)
         if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
             raise ValueError(f"default_max_tokens must be in 1..max_tokens_limit ({self.max_tokens_limit}), "
                              f"got {self.default_max_tokens}")
