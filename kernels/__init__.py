@@ -12,26 +12,30 @@ cap bounds. It has three backends: ``torch`` (plain torch, any device; the CPU p
 reference), ``triton`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``) and ``cuda`` (a CUDA C++ extension
 JIT-built on first use). Triton is imported only when the triton backend is used. Entry points:
 
+One op, one naming scheme: every name of the op is ``steer_rows`` with what distinguishes it.
+
 * ``fused_steer_rows``: the checked Python call (values validated unless ``validate=False``);
-* ``torch.ops.steerlib.steer_rows_`` / ``steer_rows`` (``custom_op.py``): the op registered with
-  ``torch.library`` (in place into caller-owned buffers / functional), for compiled and captured graphs;
+* ``steer_rows_reference``: the same arguments, validated, computed with plain torch ops (what the tests compare
+  every backend against); ``steer_rows_torch`` / ``_triton`` / ``_cuda`` are the backends behind both;
+* ``torch.ops.steerlib.steer_rows_`` / ``steer_rows`` (``custom_op.py``; ``steer_rows_`` and ``steer_rows_op``
+  here), and ``steer_rows_inline``: the op registered with ``torch.library`` (in place into caller-owned
+  buffers / functional) and the same math as inline torch ops, for compiled and captured graphs;
 * ``prepare_backend``: the backend is chosen **once per process and device type**, built and loaded there (the
   CUDA extension's nvcc build included), and every ``backend="auto"`` call afterwards runs it. Servers, engines
   and the vLLM worker call it at start, so no build happens inside a forward pass, and a vLLM worker checks with
   its peers that every rank chose the same kernel. ``STEERLIB_KERNEL_BACKEND`` (torch, triton, cuda) forces the
-  choice; a forced backend that cannot run, or a CUDA build that fails, is an error, never a silent fallback;
-* ``fused_steer_project``: the single-vector API (one vector, one coefficient, a row mask), kept as a thin
-  lowering onto per-row calls::
+  choice; a forced backend that cannot run, or a CUDA build that fails, is an error, never a silent fallback.
 
-    flat = hidden.view(-1, hidden.shape[-1])
-    flat, proj = fused_steer_project(flat, steer_vec=v, alpha=4.0, readout=dirs)
+::
+
+    flat = hidden.view(-1, hidden.shape[-1])             # [N, D]
+    flat, proj = fused_steer_rows(flat, table, index, coef, readout=dirs)
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 import os
 import threading
 from dataclasses import dataclass
@@ -40,22 +44,24 @@ from types import ModuleType
 import torch
 
 from . import cuda_steer
-from .reference import MAX_READOUT_DIRS, SteerSpec, prepare_inputs, steer_project_reference
-from .rows import RowSteerSpec, check_gate_out, prepare_row_inputs, steer_rows_reference, steer_rows_torch
+from .rows import (
+    MAX_READOUT_DIRS,
+    RowSteerSpec,
+    check_gate_out,
+    prepare_row_inputs,
+    steer_rows_reference,
+    steer_rows_torch,
+)
 
 __all__ = [
     "MAX_READOUT_DIRS",
     "RowSteerSpec",
-    "SteerSpec",
     "BackendChoice",
     "available_backends",
     "chosen_backend",
-    "fused_steer_project",
     "fused_steer_rows",
     "prepare_backend",
-    "prepare_inputs",
     "prepare_row_inputs",
-    "steer_project_reference",
     "steer_rows_",
     "steer_rows_inline",
     "steer_rows_op",
@@ -290,87 +296,6 @@ def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
     return "triton"
 
 
-def fused_steer_project(
-    hidden: torch.Tensor,
-    steer_vec: torch.Tensor | None = None,
-    alpha: float = 0.0,
-    row_mask: torch.Tensor | None = None,
-    cap_dir: torch.Tensor | None = None,
-    cap_min: float | None = None,
-    cap_max: float | None = None,
-    readout: torch.Tensor | None = None,
-    inplace: bool = True,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Steer, cap and readout hidden states in one pass.
-
-    Per row ``h`` with mask ``m``: ``h1 = h + m*alpha*v``; ``p = <h1, u>``;
-    ``h2 = h1 + m*(clamp(p, cap_min, cap_max) - p)*u``; ``proj = h2 @ readout.T``. Math is fp32;
-    ``hidden`` keeps its dtype, and ``proj`` is computed from the fp32 ``h2`` before it is rounded
-    to that dtype (so it can differ from ``out.float() @ readout.T`` by rounding of ``out``).
-
-    Args:
-        hidden: ``[N, D]`` fp32/fp16/bf16 with contiguous rows (flatten ``[B, T, D]`` first).
-        steer_vec: ``[D]`` steering vector, or None for no addition (``alpha`` is then ignored).
-        alpha: Steering coefficient.
-        row_mask: ``[N]`` bool or float mask of rows to steer and cap; None means every row. A fractional
-            value scales the addition only: rows with a cap take 0 or 1 (per-row caps are all or nothing).
-            Read-out projections are returned for every row regardless.
-        cap_dir: ``[D]`` unit vector whose projection is clamped; required with a bound.
-        cap_min: Lower bound on the projection; None leaves it unbounded.
-        cap_max: Upper bound; ``cap_min = cap_max = 0`` ablates ``cap_dir``.
-        readout: ``[K, D]`` read-out directions, ``K <= 16``, or None.
-        inplace: Update ``hidden`` in place (the returned tensor is ``hidden``); else a new tensor.
-        backend: ``"auto"`` (the process's choice, see ``prepare_backend``: on CUDA tensors the cuda extension
-            where nvcc exists, else triton, else torch; CPU: torch), ``"torch"``, ``"triton"`` or ``"cuda"``.
-
-    Returns:
-        ``(updated hidden [N, D] in hidden's dtype, projections [N, K] float32 or None)``.
-
-    Raises:
-        ValueError: for malformed inputs (shapes, devices, dtypes, non-finite vectors, K > 16).
-        RuntimeError: when an explicitly requested backend cannot run here.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    spec = prepare_inputs(hidden, steer_vec, alpha, row_mask, cap_dir, cap_min, cap_max, readout)
-    resolve_backend(backend, hidden)  # an explicitly requested backend that cannot run here fails now
-    n, d = hidden.shape
-    device = hidden.device
-    # Lowered onto the per-row op: one call per vector (the add, then the cap), each with a two-row table whose
-    # row 0 is "no edit". The calls run on one fp32 working copy, so half-precision inputs are rounded once, at
-    # the end, exactly as the single-vector math says.
-    work = hidden if hidden.dtype == torch.float32 and inplace else hidden.float()
-    if work is hidden and not inplace:
-        work = hidden.clone()
-    steered = spec.mask != 0 if spec.mask is not None else torch.ones(n, dtype=torch.bool, device=device)
-    index = steered.to(torch.int64)
-    calls = []
-    if spec.steer is not None and spec.alpha != 0.0:
-        coef = spec.alpha * (spec.mask if spec.mask is not None else torch.ones(n, device=device))
-        calls.append((spec.steer, coef, None, None))
-    if spec.has_cap:
-        if spec.mask is not None and bool(((spec.mask != 0) & (spec.mask != 1)).any()):
-            raise ValueError("row_mask must be 0 or 1 on rows with a cap: per-row caps are all or nothing "
-                             "(fractional masks scale additions only)")
-        lo = torch.full((n,), -math.inf if spec.cap_min is None else spec.cap_min, device=device)
-        hi = torch.full((n,), math.inf if spec.cap_max is None else spec.cap_max, device=device)
-        calls.append((spec.cap_dir, None, lo, hi))
-    proj = None
-    for i, (vec, coef, lo, hi) in enumerate(calls):
-        table = torch.stack([torch.zeros_like(vec), vec])
-        last = i == len(calls) - 1
-        _, proj = fused_steer_rows(work, table, index, coef, lo, hi, readout=spec.readout if last else None,
-                                   inplace=True, backend=backend, validate=False)
-    if not calls and spec.readout is not None:
-        proj = work.float() @ spec.readout.T
-    if work is hidden:
-        return hidden, proj
-    if inplace:
-        return hidden.copy_(work), proj
-    return work.to(hidden.dtype), proj
-
-
 def fused_steer_rows(
     hidden: torch.Tensor,
     table: torch.Tensor,
@@ -404,7 +329,8 @@ def fused_steer_rows(
         cap_max: ``[N]`` upper bound per row (None or ``+inf``: unbounded); ``0, 0`` ablates.
         readout: ``[K, D]`` read-out directions, ``K <= 16``, or None.
         inplace: Update ``hidden`` in place (the returned tensor is ``hidden``); else a new tensor.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (as for ``fused_steer_project``).
+        backend: ``"auto"`` (the process's choice, see ``prepare_backend``: on CUDA tensors the cuda extension
+            where nvcc exists, else triton, else torch; CPU: torch), ``"torch"``, ``"triton"`` or ``"cuda"``.
         validate: Check the per-row values (one host read of the small per-row tensors). Pass ``False`` only
             with values checked on the host already: then no device memory is read before the launch, which
             keeps GPU decode steps free of syncs (see ``rows.prepare_row_inputs``).

@@ -22,8 +22,7 @@ from types import ModuleType
 
 import torch
 
-from .reference import allocate_outputs
-from .rows import RowSteerSpec
+from .rows import RowSteerSpec, allocate_outputs
 
 KERNEL_DIR = Path(__file__).resolve().parent
 CUDA_SOURCE = KERNEL_DIR / "steer_cuda.cu"

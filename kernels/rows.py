@@ -30,7 +30,9 @@ host can latch a row's gate open for the rest of a generation. ``above T`` is ``
 So an ``add`` row is ``(i, coef, -inf, +inf)`` with a raw vector in the table, an ``ablate`` row is
 ``(i, 0, 0, 0)`` and a ``cap`` row ``(i, 0, lo, hi)`` with a unit vector in the table. Several edits at one layer
 are several calls (the server passes the readout with the last). Math is fp32 and ``hidden`` keeps its dtype; the
-projections come from the fp32 ``h2`` before rounding, as in ``fused_steer_project``.
+projections come from the fp32 ``h2`` before it is rounded to that dtype: the read-out reflects the exact
+update rather than half-precision rounding noise (at most one ulp of the stored dtype per element), and the kernels
+compute it without re-reading memory.
 """
 
 from __future__ import annotations
@@ -39,14 +41,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import (
-    HIDDEN_DTYPES,
-    MAX_READOUT_DIRS,
-    UNIT_NORM_TOL,
-    fp32_working_copy,
-    prepare_vector,
-    write_back,
-)
+MAX_READOUT_DIRS = 16
+HIDDEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# fp16/bf16 vectors normalised in fp32 then rounded still have norms within ~1e-3 of one.
+UNIT_NORM_TOL = 1e-2
 
 
 @dataclass(frozen=True)
@@ -90,6 +88,48 @@ class RowSteerSpec:
     def num_readouts(self) -> int:
         """Number of readout directions K (0 when there is no readout)."""
         return 0 if self.readout is None else int(self.readout.shape[0])
+
+
+def prepare_vector(name: str, t: torch.Tensor, shape: tuple[int, ...], device: torch.device,
+                    unit: bool = False, check_values: bool = True) -> torch.Tensor:
+    """Check one steering/cap/readout tensor and return it as contiguous fp32.
+
+    Args:
+        name: Argument name used in error messages.
+        t: The user's tensor.
+        shape: Expected shape.
+        device: ``hidden``'s device.
+        unit: Also require every row to have unit L2 norm.
+        check_values: Check the values (finite, unit norm): a host read on a GPU, on every call. ``False``
+            checks shape, device and dtype only and reads no device memory: for callers whose values were
+            checked on the host when they were written (a steering plan's tables), and for ops that run inside
+            a captured graph, where a read back is not allowed.
+
+    Returns:
+        ``t`` as a contiguous fp32 tensor (``t`` itself when it already is one).
+    """
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but hidden is on {device}")
+    if tuple(t.shape) != shape:
+        if t.dim() == len(shape) and t.shape[-1] != shape[-1]:
+            raise ValueError(f"{name} has width {t.shape[-1]} but hidden has width {shape[-1]}")
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if not check_values:
+        return t.to(torch.float32).contiguous()  # no-ops (no dispatch) for a contiguous fp32 tensor
+    converted = t.to(torch.float32).contiguous()
+    if not bool(torch.isfinite(converted).all()):
+        raise ValueError(f"{name} contains NaN or inf values")
+    if unit:
+        norms = torch.linalg.vector_norm(converted, dim=-1).flatten()
+        worst = int((norms - 1.0).abs().argmax())
+        if abs(float(norms[worst]) - 1.0) > UNIT_NORM_TOL:
+            raise ValueError(f"{name} must have unit L2 norm, got norm {float(norms[worst]):.4g} "
+                             f"(normalise it first: v / v.norm())")
+    return converted
 
 
 def _check_per_row(name: str, t: object, n: int, device: torch.device) -> None:
@@ -287,6 +327,40 @@ def gate_open_torch(h: torch.Tensor, spec: RowSteerSpec) -> torch.Tensor:
     # [N, G] then one gather: G is small, and this avoids an [N, D] gathered copy of the directions.
     g = (h @ spec.gate_dir.T).gather(1, gi.clamp_min(0)[:, None]).squeeze(1)
     return (gi < 0) | ((g >= spec.gate_lo) & (g <= spec.gate_hi))
+
+
+def allocate_outputs(hidden: torch.Tensor, k: int, inplace: bool,
+                     proj_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output buffers every backend writes: ``hidden`` itself (in place) or a new ``[N, D]`` tensor, and
+    ``[N, K]`` fp32 projections, or None for K = 0. The projections are left uninitialised (the kernel writes
+    every value; no extra fill on the decode path) except for an empty input, where no kernel runs. A caller's
+    ``proj_out`` buffer (``[N, K]`` fp32, contiguous) is used as it is: nothing is allocated for an in-place call
+    that brings its own read-out buffer (what a captured graph needs)."""
+    n, d = hidden.shape
+    out = hidden if inplace else torch.empty((n, d), dtype=hidden.dtype, device=hidden.device)
+    if not k:
+        return out, None
+    if proj_out is not None:
+        return out, proj_out
+    alloc = torch.zeros if n == 0 or d == 0 else torch.empty
+    return out, alloc((n, k), dtype=torch.float32, device=hidden.device)
+
+
+def fp32_working_copy(hidden: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """The fp32 tensor the torch paths compute in: ``hidden`` itself when it is fp32 and may be overwritten,
+    else the one copy needed."""
+    if hidden.dtype == torch.float32:
+        return hidden if inplace else hidden.clone()
+    return hidden.to(torch.float32)
+
+
+def write_back(hidden: torch.Tensor, h: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """The result of a torch path in ``hidden``'s dtype, written into ``hidden`` when ``inplace``."""
+    if h.dtype == hidden.dtype:
+        return h  # fp32: h is hidden itself (inplace) or its clone
+    if inplace:
+        return hidden.copy_(h)
+    return h.to(hidden.dtype)
 
 
 def steer_rows_torch(hidden: torch.Tensor, spec: RowSteerSpec, inplace: bool = True,

@@ -21,8 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import allocate_outputs
-from .rows import RowSteerSpec
+from .rows import RowSteerSpec, allocate_outputs
 
 # tl.dot needs every dimension >= 16, so readout blocks are at least 16 rows by 16 directions.
 MIN_DOT = 16

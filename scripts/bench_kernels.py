@@ -1,8 +1,10 @@
-"""Benchmark the fused steer/cap/readout op and print one table of ratios.
+"""Benchmark the fused per-row steer/cap/readout op and print one table of ratios.
 
+Every call adds a vector to each row, caps the projection on it and reads out K directions (one table entry,
+per-row coefficient and bounds, as a steering plan lowers an edit).
 GPU (default): for bf16 [rows, width] over widths 2048-8192 and rows 1-512 it reports, per backend
-(torch, Triton, CUDA, and ``op:<backend>``: the same through the ``torch.ops.steerlib.steer_project``
-custom op that compiled decoding uses, which writes a new tensor instead of in place),
+(torch, Triton, CUDA, and ``op:<backend>``: the same through ``torch.ops.steerlib.steer_rows_``, the registered
+op a steering plan calls, writing the read-out into a caller-owned buffer),
   * bandwidth as a fraction of the HBM peak (``--peak-tbps``, default H100 SXM 3.35 TB/s) and of
     a plain ``dst.copy_(src)`` of the same bytes (the practically reachable peak);
   * the speed-up over the same math written as separate torch ops (add, matmul, cap, matmul);
@@ -29,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from steerlib.kernels import available_backends, fused_steer_project, steer_rows_
+from steerlib.kernels import available_backends, fused_steer_rows, steer_rows_
 
 from steerlib.core.compat import cache_keyword, output_cache
 
@@ -49,16 +51,19 @@ class Row:
 
 @dataclass
 class Inputs:
-    """Steering inputs for one benchmark shape."""
+    """Per-row steering inputs for one benchmark shape: every row edits with table entry 0."""
 
     hidden: torch.Tensor
-    steer: torch.Tensor
-    cap_dir: torch.Tensor
+    table: torch.Tensor  # [1, D] unit vector: added with ``coef`` and capped
     readout: torch.Tensor
-    mask: torch.Tensor
+    index: torch.Tensor
+    coef: torch.Tensor
+    cap_min: torch.Tensor
+    cap_max: torch.Tensor
 
 
-def make_inputs(tokens: int, hidden: int, k: int, dtype: torch.dtype, device: str) -> Inputs:
+def make_inputs(tokens: int, hidden: int, k: int, dtype: torch.dtype, device: str, coef: float = 0.01,
+                lo: float = -4.0, hi: float = 4.0) -> Inputs:
     """Random inputs; the steering step is small so repeated in-place calls stay bounded.
 
     Args:
@@ -67,15 +72,18 @@ def make_inputs(tokens: int, hidden: int, k: int, dtype: torch.dtype, device: st
         k: Read-out directions.
         dtype: Hidden-state dtype.
         device: Torch device.
+        coef, lo, hi: every row's coefficient and cap bounds.
     """
     g = torch.Generator(device="cpu").manual_seed(0)
     u = torch.randn(hidden, generator=g)
     return Inputs(
         hidden=torch.randn(tokens, hidden, generator=g).to(device=device, dtype=dtype),
-        steer=(torch.randn(hidden, generator=g) / hidden**0.5).to(device),
-        cap_dir=(u / u.norm()).to(device),
+        table=(u / u.norm())[None].to(device),
         readout=(torch.randn(k, hidden, generator=g) / hidden**0.5).to(device),
-        mask=torch.ones(tokens, dtype=torch.bool).to(device),
+        index=torch.zeros(tokens, dtype=torch.int64, device=device),
+        coef=torch.full((tokens,), coef, device=device),
+        cap_min=torch.full((tokens,), lo, device=device),
+        cap_max=torch.full((tokens,), hi, device=device),
     )
 
 
@@ -117,45 +125,41 @@ def _time_cuda_events(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(samples)
 
 
-def unfused_steer(x: Inputs, alpha: float, lo: float, hi: float) -> torch.Tensor:
+def unfused_steer(x: Inputs) -> torch.Tensor:
     """The same update written the obvious way, one torch op per step (the baseline).
 
     Args:
         x: Inputs (``x.hidden`` is updated in place).
-        alpha: Steering coefficient.
-        lo: Lower cap bound.
-        hi: Upper cap bound.
 
     Returns:
         The ``[N, K]`` fp32 projections.
     """
     h = x.hidden
-    m = x.mask.to(h.dtype)[:, None]
-    h.add_(m * (alpha * x.steer).to(h.dtype))
-    p = h.float() @ x.cap_dir
-    h.add_((m.float() * (p.clamp(lo, hi) - p)[:, None] * x.cap_dir).to(h.dtype))
+    t = x.table[x.index]  # [N, D]
+    h.add_((x.coef[:, None] * t).to(h.dtype))
+    p = (h.float() * t).sum(-1)
+    h.add_(((torch.clamp(p, x.cap_min, x.cap_max) - p)[:, None] * t).to(h.dtype))
     return h.float() @ x.readout.T
 
 
 def bench_ops(args: argparse.Namespace, device: str, dtype: torch.dtype, backends: list[str]) -> list[Row]:
     """Kernel bandwidth and fused-vs-unfused rows for every token count."""
     rows: list[Row] = []
-    alpha, lo, hi = 0.01, -4.0, 4.0
     for width, tokens in ((w, t) for w in args.widths for t in args.tokens):
         x = make_inputs(tokens, width, args.k, dtype, device)
         case = f"N={tokens} D={width} K={args.k}"
         elem = x.hidden.element_size()
-        hbm_bytes = 2 * x.hidden.numel() * elem + tokens * args.k * 4 + (args.k + 2) * width * 4
+        hbm_bytes = 2 * x.hidden.numel() * elem + tokens * (args.k + 4) * 4 + (args.k + 1) * width * 4
         copy_dst = torch.empty_like(x.hidden)
         t_copy = time_fn(lambda x=x, dst=copy_dst: dst.copy_(x.hidden), device)
         copy_bw = 2 * x.hidden.numel() * elem / t_copy
         if device == "cuda":
             rows.append(Row("memcpy / HBM peak", case, "copy_", t_copy * 1e6, copy_bw / (args.peak_tbps * 1e12)))
-        t_unfused = time_fn(lambda x=x: unfused_steer(x, alpha, lo, hi), device)
+        t_unfused = time_fn(lambda x=x: unfused_steer(x), device)
         for backend in backends:
             def fused(x: Inputs = x, backend: str = backend) -> object:
-                return fused_steer_project(x.hidden, x.steer, alpha, x.mask, x.cap_dir, lo, hi, x.readout,
-                                           backend=backend)
+                return fused_steer_rows(x.hidden, x.table, x.index, x.coef, x.cap_min, x.cap_max, x.readout,
+                                        backend=backend, validate=False)
 
             t = time_fn(fused, device)
             bw = hbm_bytes / t
@@ -163,16 +167,12 @@ def bench_ops(args: argparse.Namespace, device: str, dtype: torch.dtype, backend
                 rows.append(Row("fused / HBM peak", case, backend, t * 1e6, bw / (args.peak_tbps * 1e12)))
             rows.append(Row("fused / memcpy bandwidth", case, backend, t * 1e6, bw / copy_bw))
             rows.append(Row("unfused time / fused time", case, backend, t * 1e6, t_unfused / t))
-            # The registered per-row op as a steering plan calls it: a [2, D] table (row 0 = no edit), a
-            # per-token index and coefficient, the read-out written into a caller-owned buffer.
-            table = torch.stack([torch.zeros_like(x.steer), x.steer])
-            index = x.mask.to(torch.int64)
-            coef = torch.full((tokens,), alpha, device=x.hidden.device)
+            # The registered op as a steering plan calls it: the read-out written into a caller-owned buffer.
             proj_out = torch.empty(tokens, args.k, device=x.hidden.device)
 
-            def via_op(x: Inputs = x, table=table, index=index, coef=coef, proj_out=proj_out,
-                       backend: str = backend) -> object:
-                return steer_rows_(x.hidden, table, index, coef, None, None, x.readout, proj_out, backend)
+            def via_op(x: Inputs = x, proj_out=proj_out, backend: str = backend) -> object:
+                return steer_rows_(x.hidden, x.table, x.index, x.coef, x.cap_min, x.cap_max, x.readout, proj_out,
+                                   backend)
 
             t_op = time_fn(via_op, device)
             if device == "cuda":
@@ -227,7 +227,7 @@ def decode_step_time(model: torch.nn.Module, prompt: torch.Tensor, steps: int, d
 
 
 def add_steer_hooks(model: torch.nn.Module, layer_ids: list[int], backend: str, k: int) -> list:
-    """Hook ``fused_steer_project`` (steer + ablate + K readouts, in place) onto decoder layers.
+    """Hook ``fused_steer_rows`` (ablate + K readouts, in place) onto decoder layers.
 
     Returns:
         The hook handles (call ``.remove()`` on each to undo).
@@ -235,13 +235,18 @@ def add_steer_hooks(model: torch.nn.Module, layer_ids: list[int], backend: str, 
     layers = model.model.layers
     width = model.config.hidden_size
     param = next(model.parameters())
-    x = make_inputs(1, width, k, param.dtype, str(param.device))
+    by_rows: dict[int, Inputs] = {}  # per-row inputs per pass length (prefill, then one row per decode step)
     readouts: list[torch.Tensor] = []
 
     def hook(_module: torch.nn.Module, _args: tuple, output: object) -> None:
         hidden = output[0] if isinstance(output, tuple) else output
         flat = hidden.view(-1, width)
-        _, proj = fused_steer_project(flat, x.steer, 0.5, None, x.cap_dir, 0.0, 0.0, x.readout, backend=backend)
+        n = flat.shape[0]
+        if n not in by_rows:
+            by_rows[n] = make_inputs(n, width, k, param.dtype, str(param.device), coef=0.0, lo=0.0, hi=0.0)
+        x = by_rows[n]
+        _, proj = fused_steer_rows(flat, x.table, x.index, x.coef, x.cap_min, x.cap_max, x.readout,
+                                   backend=backend, validate=False)
         readouts[:] = [proj]  # keep the read-out alive like a real readout would, without syncing
 
     return [layers[i].register_forward_hook(hook) for i in layer_ids]

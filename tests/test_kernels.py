@@ -1,5 +1,5 @@
-"""Tests for steerlib.kernels: reference semantics, input validation, and the Triton / CUDA
-kernels against the torch reference.
+"""Tests for steerlib.kernels' per-row op: the torch reference against hand computation, input validation, and
+the Triton / CUDA kernels against the reference over dtypes, widths, row counts and read-out sizes.
 
 Triton runs on CPU tensors under TRITON_INTERPRET=1 (``make test`` sets it); the CUDA kernel
 is compiled with plain ``nvcc -c`` wherever nvcc exists and executed only on a GPU.
@@ -7,6 +7,7 @@ is compiled with plain ``nvcc -c`` wherever nvcc exists and executed only on a G
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 from typing import Any
@@ -14,25 +15,27 @@ from typing import Any
 import pytest
 import torch
 from helpers import HIDDEN_TOL, PROJ_TOL, assert_allclose_verbose
-from steerlib.kernels import available_backends, cuda_steer, fused_steer_project, steer_project_reference
+from steerlib.kernels import available_backends, cuda_steer, fused_steer_rows, steer_rows_reference
 
+INF = math.inf
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WIDTHS = (576, 896, 4096, 4097)
 ROWS = (1, 7, 64, 512)
 KS = (1, 3, 16)
 MODES = ("add", "ablate", "cap", "all")
 
+
 def make_case(n: int, d: int, k: int, mode: str, masked: bool, dtype: torch.dtype, seed: int = 0,
               device: str = "cpu") -> tuple[torch.Tensor, dict[str, Any]]:
-    """Random hidden states and ``fused_steer_project`` keyword arguments for one mode.
+    """Random hidden states and ``fused_steer_rows`` keyword arguments for one edit, on some or all rows.
 
     Args:
         n: Rows.
         d: Width.
         k: Read-out directions (0 for none).
-        mode: ``add`` (steer only), ``ablate`` (cap 0..0), ``cap`` (steer + upper cap) or
-            ``all`` (steer + two-sided cap).
-        masked: Use a random bool row mask.
+        mode: ``add`` (a raw vector, coefficient 3), ``ablate`` (unit vector, bounds 0..0), ``cap`` (add along a
+            unit vector, then cap it from above) or ``all`` (add, then a two-sided cap).
+        masked: Edit a random half of the rows (the others get index -1).
         dtype: dtype of the hidden states.
         seed: RNG seed.
         device: Where to put the tensors.
@@ -45,20 +48,19 @@ def make_case(n: int, d: int, k: int, mode: str, masked: bool, dtype: torch.dtyp
     v = torch.randn(d, generator=g)
     u = torch.randn(d, generator=g)
     u /= u.norm()
-    kwargs: dict[str, Any] = {"inplace": False}
+    steered = torch.rand(n, generator=g) < 0.5 if masked else torch.ones(n, dtype=torch.bool)
+    lo, hi = {"add": (-INF, INF), "ablate": (0.0, 0.0), "cap": (-INF, 0.5), "all": (-0.5, 0.25)}[mode]
+    kwargs: dict[str, Any] = {
+        "table": (v if mode == "add" else u)[None],
+        "index": torch.where(steered, 0, -1),
+        "coef": torch.full((n,), 0.0 if mode == "ablate" else 3.0),
+        "cap_min": torch.full((n,), lo),
+        "cap_max": torch.full((n,), hi),
+        "inplace": False,
+    }
     if k:
         # Scaled so projections are O(1) and absolute tolerances mean the same at every width.
         kwargs["readout"] = torch.randn(k, d, generator=g) / d**0.5
-    if masked:
-        kwargs["row_mask"] = torch.rand(n, generator=g) < 0.5
-    if mode in ("add", "cap", "all"):
-        kwargs.update(steer_vec=v, alpha=3.0)
-    if mode == "ablate":
-        kwargs.update(cap_dir=u, cap_min=0.0, cap_max=0.0)
-    elif mode == "cap":
-        kwargs.update(cap_dir=u, cap_max=0.5)
-    elif mode == "all":
-        kwargs.update(cap_dir=u, cap_min=-0.5, cap_max=0.25)
     moved = {key: val.to(device) if isinstance(val, torch.Tensor) else val for key, val in kwargs.items()}
     return hidden.to(device), moved
 
@@ -92,9 +94,9 @@ def check_backend(backend: str, device: str, case: tuple[int, int, int, str, boo
     """Run one covering case on ``backend`` and compare with the torch reference."""
     n, d, k, mode, masked, dtype = case
     hidden, kwargs = make_case(n, d, k, mode, masked, dtype, seed=n * 31 + d, device=device)
-    ref_out, ref_proj = steer_project_reference(hidden.cpu(), **{
+    ref_out, ref_proj = steer_rows_reference(hidden.cpu(), **{
         key: val.cpu() if isinstance(val, torch.Tensor) else val for key, val in kwargs.items()})
-    out, proj = fused_steer_project(hidden, backend=backend, **kwargs)
+    out, proj = fused_steer_rows(hidden, backend=backend, **kwargs)
     assert out.dtype == dtype and out.shape == (n, d)
     atol, rtol = HIDDEN_TOL[dtype]
     assert_allclose_verbose(out, ref_out, atol=atol, rtol=rtol, what=f"{backend} hidden")
@@ -149,25 +151,17 @@ def _device_for(backend: str) -> str:
 
 
 @pytest.mark.parametrize("backend", _kernel_backends())
-def test_kernel_inplace_strided_rows_and_float_mask(backend: str) -> None:
-    """In-place update of a row-strided view with a fractional mask leaves the padding alone.
-
-    A fractional mask scales the addition; per-row caps are all or nothing, so a fractional mask with a cap
-    is refused (the single-vector API lowers onto the per-row op)."""
+def test_kernel_inplace_strided_rows_and_per_row_coefficients(backend: str) -> None:
+    """In-place update of a row-strided view with a different coefficient per row leaves the padding alone."""
     device = _device_for(backend)
     n, d = 7, 576
     parent = torch.randn(n, d + 8).to(torch.bfloat16).to(device)
     before = parent.clone()
     hidden = parent[:, :d]
     _, kwargs = make_case(n, d, 3, "all", False, torch.bfloat16, seed=5, device=device)
-    kwargs["row_mask"] = torch.linspace(0, 1, n, device=device)
-    kwargs["inplace"] = True
-    with pytest.raises(ValueError, match="row_mask must be 0 or 1 on rows with a cap"):
-        fused_steer_project(hidden.clone(), backend=backend, **kwargs)
-    for name in ("cap_dir", "cap_min", "cap_max"):
-        kwargs.pop(name, None)
-    ref_out, ref_proj = steer_project_reference(hidden.clone(), **kwargs)
-    out, proj = fused_steer_project(hidden, backend=backend, **kwargs)
+    kwargs.update(coef=torch.linspace(0, 1, n, device=device), inplace=True)
+    ref_out, ref_proj = steer_rows_reference(hidden.clone(), **kwargs)
+    out, proj = fused_steer_rows(hidden, backend=backend, **kwargs)
     assert out.data_ptr() == hidden.data_ptr()
     assert torch.equal(parent[:, d:], before[:, d:])
     assert_allclose_verbose(hidden, ref_out, atol=1e-2, rtol=1.6e-2, what="strided hidden")
@@ -179,10 +173,12 @@ def test_kernel_empty_and_monitor_only(backend: str) -> None:
     """Zero rows work, and readout-only calls leave hidden bit-identical."""
     device = _device_for(backend)
     mon = torch.randn(2, 896, device=device)
-    out, proj = fused_steer_project(torch.empty(0, 896, device=device), readout=mon, backend=backend)
+    table = torch.ones(1, 896, device=device)
+    none = torch.full((5,), -1, device=device)
+    out, proj = fused_steer_rows(torch.empty(0, 896, device=device), table, none[:0], readout=mon, backend=backend)
     assert out.shape == (0, 896) and proj.shape == (0, 2)
     hidden = torch.randn(5, 896, dtype=torch.float16, device=device)
-    out, proj = fused_steer_project(hidden, readout=mon, inplace=False, backend=backend)
+    out, proj = fused_steer_rows(hidden, table, none, readout=mon, inplace=False, backend=backend)
     assert torch.equal(out, hidden)
     assert_allclose_verbose(proj, hidden.float() @ mon.T, atol=1e-3, rtol=1e-4, what="readout only")
 
@@ -190,23 +186,22 @@ def test_kernel_empty_and_monitor_only(backend: str) -> None:
 # --------------------------------------------------------------------------- reference semantics
 
 
-def test_reference_add_masks_rows() -> None:
+def _rows(n: int, steered: torch.Tensor, coef: float = 0.0, lo: float = -INF, hi: float = INF) -> dict:
+    """Per-row arguments editing the rows where ``steered`` holds with table entry 0."""
+    return {"index": torch.where(steered, 0, -1), "coef": torch.full((n,), coef), "cap_min": torch.full((n,), lo),
+            "cap_max": torch.full((n,), hi)}
+
+
+def test_reference_add_leaves_unsteered_rows() -> None:
     g = torch.Generator().manual_seed(1)
     h = torch.randn(6, 64, generator=g)
     v = torch.randn(64, generator=g)
     mask = torch.tensor([True, False, True, False, False, True])
-    out, proj = steer_project_reference(h, v, alpha=2.5, row_mask=mask, inplace=False)
+    out, proj = steer_rows_reference(h, v[None], **_rows(6, mask, coef=2.5), inplace=False)
     assert proj is None
     expected = h.double() + 2.5 * v.double()
     assert_allclose_verbose(out[mask], expected[mask], atol=1e-6, rtol=1e-6, what="steered rows")
     assert torch.equal(out[~mask], h[~mask])
-
-
-def test_reference_float_mask_scales_step() -> None:
-    h = torch.zeros(3, 16)
-    v = torch.ones(16)
-    out, _ = steer_project_reference(h, v, alpha=2.0, row_mask=torch.tensor([0.0, 0.5, 1.0]))
-    assert torch.equal(out[:, 0], torch.tensor([0.0, 1.0, 2.0]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -216,8 +211,7 @@ def test_reference_ablation_zeroes_projection(dtype: torch.dtype) -> None:
     u = torch.randn(576, generator=g)
     u /= u.norm()
     mask = torch.arange(8) % 2 == 0
-    out, proj = steer_project_reference(h, cap_dir=u, cap_min=0.0, cap_max=0.0, row_mask=mask,
-                                        readout=u[None], inplace=False)
+    out, proj = steer_rows_reference(h, u[None], **_rows(8, mask, lo=0.0, hi=0.0), readout=u[None], inplace=False)
     # The read-out is taken from fp32 before rounding, so it is ~0 in every dtype ...
     assert_allclose_verbose(proj[mask, 0], torch.zeros(4), atol=1e-5, rtol=0, what="ablated proj")
     # ... while the stored rows keep only the dtype's rounding of it.
@@ -234,29 +228,39 @@ def test_reference_cap_clamps_and_leaves_in_range_rows() -> None:
     u[0] = 1.0
     h = torch.randn(10, 32, generator=g)
     h[:, 0] = torch.linspace(-3, 3, 10)
-    out, proj = steer_project_reference(h, cap_dir=u, cap_min=-1.0, cap_max=2.0, readout=u[None],
-                                        inplace=False)
+    every = torch.ones(10, dtype=torch.bool)
+    out, proj = steer_rows_reference(h, u[None], **_rows(10, every, lo=-1.0, hi=2.0), readout=u[None],
+                                     inplace=False)
     assert_allclose_verbose(proj[:, 0], h[:, 0].clamp(-1.0, 2.0), atol=1e-6, rtol=0, what="capped proj")
     inside = (h[:, 0] >= -1.0) & (h[:, 0] <= 2.0)
     assert torch.equal(out[inside], h[inside])
     assert torch.equal(out[:, 1:], h[:, 1:])  # only the u component moves
 
 
-def test_reference_one_sided_cap_and_full_formula() -> None:
+def test_reference_full_formula_per_row() -> None:
+    """Every row its own entry, coefficient and bounds, against the formula computed by hand in float64."""
     g = torch.Generator().manual_seed(4)
     n, d = 9, 96
     h = torch.randn(n, d, generator=g)
-    v = torch.randn(d, generator=g)
-    u = torch.randn(d, generator=g)
-    u /= u.norm()
+    table = torch.nn.functional.normalize(torch.randn(3, d, generator=g), dim=-1)
+    index = torch.tensor([0, 1, 2, -1, 0, 1, 2, -1, 0])
+    coef = torch.randn(n, generator=g) * 2
+    lo = torch.tensor([-INF, -0.2, -INF, 0.0, -0.5, -INF, 0.1, -INF, -INF])
+    hi = torch.tensor([0.3, INF, INF, 0.0, 0.5, INF, 0.1, INF, INF])
     w = torch.randn(3, d, generator=g)
-    mask = torch.rand(n, generator=g) < 0.6
-    out, proj = steer_project_reference(h, v, 1.5, mask, u, None, 0.3, w, inplace=False)
-    # Hand-computed in float64.
-    m = mask.double()[:, None]
-    h1 = h.double() + m * 1.5 * v.double()
-    p = h1 @ u.double()
-    h2 = h1 + m * (p.clamp(max=0.3) - p)[:, None] * u.double()
+    out, proj = steer_rows_reference(h, table, index, coef, lo, hi, w, inplace=False)
+    rows = []
+    for r in range(n):
+        x = h[r].double()
+        i = int(index[r])
+        if i >= 0:
+            t = table[i].double()
+            x = x + float(coef[r]) * t
+            if math.isfinite(lo[r]) or math.isfinite(hi[r]):
+                p = float(x @ t)
+                x = x + (min(max(p, float(lo[r])), float(hi[r])) - p) * t
+        rows.append(x)
+    h2 = torch.stack(rows)
     assert_allclose_verbose(out, h2, atol=1e-5, rtol=1e-5, what="hidden")
     assert_allclose_verbose(proj, h2 @ w.double().T, atol=1e-4, rtol=1e-5, what="proj")
 
@@ -264,75 +268,62 @@ def test_reference_one_sided_cap_and_full_formula() -> None:
 def test_reference_inplace_contract() -> None:
     h = torch.randn(4, 32, dtype=torch.bfloat16)
     original = h.clone()
-    v = torch.ones(32)
-    out, _ = steer_project_reference(h, v, alpha=1.0, inplace=False)
+    args = _rows(4, torch.ones(4, dtype=torch.bool), coef=1.0)
+    out, _ = steer_rows_reference(h, torch.ones(1, 32), **args, inplace=False)
     assert torch.equal(h, original) and out.data_ptr() != h.data_ptr()
-    out, _ = steer_project_reference(h, v, alpha=1.0, inplace=True)
+    out, _ = steer_rows_reference(h, torch.ones(1, 32), **args, inplace=True)
     assert out.data_ptr() == h.data_ptr() and torch.equal(h, out) and not torch.equal(h, original)
 
 
-def test_auto_backend_on_cpu_is_reference() -> None:
+def test_auto_backend_on_cpu_is_torch() -> None:
     hidden, kwargs = make_case(7, 896, 3, "all", True, torch.bfloat16, seed=9)
-    ref = steer_project_reference(hidden.clone(), **kwargs)
-    torch_out = fused_steer_project(hidden.clone(), backend="torch", **kwargs)
-    got = fused_steer_project(hidden.clone(), **kwargs)
+    ref = steer_rows_reference(hidden.clone(), **kwargs)
+    torch_out = fused_steer_rows(hidden.clone(), backend="torch", **kwargs)
+    got = fused_steer_rows(hidden.clone(), **kwargs)
     assert torch.equal(got[0], torch_out[0]) and torch.equal(got[1], torch_out[1])  # auto on CPU is torch
     assert_allclose_verbose(got[0], ref[0], atol=1e-2, rtol=1.6e-2, what="auto vs oracle")
     assert_allclose_verbose(got[1], ref[1], atol=PROJ_TOL[0], rtol=PROJ_TOL[1], what="auto vs oracle proj")
     assert "torch" in available_backends()
 
 
-def test_vector_edit_in_place_is_revalidated() -> None:
-    """Checked vectors are cached; an in-place edit bumps the version and forces a re-check."""
+def test_table_edited_in_place_is_rechecked() -> None:
+    """The checked call reads the values on every call: a table edited in place after a first call is refused."""
     h = torch.randn(2, 8)
-    v = torch.ones(8)
-    fused_steer_project(h, v, alpha=1.0)
-    v[3] = float("nan")
-    with pytest.raises(ValueError, match="steer_vec contains NaN or inf"):
-        fused_steer_project(h, v, alpha=1.0)
+    table = torch.ones(1, 8)
+    index = torch.zeros(2, dtype=torch.int64)
+    fused_steer_rows(h, table, index, torch.ones(2))
+    table[0, 3] = float("nan")
+    with pytest.raises(ValueError, match="table contains NaN or inf"):
+        fused_steer_rows(h, table, index, torch.ones(2))
 
 
 def test_inference_mode_tensors() -> None:
-    """Inference tensors have no version counter; the vector cache must still accept them."""
     with torch.inference_mode():
         h = torch.zeros(2, 8)
-        v = torch.ones(8)
+        table = torch.ones(1, 8)
         for _ in range(2):
-            out, _ = fused_steer_project(h, v, alpha=1.0)
+            out, _ = fused_steer_rows(h, table, torch.zeros(2, dtype=torch.int64), torch.ones(2))
     assert torch.equal(out, torch.full((2, 8), 2.0))
 
 
 # --------------------------------------------------------------------------- input validation
 
 
-def _unit(d: int) -> torch.Tensor:
-    u = torch.zeros(d)
-    u[0] = 1.0
-    return u
-
-
-def _with_nan(d: int) -> torch.Tensor:
-    t = torch.ones(d)
-    t[d // 2] = float("nan")
+def _with_nan(shape: tuple[int, ...]) -> torch.Tensor:
+    t = torch.ones(shape)
+    t.view(-1)[t.numel() // 2] = float("nan")
     return t
 
 
 ERROR_CASES = [
-    ("width", {"steer_vec": torch.ones(575)}, "steer_vec has width 575 but hidden has width 576"),
-    ("cap-width", {"cap_dir": _unit(577), "cap_max": 0.0}, "cap_dir has width 577 but hidden has width 576"),
+    ("width", {"table": torch.ones(1, 575)}, "table has width 575 but hidden has width 576"),
     ("readout-width", {"readout": torch.ones(2, 100)}, "readout has width 100 but hidden has width 576"),
     ("k17", {"readout": torch.ones(17, 576)}, "1 to 16 directions, got K=17"),
-    ("readout-1d", {"readout": torch.ones(576)}, "readout must be 2-D"),
-    ("nan-steer", {"steer_vec": _with_nan(576)}, "steer_vec contains NaN or inf"),
+    ("readout-1d", {"readout": torch.ones(576)}, "readout must be a 2-D"),
+    ("nan-table", {"table": _with_nan((1, 576))}, "table contains NaN or inf"),
     ("inf-readout", {"readout": torch.full((2, 576), float("inf"))}, "readout contains NaN or inf"),
-    ("nan-cap", {"cap_dir": _with_nan(576), "cap_min": 0.0}, "cap_dir contains NaN or inf"),
-    ("device", {"steer_vec": torch.ones(576, device="meta")}, "steer_vec is on meta but hidden is on cpu"),
-    ("mask-device", {"row_mask": torch.ones(4, device="meta")}, "row_mask is on meta but hidden is on cpu"),
-    ("mask-shape", {"row_mask": torch.ones(5)}, r"row_mask must have shape \[4\]"),
-    ("cap-order", {"cap_dir": _unit(576), "cap_min": 1.0, "cap_max": 0.0}, "cap_min .* must be <= cap_max"),
-    ("cap-no-dir", {"cap_max": 0.0}, "cap_min/cap_max were given but cap_dir is None"),
-    ("cap-not-unit", {"cap_dir": torch.ones(576), "cap_max": 0.0}, "cap_dir must have unit L2 norm, got norm 24"),
-    ("nan-alpha", {"steer_vec": torch.ones(576), "alpha": float("nan")}, "alpha must be finite"),
+    ("device", {"table": torch.ones(1, 576, device="meta")}, "table is on meta but hidden is on cpu"),
+    ("coef-device", {"coef": torch.ones(4, device="meta")}, "coef is on meta but hidden is on cpu"),
     ("backend", {"backend": "cuda_graph"}, "backend must be one of"),
     ("cuda-on-cpu", {"backend": "cuda"}, "backend='cuda' needs CUDA tensors"),
 ]
@@ -340,8 +331,10 @@ ERROR_CASES = [
 
 @pytest.mark.parametrize(("kwargs", "message"), [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
 def test_invalid_inputs_raise_clear_errors(kwargs: dict[str, Any], message: str) -> None:
+    args = {"table": torch.ones(1, 576), "index": torch.zeros(4, dtype=torch.int64), "coef": torch.ones(4),
+            **kwargs}
     with pytest.raises(ValueError, match=message):
-        fused_steer_project(torch.zeros(4, 576), **kwargs)
+        fused_steer_rows(torch.zeros(4, 576), **args)
 
 
 @pytest.mark.parametrize(("hidden", "message"), [
@@ -351,7 +344,7 @@ def test_invalid_inputs_raise_clear_errors(kwargs: dict[str, Any], message: str)
 ], ids=["3d", "int", "column-major"])
 def test_invalid_hidden_raises(hidden: torch.Tensor, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        fused_steer_project(hidden, steer_vec=torch.ones(hidden.shape[-1]), alpha=1.0)
+        fused_steer_rows(hidden, torch.ones(1, hidden.shape[-1]), torch.zeros(4, dtype=torch.int64))
 
 
 def test_triton_on_cpu_without_interpreter_explains(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -359,7 +352,8 @@ def test_triton_on_cpu_without_interpreter_explains(monkeypatch: pytest.MonkeyPa
         pytest.skip("triton not installed")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        fused_steer_project(torch.zeros(2, 8), readout=torch.ones(1, 8), backend="triton")
+        fused_steer_rows(torch.zeros(2, 8), torch.ones(1, 8), torch.full((2,), -1), readout=torch.ones(1, 8),
+                         backend="triton")
 
 
 # --------------------------------------------------------------------------- CUDA source builds

@@ -3,7 +3,7 @@
 ``steer(model, vectors, layers, coef)`` is a context manager: inside it every forward pass (``model(...)``,
 ``model.generate``, a training step) adds ``coef * v`` at the chosen layers, ablates ``v``, or caps the
 projection on ``v``. The edit and the trait read-out happen in one fused op
-(``steerlib.kernels.fused_steer_project``: Triton/CUDA on GPU, torch on CPU).
+(``steerlib.kernels``' per-row op ``steer_rows_``: Triton/CUDA on GPU, torch on CPU).
 
 Positions are absolute: a forward pass that starts with an empty KV cache is the prefill and its tokens
 are the prompt; tokens fed later (decoding with a cache) are the response. So ``positions="response"``
