@@ -502,10 +502,8 @@ def export(
     """Export trait vectors for another tool (llama.cpp: steerlib layer L is written as direction.(L-1))."""
     from steerlib.commands.export import export_file
 
-    if format != "gguf":
-        raise ValueError(f"unknown format {format!r}; supported: gguf")
     path, written, names = export_file(vectors, out, layers=_ints(layers) if layers else None, coef=coef,
-                                       kind=kind, model_hint=model_hint)
+                                       kind=kind, model_hint=model_hint, format=format)
     typer.echo(f"wrote {path}: layers {written} as {', '.join(names)} (coef {coef:g})")
 
 

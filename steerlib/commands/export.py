@@ -9,7 +9,9 @@ from steerlib.core.gguf_vectors import direction_index, export_gguf
 from steerlib.core.loading import load_vectors
 from steerlib.core.vectors import TraitVectors
 
-__all__ = ["export_file"]
+__all__ = ["FORMATS", "export_file"]
+
+FORMATS = ("gguf",)
 
 
 def export_file(
@@ -20,13 +22,16 @@ def export_file(
     coef: float = 1.0,
     kind: str | None = None,
     model_hint: str = "llama",
+    format: str = "gguf",
 ) -> tuple[Path, list[int], list[str]]:
     """Write saved vectors as a llama.cpp control vector; returns the file, the steerlib layers written and the
     tensor names they became (default layers: the recommended one, else every layer llama.cpp can steer).
 
     An output that is the input, its metadata sidecar, or inside the input folder is refused before anything is
     read or written (the write itself goes to a temporary file renamed into place, so a failed export never
-    leaves a damaged file either)."""
+    leaves a damaged file either). ``format`` names the target: ``"gguf"`` (llama.cpp) is the one there is."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; supported: {', '.join(FORMATS)}")
     _refuse_output_over_input(Path(vectors_path), Path(out))
     tv = load_vectors(vectors_path)
     if not isinstance(tv, TraitVectors):

@@ -17,7 +17,7 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -37,6 +37,14 @@ __all__ = [
 ]
 
 TrainMode = Literal["add", "ablate"]
+TRAIN_MODES: tuple[str, ...] = get_args(TrainMode)
+
+
+def check_train_mode(mode: object) -> TrainMode:
+    """``mode`` if training can steer with it: "add" (preventative steering) or "ablate" (CAFT)."""
+    if mode not in TRAIN_MODES:
+        raise ValueError(f"unknown training steering mode {mode!r}; use 'add' or 'ablate'")
+    return mode  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
@@ -60,8 +68,7 @@ def preventative_steering(
         mode: "add" (preventative steering) or "ablate" (CAFT: project the direction out).
         kind: TraitVectors pooling kind.
     """
-    if mode not in ("add", "ablate"):
-        raise ValueError(f"unknown training steering mode {mode!r}; use 'add' or 'ablate'")
+    check_train_mode(mode)
     with steer(unwrap_model(model), vectors, layers=layer, coef=coef, mode=mode, kind=kind) as editor:
         yield editor
 
@@ -89,8 +96,7 @@ class PreventativeSteeringCallback(TrainerCallback):
 
     def __init__(self, vectors: VectorSource | str | Path, layer: int, coef: float = 1.0, *,
                  mode: TrainMode = "add", kind: str | None = None) -> None:
-        if mode not in ("add", "ablate"):
-            raise ValueError(f"unknown training steering mode {mode!r}; use 'add' or 'ablate'")
+        check_train_mode(mode)
         self.vectors, self.layer, self.coef, self.mode, self.kind = vectors, layer, coef, mode, kind
         self._stack: contextlib.ExitStack | None = None
 
