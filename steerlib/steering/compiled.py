@@ -49,7 +49,7 @@ from steerlib.core.compat import cache_keyword, output_cache
 from steerlib.core.hooks import HookHandles
 from steerlib.kernels import prepare_backend, resolve_backend, steer_rows_inline, steer_rows_op
 from steerlib.steering.devices import DevicePlans, layer_devices, plan_tensors
-from steerlib.steering.plan import Add, Edit, lower_ops
+from steerlib.steering.plan import Edit, Support, check_supported, lower_ops
 from steerlib.steering.steer import SteerOp, TraitReadout
 from steerlib.steering.temperature import greedy_if_tiny
 
@@ -96,13 +96,17 @@ class CompiledSteering:
         readout: traits to read out per generated token (``build_readout``), or None.
         prompt_lengths: [B] real (unpadded) prompt length of each row, e.g. ``attention_mask.sum(1)``.
         max_steps: tokens to be generated (size of the read-out buffer).
-        row_coefs: [B, len(ops)] per-row coefficients, or None to use each op's ``coef`` for every row. For an
-            add op the entry replaces ``coef``; for ablate/cap it switches the edit on (1) or off (0) in that row
-            (per-row caps are all or nothing).
+        row_coefs: [B, len(ops)] per-row coefficients, or None to use each op as given for every row. For a
+            method with a strength (``SteeringMethod.strength``: ``add``'s coef) the entry replaces it; for one
+            without (ablate, cap) it switches the edit on (1) or off (0) in that row (all or nothing).
         backend: backend of the fused op inside the custom op ("auto", "torch", "triton", "cuda"), or
             "inline": the same math as plain torch ops in the graph, which the compiler fuses with the block's
             own kernels (cheaper on CPU, where no CUDA graph hides the custom op's Python call).
     """
+
+    # Positions come from ``position_ids`` inside the graph; nothing watches the generated text between steps,
+    # so a marker rule would never fire: refused instead.
+    SUPPORT = Support("the compiled path", markers=False)
 
     def __init__(self, model: nn.Module, ops: Sequence[SteerOp] = (), readout: TraitReadout | None = None, *,
                  prompt_lengths: Tensor, max_steps: int, row_coefs: Tensor | None = None, backend: str = "auto"):
@@ -186,22 +190,23 @@ class CompiledSteering:
         return out
 
     def _row_edits(self, ops: list[SteerOp], row_coefs: Tensor | None) -> list[list[Edit]]:
-        """Each batch row's edits: the ops, with that row's coefficient where ``row_coefs`` gives one."""
+        """Each batch row's edits: the ops, with that row's coefficient as the method's strength where
+        ``row_coefs`` gives one (a method without a strength: 0 off, 1 on)."""
         edits = lower_ops(ops)
+        check_supported(edits, self.SUPPORT)
         if row_coefs is None:
             return [edits] * self.batch
         rows = []
         for b in range(self.batch):
             row = []
-            for i, (op, edit) in enumerate(zip(ops, edits, strict=True)):
+            for i, op in enumerate(ops):
                 c = float(row_coefs[b, i])
-                if isinstance(op.method, Add):
-                    row.append(edit.with_coef(c))
-                elif c == 1.0:
-                    row.append(edit)
-                elif c != 0.0:
-                    raise ValueError(f"row_coefs[{b}, {i}] is {c:g} for a {op.mode!r} op: per-row caps and "
-                                     "ablations are all or nothing (0 or 1)")
+                try:
+                    scaled = op.with_strength(c)
+                except ValueError as exc:
+                    raise ValueError(f"row_coefs[{b}, {i}]: {exc}") from None
+                if c != 0.0 or op.method.strength is not None:
+                    row.append(edits[i] if scaled is op else lower_ops([scaled])[0])
             rows.append(row)
         return rows
 
