@@ -40,8 +40,8 @@ from steerlib.monitoring.drift import DriftMonitor
 from steerlib.steering.calibration import Calibration, Percentile, calibrate, calibrated_cap, calibration_path
 from steerlib.steering.dose import DoseResponse, dose_response
 from steerlib.steering.generation import Generation, generate
-from steerlib.steering.plan import position_rule
-from steerlib.steering.steer import MODES, POSITIONS, When, build_ops, build_readout
+from steerlib.steering.plan import method_named, parse_params, position_rule
+from steerlib.steering.steer import When, build_ops, build_readout
 from steerlib.store.results import exclusive_output
 from steerlib.store.samples import read_samples
 from steerlib.traits.judges import make_judge
@@ -186,8 +186,11 @@ def steer_file(
     when_above: float | None = None,
     when_below: float | None = None,
     latch: bool = False,
+    params: Sequence[str] = (),
 ) -> SteeredAnswers:
     """Steered answers next to unsteered ones, or with ``sweep`` a dose-response over coefficients.
+
+    ``params`` are the method's own parameters as ``NAME=VALUE`` texts (``plan.parse_params``).
 
     With ``cap_percentile`` the steered answers are capped at that percentile of the vectors' calibration
     (``steerlib calibrate``) over ``layers`` (default: ``layer``); ``cap_side="min"`` floors instead.
@@ -201,7 +204,7 @@ def steer_file(
         check_text(p, f"prompt {i}")
     if system is not None:
         check_text(system, "system prompt")
-    check_choice(mode, "steering mode", MODES)
+    method_params = parse_params(mode, params)  # registered methods and position rules check themselves
     position_rule(positions)  # first:N, window:A-B and marker:TEXT too
     check_number(coef, "coef")
     check_int(max_new_tokens, "max_new_tokens")
@@ -270,9 +273,8 @@ def steer_file(
                         f"{' (latched)' if latch else ''}")
     answers: dict[float, list[Generation]] = {}
     for c in (0.0, coef):
-        ops = [] if c == 0 and mode == "add" else build_ops(model, source, layer, c, mode=mode,  # type: ignore[arg-type]
-                                                           positions=positions, cap=cap, relative=relative,  # type: ignore[arg-type]
-                                                           when=when if c == coef else None)
+        ops = [] if c == 0 else build_ops(model, source, layer, c, mode=mode, positions=positions, cap=cap,
+                                          relative=relative, when=when if c == coef else None, params=method_params)
         answers[c] = generate(model, tok, formatted, steering=ops, readout=readout, max_new_tokens=max_new_tokens)
     return SteeredAnswers(layer=layer, coefs=(0.0, coef), answers=answers, labels=labels)
 
@@ -786,8 +788,8 @@ def check_serve(
         check_int(value, what)
     if default_max_tokens > max_tokens_limit:
         raise ValueError(f"--default-max-tokens {default_max_tokens} exceeds --max-tokens-limit {max_tokens_limit}")
-    check_choice(steer_mode, "steering mode", MODES)
-    check_choice(steer_positions, "positions", POSITIONS)
+    method_named(steer_mode)
+    position_rule(steer_positions)
     if not vectors:
         raise ValueError("no trait vectors given (--vector)")
     folder, _ = resolve_model_path(model_path)

@@ -31,7 +31,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from steerlib.steering.plan import Edit
+from steerlib.steering.plan import Edit, Support
 from steerlib.steering.steer import TraitReadout
 
 __all__ = ["Completion", "EngineCapabilities", "EngineError", "EngineFactory", "EngineStopped", "FinishedRequest",
@@ -173,6 +173,8 @@ class EngineCapabilities:
         logprobs: per-token log-probabilities of generated tokens (not offered yet by either engine).
         prompt_logprobs: log-probabilities of the prompt's tokens (``echo``; not offered yet).
         pooled_capture: pooled activations returned with a finished row (not offered yet).
+        steering: which edits the engine applies (markers, gates, latches); the service refuses the rest with
+            ``steerlib.steering.plan.check_supported``'s one message.
     """
 
     name: str
@@ -180,6 +182,7 @@ class EngineCapabilities:
     logprobs: bool = False
     prompt_logprobs: bool = False
     pooled_capture: bool = False
+    steering: Support = Support("the engine")
 
 
 Sink = Callable[[tuple], None]

@@ -65,7 +65,7 @@ from steerlib.serve.contract import (
 from steerlib.serve.detok import Reply
 from steerlib.serve.kv_slots import SlotCache
 from steerlib.steering.devices import DevicePlans, layer_devices
-from steerlib.steering.plan import Edit
+from steerlib.steering.plan import Edit, SteeringNotSupported, Support, check_supported
 from steerlib.steering.steer import TraitReadout
 
 # The contract's values and errors are re-exported: callers of earlier releases import them from here.
@@ -164,7 +164,9 @@ class Engine:
                                        "generated_tokens": 0, "mixed_steps": 0, "steered_row_steps": 0,
                                        "step_seconds": 0.0, "finish_callback_errors": 0}
         self.on_finish: Callable[[FinishedRequest], None] | None = None
-        self.capabilities = EngineCapabilities(name="hf", batch_steps=True)
+        # No marker watch between steps yet: a marker rule would never fire, so it is refused.
+        self.capabilities = EngineCapabilities(name="hf", batch_steps=True,
+                                               steering=Support("the HF engine", markers=False))
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -220,6 +222,10 @@ class Engine:
             raise EngineStopped("the generation worker is not running")
         if self._incoming.qsize() >= self.max_queue:
             raise QueueFull(f"too many queued requests ({self.max_queue}); retry later")
+        try:
+            check_supported(edits, self.capabilities.steering)
+        except SteeringNotSupported as exc:
+            raise UnsupportedSteering(str(exc)) from None
         row = _Row(prompt_ids=list(prompt_ids), edits=list(edits), sampling=sampling, sink=sink, steered=steered)
         with self._stats_lock:
             self._stats["requests"] += 1

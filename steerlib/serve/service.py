@@ -190,7 +190,7 @@ class Service:
                     raise ApiError(400, f"unknown condition vector {spec.when.vector!r}; available: {names}",
                                    param=f"{param}.{i}.when.vector", code="unknown_vector")
                 when = When(cond, spec.when.above, spec.when.below, spec.latch, spec.when.layer)
-            cap = (spec.cap_min, spec.cap_max) if spec.mode == "cap" else None
+            cap = (spec.cap_min, spec.cap_max)
             layers = spec.layers if spec.layers is not None else spec.layer
             try:
                 if spec.cap_percentile is not None:
@@ -201,7 +201,7 @@ class Service:
                                          positions=spec.positions)
                 else:
                     ops = build_ops(self.model, tv, layers, spec.coef, mode=spec.mode, positions=spec.positions,
-                                    cap=cap, relative=spec.relative, when=when)
+                                    cap=cap, relative=spec.relative, when=when, params=spec.params)
             except ValueError as exc:
                 raise ApiError(400, f"{param}[{i}]: {exc}", param=f"{param}.{i}") from exc
             for op in ops:
@@ -210,6 +210,7 @@ class Service:
                                    param=f"{param}.{i}.coef")
             # Rows share a table entry by the row's content, so a vector reloaded under the same name never
             # reuses the old one's entry.
+            # (What the engine cannot apply, it refuses at submit: one 400 on every engine.)
             edits.extend(lower_ops(ops))
         return edits
 

@@ -47,7 +47,7 @@ from steerlib.steering.plan import Edit
 from steerlib.steering.steer import TraitReadout
 from steerlib.vllm.layout import VllmOptions, bound_cores, start_config
 from steerlib.vllm.slots import SlotsExhausted, store_of
-from steerlib.vllm.spec import SPEC_KEY, UnsupportedOnVllm, cache_salt, encode_rows
+from steerlib.vllm.spec import SPEC_KEY, SUPPORT, UnsupportedOnVllm, cache_salt, encode_rows
 
 __all__ = ["VllmEngine", "engine_args", "merge_readouts"]
 
@@ -121,7 +121,7 @@ class VllmEngine:
         self.dtype = args.get("dtype", "auto")
         self._store = store_of(args.get("additional_config"))  # rows go there once; requests carry their keys
         self.on_finish: Callable[[FinishedRequest], None] | None = None
-        self.capabilities = EngineCapabilities(name="vllm", batch_steps=False)
+        self.capabilities = EngineCapabilities(name="vllm", batch_steps=False, steering=SUPPORT)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._llm: Any = None

@@ -208,6 +208,36 @@ def register_method(cls: type[SteeringMethod]) -> type[SteeringMethod]:
     return cls
 
 
+def parse_params(mode: str, texts: Iterable[str]) -> dict[str, Any]:
+    """``NAME=VALUE`` texts (``--param value=2.5``) as method ``mode``'s parameters, each read as its declared
+    type (``true``/``false`` for bool, ``none`` for an optional one); one-line error otherwise."""
+    declared = method_named(mode).parameters()
+    out: dict[str, Any] = {}
+    for text in texts:
+        name, eq, raw = str(text).partition("=")
+        name = name.strip()
+        if not eq or not name:
+            raise ValueError(f"parameter {text!r}: expected NAME=VALUE")
+        if name not in declared:
+            raise ValueError(f"method {mode!r} has no parameter {name!r}; its parameters: "
+                             f"{', '.join(declared) or 'none'}")
+        p = declared[name]
+        value: Any = raw.strip()
+        try:
+            if p.optional and value.lower() in ("none", "null"):
+                value = None
+            elif p.type is bool:
+                if value.lower() not in ("true", "false"):
+                    raise ValueError("expected true or false")
+                value = value.lower() == "true"
+            elif p.type in (int, float):
+                value = p.type(value)
+        except ValueError as exc:
+            raise ValueError(f"parameter {text!r}: {exc}") from None
+        out[name] = p.check(value, mode)
+    return out
+
+
 def method_named(mode: str) -> type[SteeringMethod]:
     """The registered method class called ``mode`` (one-line error naming the registered ones)."""
     if not isinstance(mode, str) or mode not in METHODS:
@@ -480,6 +510,21 @@ def position_rule(positions: str | PositionRule) -> PositionRule:
         raise ValueError(f"positions {positions!r}: {exc}") from None
 
 
+def build_method(mode: str, coef: float = 1.0, cap_min: float | None = None, cap_max: float | None = None,
+                 params: Mapping[str, Any] | None = None) -> SteeringMethod:
+    """The method ``mode`` from the generic fields every front end carries and the method's own ``params``:
+    ``coef`` sets its strength, ``cap_min``/``cap_max`` the parameters of those names, ``params`` override
+    both (the one place ``SteerOp``, the HTTP schema and the CLI turn their fields into a method)."""
+    cls = method_named(mode)
+    declared = cls.parameters()
+    values: dict[str, Any] = {}
+    if cls.strength is not None:
+        values[cls.strength] = float(coef)
+    values.update({k: v for k, v in (("cap_min", cap_min), ("cap_max", cap_max)) if k in declared and v is not None})
+    values.update(params or {})
+    return cls.from_params(values)
+
+
 @dataclass(frozen=True)
 class SteerOp:
     """One edit at one layer: the user-facing steering spec.
@@ -511,7 +556,7 @@ class SteerOp:
     params: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
-        cls = method_named(self.mode)
+        method_named(self.mode)
         position_rule(self.positions)
         check_number(self.coef, f"steering coefficient at layer {self.layer}")
         for name in ("cap_min", "cap_max"):
@@ -521,15 +566,9 @@ class SteerOp:
             raise ValueError(f"params must be a mapping of parameter names to values, got {self.params!r}")
         object.__setattr__(self, "params", dict(self.params))
         check_vector(self.vector, name=f"steering vector at layer {self.layer}")
-        declared = cls.parameters()
-        values: dict[str, Any] = {}
-        if cls.strength is not None:
-            values[cls.strength] = float(self.coef)
-        values.update({k: getattr(self, k) for k in ("cap_min", "cap_max") if k in declared and getattr(self, k)
-                       is not None})
-        values.update(self.params)
         # Built now, so a missing or mistyped parameter fails at construction, in one line.
-        object.__setattr__(self, "_method", cls.from_params(values))
+        object.__setattr__(self, "_method", build_method(self.mode, self.coef, self.cap_min, self.cap_max,
+                                                         self.params))
         object.__setattr__(self, "vector", self.vector.detach().clone())
         if self.when is not None:
             if not isinstance(self.when, Condition):
@@ -642,7 +681,7 @@ _NEEDS_WORDS = {"markers": "marker positions", "gates": "conditions (when)", "la
                 "add": "added vectors", "cap": "projection caps"}
 
 
-class UnsupportedSteering(ValueError):
+class SteeringNotSupported(ValueError):
     """Steering a consumer cannot apply (``check_supported``): raised before any work starts."""
 
 
@@ -674,12 +713,12 @@ def check_supported(edits: Iterable[Edit], support: Support) -> None:
     """Refuse, before any work, an edit ``support``'s consumer cannot apply (the same message on every path).
 
     Raises:
-        UnsupportedSteering: ``"<where> cannot apply marker positions (edit 2 at layer 16: 'marker:</think>')"``.
+        SteeringNotSupported: ``"<where> cannot apply marker positions (edit 2 at layer 16: 'marker:</think>')"``.
     """
     for i, e in enumerate(edits):
         missing = sorted(n for n in e.needs() if not support.has(n))
         if missing:
-            raise UnsupportedSteering(f"{support.where} cannot apply {_NEEDS_WORDS.get(missing[0], missing[0])} "
+            raise SteeringNotSupported(f"{support.where} cannot apply {_NEEDS_WORDS.get(missing[0], missing[0])} "
                                       f"(edit {i} at layer {e.layer}: positions {e.rule.spec()!r})")
 
 
