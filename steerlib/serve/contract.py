@@ -206,7 +206,7 @@ class ServingEngine(Protocol):
     ``stats()["finish_callback_errors"]``, never passed to the client.
     """
 
-    monitor_layer: int | None
+    readout_layer: int | None  # the layer of the trait read-out (None: no read-out)
     eos_ids: set[int]
     dtype: Any
     readout: TraitReadout | None

@@ -149,7 +149,7 @@ class Service:
                            eos_ids=eos_ids(model, tokenizer))
         self.conversations = ConversationLog(options.conversations, options.conversation_turns)
         self.metrics = ServerMetrics(
-            model_name=options.model_name, version=__version__, traits=self.monitored, layer=self.engine.monitor_layer,
+            model_name=options.model_name, version=__version__, traits=self.monitored, layer=self.engine.readout_layer,
             engine_stats=self.engine.stats, drift_state=self.drift_state, conversations=self.conversations,
             conversation_series=options.metrics_conversations,
             **({"buckets": options.metrics_buckets} if options.metrics_buckets is not None else {}),
@@ -346,7 +346,7 @@ class Service:
             self.metrics.observe_turn(turn, turn_bucket(turn.turn))
 
     def monitor_snapshot(self, last: int = 200, last_alerts: int = 50) -> dict[str, Any]:
-        out: dict[str, Any] = {"traits": list(self.monitored), "layer": self.engine.monitor_layer, "history": [],
+        out: dict[str, Any] = {"traits": list(self.monitored), "layer": self.engine.readout_layer, "history": [],
                                "alerts": [], "server": self.engine.stats()}
         if self.drift is not None:
             with self._drift_lock:

@@ -114,7 +114,7 @@ class VllmEngine:
         self.ignore_eos = ignore_eos
         self.tokenizer = tokenizer
         self.readout = readout
-        self.monitor_layer = readout.layers[0] if readout is not None else None
+        self.readout_layer = readout.layers[0] if readout is not None else None
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.eos_ids = set(eos_ids or ())
@@ -172,8 +172,8 @@ class VllmEngine:
         with bound_cores(config.parallel_config.world_size):  # vLLM's processes are spawned in here
             self._llm = AsyncLLM.from_vllm_config(config)
         if self.readout is not None:
-            dirs = self.readout.directions[self.monitor_layer].float().tolist()
-            await self._llm.collective_rpc("steerlib_configure_readout", args=(self.monitor_layer, dirs))
+            dirs = self.readout.directions[self.readout_layer].float().tolist()
+            await self._llm.collective_rpc("steerlib_configure_readout", args=(self.readout_layer, dirs))
         self._readout_wakeup = asyncio.Event()
         asyncio.get_running_loop().create_task(self._readout_pump())
 
@@ -385,7 +385,7 @@ class VllmEngine:
         first = state.first_token
         c = Completion(text=reply.text, completion_tokens=len(reply.tokens), prompt_tokens=len(row.prompt_ids),
                        finish_reason=public_finish(reply.finish), trait_projections=reply.summaries(names,
-                                                                                                self.monitor_layer),
+                                                                                                self.readout_layer),
                        steps=[[0, 0]] * len(reply.tokens), queue_ms=0.0,
                        ttft_ms=round((first - row.enqueued) * 1000, 2) if first else None)
         with self._lock:

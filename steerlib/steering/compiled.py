@@ -46,8 +46,8 @@ from torch import Tensor, nn
 
 from steerlib.core.arch import Layout, get_layout
 from steerlib.core.compat import cache_keyword, output_cache
-from steerlib.core.hooks import HookHandles
-from steerlib.kernels import prepare_backend, resolve_backend, steer_rows_inline, steer_rows_op
+from steerlib.core.hooks import HookHandles, hook_residual
+from steerlib.kernels import prepare_backend, resolve_backend
 from steerlib.steering.devices import DevicePlans, layer_devices, plan_tensors
 from steerlib.steering.plan import Edit, Support, check_supported, lower_ops
 from steerlib.steering.steer import SteerOp, TraitReadout
@@ -214,15 +214,14 @@ class CompiledSteering:
         # Everything the hook reads lives on its layer's device and was marked static in __init__.
         device = self.layer_devices[layer]
         plan = self.plans.plans[device]
-        state = plan.layers.get(layer)
+        steered = layer in plan.layers
         readout_dirs = self._readout_dirs.get(layer)
         readout_index = self._readout_index.get(layer, 0)
         prompt_lengths, rows, buffer = self._prompt_lengths[device], self._batch_rows[device], self.buffers.get(device)
         max_steps, backend, batch = self.max_steps, self.backend, self.batch
 
-        def hook(_module: nn.Module, _args: tuple, kwargs: dict, output: object):
-            hidden = output[0] if isinstance(output, tuple) else output
-            b, t, width = hidden.shape
+        def edit(flat: Tensor, shape: tuple[int, int], kwargs: dict) -> Tensor | None:
+            b, t = shape
             if b != batch:
                 raise RuntimeError(f"CompiledSteering was installed for batch {batch} but layer {layer} saw "
                                    f"batch {b}")
@@ -232,40 +231,15 @@ class CompiledSteering:
                                    "response tokens cannot be told apart from tensors; this model's decoder does "
                                    "not pass them to its blocks (use steerlib.steering.steer for it)")
             positions = position_ids.expand(b, t)
-            flat = hidden.reshape(b * t, width)
-            proj = None
-            if state is not None:
-                args = plan.token_args(rows[:, None].expand(b, t).reshape(-1), positions.reshape(-1), state.slots)
-                for j in range(len(state.slots)):
-                    last = j == len(state.slots) - 1
-                    coef = args["coef"][j] if state.adds[j] else None
-                    lo, hi = (args["lo"][j], args["hi"][j]) if state.caps[j] else (None, None)
-                    mon = readout_dirs if last else None
-                    index = args["index"][j]
-                    if state.gates[j]:
-                        # The gate as plain torch ops in the graph (the same rule as the fused op's gate), so the
-                        # functional op keeps its signature; a closed token becomes an unedited one.
-                        gi = args["gindex"][j]
-                        g = (flat.float() @ state.gate_table.T).gather(1, gi.clamp_min(0)[:, None]).squeeze(1)
-                        is_open = (gi < 0) | ((g >= args["glo"][j]) & (g <= args["ghi"][j]))
-                        index = torch.where(is_open, index, 0)
-                        if plan.latching(state.slots[j]):
-                            plan.latch(state.slots[j], rows[:, None].expand(b, t).reshape(-1), is_open & (gi >= 0))
-                    if backend == "inline":
-                        flat, proj = steer_rows_inline(flat, state.table, index, coef, lo, hi, mon)
-                    else:
-                        flat, proj = steer_rows_op(flat, state.table, index, coef, lo, hi, mon, backend)
+            # The plan's edit, as for every other path: token arguments, gates and latches inside the graph.
+            flat, proj = plan.apply_traced(layer, flat, rows[:, None].expand(b, t).reshape(-1), positions.reshape(-1),
+                                           readout_dirs, backend)
             if readout_dirs is not None:
-                if proj is None:  # nothing steered at this layer: read out only
-                    proj = flat.float() @ readout_dirs.T
                 step_index = (positions[:, -1] - prompt_lengths + 1).clamp(0, max_steps)  # [B]
                 buffer.select(2, readout_index).index_put_((step_index, rows), proj.view(b, t, -1)[:, -1])
-            if state is None:
-                return None
-            new_hidden = flat.view(b, t, width)
-            return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
+            return flat if steered else None
 
-        return hook
+        return edit
 
     def projections(self, steps: int | None = None) -> Tensor:
         """The read-out of the first ``steps`` generated tokens: [B, steps, n_readout_layers, K] float32 on CPU.
@@ -294,8 +268,7 @@ class CompiledSteering:
         layers = sorted(set(self.plans.layers) | set(self._readout_dirs))
         with self._handles.registering() as handles:
             for layer in layers:
-                block = self.layout.blocks[layer - 1]
-                handles.add(block.register_forward_hook(self._make_hook(layer), with_kwargs=True))
+                handles.add(hook_residual(self.layout, layer, self._make_hook(layer)))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -76,7 +76,7 @@ from torch import Tensor
 
 from steerlib.core.checks import check_number
 from steerlib.core.vectors import check_vector
-from steerlib.kernels import fused_steer_rows, resolve_backend, steer_rows_
+from steerlib.kernels import fused_steer_rows, resolve_backend, steer_rows_, steer_rows_inline, steer_rows_op
 
 INF = math.inf
 # The end of an open interval, as an int64 (positions are compared as integers on the device).
@@ -1303,6 +1303,45 @@ class SteeringPlan:
                 **self._gate_args(state, j, s, n))
             self._after_gate(state, j, s, n)
         return hidden, proj
+
+    def apply_traced(self, layer: int, hidden: Tensor, row_of_token: Tensor, position: Tensor,
+                     readout: Tensor | None = None, backend: str = "auto") -> tuple[Tensor, Tensor | None]:
+        """The edit at ``layer`` as a traceable function of the pass's tensors (the compiled path's form).
+
+        The per-token arguments come from ``token_args`` inside the graph, each slot runs the functional op
+        (``backend="inline"``: the same math as plain torch ops for the compiler to fuse), gates included, and
+        latching gates are recorded on the device. No host read, no allocation the graph does not own.
+
+        Args:
+            hidden: [N, D] the flattened block output.
+            row_of_token: [N] int64 plan row of each token.
+            position: [N] int64 absolute position of each token.
+            readout: [K, D] fp32 read-out directions, or None.
+
+        Returns:
+            ``(new hidden [N, D], read-out [N, K] fp32 or None)``.
+        """
+        state = self.layers.get(layer)
+        if state is None:
+            return hidden, (hidden.float() @ readout.T if readout is not None else None)
+        args = self.token_args(row_of_token, position, state.slots)
+        proj = None
+        for j, s in enumerate(state.slots):
+            last = j == len(state.slots) - 1
+            coef = args["coef"][j] if state.adds[j] else None
+            lo, hi = (args["lo"][j], args["hi"][j]) if state.caps[j] else (None, None)
+            gate = ({"gate_dir": state.gate_table, "gate_index": args["gindex"][j], "gate_lo": args["glo"][j],
+                     "gate_hi": args["ghi"][j]} if state.gates[j] else {})
+            mon = readout if last else None
+            if backend == "inline":
+                hidden, proj, opened = steer_rows_inline(hidden, state.table, args["index"][j], coef, lo, hi, mon,
+                                                         **gate)
+            else:
+                hidden, proj, opened = steer_rows_op(hidden, state.table, args["index"][j], coef, lo, hi, mon,
+                                                     backend, **gate)
+            if state.gates[j] and self._slot_latch[s]:
+                self.latch(s, row_of_token, opened & (args["gindex"][j] >= 0))
+        return hidden, proj if readout is not None else None
 
     def _proj_buffer(self, layer: int, readout: Tensor, n: int) -> Tensor:
         buf = self._proj.get(layer)

@@ -27,7 +27,7 @@ from transformers import StoppingCriteria
 from steerlib.core.arch import Layout, get_layout
 from steerlib.core.checks import check_choice, check_number
 from steerlib.core.compat import find_cache, past_length
-from steerlib.core.hooks import HookHandles
+from steerlib.core.hooks import HookHandles, hook_residual
 from steerlib.core.loading import load_vectors, pick_layer, resolve_vector
 from steerlib.core.renamed import renamed_getattr
 from steerlib.core.vectors import TraitVectors, VectorSource, check_vector
@@ -238,25 +238,19 @@ class ResidualEditor:
         readout_dirs = self._readout_dirs.get(layer)
         plan = self.plan
 
-        def hook(_module: nn.Module, _args: tuple, output: object):
-            hidden = output[0] if isinstance(output, tuple) else output
-            batch, seq, width = hidden.shape
-            flat = hidden.reshape(batch * seq, width)
+        def edit(flat: Tensor, shape: tuple[int, int], _kwargs: dict) -> Tensor | None:
             # In-place edits would corrupt autograd's saved tensors during training.
-            functional = (torch.is_grad_enabled() and hidden.requires_grad) or not flat.is_contiguous()
+            functional = torch.is_grad_enabled() and flat.requires_grad
             if functional:
                 flat, projections = plan.apply_functional(layer, flat, readout_dirs)
             else:
                 projections = plan.apply(layer, flat, readout_dirs)
             if readout_dirs is not None:
                 # The plan reuses its read-out buffer on the next pass: keep a copy.
-                self.readout.records[layer].append(projections.detach().view(batch, seq, -1).clone())
-            if not functional:
-                return None
-            new_hidden = flat.view(batch, seq, width)
-            return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
+                self.readout.records[layer].append(projections.detach().view(*shape, -1).clone())
+            return flat if functional else None
 
-        return hook
+        return edit
 
     def __enter__(self) -> ResidualEditor:
         if self.readout is not None:
@@ -265,7 +259,7 @@ class ResidualEditor:
         with self._handles.registering() as handles:
             handles.add(self.layout.body.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             for layer in layers:
-                handles.add(self.layout.blocks[layer - 1].register_forward_hook(self._make_hook(layer)))
+                handles.add(hook_residual(self.layout, layer, self._make_hook(layer)))
         return self
 
     def __exit__(self, *exc) -> None:
