@@ -109,3 +109,22 @@ def test_the_compiled_path_gates_and_latches_through_the_plan_like_the_eager_edi
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(plain, eager, atol=1e-4)
     assert latched == [{0}]  # the gate opened at some token: latched for the row's later passes
+
+
+def test_the_readout_plan_states_the_pairing_once():
+    from steerlib.steering.generation import Generation
+    from steerlib.steering.readout import needs_closing, paired_position, response_values, summarize, value_index
+
+    assert [paired_position(5, j) for j in range(3)] == [4, 5, 6]
+    assert value_index(torch.tensor([4, 5, 6]), torch.tensor(5)).tolist() == [0, 1, 2]
+    assert needs_closing(ended_with_eos=False, reading_out=True) and not needs_closing(True, True)
+    assert not needs_closing(False, False)
+    values = [0.5, 1.0, 3.0]
+    assert response_values(values, 2.0) == [1.0, 3.0, 2.0] and response_values(values[:1]) == []
+    assert summarize([*values, 2.0], 7) == {"mean": 2.0, "max": 3.0, "prompt_last": 0.5, "layer": 7, "n_tokens": 3}
+    gen = Generation("p", "t", [1, 2], torch.tensor(values)[:, None, None], ("x",), (7,), torch.tensor([[2.0]]))
+    assert gen.response_projections().tolist() == [1.0, 3.0, 2.0]
+    assert gen.mean_projection() == summarize([*values, 2.0], 7)["mean"]
+    assert gen.prompt_last_projection() == 0.5
+    only_prompt = Generation("p", "", [], torch.tensor([[[0.5]]]), ("x",), (7,))
+    assert only_prompt.response_projections().shape == (0,)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from steerlib.steering.plan import Edit, Support
+from steerlib.steering.readout import summarize
 from steerlib.steering.steer import TraitReadout
 
 __all__ = ["Completion", "EngineCapabilities", "EngineError", "EngineFactory", "EngineStopped", "FinishedRequest",
@@ -102,10 +103,7 @@ def summarize_projections(values: Sequence[float], layer: int | None) -> dict[st
     """One trait's summary of a response (every engine reports it so): ``mean`` and ``max`` over the response
     tokens' own read-outs, ``prompt_last`` at the last prompt token. ``values[0]`` is read at the last prompt token
     and ``values[j]`` (j >= 1) at response token ``j - 1`` (the engine's closing pass supplies the last one)."""
-    response = list(values[1:])
-    return {"mean": sum(response) / len(response) if response else None,
-            "max": max(response) if response else None,
-            "prompt_last": values[0] if values else None, "layer": layer, "n_tokens": len(response)}
+    return summarize(values, layer)  # the pairing and the summary are stated once, in steering.readout
 
 
 @dataclass(frozen=True)

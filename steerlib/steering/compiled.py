@@ -50,6 +50,7 @@ from steerlib.core.hooks import HookHandles, hook_residual
 from steerlib.kernels import prepare_backend, resolve_backend
 from steerlib.steering.devices import DevicePlans, layer_devices, plan_tensors
 from steerlib.steering.plan import Edit, Support, check_supported, lower_ops
+from steerlib.steering.readout import value_index
 from steerlib.steering.steer import SteerOp, TraitReadout
 from steerlib.steering.temperature import greedy_if_tiny
 
@@ -235,7 +236,7 @@ class CompiledSteering:
             flat, proj = plan.apply_traced(layer, flat, rows[:, None].expand(b, t).reshape(-1), positions.reshape(-1),
                                            readout_dirs, backend)
             if readout_dirs is not None:
-                step_index = (positions[:, -1] - prompt_lengths + 1).clamp(0, max_steps)  # [B]
+                step_index = value_index(positions[:, -1], prompt_lengths).clamp(0, max_steps)  # [B]
                 buffer.select(2, readout_index).index_put_((step_index, rows), proj.view(b, t, -1)[:, -1])
             return flat if steered else None
 
