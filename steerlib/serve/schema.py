@@ -102,10 +102,21 @@ class SteeringSpec(BaseModel):
     when: WhenSpec | None = Field(None, description="steer only where this condition holds")
     latch: bool = Field(False, description="with 'when': once open for a response, stay open for the rest of it")
 
+    @field_validator("mode")
+    @classmethod
+    def _registered_method(cls, mode: str) -> str:
+        method_named(mode)  # the registry decides which methods exist
+        return mode
+
+    @field_validator("positions")
+    @classmethod
+    def _registered_rule(cls, positions: str) -> str:
+        position_rule(positions)  # the registered rule named by the prefix parses the rest
+        return positions
+
     @model_validator(mode="after")
     def _bounds_in_order(self) -> SteeringSpec:
-        # The method and the rule check themselves (their registries decide what exists).
-        position_rule(self.positions)
+        # The method checks its own parameters (names, types, values).
         method = method_named(self.mode)
         if self.cap_percentile is None:
             build_method(self.mode, self.coef, self.cap_min, self.cap_max, self.params)
