@@ -40,7 +40,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "steerlib.steering.generation": ("Generation", "generate", "stream"),
     "steerlib.steering.plan": ("Condition", "FirstGenerated", "FromMarker", "GeneratedWindow", "Lowered",
                                "PositionRule", "SteeringMethod", "SteeringNotSupported", "Support", "register_method",
-                               "register_positions", "unit"),
+                               "position_rule", "register_positions", "unit"),
     "steerlib.steering.steer": ("ResidualEditor", "SteerOp", "TraitReadout", "When", "build_ops", "build_readout",
                                 "read_out", "steer"),
     "steerlib.extraction.extract": ("ExtractionConfig", "ExtractionResult", "extract_trait"),

@@ -226,3 +226,29 @@ def test_the_server_steers_with_the_toys_and_refuses_alike(embedded, optimism_ve
         assert (marker.status_code, error["param"], error["code"]) == (400, "steering", "unsupported_steering")
         assert error["message"] == ("the HF engine cannot apply marker positions (edit 0 at layer 10: positions "
                                     "'marker:</think>')")
+
+
+def test_steer_takes_ops_under_the_thread_guard_and_refuses_vector_arguments_with_them(make_tiny):
+    import threading
+
+    from steerlib.steering.thread_guard import ForeignThreadForward
+
+    model = make_tiny("llama")
+    op = SteerOp(LAYER, torch.ones(model.config.hidden_size), "nudge", coef=STEP)
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            with torch.no_grad():
+                model(torch.tensor([[1, 2]]))
+        except BaseException as exc:  # noqa: BLE001 -- the test inspects what the thread raised
+            errors.append(exc)
+
+    with steer(model, [op]):
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert len(errors) == 1 and isinstance(errors[0], ForeignThreadForward)
+    with pytest.raises(ValueError, match=r"^steer\(\) got ops and 'coef': ops carry their own layers"):
+        with steer(model, op, coef=2.0):
+            pass
