@@ -113,7 +113,13 @@ def test_the_compiled_path_gates_and_latches_through_the_plan_like_the_eager_edi
 
 def test_the_readout_plan_states_the_pairing_once():
     from steerlib.steering.generation import Generation
-    from steerlib.steering.readout import needs_closing, paired_position, response_values, summarize, value_index
+    from steerlib.steering.readout import (
+        needs_closing,
+        paired_position,
+        response_values,
+        summarize,
+        value_index,
+    )
 
     assert [paired_position(5, j) for j in range(3)] == [4, 5, 6]
     assert value_index(torch.tensor([4, 5, 6]), torch.tensor(5)).tolist() == [0, 1, 2]
