@@ -1,9 +1,10 @@
 """Steering the residual stream during any forward pass, with per-token trait read-out.
 
-``steer(model, vectors, layers, coef)`` is a context manager: inside it every forward pass (``model(...)``,
-``model.generate``, a training step) adds ``coef * v`` at the chosen layers, ablates ``v``, or caps the
-projection on ``v``. The edit and the trait read-out happen in one fused op
-(``steerlib.kernels.fused_steer_project``: Triton/CUDA on GPU, torch on CPU).
+``steer(model, vectors, layers, coef)`` (or ``steer(model, ops)``) is a context manager: inside it every forward
+pass (``model(...)``, ``model.generate``, a training step) is edited by a registered method at the chosen layers
+(add ``coef * v``, ablate ``v``, cap the projection on ``v``, or one of ``register_method``). The edit and the
+trait read-out happen in the one per-row op (``steerlib.kernels``: Triton/CUDA on GPU, torch on CPU), through
+the steering plan and the one residual hook point (``steerlib.core.hooks.hook_residual``).
 
 Positions are absolute: a forward pass that starts with an empty KV cache is the prefill and its tokens
 are the prompt; tokens fed later (decoding with a cache) are the response. So ``positions="response"``
