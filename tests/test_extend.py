@@ -252,3 +252,27 @@ def test_steer_takes_ops_under_the_thread_guard_and_refuses_vector_arguments_wit
     with pytest.raises(ValueError, match=r"^steer\(\) got ops and 'coef': ops carry their own layers"):
         with steer(model, op, coef=2.0):
             pass
+
+
+def test_a_method_is_checked_once_when_it_registers():
+    class NotFrozen(SteeringMethod):
+        name: ClassVar[str] = "not-frozen"
+
+        def lower(self, vector):
+            return Lowered(vector)
+
+    with pytest.raises(ValueError, match=r"^NotFrozen must be a frozen dataclass"):
+        register_method(NotFrozen)
+
+    @dataclass(frozen=True)
+    class BadStrength(SteeringMethod):
+        name: ClassVar[str] = "bad-strength"
+        strength: ClassVar[str | None] = "level"
+        scale: float = 1.0
+
+        def lower(self, vector):
+            return Lowered(vector, self.scale)
+
+    with pytest.raises(ValueError, match=r"^method 'bad-strength': strength 'level' must name one of its float"):
+        register_method(BadStrength)
+    assert "not-frozen" not in METHODS and "bad-strength" not in METHODS

@@ -68,7 +68,7 @@ import math
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -198,6 +198,8 @@ def register_method(cls: type[SteeringMethod]) -> type[SteeringMethod]:
     vLLM). Its parameters and features are checked here, once."""
     if not getattr(cls, "name", None) or not isinstance(cls.name, str):
         raise ValueError(f"{cls.__name__} needs a class attribute name")
+    if not is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+        raise ValueError(f"{cls.__name__} must be a frozen dataclass (its fields are the method's parameters)")
     params = cls.parameters()
     if cls.strength is not None and (cls.strength not in params or params[cls.strength].type is not float):
         raise ValueError(f"method {cls.name!r}: strength {cls.strength!r} must name one of its float parameters")
