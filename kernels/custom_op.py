@@ -87,28 +87,47 @@ def _steer_rows_inplace_fake(hidden, table, index, coef, cap_min, cap_max, reado
 @torch.library.custom_op(f"{LIB}::steer_rows", mutates_args=())
 def steer_rows(hidden: torch.Tensor, table: torch.Tensor, index: torch.Tensor, coef: torch.Tensor | None,
                cap_min: torch.Tensor | None, cap_max: torch.Tensor | None, readout: torch.Tensor | None,
-               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The functional form of ``steer_rows_``: returns ``(new hidden [N, D], projections [N, K])``, K = 0
-    without a read-out. Same arguments, less ``proj_out``."""
-    out, proj = _run(hidden, table, index, coef, cap_min, cap_max, readout, backend, inplace=False)
+               backend: str, gate_dir: torch.Tensor | None = None, gate_index: torch.Tensor | None = None,
+               gate_lo: torch.Tensor | None = None,
+               gate_hi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The functional form of ``steer_rows_``: returns ``(new hidden [N, D], projections [N, K], open [N] bool)``,
+    K = 0 without a read-out, ``open`` all True without gates. Same arguments, less the output buffers."""
+    n = hidden.shape[0]
+    opened = torch.ones(n, dtype=torch.bool, device=hidden.device)
+    out, proj = _run(hidden, table, index, coef, cap_min, cap_max, readout, backend, inplace=False,
+                     gate_dir=gate_dir, gate_index=gate_index, gate_lo=gate_lo, gate_hi=gate_hi,
+                     gate_out=opened if gate_dir is not None else None)
     if out is hidden:  # outputs of a functional op must not alias its inputs
         out = hidden.clone()
     if proj is None:
-        proj = hidden.new_empty((hidden.shape[0], 0), dtype=torch.float32)
-    return out, proj
+        proj = hidden.new_empty((n, 0), dtype=torch.float32)
+    return out, proj, opened
 
 
 @steer_rows.register_fake
-def _steer_rows_fake(hidden, table, index, coef, cap_min, cap_max, readout, backend):
+def _steer_rows_fake(hidden, table, index, coef, cap_min, cap_max, readout, backend, gate_dir=None, gate_index=None,
+                     gate_lo=None, gate_hi=None):
     k = 0 if readout is None else readout.shape[0]
-    return torch.empty_like(hidden), hidden.new_empty((hidden.shape[0], k), dtype=torch.float32)
+    n = hidden.shape[0]
+    return (torch.empty_like(hidden), hidden.new_empty((n, k), dtype=torch.float32),
+            hidden.new_empty((n,), dtype=torch.bool))
 
 
 def steer_rows_inline(hidden: torch.Tensor, table: torch.Tensor, index: torch.Tensor, coef: torch.Tensor | None,
-                      cap_min: torch.Tensor | None, cap_max: torch.Tensor | None,
-                      readout: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The per-row math in plain functional torch ops (see ``rows.py``); projections None without a read-out."""
+                      cap_min: torch.Tensor | None, cap_max: torch.Tensor | None, readout: torch.Tensor | None,
+                      gate_dir: torch.Tensor | None = None, gate_index: torch.Tensor | None = None,
+                      gate_lo: torch.Tensor | None = None, gate_hi: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The per-row math in plain functional torch ops (see ``rows.py``), gate included: ``(new hidden,
+    projections or None without a read-out, open [N] bool)``."""
     h = hidden.float()
+    if gate_dir is not None and gate_index is not None:
+        # The gate reads the state entering the edit; a closed row is treated as index -1 (unedited).
+        g = (h @ gate_dir.T).gather(1, gate_index.clamp_min(0)[:, None]).squeeze(1)
+        opened = (gate_index < 0) | ((g >= gate_lo) & (g <= gate_hi))
+        index = torch.where(opened, index, -1)
+    else:
+        opened = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
     t = table[index.clamp_min(0)] * (index >= 0)[:, None]
     if coef is not None:
         h = h + coef[:, None] * t
@@ -121,4 +140,4 @@ def steer_rows_inline(hidden: torch.Tensor, table: torch.Tensor, index: torch.Te
             clamped = torch.minimum(clamped, cap_max)
         h = h + (clamped - p)[:, None] * t
     proj = h @ readout.T if readout is not None else None
-    return h.to(hidden.dtype), proj
+    return h.to(hidden.dtype), proj, opened

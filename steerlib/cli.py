@@ -85,9 +85,11 @@ def steer(
     prompt: Annotated[list[str], typer.Option(help="user message (repeatable)")],
     layer: Annotated[int | None, typer.Option(help="layer to steer (default: the vectors' recommended layer)")] = None,
     coef: float = 4.0,
-    mode: Annotated[str, typer.Option(help="add | ablate | cap")] = "add",
+    mode: Annotated[str, typer.Option(help="a registered steering method: add | ablate | cap | ...")] = "add",
     positions: Annotated[str, typer.Option(
-        help="all | prompt | response | first:N | window:A-B | marker:TEXT")] = "all",
+        help="a position rule: all | prompt | response | first:N | window:A-B | marker:TEXT | ...")] = "all",
+    param: Annotated[list[str] | None, typer.Option(
+        help="a parameter of the method, NAME=VALUE (repeatable; --coef sets its strength)")] = None,
     relative: Annotated[bool, typer.Option(help="coef as a fraction of the typical residual norm")] = False,
     cap_min: float | None = None,
     cap_max: float | None = None,
@@ -112,7 +114,8 @@ def steer(
     from steerlib.commands.steer import steer_file
 
     result = steer_file(vector, prompt, model_path=model, layer=layer, coef=coef, mode=mode, positions=positions,
-                        relative=relative, cap=(cap_min, cap_max) if mode == "cap" else None,
+                        relative=relative, cap=(cap_min, cap_max) if cap_min is not None or cap_max is not None else None,
+                        params=param or (),
                         sweep=_floats(sweep) if sweep is not None else None, system=system, max_new_tokens=max_new_tokens,
                         plot=plot, cap_percentile=cap_percentile, cap_side=cap_side,
                         layers=_layer_list(layers) if layers is not None else None, when_vector=when_vector,
@@ -121,8 +124,7 @@ def steer(
         typer.echo(result.dose.format())
         return
     for c, outs in result.answers.items():
-        label = result.labels.get(c) or ("unsteered" if c == 0 and mode == "add"
-                                          else f"{mode} coef={c:g} layer={result.layer}")
+        label = result.labels.get(c) or ("unsteered" if c == 0 else f"{mode} coef={c:g} layer={result.layer}")
         for p, g in zip(prompt, outs, strict=True):
             typer.echo(f"--- {label} | {p}\n{g.text}\n(mean projection {g.mean_projection():.2f})")
 

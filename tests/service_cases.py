@@ -128,7 +128,7 @@ def answered_or_refused_alike(served: Served, reply: httpx.Response, check: Call
     error = reply.json()["error"]
     assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "steering",
                                                               "unsupported_steering"), what
-    assert f"not supported on the {served.engine} engine" in error["message"].lower(), error["message"]
+    assert f"the {served.engine} engine cannot apply" in error["message"].lower(), error["message"]
     return False
 
 

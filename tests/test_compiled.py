@@ -40,16 +40,17 @@ def test_custom_op_matches_fused_op_and_passes_opcheck(dtype):
     hi = torch.tensor([math.inf, math.inf, 0.5, math.inf, 0.0, math.inf, math.inf])
     monitor = torch.randn(k, d, generator=g)
     args = (hidden, table, index, coef, lo, hi, monitor, "torch")
-    out, proj = steer_rows_op(*args)
+    out, proj, opened = steer_rows_op(*args)
+    assert bool(opened.all())  # no gates: every row open
     ref_out, ref_proj = fused_steer_rows(hidden.clone(), table, index, coef, lo, hi, monitor)
     torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
     torch.testing.assert_close(proj, ref_proj, atol=0, rtol=0)
     assert not torch.equal(out.float(), hidden.float())  # the edit did something, on a copy
-    inline_out, inline_proj = steer_rows_inline(*args[:-1])
+    inline_out, inline_proj, _ = steer_rows_inline(*args[:-1])
     torch.testing.assert_close(inline_out, ref_out, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-5)
     torch.testing.assert_close(inline_proj, ref_proj, atol=1e-4, rtol=1e-5)
-    empty_out, empty_proj = steer_rows_op(hidden, table, torch.zeros(n, dtype=torch.long), None, None, None, None,
-                                          "torch")
+    empty_out, empty_proj, _ = steer_rows_op(hidden, table, torch.zeros(n, dtype=torch.long), None, None, None,
+                                             None, "torch")
     assert empty_proj.shape == (n, 0) and torch.equal(empty_out, hidden) and empty_out is not hidden
     torch.library.opcheck(steer_rows_op, args)
     # The in-place form writes into the caller's buffers and allocates no outputs.

@@ -179,4 +179,4 @@ def test_the_engine_keeps_each_layers_plan_and_read_out_on_that_layers_device() 
     engine = Engine(model, object(), readout=readout)
     assert engine.layer_devices == {1: CPU, 2: CPU, 3: META}
     assert engine.plan.for_layer(1).device == CPU and engine.plan.for_layer(3).device == META
-    assert engine.monitor_dirs.device == META
+    assert engine.readout_dirs.device == META

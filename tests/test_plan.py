@@ -178,11 +178,8 @@ class Pin(SteeringMethod):
     """A toy method added in one place: set the projection on the unit direction to exactly ``value``."""
 
     name: ClassVar[str] = "pin"
+    strength: ClassVar[str | None] = "value"
     value: float = 0.0
-
-    @classmethod
-    def from_fields(cls, coef, cap_min, cap_max):
-        return cls(value=coef)
 
     def lower(self, vector):
         return Lowered(unit(vector), 0.0, self.value, self.value)

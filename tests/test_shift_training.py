@@ -77,8 +77,8 @@ def test_preventative_steering_through_peft_adds_and_ablates_with_gradients(make
     torch.testing.assert_close(ablated @ (v / v.norm()), torch.zeros(2, 7), rtol=0, atol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(_hidden(peft_model, ids, 2)[0], plain)  # hooks are gone after the block
-    with pytest.raises(ValueError, match="unknown training steering mode"):
-        with preventative_steering(peft_model, v, layer=2, mode="cap"):
+    with pytest.raises(ValueError, match="unknown steering mode 'sideways'"):
+        with preventative_steering(peft_model, v, layer=2, mode="sideways"):
             pass
 
 

@@ -68,9 +68,10 @@ def test_parametrised_positions_travel_and_what_vllm_cannot_apply_is_refused_not
     err = engine_api_error(UnsupportedSteering("positions 'marker:x' are not supported"))
     assert (err.status, err.param, err.code) == (400, "steering", "unsupported_steering")
     marker = lower_ops([SteerOp(layer=2, vector=_vec(8), coef=1.0, positions=FromMarker("</think>"))])
-    with pytest.raises(UnsupportedOnVllm, match="positions 'marker:</think>' are not supported on the vLLM engine"):
+    with pytest.raises(UnsupportedOnVllm, match=r"^the vLLM engine cannot apply marker positions \(edit 0 at layer 2: "
+                                                 r"positions 'marker:</think>'\)$"):
         encode_rows(marker)
-    with pytest.raises(ValueError, match="positions 'marker:x' are not supported"):
+    with pytest.raises(UnsupportedOnVllm, match="the vLLM engine cannot apply marker positions .*'marker:x'"):
         parse_spec(json.dumps({"edits": [{"layer": 1, "vector": [1.0] * D, "positions": "marker:x"}]}), 4, D)
 
 
@@ -128,7 +129,7 @@ def test_store_refuses_a_file_that_is_not_what_its_key_says(tmp_path):
     (json.dumps({"edits": [{"layer": 5, "vector": [0.0] * D}]}), "steerlib edit 0: layer must be an int in 1..4"),
     (json.dumps({"edits": [{"layer": 1, "vector": [0.0] * 3}]}), "'vector' must be a name or a list of 16 numbers"),
     (json.dumps({"edits": [{"layer": 1, "vector": "optimistic"}]}), "STEERLIB_VLLM_VECTORS names no folder"),
-    (json.dumps({"edits": [{"layer": 1, "vector": [1.0] * D, "mode": "boost"}]}), "mode must be one of"),
+    (json.dumps({"edits": [{"layer": 1, "vector": [1.0] * D, "mode": "boost"}]}), "steerlib edit 0: unknown steering mode 'boost'"),
     (json.dumps({"edits": [{"layer": 1, "vector": [1.0] * D, "coef": float("nan")}]}), "coef must be a finite"),
     (json.dumps({"edits": [{"layer": 1, "row": [1.0] * D, "lo": 0.0, "hi": 0.0}]}), "needs a unit row"),
     (json.dumps({"edits": [], "extra": 1}), "must be an object with 'edits'"),

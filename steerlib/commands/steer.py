@@ -19,7 +19,7 @@ from steerlib.core.vectors import TraitVectors
 from steerlib.steering.calibration import Calibration, Percentile, calibrated_cap, calibration_path
 from steerlib.steering.dose import DoseResponse, dose_response
 from steerlib.steering.generation import Generation, generate
-from steerlib.steering.plan import SteerOp
+from steerlib.steering.plan import SteerOp, parse_params, position_rule
 from steerlib.steering.steer import When, build_ops, build_readout
 from steerlib.traits.judges import make_judge
 from steerlib.traits.library import TraitError, load_trait
@@ -68,8 +68,11 @@ def steer_file(
     when_above: float | None = None,
     when_below: float | None = None,
     latch: bool = False,
+    params: Sequence[str] = (),
 ) -> SteeredAnswers:
     """Steered answers next to unsteered ones, or with ``sweep`` a dose-response over coefficients.
+
+    ``params`` are the method's own parameters as ``NAME=VALUE`` texts (``plan.parse_params``).
 
     With ``cap_percentile`` the steered answers are capped at that percentile of the vectors' calibration
     (``steerlib calibrate``) over ``layers`` (default: ``layer``); ``cap_side="min"`` floors instead.
@@ -83,6 +86,8 @@ def steer_file(
         check_text(p, f"prompt {i}")
     if system is not None:
         check_text(system, "system prompt")
+    method_params = parse_params(mode, params)  # registered methods and position rules check themselves
+    position_rule(positions)  # first:N, window:A-B and marker:TEXT too
     check_number(coef, "coef")
     check_int(max_new_tokens, "max_new_tokens")
     if sweep is not None:
@@ -94,7 +99,8 @@ def steer_file(
         # The op's own checks, on a stand-in vector: the method by its registered name with its fields (a cap
         # needs a bound), the position rule (first:N, window:A-B and marker:TEXT too).
         lo, hi = cap if cap is not None else (None, None)
-        SteerOp(layer=1, vector=torch.ones(1), mode=mode, coef=coef, cap_min=lo, cap_max=hi, positions=positions)
+        SteerOp(layer=1, vector=torch.ones(1), mode=mode, coef=coef, cap_min=lo, cap_max=hi, positions=positions,
+                params=method_params)
     if plot is not None:
         check_out_dir(Path(plot).parent, "--plot folder")
     pct = calibration = None
@@ -152,8 +158,7 @@ def steer_file(
                         f"{' (latched)' if latch else ''}")
     answers: dict[float, list[Generation]] = {}
     for c in (0.0, coef):
-        ops = [] if c == 0 and mode == "add" else build_ops(model, source, layer, c, mode=mode,  # type: ignore[arg-type]
-                                                           positions=positions, cap=cap, relative=relative,  # type: ignore[arg-type]
-                                                           when=when if c == coef else None)
+        ops = [] if c == 0 else build_ops(model, source, layer, c, mode=mode, positions=positions, cap=cap,
+                                          relative=relative, when=when if c == coef else None, params=method_params)
         answers[c] = generate(model, tok, formatted, steering=ops, readout=readout, max_new_tokens=max_new_tokens)
     return SteeredAnswers(layer=layer, coefs=(0.0, coef), answers=answers, labels=labels)

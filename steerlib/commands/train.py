@@ -9,7 +9,8 @@ from steerlib.commands.common import fit_vectors
 from steerlib.core import models
 from steerlib.core.checks import check_int, check_number, check_out_dir
 from steerlib.core.loading import load_vectors, pick_layer
-from steerlib.finetuning.training import TrainMode, TrainResult, check_train_mode, lora_finetune
+from steerlib.finetuning.training import TrainMode, TrainResult, lora_finetune
+from steerlib.steering.plan import method_named
 from steerlib.store.samples import read_samples
 
 __all__ = ["train_file"]
@@ -51,7 +52,7 @@ def train_file(
         device: model device.
     """
     check_number(coef, "coef")
-    check_train_mode(mode)
+    method_named(mode)  # any registered method: add (preventative steering), ablate (CAFT)...
     if vectors_path is None and (coef != 0 or layer is not None or mode != "add"):
         given = "coef" if coef != 0 else "layer" if layer is not None else f"mode {mode!r}"
         raise ValueError(f"{given} given without vectors: preventative steering needs --vector (a plain "

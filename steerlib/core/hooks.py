@@ -14,9 +14,10 @@ every path that hooks the stream by layer goes through it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from steerlib.core.arch import Layout, get_layout
 
@@ -57,6 +58,54 @@ class StopForward(Exception):
 def _hidden_of(output: object) -> Tensor:
     """Decoder blocks return a tensor (transformers 5) or a tuple whose first item is the hidden state."""
     return output[0] if isinstance(output, tuple) else output
+
+
+# ``edit(flat, (batch, seq), kwargs)``: ``flat`` is residual layer ``L`` as ``[batch * seq, d_model]``, contiguous;
+# ``kwargs`` the block's keyword arguments (``position_ids``...). It returns None (it edited ``flat`` in place, or
+# only read it) or a replacement ``[batch * seq, d_model]`` (a functional edit).
+ResidualEdit = Callable[[Tensor, tuple[int, int], dict], Tensor | None]
+
+
+def hook_residual(layout: Layout, layer: int, edit: ResidualEdit) -> RemovableHandle:
+    """Register ``edit`` at residual layer ``layer``: the one hook point of the residual stream.
+
+    It owns what every path that hooks the stream by layer needs: the module address (``residual_site``), the
+    block output's unwrap (a tensor or a tuple whose first item is the hidden state), the flatten to
+    ``[batch * seq, d_model]``, and the rewrap of a replacement. When the hidden state is contiguous ``flat`` is a
+    view of it, so an in-place edit changes the block's output itself; otherwise ``flat`` is a contiguous copy,
+    written back after ``edit``. No host read and no branch on values: it runs inside compiled graphs too.
+
+    Returns the hook's handle (add it to a ``HookHandles``).
+    """
+    module, is_input = residual_site(layout, layer)
+
+    def run(hidden: Tensor, kwargs: dict) -> Tensor | None:
+        b, t, d = hidden.shape
+        viewed = hidden.is_contiguous()
+        flat = hidden.view(b * t, d) if viewed else hidden.reshape(b * t, d).contiguous()
+        new = edit(flat, (b, t), kwargs)
+        if new is None:
+            if viewed:
+                return None
+            new = flat
+        return new.view(b, t, d)
+
+    if is_input:
+        def pre_hook(_module: nn.Module, args: tuple, kwargs: dict):
+            new = run(args[0] if args else kwargs["hidden_states"], kwargs)
+            if new is None:
+                return None
+            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def hook(_module: nn.Module, _args: tuple, kwargs: dict, output: object):
+        new = run(_hidden_of(output), kwargs)
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return module.register_forward_hook(hook, with_kwargs=True)
 
 
 def residual_site(layout: Layout, layer: int) -> tuple[nn.Module, bool]:
@@ -108,34 +157,21 @@ def record_residual(
     records: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     deepest = max(layers)
 
-    def store(layer: int, hidden: Tensor) -> None:
-        hidden = hidden.detach()
-        # Blocking copy: a non_blocking device-to-host copy lands in pageable memory and may be read
-        # before it has finished.
-        records[layer].append(hidden.to("cpu") if to_cpu else hidden)
-        if stop_after_last and layer == deepest:
-            raise StopForward
+    def store(layer: int):
+        def read(flat: Tensor, shape: tuple[int, int], _kwargs: dict) -> None:
+            hidden = flat.detach().view(*shape, flat.shape[-1])
+            # Blocking copy: a non_blocking device-to-host copy lands in pageable memory and may be read
+            # before it has finished.
+            records[layer].append(hidden.to("cpu") if to_cpu else hidden)
+            if stop_after_last and layer == deepest:
+                raise StopForward
 
-    def pre_block_hook(layer: int):
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            store(layer, args[0] if args else kwargs["hidden_states"])
-
-        return hook
-
-    def post_hook(layer: int):
-        def hook(_module: nn.Module, _args: tuple, output: object) -> None:
-            store(layer, _hidden_of(output))
-
-        return hook
+        return read
 
     handles = HookHandles()
     try:
         for layer in layers:
-            module, is_input = residual_site(layout, layer)
-            if is_input:
-                handles.add(module.register_forward_pre_hook(pre_block_hook(layer), with_kwargs=True))
-            else:
-                handles.add(module.register_forward_hook(post_hook(layer)))
+            handles.add(hook_residual(layout, layer, store(layer)))
         yield records
     finally:
         handles.remove()

@@ -17,7 +17,6 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -26,6 +25,7 @@ from transformers import TrainerCallback
 from steerlib.core.capture import pad_batch, pad_token_id, tokenize_pairs
 from steerlib.core.models import unwrap_model
 from steerlib.core.vectors import VectorSource
+from steerlib.steering.plan import method_named
 from steerlib.steering.steer import ResidualEditor, steer
 from steerlib.store.samples import ReadResult, Sample, as_samples
 
@@ -36,15 +36,7 @@ __all__ = [
     "preventative_steering",
 ]
 
-TrainMode = Literal["add", "ablate"]
-TRAIN_MODES: tuple[str, ...] = get_args(TrainMode)
-
-
-def check_train_mode(mode: object) -> TrainMode:
-    """``mode`` if training can steer with it: "add" (preventative steering) or "ablate" (CAFT)."""
-    if mode not in TRAIN_MODES:
-        raise ValueError(f"unknown training steering mode {mode!r}; use 'add' or 'ablate'")
-    return mode  # type: ignore[return-value]
+TrainMode = str  # a registered steering method: "add" (preventative steering), "ablate" (CAFT) or another
 
 
 @contextlib.contextmanager
@@ -65,10 +57,11 @@ def preventative_steering(
         layer: residual-stream layer to edit (1..n_layers).
         coef: scale of the added vector for ``mode="add"`` (the paper steers *toward* the trait during
             training, coef > 0, to keep the finetune from learning it).
-        mode: "add" (preventative steering) or "ablate" (CAFT: project the direction out).
+        mode: a registered steering method: "add" (preventative steering), "ablate" (CAFT: project the
+            direction out), or another (``register_method``).
         kind: TraitVectors pooling kind.
     """
-    check_train_mode(mode)
+    method_named(mode)
     with steer(unwrap_model(model), vectors, layers=layer, coef=coef, mode=mode, kind=kind) as editor:
         yield editor
 
@@ -90,13 +83,13 @@ class PreventativeSteeringCallback(TrainerCallback):
         vectors: TraitVectors, a tensor or a saved vectors path.
         layer: layer to edit.
         coef: steering coefficient for ``mode="add"``.
-        mode: "add" or "ablate".
+        mode: a registered steering method ("add", "ablate"...).
         kind: TraitVectors pooling kind.
     """
 
     def __init__(self, vectors: VectorSource | str | Path, layer: int, coef: float = 1.0, *,
                  mode: TrainMode = "add", kind: str | None = None) -> None:
-        check_train_mode(mode)
+        method_named(mode)
         self.vectors, self.layer, self.coef, self.mode, self.kind = vectors, layer, coef, mode, kind
         self._stack: contextlib.ExitStack | None = None
 

@@ -110,7 +110,8 @@ def create_app(model: torch.nn.Module, tokenizer: Any, vectors: Mapping[str, Tra
         return {"object": "list", "served_names": service.served_names(), "data": [{
             "id": options.model_name, "object": "model", "created": int(service.started_at), "owned_by": "steerlib",
             "trait_vectors": service.vector_info(), "monitored_traits": list(service.monitored),
-            "monitor_layer": engine.monitor_layer,
+            "readout_layer": engine.readout_layer,
+            "monitor_layer": engine.readout_layer,  # the first release's name of readout_layer (kept for clients)
             "default_steering": [s.model_dump(exclude_defaults=True) for s in service.default_steering],
         }, *aliases, *presets]}
 
@@ -147,7 +148,7 @@ def create_app(model: torch.nn.Module, tokenizer: Any, vectors: Mapping[str, Tra
             raise ApiError(404, f"no conversation {conversation_id!r} (ids come from X-Conversation-Id or "
                                 f"conversation_id; the least recently active are dropped)",
                            code="conversation_not_found")
-        return {**found, "layer": engine.monitor_layer, "traits": list(service.monitored)}
+        return {**found, "layer": engine.readout_layer, "traits": list(service.monitored)}
 
     metrics = service.metrics
     if metrics is not None:

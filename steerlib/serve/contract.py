@@ -31,7 +31,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from steerlib.steering.plan import Edit
+from steerlib.steering.plan import Edit, Support
+from steerlib.steering.readout import summarize
 from steerlib.steering.steer import TraitReadout
 
 __all__ = ["Completion", "EngineCapabilities", "EngineError", "EngineFactory", "EngineStopped", "FinishedRequest",
@@ -102,10 +103,7 @@ def summarize_projections(values: Sequence[float], layer: int | None) -> dict[st
     """One trait's summary of a response (every engine reports it so): ``mean`` and ``max`` over the response
     tokens' own read-outs, ``prompt_last`` at the last prompt token. ``values[0]`` is read at the last prompt token
     and ``values[j]`` (j >= 1) at response token ``j - 1`` (the engine's closing pass supplies the last one)."""
-    response = list(values[1:])
-    return {"mean": sum(response) / len(response) if response else None,
-            "max": max(response) if response else None,
-            "prompt_last": values[0] if values else None, "layer": layer, "n_tokens": len(response)}
+    return summarize(values, layer)  # the pairing and the summary are stated once, in steering.readout
 
 
 @dataclass(frozen=True)
@@ -173,6 +171,8 @@ class EngineCapabilities:
         logprobs: per-token log-probabilities of generated tokens (not offered yet by either engine).
         prompt_logprobs: log-probabilities of the prompt's tokens (``echo``; not offered yet).
         pooled_capture: pooled activations returned with a finished row (not offered yet).
+        steering: which edits the engine applies (markers, gates, latches); the service refuses the rest with
+            ``steerlib.steering.plan.check_supported``'s one message.
     """
 
     name: str
@@ -180,6 +180,7 @@ class EngineCapabilities:
     logprobs: bool = False
     prompt_logprobs: bool = False
     pooled_capture: bool = False
+    steering: Support = Support("the engine")
 
 
 Sink = Callable[[tuple], None]
@@ -203,7 +204,7 @@ class ServingEngine(Protocol):
     ``stats()["finish_callback_errors"]``, never passed to the client.
     """
 
-    monitor_layer: int | None
+    readout_layer: int | None  # the layer of the trait read-out (None: no read-out)
     eos_ids: set[int]
     dtype: Any
     readout: TraitReadout | None

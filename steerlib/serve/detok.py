@@ -14,6 +14,7 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from steerlib.serve.contract import Sampling, summarize_projections
+from steerlib.steering.readout import needs_closing, paired_position
 
 __all__ = ["Reply", "TextStream"]
 
@@ -101,7 +102,7 @@ class Reply:
     def position(self, i: int) -> int:
         """The absolute position whose forward pass produced generated token ``i`` (and whose read-out pairs
         with it)."""
-        return self.prompt_len - 1 + i
+        return paired_position(self.prompt_len, i)
 
     @property
     def text(self) -> str:
@@ -130,7 +131,7 @@ class Reply:
         final = is_eos or len(self.tokens) >= self.max_tokens
         delta, stopped = self.stream.push(self.tokens[:-1] if is_eos else self.tokens, final)
         self.finish = "eos" if is_eos else ("stop_sequence" if stopped else ("length" if final else None))
-        self.closing = self.finish in ("length", "stop_sequence") and self.readout
+        self.closing = self.finish is not None and needs_closing(is_eos, self.readout)
         if delta or (self.finish is not None and self.unsent):
             out, self.unsent = self.unsent, []
             return delta, out

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from steerlib.core.arch import get_layout
 from steerlib.core.compat import cache_keyword
-from steerlib.core.hooks import HookHandles
+from steerlib.core.hooks import HookHandles, hook_residual
 from steerlib.kernels import prepare_backend
 from steerlib.serve.contract import (
     Completion,
@@ -65,7 +65,7 @@ from steerlib.serve.contract import (
 from steerlib.serve.detok import Reply
 from steerlib.serve.kv_slots import SlotCache
 from steerlib.steering.devices import DevicePlans, layer_devices
-from steerlib.steering.plan import Edit
+from steerlib.steering.plan import Edit, SteeringNotSupported, Support, check_supported
 from steerlib.steering.steer import TraitReadout
 
 # The contract's values and errors are re-exported: callers of earlier releases import them from here.
@@ -132,10 +132,10 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.readout = readout
-        self.monitor_layer = readout.layers[0] if readout is not None else None
+        self.readout_layer = readout.layers[0] if readout is not None else None
         # Under device_map="auto" each layer's plan and read-out live on that layer's device.
         self.layer_devices = layer_devices(self.layout, self.device)
-        self.monitor_dirs = (readout.directions[self.monitor_layer].to(self.layer_devices[self.monitor_layer],
+        self.readout_dirs = (readout.directions[self.readout_layer].to(self.layer_devices[self.readout_layer],
                                                                        torch.float32)
                              if readout is not None else None)
         self.max_batch = max_batch
@@ -164,7 +164,9 @@ class Engine:
                                        "generated_tokens": 0, "mixed_steps": 0, "steered_row_steps": 0,
                                        "step_seconds": 0.0, "finish_callback_errors": 0}
         self.on_finish: Callable[[FinishedRequest], None] | None = None
-        self.capabilities = EngineCapabilities(name="hf", batch_steps=True)
+        # No marker watch between steps yet: a marker rule would never fire, so it is refused.
+        self.capabilities = EngineCapabilities(name="hf", batch_steps=True,
+                                               steering=Support("the HF engine", markers=False))
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -176,7 +178,7 @@ class Engine:
             prepare_backend(device)
         with self._hooks.registering() as handles:
             for layer in range(1, self.layout.n_layers + 1):
-                handles.add(self.layout.blocks[layer - 1].register_forward_hook(self._hook(layer)))
+                handles.add(hook_residual(self.layout, layer, self._hook(layer)))
         self._thread = threading.Thread(target=self._run, name="steerlib-engine", daemon=True)
         self._thread.start()
 
@@ -220,6 +222,10 @@ class Engine:
             raise EngineStopped("the generation worker is not running")
         if self._incoming.qsize() >= self.max_queue:
             raise QueueFull(f"too many queued requests ({self.max_queue}); retry later")
+        try:
+            check_supported(edits, self.capabilities.steering)
+        except SteeringNotSupported as exc:
+            raise UnsupportedSteering(str(exc)) from None
         row = _Row(prompt_ids=list(prompt_ids), edits=list(edits), sampling=sampling, sink=sink, steered=steered)
         with self._stats_lock:
             self._stats["requests"] += 1
@@ -322,29 +328,19 @@ class Engine:
     def _hook(self, layer: int):
         plan = self.plan
 
-        def hook(_module: nn.Module, _args: tuple, output: object):
+        def edit(flat: Tensor, _shape: tuple[int, int], _kwargs: dict) -> None:
             # Installed for the engine's lifetime on every block: it acts only on the worker's own passes, and
             # only at layers the current rows steer or read out.
             if threading.get_ident() != self._worker_ident:
-                return None
-            monitor = self.monitor_dirs if layer == self.monitor_layer else None
-            if monitor is None and layer not in plan.layers:
-                return None
-            hidden = output[0] if isinstance(output, tuple) else output
-            b, t, d = hidden.shape
-            flat = hidden.reshape(b * t, d)
-            contiguous = flat.is_contiguous()
-            if not contiguous:
-                flat = flat.contiguous()
-            proj = plan.apply(layer, flat, monitor)
-            if monitor is not None:
+                return
+            readout = self.readout_dirs if layer == self.readout_layer else None
+            if readout is None and layer not in plan.layers:
+                return
+            proj = plan.apply(layer, flat, readout)  # in place (a non-contiguous state is written back)
+            if readout is not None:
                 self._step_proj = proj
-            if contiguous:
-                return None
-            new = flat.view(b, t, d)
-            return (new, *output[1:]) if isinstance(output, tuple) else new
 
-        return hook
+        return edit
 
     def _fill_plan(self, pos: Tensor, step_mask: Tensor) -> None:
         """Lower the rows' steering to this step's per-token arguments (rebuilt on the host when rows change)."""
@@ -470,7 +466,7 @@ class Engine:
         finish = public_finish(reply.finish)
         names = self.readout.names if self.readout is not None else []
         c = Completion(text=reply.text, completion_tokens=len(reply.tokens), prompt_tokens=len(r.prompt_ids),
-                       finish_reason=finish, trait_projections=reply.summaries(names, self.monitor_layer),
+                       finish_reason=finish, trait_projections=reply.summaries(names, self.readout_layer),
                        steps=r.steps, queue_ms=round(((r.started or r.enqueued) - r.enqueued) * 1000, 2),
                        ttft_ms=round((r.first_token - r.enqueued) * 1000, 2) if r.first_token else None)
         with self._stats_lock:

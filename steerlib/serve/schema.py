@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from steerlib.steering.plan import build_method, method_named, position_rule
 from steerlib.steering.temperature import MIN_TEMPERATURE, effective_temperature
 
 __all__ = [
@@ -86,9 +87,12 @@ class SteeringSpec(BaseModel):
     layers: list[int] | None = Field(None, min_length=1, max_length=256,
                                      description="several layers instead of one (e.g. a calibrated cap's range)")
     coef: float = Field(1.0, ge=-MAX_ABS_COEF, le=MAX_ABS_COEF, allow_inf_nan=False,
-                        description="scale of the added vector for mode 'add'")
-    mode: Literal["add", "ablate", "cap"] = "add"
-    positions: Literal["all", "prompt", "response"] = "all"
+                        description="the method's strength (mode 'add': scale of the added vector)")
+    mode: str = Field("add", max_length=64, description="a registered steering method (add, ablate, cap...)")
+    positions: str = Field("all", max_length=1024,
+                           description="a position rule: all, prompt, response, first:N, window:A-B, marker:TEXT...")
+    params: dict[str, bool | int | float | str | None] | None = Field(
+        None, max_length=32, description="the method's own parameters by name")
     cap_min: float | None = Field(None, ge=-MAX_ABS_BOUND, le=MAX_ABS_BOUND, allow_inf_nan=False)
     cap_max: float | None = Field(None, ge=-MAX_ABS_BOUND, le=MAX_ABS_BOUND, allow_inf_nan=False)
     relative: bool = Field(False, description="coef is a fraction of the typical residual norm at the layer")
@@ -98,8 +102,26 @@ class SteeringSpec(BaseModel):
     when: WhenSpec | None = Field(None, description="steer only where this condition holds")
     latch: bool = Field(False, description="with 'when': once open for a response, stay open for the rest of it")
 
+    @field_validator("mode")
+    @classmethod
+    def _registered_method(cls, mode: str) -> str:
+        method_named(mode)  # the registry decides which methods exist
+        return mode
+
+    @field_validator("positions")
+    @classmethod
+    def _registered_rule(cls, positions: str) -> str:
+        position_rule(positions)  # the registered rule named by the prefix parses the rest
+        return positions
+
     @model_validator(mode="after")
     def _bounds_in_order(self) -> SteeringSpec:
+        # The method checks its own parameters (names, types, values).
+        method = method_named(self.mode)
+        if self.cap_percentile is None:
+            build_method(self.mode, self.coef, self.cap_min, self.cap_max, self.params)
+        elif self.params:
+            method.from_params(self.params)
         if self.cap_min is not None and self.cap_max is not None and self.cap_min > self.cap_max:
             raise ValueError(f"cap_min ({self.cap_min}) must be <= cap_max ({self.cap_max})")
         if self.layer is not None and self.layers is not None:

@@ -152,7 +152,7 @@ class Service:
                            eos_ids=eos_ids(model, tokenizer))
         self.conversations = ConversationLog(options.conversations, options.conversation_turns)
         self.metrics = ServerMetrics(
-            model_name=options.model_name, version=__version__, traits=self.monitored, layer=self.engine.monitor_layer,
+            model_name=options.model_name, version=__version__, traits=self.monitored, layer=self.engine.readout_layer,
             engine_stats=self.engine.stats, drift_state=self.drift_state, conversations=self.conversations,
             conversation_series=options.metrics_conversations,
             **({"buckets": options.metrics_buckets} if options.metrics_buckets is not None else {}),
@@ -193,7 +193,7 @@ class Service:
                     raise ApiError(400, f"unknown condition vector {spec.when.vector!r}; available: {names}",
                                    param=f"{param}.{i}.when.vector", code="unknown_vector")
                 when = When(cond, spec.when.above, spec.when.below, spec.latch, spec.when.layer)
-            cap = (spec.cap_min, spec.cap_max) if spec.mode == "cap" else None
+            cap = (spec.cap_min, spec.cap_max)
             layers = spec.layers if spec.layers is not None else spec.layer
             try:
                 if spec.cap_percentile is not None:
@@ -204,7 +204,7 @@ class Service:
                                          positions=spec.positions)
                 else:
                     ops = build_ops(self.model, tv, layers, spec.coef, mode=spec.mode, positions=spec.positions,
-                                    cap=cap, relative=spec.relative, when=when)
+                                    cap=cap, relative=spec.relative, when=when, params=spec.params)
             except ValueError as exc:
                 raise ApiError(400, f"{param}[{i}]: {exc}", param=f"{param}.{i}") from exc
             for op in ops:
@@ -213,6 +213,7 @@ class Service:
                                    param=f"{param}.{i}.coef")
             # Rows share a table entry by the row's content, so a vector reloaded under the same name never
             # reuses the old one's entry.
+            # (What the engine cannot apply, it refuses at submit: one 400 on every engine.)
             edits.extend(lower_ops(ops))
         return edits
 
@@ -348,7 +349,7 @@ class Service:
             self.metrics.observe_turn(turn, turn_bucket(turn.turn))
 
     def monitor_snapshot(self, last: int = 200, last_alerts: int = 50) -> dict[str, Any]:
-        out: dict[str, Any] = {"traits": list(self.monitored), "layer": self.engine.monitor_layer, "history": [],
+        out: dict[str, Any] = {"traits": list(self.monitored), "layer": self.engine.readout_layer, "history": [],
                                "alerts": [], "server": self.engine.stats()}
         if self.drift is not None:
             with self._drift_lock:

@@ -47,7 +47,7 @@ from steerlib.steering.plan import Edit
 from steerlib.steering.steer import TraitReadout
 from steerlib.vllm.layout import VllmOptions, bound_cores, start_config
 from steerlib.vllm.slots import SlotsExhausted, store_of
-from steerlib.vllm.spec import SPEC_KEY, UnsupportedOnVllm, cache_salt, encode_rows
+from steerlib.vllm.spec import SPEC_KEY, SUPPORT, UnsupportedOnVllm, cache_salt, encode_rows
 
 __all__ = ["VllmEngine", "engine_args", "merge_readouts"]
 
@@ -114,14 +114,14 @@ class VllmEngine:
         self.ignore_eos = ignore_eos
         self.tokenizer = tokenizer
         self.readout = readout
-        self.monitor_layer = readout.layers[0] if readout is not None else None
+        self.readout_layer = readout.layers[0] if readout is not None else None
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.eos_ids = set(eos_ids or ())
         self.dtype = args.get("dtype", "auto")
         self._store = store_of(args.get("additional_config"))  # rows go there once; requests carry their keys
         self.on_finish: Callable[[FinishedRequest], None] | None = None
-        self.capabilities = EngineCapabilities(name="vllm", batch_steps=False)
+        self.capabilities = EngineCapabilities(name="vllm", batch_steps=False, steering=SUPPORT)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._llm: Any = None
@@ -172,8 +172,8 @@ class VllmEngine:
         with bound_cores(config.parallel_config.world_size):  # vLLM's processes are spawned in here
             self._llm = AsyncLLM.from_vllm_config(config)
         if self.readout is not None:
-            dirs = self.readout.directions[self.monitor_layer].float().tolist()
-            await self._llm.collective_rpc("steerlib_configure_readout", args=(self.monitor_layer, dirs))
+            dirs = self.readout.directions[self.readout_layer].float().tolist()
+            await self._llm.collective_rpc("steerlib_configure_readout", args=(self.readout_layer, dirs))
         self._readout_wakeup = asyncio.Event()
         asyncio.get_running_loop().create_task(self._readout_pump())
 
@@ -385,7 +385,7 @@ class VllmEngine:
         first = state.first_token
         c = Completion(text=reply.text, completion_tokens=len(reply.tokens), prompt_tokens=len(row.prompt_ids),
                        finish_reason=public_finish(reply.finish), trait_projections=reply.summaries(names,
-                                                                                                self.monitor_layer),
+                                                                                                self.readout_layer),
                        steps=[[0, 0]] * len(reply.tokens), queue_ms=0.0,
                        ttft_ms=round((first - row.enqueued) * 1000, 2) if first else None)
         with self._lock:

@@ -46,10 +46,11 @@ from torch import Tensor, nn
 
 from steerlib.core.arch import Layout, get_layout
 from steerlib.core.compat import cache_keyword, output_cache
-from steerlib.core.hooks import HookHandles
-from steerlib.kernels import prepare_backend, resolve_backend, steer_rows_inline, steer_rows_op
+from steerlib.core.hooks import HookHandles, hook_residual
+from steerlib.kernels import prepare_backend, resolve_backend
 from steerlib.steering.devices import DevicePlans, layer_devices, plan_tensors
-from steerlib.steering.plan import Add, Edit, lower_ops
+from steerlib.steering.plan import Edit, Support, check_supported, lower_ops
+from steerlib.steering.readout import value_index
 from steerlib.steering.steer import SteerOp, TraitReadout
 from steerlib.steering.temperature import greedy_if_tiny
 
@@ -96,13 +97,17 @@ class CompiledSteering:
         readout: traits to read out per generated token (``build_readout``), or None.
         prompt_lengths: [B] real (unpadded) prompt length of each row, e.g. ``attention_mask.sum(1)``.
         max_steps: tokens to be generated (size of the read-out buffer).
-        row_coefs: [B, len(ops)] per-row coefficients, or None to use each op's ``coef`` for every row. For an
-            add op the entry replaces ``coef``; for ablate/cap it switches the edit on (1) or off (0) in that row
-            (per-row caps are all or nothing).
+        row_coefs: [B, len(ops)] per-row coefficients, or None to use each op as given for every row. For a
+            method with a strength (``SteeringMethod.strength``: ``add``'s coef) the entry replaces it; for one
+            without (ablate, cap) it switches the edit on (1) or off (0) in that row (all or nothing).
         backend: backend of the fused op inside the custom op ("auto", "torch", "triton", "cuda"), or
             "inline": the same math as plain torch ops in the graph, which the compiler fuses with the block's
             own kernels (cheaper on CPU, where no CUDA graph hides the custom op's Python call).
     """
+
+    # Positions come from ``position_ids`` inside the graph; nothing watches the generated text between steps,
+    # so a marker rule would never fire: refused instead.
+    SUPPORT = Support("the compiled path", markers=False)
 
     def __init__(self, model: nn.Module, ops: Sequence[SteerOp] = (), readout: TraitReadout | None = None, *,
                  prompt_lengths: Tensor, max_steps: int, row_coefs: Tensor | None = None, backend: str = "auto"):
@@ -186,22 +191,23 @@ class CompiledSteering:
         return out
 
     def _row_edits(self, ops: list[SteerOp], row_coefs: Tensor | None) -> list[list[Edit]]:
-        """Each batch row's edits: the ops, with that row's coefficient where ``row_coefs`` gives one."""
+        """Each batch row's edits: the ops, with that row's coefficient as the method's strength where
+        ``row_coefs`` gives one (a method without a strength: 0 off, 1 on)."""
         edits = lower_ops(ops)
+        check_supported(edits, self.SUPPORT)
         if row_coefs is None:
             return [edits] * self.batch
         rows = []
         for b in range(self.batch):
             row = []
-            for i, (op, edit) in enumerate(zip(ops, edits, strict=True)):
+            for i, op in enumerate(ops):
                 c = float(row_coefs[b, i])
-                if isinstance(op.method, Add):
-                    row.append(edit.with_coef(c))
-                elif c == 1.0:
-                    row.append(edit)
-                elif c != 0.0:
-                    raise ValueError(f"row_coefs[{b}, {i}] is {c:g} for a {op.mode!r} op: per-row caps and "
-                                     "ablations are all or nothing (0 or 1)")
+                try:
+                    scaled = op.with_strength(c)
+                except ValueError as exc:
+                    raise ValueError(f"row_coefs[{b}, {i}]: {exc}") from None
+                if c != 0.0 or op.method.strength is not None:
+                    row.append(edits[i] if scaled is op else lower_ops([scaled])[0])
             rows.append(row)
         return rows
 
@@ -209,15 +215,14 @@ class CompiledSteering:
         # Everything the hook reads lives on its layer's device and was marked static in __init__.
         device = self.layer_devices[layer]
         plan = self.plans.plans[device]
-        state = plan.layers.get(layer)
+        steered = layer in plan.layers
         readout_dirs = self._readout_dirs.get(layer)
         readout_index = self._readout_index.get(layer, 0)
         prompt_lengths, rows, buffer = self._prompt_lengths[device], self._batch_rows[device], self.buffers.get(device)
         max_steps, backend, batch = self.max_steps, self.backend, self.batch
 
-        def hook(_module: nn.Module, _args: tuple, kwargs: dict, output: object):
-            hidden = output[0] if isinstance(output, tuple) else output
-            b, t, width = hidden.shape
+        def edit(flat: Tensor, shape: tuple[int, int], kwargs: dict) -> Tensor | None:
+            b, t = shape
             if b != batch:
                 raise RuntimeError(f"CompiledSteering was installed for batch {batch} but layer {layer} saw "
                                    f"batch {b}")
@@ -227,40 +232,15 @@ class CompiledSteering:
                                    "response tokens cannot be told apart from tensors; this model's decoder does "
                                    "not pass them to its blocks (use steerlib.steering.steer for it)")
             positions = position_ids.expand(b, t)
-            flat = hidden.reshape(b * t, width)
-            proj = None
-            if state is not None:
-                args = plan.token_args(rows[:, None].expand(b, t).reshape(-1), positions.reshape(-1), state.slots)
-                for j in range(len(state.slots)):
-                    last = j == len(state.slots) - 1
-                    coef = args["coef"][j] if state.adds[j] else None
-                    lo, hi = (args["lo"][j], args["hi"][j]) if state.caps[j] else (None, None)
-                    mon = readout_dirs if last else None
-                    index = args["index"][j]
-                    if state.gates[j]:
-                        # The gate as plain torch ops in the graph (the same rule as the fused op's gate), so the
-                        # functional op keeps its signature; a closed token becomes an unedited one.
-                        gi = args["gindex"][j]
-                        g = (flat.float() @ state.gate_table.T).gather(1, gi.clamp_min(0)[:, None]).squeeze(1)
-                        is_open = (gi < 0) | ((g >= args["glo"][j]) & (g <= args["ghi"][j]))
-                        index = torch.where(is_open, index, 0)
-                        if plan.latching(state.slots[j]):
-                            plan.latch(state.slots[j], rows[:, None].expand(b, t).reshape(-1), is_open & (gi >= 0))
-                    if backend == "inline":
-                        flat, proj = steer_rows_inline(flat, state.table, index, coef, lo, hi, mon)
-                    else:
-                        flat, proj = steer_rows_op(flat, state.table, index, coef, lo, hi, mon, backend)
+            # The plan's edit, as for every other path: token arguments, gates and latches inside the graph.
+            flat, proj = plan.apply_traced(layer, flat, rows[:, None].expand(b, t).reshape(-1), positions.reshape(-1),
+                                           readout_dirs, backend)
             if readout_dirs is not None:
-                if proj is None:  # nothing steered at this layer: read out only
-                    proj = flat.float() @ readout_dirs.T
-                step_index = (positions[:, -1] - prompt_lengths + 1).clamp(0, max_steps)  # [B]
+                step_index = value_index(positions[:, -1], prompt_lengths).clamp(0, max_steps)  # [B]
                 buffer.select(2, readout_index).index_put_((step_index, rows), proj.view(b, t, -1)[:, -1])
-            if state is None:
-                return None
-            new_hidden = flat.view(b, t, width)
-            return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
+            return flat if steered else None
 
-        return hook
+        return edit
 
     def projections(self, steps: int | None = None) -> Tensor:
         """The read-out of the first ``steps`` generated tokens: [B, steps, n_readout_layers, K] float32 on CPU.
@@ -289,8 +269,7 @@ class CompiledSteering:
         layers = sorted(set(self.plans.layers) | set(self._readout_dirs))
         with self._handles.registering() as handles:
             for layer in layers:
-                block = self.layout.blocks[layer - 1]
-                handles.add(block.register_forward_hook(self._make_hook(layer), with_kwargs=True))
+                handles.add(hook_residual(self.layout, layer, self._make_hook(layer)))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -31,6 +31,7 @@ from steerlib.core.compat import cache_keyword, output_cache
 from steerlib.core.models import eos_ids
 from steerlib.core.renamed import warn_renamed
 from steerlib.steering.compiled import generate_batch
+from steerlib.steering.readout import response_values
 from steerlib.steering.steer import ResidualEditor, SteerOp, TraitReadout
 from steerlib.steering.temperature import effective_temperature
 
@@ -93,10 +94,7 @@ class Generation:
     def response_projections(self, trait: str | None = None, layer: int | None = None) -> Tensor:
         """[n_response_tokens] projection at each response token's own position (EOS excluded)."""
         li, k = self._index(trait, layer)
-        values = self.projections[1:, li, k]
-        if self.closing is not None:
-            values = torch.cat([values, self.closing[li, k].reshape(1)])
-        return values
+        return response_values(self.projections[:, li, k], self.closing[li, k] if self.closing is not None else None)
 
     def mean_projection(self, trait: str | None = None, layer: int | None = None) -> float:
         """Mean over the response tokens (the meaning ``steerlib monitor`` and the server use)."""

@@ -30,26 +30,34 @@ consumes this module and nothing else decides what an edit means:
   reading only device memory, so a CUDA graph captured with no steering replays any steering. ``write_row``
   puts a vector into table row ``i`` of a layer (with its content key, ``set_rows`` then finds it there).
 
-Adding a steering method
-------------------------
-Write one class in one place and register it; nothing else changes (no hook, kernel or engine code)::
+Extending: methods and position rules
+-------------------------------------
+A method is one registered class; its dataclass fields are its parameters (names, types, defaults; checks in
+``__post_init__``), ``strength`` names the parameter that ``coef`` sets, ``relative=True`` scales and a
+per-row coefficient replaces, and ``features`` the per-row op's arguments it uses. Nothing else changes (no hook,
+kernel, schema, CLI or engine code)::
 
     @register_method
     @dataclass(frozen=True)
     class Pin(SteeringMethod):
         '''Set the projection on the unit direction to exactly ``value``.'''
         name: ClassVar[str] = "pin"
+        strength: ClassVar[str | None] = "value"
+        features: ClassVar[frozenset[str]] = frozenset({"cap"})
         value: float = 0.0
-
-        @classmethod
-        def from_fields(cls, coef, cap_min, cap_max):
-            return cls(value=coef)
 
         def lower(self, vector):
             return Lowered(unit(vector), 0.0, self.value, self.value)
 
-``SteerOp(layer, v, mode="pin", coef=2.0)`` then steers through every path: ``steer()``, ``generate()``, the
-compiled path and the server's engine. ``tests/test_plan.py`` adds exactly this method in the test itself.
+``SteerOp(layer, v, mode="pin", coef=2.0)`` (or ``params={"value": 2.0}``) then steers through every path:
+``steer()``, ``generate()``, the compiled path, the server (``"mode": "pin", "params": {...}``), the CLI
+(``--mode pin --param value=2``) and the vLLM spec. A position rule is one registered class too: its ``name`` is
+the prefix it is written with (``first:8`` is ``FirstGenerated.parse("8")``), ``parse`` reads the text after the
+colon, and ``requires`` names what a consumer must support to apply it (``FromMarker``: ``"markers"``).
+``tests/test_extend.py`` adds a toy method and a toy rule that way and uses them through every consumer.
+
+What each consumer can apply is declared once, as a ``Support`` (markers, gates, latches, op features), and one
+check, ``check_supported``, refuses the rest before any work with the same message everywhere.
 A method must be expressible in the per-row op's arguments; one that is not needs a new op argument first.
 """
 
@@ -57,17 +65,18 @@ from __future__ import annotations
 
 import hashlib
 import math
+import typing
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from steerlib.core.checks import check_number
 from steerlib.core.vectors import check_vector
-from steerlib.kernels import fused_steer_rows, resolve_backend, steer_rows_
+from steerlib.kernels import fused_steer_rows, resolve_backend, steer_rows_, steer_rows_inline, steer_rows_op
 
 INF = math.inf
 # The end of an open interval, as an int64 (positions are compared as integers on the device).
@@ -90,15 +99,91 @@ class Lowered:
     hi: float = INF
 
 
+# The per-row op's arguments a method may use: "add" (coef * row) and "cap" (the clamp of the projection).
+OP_FEATURES = frozenset({"add", "cap"})
+# Parameter values a method may declare (what JSON, the CLI and Python all carry).
+_PARAM_TYPES = (bool, int, float, str)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared parameter of a steering method (read from the method's dataclass fields)."""
+
+    name: str
+    type: type  # bool, int, float or str
+    optional: bool  # None is allowed (e.g. an unbounded side of a cap)
+    default: Any = MISSING  # MISSING: required
+
+    @property
+    def required(self) -> bool:
+        return self.default is MISSING
+
+    def check(self, value: object, method: str) -> object:
+        """``value`` checked against the declared type (an int is a valid float); one-line error otherwise."""
+        if value is None and self.optional:
+            return None
+        ok = isinstance(value, self.type) and (self.type is bool or not isinstance(value, bool))
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise ValueError(f"method {method!r} parameter {self.name!r} must be {self.type.__name__}"
+                             f"{' or null' if self.optional else ''}, got {value!r}")
+        if self.type is float:
+            check_number(value, f"method {method!r} parameter {self.name!r}")
+        return value
+
+
 class SteeringMethod(ABC):
-    """A way of editing the residual stream along a vector; it lowers itself to the per-row op's arguments."""
+    """A way of editing the residual stream along a vector; it lowers itself to the per-row op's arguments.
+
+    Subclasses are frozen dataclasses: their fields are the method's parameters (bool, int, float or str,
+    ``X | None`` for an optional one). Class attributes:
+
+    * ``name``: what ``SteerOp(mode=...)``, HTTP ``"mode"`` and ``--mode`` call it;
+    * ``strength``: the parameter that the generic ``coef`` sets, ``relative=True`` scales by the typical residual
+      norm over the vector's norm, and a per-row coefficient replaces (None: the method has no strength; a
+      per-row coefficient then switches it on (1) or off (0));
+    * ``features``: which of the per-row op's arguments it uses (``OP_FEATURES``), so a consumer that lacks one
+      refuses it.
+    """
 
     name: ClassVar[str]
+    strength: ClassVar[str | None] = None
+    features: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
-    @abstractmethod
-    def from_fields(cls, coef: float, cap_min: float | None, cap_max: float | None) -> SteeringMethod:
-        """Build the method from ``SteerOp``'s generic fields (raise ``ValueError`` on a missing field)."""
+    def parameters(cls) -> dict[str, Param]:
+        """The method's declared parameters, by name, in declaration order."""
+        hints = typing.get_type_hints(cls)
+        out = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            args = typing.get_args(hints[f.name]) or (hints[f.name],)
+            kinds = [a for a in args if a is not type(None)]
+            if len(kinds) != 1 or kinds[0] not in _PARAM_TYPES:
+                raise TypeError(f"method {cls.name!r} parameter {f.name!r} must be bool, int, float or str "
+                                f"(optionally | None), got {hints[f.name]!r}")
+            default = f.default if f.default is not MISSING else MISSING
+            out[f.name] = Param(f.name, kinds[0], type(None) in args, default)
+        return out
+
+    @classmethod
+    def from_params(cls, values: Mapping[str, object]) -> SteeringMethod:
+        """The method built from parameter values by name (unknown, missing or mistyped ones: one line)."""
+        declared = cls.parameters()
+        unknown = sorted(set(values) - set(declared))
+        if unknown:
+            raise ValueError(f"method {cls.name!r} has no parameter {unknown[0]!r}; its parameters: "
+                             f"{', '.join(declared) or 'none'}")
+        missing = [p.name for p in declared.values() if p.required and p.name not in values]
+        if missing:
+            raise ValueError(f"method {cls.name!r} needs parameter {missing[0]!r}")
+        return cls(**{k: declared[k].check(v, cls.name) for k, v in values.items()})
+
+    def scaled(self, factor: float) -> SteeringMethod:
+        """The method with its strength multiplied by ``factor`` (unchanged without a strength)."""
+        if self.strength is None:
+            return self
+        return replace(self, **{self.strength: float(getattr(self, self.strength)) * factor})  # type: ignore[type-var]
 
     @abstractmethod
     def lower(self, vector: Tensor) -> Lowered:
@@ -109,9 +194,57 @@ METHODS: dict[str, type[SteeringMethod]] = {}
 
 
 def register_method(cls: type[SteeringMethod]) -> type[SteeringMethod]:
-    """Make a method available by its ``name`` to ``SteerOp(mode=...)`` and everything built on it."""
+    """Make a method available by its ``name`` to ``SteerOp(mode=...)`` and everything built on it (HTTP, CLI,
+    vLLM). Its parameters and features are checked here, once."""
+    if not getattr(cls, "name", None) or not isinstance(cls.name, str):
+        raise ValueError(f"{cls.__name__} needs a class attribute name")
+    if not is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+        raise ValueError(f"{cls.__name__} must be a frozen dataclass (its fields are the method's parameters)")
+    params = cls.parameters()
+    if cls.strength is not None and (cls.strength not in params or params[cls.strength].type is not float):
+        raise ValueError(f"method {cls.name!r}: strength {cls.strength!r} must name one of its float parameters")
+    if not cls.features <= OP_FEATURES:
+        raise ValueError(f"method {cls.name!r} uses op features {sorted(cls.features - OP_FEATURES)}; the op has "
+                         f"{sorted(OP_FEATURES)}")
     METHODS[cls.name] = cls
     return cls
+
+
+def parse_params(mode: str, texts: Iterable[str]) -> dict[str, Any]:
+    """``NAME=VALUE`` texts (``--param value=2.5``) as method ``mode``'s parameters, each read as its declared
+    type (``true``/``false`` for bool, ``none`` for an optional one); one-line error otherwise."""
+    declared = method_named(mode).parameters()
+    out: dict[str, Any] = {}
+    for text in texts:
+        name, eq, raw = str(text).partition("=")
+        name = name.strip()
+        if not eq or not name:
+            raise ValueError(f"parameter {text!r}: expected NAME=VALUE")
+        if name not in declared:
+            raise ValueError(f"method {mode!r} has no parameter {name!r}; its parameters: "
+                             f"{', '.join(declared) or 'none'}")
+        p = declared[name]
+        value: Any = raw.strip()
+        try:
+            if p.optional and value.lower() in ("none", "null"):
+                value = None
+            elif p.type is bool:
+                if value.lower() not in ("true", "false"):
+                    raise ValueError("expected true or false")
+                value = value.lower() == "true"
+            elif p.type in (int, float):
+                value = p.type(value)
+        except ValueError as exc:
+            raise ValueError(f"parameter {text!r}: {exc}") from None
+        out[name] = p.check(value, mode)
+    return out
+
+
+def method_named(mode: str) -> type[SteeringMethod]:
+    """The registered method class called ``mode`` (one-line error naming the registered ones)."""
+    if not isinstance(mode, str) or mode not in METHODS:
+        raise ValueError(f"unknown steering mode {mode!r}; choose from {tuple(METHODS)}")
+    return METHODS[mode]
 
 
 @register_method
@@ -120,11 +253,9 @@ class Add(SteeringMethod):
     """``h + coef * v`` (``v`` as given, not normalised)."""
 
     name: ClassVar[str] = "add"
+    strength: ClassVar[str | None] = "coef"
+    features: ClassVar[frozenset[str]] = frozenset({"add"})
     coef: float = 1.0
-
-    @classmethod
-    def from_fields(cls, coef, cap_min, cap_max):
-        return cls(coef=float(coef))
 
     def lower(self, vector):
         return Lowered(vector.float(), self.coef)
@@ -136,10 +267,7 @@ class Ablate(SteeringMethod):
     """Remove the component along ``v``: a cap of the projection on the unit vector to ``[0, 0]``."""
 
     name: ClassVar[str] = "ablate"
-
-    @classmethod
-    def from_fields(cls, coef, cap_min, cap_max):
-        return cls()
+    features: ClassVar[frozenset[str]] = frozenset({"cap"})
 
     def lower(self, vector):
         return Lowered(unit(vector), 0.0, 0.0, 0.0)
@@ -148,23 +276,22 @@ class Ablate(SteeringMethod):
 @register_method
 @dataclass(frozen=True)
 class Cap(SteeringMethod):
-    """Clamp the projection on the unit vector into ``[lo, hi]`` (None: unbounded on that side)."""
+    """Clamp the projection on the unit vector into ``[cap_min, cap_max]`` (None: unbounded on that side)."""
 
     name: ClassVar[str] = "cap"
-    lo: float | None = None
-    hi: float | None = None
+    features: ClassVar[frozenset[str]] = frozenset({"cap"})
+    cap_min: float | None = None
+    cap_max: float | None = None
 
-    @classmethod
-    def from_fields(cls, coef, cap_min, cap_max):
-        if cap_min is None and cap_max is None:
+    def __post_init__(self) -> None:
+        if self.cap_min is None and self.cap_max is None:
             raise ValueError("mode 'cap' needs cap_min and/or cap_max")
-        if cap_min is not None and cap_max is not None and cap_min > cap_max:
-            raise ValueError(f"cap_min ({cap_min}) must be <= cap_max ({cap_max})")
-        return cls(lo=cap_min, hi=cap_max)
+        if self.cap_min is not None and self.cap_max is not None and self.cap_min > self.cap_max:
+            raise ValueError(f"cap_min ({self.cap_min}) must be <= cap_max ({self.cap_max})")
 
     def lower(self, vector):
-        return Lowered(unit(vector), 0.0, -INF if self.lo is None else float(self.lo),
-                       INF if self.hi is None else float(self.hi))
+        return Lowered(unit(vector), 0.0, -INF if self.cap_min is None else float(self.cap_min),
+                       INF if self.cap_max is None else float(self.cap_max))
 
 
 @dataclass(frozen=True)
@@ -204,9 +331,24 @@ class Condition:
 
 
 class PositionRule(ABC):
-    """Which tokens of a row an edit touches, as an interval of absolute positions."""
+    """Which tokens of a row an edit touches, as an interval of absolute positions.
+
+    A rule is written as text ``name`` or ``name:ARG``; ``parse`` reads ``ARG`` (None when there is none) and
+    ``spec`` writes the rule back. ``requires`` names what a consumer must support to apply it (see
+    ``Support``).
+    """
 
     name: ClassVar[str]
+    requires: ClassVar[frozenset[str]] = frozenset()
+    # How the rule is written, for error messages and help texts ("first:N").
+    syntax: ClassVar[str] = ""
+
+    @classmethod
+    def parse(cls, arg: str | None) -> PositionRule:
+        """The rule for the text after ``name:`` (None: the bare name). The default takes no argument."""
+        if arg is not None:
+            raise ValueError(f"positions {cls.name!r} take no argument, got {cls.name}:{arg}")
+        return cls()
 
     @abstractmethod
     def interval(self, prompt_len: int, marker: int | None = None) -> tuple[int, int]:
@@ -218,53 +360,72 @@ class PositionRule(ABC):
         return self.name
 
 
-POSITION_RULES: dict[str, PositionRule] = {}
+POSITION_RULES: dict[str, type[PositionRule]] = {}
 
 
-def register_positions(rule: PositionRule) -> PositionRule:
-    """Make a position rule available by its ``name``."""
-    POSITION_RULES[rule.name] = rule
-    return rule
+def register_positions(cls: type[PositionRule]) -> type[PositionRule]:
+    """Make a position rule available by its ``name`` (the prefix it is written with)."""
+    if not getattr(cls, "name", None) or ":" in cls.name:
+        raise ValueError(f"{cls.__name__} needs a class attribute name without ':'")
+    POSITION_RULES[cls.name] = cls
+    return cls
 
 
+def _count(text: str | None, what: str) -> int:
+    if text is None or not text.strip().isdigit():
+        raise ValueError(f"{what} must be an int >= 0, got {text!r}")
+    return int(text)
+
+
+@register_positions
 @dataclass(frozen=True)
-class _All(PositionRule):
+class AllPositions(PositionRule):
+    """Every token: ``[0, inf)``."""
+
     name: ClassVar[str] = "all"
 
     def interval(self, prompt_len, marker=None):
         return 0, NO_END
 
 
+@register_positions
 @dataclass(frozen=True)
-class _Prompt(PositionRule):
+class PromptPositions(PositionRule):
+    """The prompt's tokens: ``[0, P)``."""
+
     name: ClassVar[str] = "prompt"
 
     def interval(self, prompt_len, marker=None):
         return 0, prompt_len
 
 
+@register_positions
 @dataclass(frozen=True)
-class _Response(PositionRule):
+class ResponsePositions(PositionRule):
+    """The generated tokens: ``[P, inf)``."""
+
     name: ClassVar[str] = "response"
 
     def interval(self, prompt_len, marker=None):
         return prompt_len, NO_END
 
 
-for _rule in (_All(), _Prompt(), _Response()):
-    register_positions(_rule)
-
-
+@register_positions
 @dataclass(frozen=True)
 class FirstGenerated(PositionRule):
     """The first ``n`` generated tokens: ``[P, P + n)``."""
 
     n: int
     name: ClassVar[str] = "first"
+    syntax: ClassVar[str] = "first:N"
 
     def __post_init__(self) -> None:
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 0:
             raise ValueError(f"the number of generated tokens must be an int >= 0, got {self.n!r}")
+
+    @classmethod
+    def parse(cls, arg):
+        return cls(_count(arg, "the number of generated tokens"))
 
     def interval(self, prompt_len, marker=None):
         return prompt_len, prompt_len + self.n
@@ -273,6 +434,7 @@ class FirstGenerated(PositionRule):
         return f"first:{self.n}"
 
 
+@register_positions
 @dataclass(frozen=True)
 class GeneratedWindow(PositionRule):
     """Generated tokens ``start`` (inclusive) to ``end`` (exclusive), counted from 0: ``[P + start, P + end)``."""
@@ -280,6 +442,7 @@ class GeneratedWindow(PositionRule):
     start: int
     end: int
     name: ClassVar[str] = "window"
+    syntax: ClassVar[str] = "window:A-B"
 
     def __post_init__(self) -> None:
         for value in (self.start, self.end):
@@ -288,6 +451,11 @@ class GeneratedWindow(PositionRule):
         if self.end < self.start:
             raise ValueError(f"window end ({self.end}) is before its start ({self.start})")
 
+    @classmethod
+    def parse(cls, arg):
+        a, _, b = (arg or "").partition("-")
+        return cls(_count(a, "window start"), _count(b, "window end"))
+
     def interval(self, prompt_len, marker=None):
         return prompt_len + self.start, prompt_len + self.end
 
@@ -295,6 +463,7 @@ class GeneratedWindow(PositionRule):
         return f"window:{self.start}-{self.end}"
 
 
+@register_positions
 @dataclass(frozen=True)
 class FromMarker(PositionRule):
     """From the first generated occurrence of ``text`` on: ``[M, inf)``, where ``M`` is the absolute position of
@@ -303,10 +472,16 @@ class FromMarker(PositionRule):
 
     text: str
     name: ClassVar[str] = "marker"
+    syntax: ClassVar[str] = "marker:TEXT"
+    requires: ClassVar[frozenset[str]] = frozenset({"markers"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str) or not self.text:
             raise ValueError("a marker must be a non-empty string")
+
+    @classmethod
+    def parse(cls, arg):
+        return cls(arg or "")
 
     def interval(self, prompt_len, marker=None):
         return (NO_END, NO_END) if marker is None else (int(marker), NO_END)
@@ -315,28 +490,41 @@ class FromMarker(PositionRule):
         return f"marker:{self.text}"
 
 
+def position_syntax() -> str:
+    """Every registered rule as it is written (``all``, ``prompt``, ..., ``first:N``...), for help and errors."""
+    return ", ".join(cls.syntax or cls.name for cls in POSITION_RULES.values())
+
+
 def position_rule(positions: str | PositionRule) -> PositionRule:
-    """The rule object for a name (``"all"``, ``"prompt"``, ``"response"``...), a parametrised rule written as
-    text (``"first:N"``, ``"window:A-B"``, ``"marker:TEXT"``), or the rule itself."""
+    """The rule object for its text (``"response"``, ``"first:8"``: the registered rule named by the prefix
+    parses the rest) or the rule itself."""
     if isinstance(positions, PositionRule):
         return positions
-    rule = POSITION_RULES.get(positions) if isinstance(positions, str) else None
-    if rule is None and isinstance(positions, str) and ":" in positions:
-        kind, _, arg = positions.partition(":")
-        try:
-            if kind == "first":
-                return FirstGenerated(int(arg))
-            if kind == "window":
-                a, _, b = arg.partition("-")
-                return GeneratedWindow(int(a), int(b))
-        except ValueError as exc:
-            raise ValueError(f"positions {positions!r}: {exc}") from None
-        if kind == "marker":
-            return FromMarker(arg)
-    if rule is None:
-        raise ValueError(f"unknown positions {positions!r}; choose from {tuple(POSITION_RULES)} or first:N, "
-                         "window:A-B (generated tokens A..B-1), marker:TEXT")
-    return rule
+    if not isinstance(positions, str):
+        raise ValueError(f"positions must be a rule or its text ({position_syntax()}), got {positions!r}")
+    kind, colon, arg = positions.partition(":")
+    cls = POSITION_RULES.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown positions {positions!r}; choose from {position_syntax()}")
+    try:
+        return cls.parse(arg if colon else None)
+    except ValueError as exc:
+        raise ValueError(f"positions {positions!r}: {exc}") from None
+
+
+def build_method(mode: str, coef: float = 1.0, cap_min: float | None = None, cap_max: float | None = None,
+                 params: Mapping[str, Any] | None = None) -> SteeringMethod:
+    """The method ``mode`` from the generic fields every front end carries and the method's own ``params``:
+    ``coef`` sets its strength, ``cap_min``/``cap_max`` the parameters of those names, ``params`` override
+    both (the one place ``SteerOp``, the HTTP schema and the CLI turn their fields into a method)."""
+    cls = method_named(mode)
+    declared = cls.parameters()
+    values: dict[str, Any] = {}
+    if cls.strength is not None:
+        values[cls.strength] = float(coef)
+    values.update({k: v for k, v in (("cap_min", cap_min), ("cap_max", cap_max)) if k in declared and v is not None})
+    values.update(params or {})
+    return cls.from_params(values)
 
 
 @dataclass(frozen=True)
@@ -349,11 +537,14 @@ class SteerOp:
             A detached copy is kept, so changing the caller's tensor later changes nothing here.
         mode: a registered method name: "add" (h + coef * v), "ablate" (remove the component along v),
             "cap" (clamp <h, v/|v|>), or one registered with ``register_method``.
-        coef: scale for ``add`` (the generic number a method may read).
-        cap_min: lower bound of the projection for ``cap`` (None: unbounded).
-        cap_max: upper bound of the projection for ``cap`` (None: unbounded).
-        positions: which tokens the edit touches (a rule name or a ``PositionRule``).
+        coef: the method's strength (``SteeringMethod.strength``: ``add``'s scale); ignored by a method
+            without one.
+        cap_min, cap_max: shorthand for the parameters of those names (``cap``'s bounds; None: unbounded);
+            ignored by a method without them.
+        positions: which tokens the edit touches (a rule's text, e.g. ``"first:8"``, or a ``PositionRule``).
         when: a ``Condition`` gating the edit per token (evaluated at this op's layer), or None.
+        params: the method's own parameters by name (they override ``coef``/``cap_min``/``cap_max``); a name
+            the method does not declare is refused.
     """
 
     layer: int
@@ -364,17 +555,22 @@ class SteerOp:
     cap_max: float | None = None
     positions: str | PositionRule = "all"
     when: Condition | None = None
+    params: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
-        if self.mode not in METHODS:
-            raise ValueError(f"unknown steering mode {self.mode!r}; choose from {tuple(METHODS)}")
+        method_named(self.mode)
         position_rule(self.positions)
         check_number(self.coef, f"steering coefficient at layer {self.layer}")
         for name in ("cap_min", "cap_max"):
             if getattr(self, name) is not None:
                 check_number(getattr(self, name), name)
+        if not isinstance(self.params, Mapping):
+            raise ValueError(f"params must be a mapping of parameter names to values, got {self.params!r}")
+        object.__setattr__(self, "params", dict(self.params))
         check_vector(self.vector, name=f"steering vector at layer {self.layer}")
-        self.method  # noqa: B018 -- builds the method now, so a missing field fails at construction
+        # Built now, so a missing or mistyped parameter fails at construction, in one line.
+        object.__setattr__(self, "_method", build_method(self.mode, self.coef, self.cap_min, self.cap_max,
+                                                         self.params))
         object.__setattr__(self, "vector", self.vector.detach().clone())
         if self.when is not None:
             if not isinstance(self.when, Condition):
@@ -385,12 +581,27 @@ class SteerOp:
 
     @property
     def method(self) -> SteeringMethod:
-        """The steering method object this spec names."""
-        return METHODS[self.mode].from_fields(self.coef, self.cap_min, self.cap_max)
+        """The steering method object this spec names, with its parameters."""
+        return self._method  # type: ignore[attr-defined]
+
+    def method_params(self) -> dict[str, Any]:
+        """The method's parameters by name, as built (what a spec or request carries to rebuild the edit)."""
+        return {f.name: getattr(self.method, f.name) for f in fields(self.method)}  # type: ignore[arg-type]
 
     @property
     def rule(self) -> PositionRule:
         return position_rule(self.positions)
+
+    def with_strength(self, value: float) -> SteerOp:
+        """The same op with its method's strength set to ``value`` (a per-row coefficient); a method without a
+        strength takes only 0 (off) or 1 (as is), per-row caps and ablations being all or nothing."""
+        cls = METHODS[self.mode]
+        if cls.strength is None:
+            if value not in (0.0, 1.0):
+                raise ValueError(f"a per-row coefficient of {value:g} for a {self.mode!r} op: a method without a "
+                                 "strength is all or nothing (0 or 1)")
+            return self
+        return replace(self, params={**self.method_params(), cls.strength: float(value)})
 
 
 @dataclass(frozen=True)
@@ -425,6 +636,20 @@ class Edit:
         """The same edit with another coefficient (per-row coefficients of one shared spec)."""
         return replace(self, coef=float(coef))
 
+    def needs(self) -> frozenset[str]:
+        """What a consumer must support to apply this edit (see ``Support``): its rule's requirements, "gates"
+        and "latches" for a condition, and the op features its scalars use ("add", "cap")."""
+        out = set(self.rule.requires)
+        if self.gate_key is not None:
+            out.add("gates")
+        if self.latch:
+            out.add("latches")
+        if self.coef != 0.0:
+            out.add("add")
+        if self.lo != -INF or self.hi != INF:
+            out.add("cap")
+        return frozenset(out)
+
 
 def lower_op(op: SteerOp) -> Edit:
     """Lower one ``SteerOp`` through its method."""
@@ -451,6 +676,52 @@ def lower_op(op: SteerOp) -> Edit:
 def lower_ops(ops: Sequence[SteerOp]) -> list[Edit]:
     """Lower every op, in order."""
     return [lower_op(op) for op in ops]
+
+
+# What each requirement is, for the one refusal message.
+_NEEDS_WORDS = {"markers": "marker positions", "gates": "conditions (when)", "latches": "latched conditions",
+                "add": "added vectors", "cap": "projection caps"}
+
+
+class SteeringNotSupported(ValueError):
+    """Steering a consumer cannot apply (``check_supported``): raised before any work starts."""
+
+
+@dataclass(frozen=True)
+class Support:
+    """What one consumer of the plan can apply; ``check_supported`` refuses the rest, in one message.
+
+    Attributes:
+        where: the consumer, as the message names it ("the compiled path", "the vLLM engine"...).
+        markers: position rules that start at a generated marker (the host watches the text between steps).
+        gates: conditions (``when``).
+        latches: latched conditions.
+        features: the per-row op's arguments it passes (``OP_FEATURES``).
+    """
+
+    where: str
+    markers: bool = True
+    gates: bool = True
+    latches: bool = True
+    features: frozenset[str] = OP_FEATURES
+
+    def has(self, need: str) -> bool:
+        if need in OP_FEATURES:
+            return need in self.features
+        return bool(getattr(self, need, False))
+
+
+def check_supported(edits: Iterable[Edit], support: Support) -> None:
+    """Refuse, before any work, an edit ``support``'s consumer cannot apply (the same message on every path).
+
+    Raises:
+        SteeringNotSupported: ``"<where> cannot apply marker positions (edit 2 at layer 16: 'marker:</think>')"``.
+    """
+    for i, e in enumerate(edits):
+        missing = sorted(n for n in e.needs() if not support.has(n))
+        if missing:
+            raise SteeringNotSupported(f"{support.where} cannot apply {_NEEDS_WORDS.get(missing[0], missing[0])} "
+                                      f"(edit {i} at layer {e.layer}: positions {e.rule.spec()!r})")
 
 
 @dataclass(frozen=True)
@@ -1034,6 +1305,45 @@ class SteeringPlan:
                 **self._gate_args(state, j, s, n))
             self._after_gate(state, j, s, n)
         return hidden, proj
+
+    def apply_traced(self, layer: int, hidden: Tensor, row_of_token: Tensor, position: Tensor,
+                     readout: Tensor | None = None, backend: str = "auto") -> tuple[Tensor, Tensor | None]:
+        """The edit at ``layer`` as a traceable function of the pass's tensors (the compiled path's form).
+
+        The per-token arguments come from ``token_args`` inside the graph, each slot runs the functional op
+        (``backend="inline"``: the same math as plain torch ops for the compiler to fuse), gates included, and
+        latching gates are recorded on the device. No host read, no allocation the graph does not own.
+
+        Args:
+            hidden: [N, D] the flattened block output.
+            row_of_token: [N] int64 plan row of each token.
+            position: [N] int64 absolute position of each token.
+            readout: [K, D] fp32 read-out directions, or None.
+
+        Returns:
+            ``(new hidden [N, D], read-out [N, K] fp32 or None)``.
+        """
+        state = self.layers.get(layer)
+        if state is None:
+            return hidden, (hidden.float() @ readout.T if readout is not None else None)
+        args = self.token_args(row_of_token, position, state.slots)
+        proj = None
+        for j, s in enumerate(state.slots):
+            last = j == len(state.slots) - 1
+            coef = args["coef"][j] if state.adds[j] else None
+            lo, hi = (args["lo"][j], args["hi"][j]) if state.caps[j] else (None, None)
+            gate = ({"gate_dir": state.gate_table, "gate_index": args["gindex"][j], "gate_lo": args["glo"][j],
+                     "gate_hi": args["ghi"][j]} if state.gates[j] else {})
+            mon = readout if last else None
+            if backend == "inline":
+                hidden, proj, opened = steer_rows_inline(hidden, state.table, args["index"][j], coef, lo, hi, mon,
+                                                         **gate)
+            else:
+                hidden, proj, opened = steer_rows_op(hidden, state.table, args["index"][j], coef, lo, hi, mon,
+                                                     backend, **gate)
+            if state.gates[j] and self._slot_latch[s]:
+                self.latch(s, row_of_token, opened & (args["gindex"][j] >= 0))
+        return hidden, proj if readout is not None else None
 
     def _proj_buffer(self, layer: int, readout: Tensor, n: int) -> Tensor:
         buf = self._proj.get(layer)

@@ -1,9 +1,10 @@
 """Steering the residual stream during any forward pass, with per-token trait read-out.
 
-``steer(model, vectors, layers, coef)`` is a context manager: inside it every forward pass (``model(...)``,
-``model.generate``, a training step) adds ``coef * v`` at the chosen layers, ablates ``v``, or caps the
-projection on ``v``. The edit and the trait read-out happen in one fused op
-(``steerlib.kernels``' per-row op ``steer_rows_``: Triton/CUDA on GPU, torch on CPU).
+``steer(model, vectors, layers, coef)`` (or ``steer(model, ops)``) is a context manager: inside it every forward
+pass (``model(...)``, ``model.generate``, a training step) is edited by a registered method at the chosen layers
+(add ``coef * v``, ablate ``v``, cap the projection on ``v``, or one of ``register_method``). The edit and the
+trait read-out happen in the one per-row op (``steerlib.kernels``: Triton/CUDA on GPU, torch on CPU), through
+the steering plan and the one residual hook point (``steerlib.core.hooks.hook_residual``).
 
 Positions are absolute: a forward pass that starts with an empty KV cache is the prefill and its tokens
 are the prompt; tokens fed later (decoding with a cache) are the response. So ``positions="response"``
@@ -27,18 +28,19 @@ from transformers import StoppingCriteria
 from steerlib.core.arch import Layout, get_layout
 from steerlib.core.checks import check_choice, check_number
 from steerlib.core.compat import find_cache, past_length
-from steerlib.core.hooks import HookHandles
+from steerlib.core.hooks import HookHandles, hook_residual
 from steerlib.core.loading import load_vectors, pick_layer, resolve_vector
 from steerlib.core.renamed import renamed_getattr
 from steerlib.core.vectors import TraitVectors, VectorSource, check_vector
 from steerlib.steering.plan import (
-    METHODS,
-    POSITION_RULES,
     Condition,
     FromMarker,
     SteeringPlan,
     SteerOp,
+    Support,
+    check_supported,
     lower_ops,
+    method_named,
     position_rule,
 )
 from steerlib.steering.thread_guard import owner_thread_only
@@ -46,12 +48,10 @@ from steerlib.steering.thread_guard import owner_thread_only
 __all__ = ["Condition", "ResidualEditor", "SteerOp", "TraitReadout", "When", "build_ops", "build_readout", "read_out",
            "steer"]
 
-Mode = Literal["add", "ablate", "cap"]
-Positions = Literal["all", "prompt", "response"]
-
-# The built-in names; methods and position rules registered later are accepted too (see ``plan``).
-MODES = ("add", "ablate", "cap")
-POSITIONS = ("all", "prompt", "response")
+# A registered method's name ("add", "ablate", "cap" or one of ``register_method``) and a position rule's text
+# ("all", "prompt", "response", "first:N"... or one of ``register_positions``): the registries decide, not a list.
+Mode = str
+Positions = str
 
 
 class _PositionTracker:
@@ -156,6 +156,9 @@ class ResidualEditor:
     the context exits, also when the body raises.
     """
 
+    # Everything the plan lowers: markers (watched by ``marker_watcher``), gates and latches.
+    SUPPORT = Support("the eager editor")
+
     def __init__(self, model: nn.Module, ops: Sequence[SteerOp] = (), readout: TraitReadout | None = None):
         self.model = model
         self.layout: Layout = get_layout(model)
@@ -163,6 +166,9 @@ class ResidualEditor:
         self.readout = readout
         self.positions = _PositionTracker()
         self._handles = HookHandles()
+        ops_given = [op for op in self.ops if not isinstance(op, SteerOp)]
+        if ops_given:
+            raise ValueError(f"ops must be SteerOps, got {type(ops_given[0]).__name__}")
         device = next(model.parameters()).device
         for op in self.ops:
             layer = self.layout.check_layer(op.layer, allow_embeddings=False)
@@ -170,6 +176,7 @@ class ResidualEditor:
         # Every batch row makes the same edits: the plan has one row, and every token maps to it, unless some
         # state is per row (a latching gate, a marker position): then the plan has one row per batch row.
         self._edits = lower_ops(self.ops)
+        check_supported(self._edits, self.SUPPORT)
         self._needs_split = any(e.rule.name != "all" for e in self._edits)
         self.markers = sorted({e.rule.text for e in self._edits if isinstance(e.rule, FromMarker)})
         self._per_row = bool(self.markers) or any(e.latch for e in self._edits)
@@ -232,25 +239,19 @@ class ResidualEditor:
         readout_dirs = self._readout_dirs.get(layer)
         plan = self.plan
 
-        def hook(_module: nn.Module, _args: tuple, output: object):
-            hidden = output[0] if isinstance(output, tuple) else output
-            batch, seq, width = hidden.shape
-            flat = hidden.reshape(batch * seq, width)
+        def edit(flat: Tensor, shape: tuple[int, int], _kwargs: dict) -> Tensor | None:
             # In-place edits would corrupt autograd's saved tensors during training.
-            functional = (torch.is_grad_enabled() and hidden.requires_grad) or not flat.is_contiguous()
+            functional = torch.is_grad_enabled() and flat.requires_grad
             if functional:
                 flat, projections = plan.apply_functional(layer, flat, readout_dirs)
             else:
                 projections = plan.apply(layer, flat, readout_dirs)
             if readout_dirs is not None:
                 # The plan reuses its read-out buffer on the next pass: keep a copy.
-                self.readout.records[layer].append(projections.detach().view(batch, seq, -1).clone())
-            if not functional:
-                return None
-            new_hidden = flat.view(batch, seq, width)
-            return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
+                self.readout.records[layer].append(projections.detach().view(*shape, -1).clone())
+            return flat if functional else None
 
-        return hook
+        return edit
 
     def __enter__(self) -> ResidualEditor:
         if self.readout is not None:
@@ -259,7 +260,7 @@ class ResidualEditor:
         with self._handles.registering() as handles:
             handles.add(self.layout.body.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             for layer in layers:
-                handles.add(self.layout.blocks[layer - 1].register_forward_hook(self._make_hook(layer)))
+                handles.add(hook_residual(self.layout, layer, self._make_hook(layer)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -363,10 +364,14 @@ def build_ops(
     relative: bool = False,
     kind: str | None = None,
     when: When | None = None,
+    params: Mapping[str, object] | None = None,
 ) -> list[SteerOp]:
     """Expand a user's steering request into one ``SteerOp`` per (vector, layer).
 
-    ``when`` gates every op on a condition, evaluated at each op's own layer (see ``When``).
+    ``coef`` is the method's strength (``add``'s scale); with ``relative=True`` it is a fraction of the typical
+    residual norm at the layer, for any method that has a strength. ``params`` are the method's own parameters
+    by name (``SteeringMethod.parameters()``). ``when`` gates every op on a condition, evaluated at each op's
+    own layer (see ``When``).
     """
     layout = get_layout(model)
     if when is not None and not isinstance(when, When):
@@ -374,9 +379,8 @@ def build_ops(
     sources = list(vectors) if isinstance(vectors, list | tuple) else [vectors]
     if not sources:
         raise ValueError("no steering vectors given")
-    check_choice(mode, "steering mode", tuple(METHODS))
-    if not hasattr(positions, "interval"):
-        check_choice(positions, "positions", tuple(POSITION_RULES))
+    method = method_named(mode)
+    position_rule(positions)
     coefs = [check_number(c, "steering coefficient") for c in _as_list(coef, len(sources), "coefficients")]
     layers = _layer_list(layers, "layers")
     ops = []
@@ -387,11 +391,12 @@ def build_ops(
             layer = layout.check_layer(layer, allow_embeddings=False)
             vec = resolve_vector(source, layer, kind=kind, d_model=layout.d_model)
             scale = float(c)
-            if relative and mode == "add":
+            if relative and method.strength is not None:
                 scale *= _typical_norm(source, layer) / float(vec.norm())
             lo, hi = cap if cap is not None else (None, None)
             ops.append(SteerOp(layer=layer, vector=vec, mode=mode, coef=scale, cap_min=lo, cap_max=hi,
-                               positions=positions, when=when.at(model, layer) if when is not None else None))
+                               positions=positions, when=when.at(model, layer) if when is not None else None,
+                               params=params or {}))
     return ops
 
 
@@ -433,10 +438,22 @@ def build_readout(
     return TraitReadout(names=list(loaded), layers=layers, directions=directions)
 
 
+def as_ops(value: object) -> list[SteerOp] | None:
+    """``value`` as a list of ops when it is a ``SteerOp`` or a non-empty sequence of them (``compose``,
+    ``calibrated_cap``, ``build_ops`` give those); None when it is vectors."""
+    if isinstance(value, SteerOp):
+        return [value]
+    if isinstance(value, list | tuple) and value and all(isinstance(x, SteerOp) for x in value):
+        return list(value)
+    if isinstance(value, list | tuple) and any(isinstance(x, SteerOp) for x in value):
+        raise ValueError("a list mixing SteerOps and vectors: pass ops alone, or vectors alone")
+    return None
+
+
 @contextlib.contextmanager
 def steer(
     model: nn.Module,
-    vectors: VectorSource | Sequence[VectorSource],
+    vectors: VectorSource | Sequence[VectorSource] | SteerOp | Sequence[SteerOp],
     layers: int | Sequence[int] | None = None,
     coef: float | Sequence[float] = 1.0,
     *,
@@ -448,6 +465,7 @@ def steer(
     readout: TraitReadout | None = None,
     threads: Literal["owner", "any"] = "owner",
     when: When | None = None,
+    params: Mapping[str, object] | None = None,
 ) -> Iterator[ResidualEditor]:
     """Steer every forward pass inside the ``with`` block.
 
@@ -459,14 +477,16 @@ def steer(
 
     Args:
         model: HF causal LM.
-        vectors: a TraitVectors, a [d_model] or [n_layers + 1, d_model] tensor, a saved vectors path, or a list
-            of these (each is applied at every layer in ``layers``).
+        vectors: ops already built (a ``SteerOp`` or a list of them: ``compose``, ``calibrated_cap``,
+            ``build_ops``), applied as they are; or a TraitVectors, a [d_model] or [n_layers + 1, d_model] tensor,
+            a saved vectors path, or a list of these (each is applied at every layer in ``layers``).
         layers: residual layers 1..n_layers to edit (default: the vectors' recommended layer).
         coef: scale of the added vector (one per vector, or one for all). With ``relative=True`` it is a
             fraction of the typical residual norm at that layer: the added vector has norm
             ``coef * typical_norm`` whatever the norm of ``v``.
-        mode: "add", "ablate" or "cap".
-        positions: "all", "prompt" (prefill only) or "response" (generated tokens only).
+        mode: a registered steering method: "add", "ablate", "cap" or one of ``register_method``.
+        positions: a position rule's text: "all", "prompt" (prefill only), "response" (generated tokens only),
+            "first:N", "window:A-B", "marker:TEXT", or one of ``register_positions``.
         cap: (min, max) projection bounds for ``mode="cap"``.
         relative: interpret ``coef`` relative to the typical residual norm (see above).
         kind: pooling kind of TraitVectors to use (default response_mean).
@@ -474,14 +494,30 @@ def steer(
         threads: "owner" (default): forward passes from other threads raise; "any": they run, steered (e.g. a
             ``TextIteratorStreamer`` pattern where ``generate`` runs in a thread you start inside the block).
         when: steer only where a condition holds (``When``; evaluated at each steered layer).
+        params: the method's own parameters by name (see ``SteeringMethod``).
+
+    The arguments after ``vectors`` up to ``when`` (but ``readout`` and ``threads``) build ops from vectors; with
+    ops given they are refused rather than ignored.
 
     Example:
         >>> with steer(model, vectors, layers=16, coef=4.0):
         ...     out = model.generate(**inputs, max_new_tokens=40)
+        >>> with steer(model, compose(model, [Component(a, 4.0, [16]), Component(b, 2.0, [18])])):
+        ...     out = model.generate(**inputs, max_new_tokens=40)
     """
     check_choice(threads, "threads", ("owner", "any"))
-    ops = build_ops(model, vectors, layers, coef, mode=mode, positions=positions, cap=cap, relative=relative,
-                    kind=kind, when=when)
+    ops = as_ops(vectors)
+    if ops is None:
+        ops = build_ops(model, vectors, layers, coef, mode=mode, positions=positions, cap=cap, relative=relative,
+                        kind=kind, when=when, params=params)
+    else:
+        given = {"layers": layers is not None, "coef": coef != 1.0, "mode": mode != "add",
+                 "positions": positions != "all", "cap": cap is not None, "relative": relative,
+                 "kind": kind is not None, "when": when is not None, "params": bool(params)}
+        extra = [k for k, v in given.items() if v]
+        if extra:
+            raise ValueError(f"steer() got ops and {extra[0]!r}: ops carry their own layers, coefficients, "
+                             "methods and positions; pass vectors to build ops from those arguments")
     guard = owner_thread_only(model) if threads == "owner" else contextlib.nullcontext()
     with guard, ResidualEditor(model, ops, readout) as editor:
         yield editor

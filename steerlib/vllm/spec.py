@@ -4,7 +4,7 @@ vLLM's ``vllm_xargs`` take only str/int/float/list values, so a request's steeri
 A client may write it with vectors (inline floats or names)::
 
     {"edits": [{"layer": 16, "vector": [..d_model floats..] or "name", "mode": "add", "coef": 4.0,
-                "positions": "all", "cap_min": null, "cap_max": null, "relative": false,
+                "positions": "all", "cap_min": null, "cap_max": null, "params": {}, "relative": false,
                 "when": {"vector": [..] or "name", "above": 0.5, "below": null, "latch": false}}],
      "readout": true}
 
@@ -19,10 +19,12 @@ TraitVectors per entry, its file or folder stem being the name). The same parse 
 API process accepted cannot fail in a worker. ``cache_salt(spec)`` names the steering for vLLM's prefix cache: KV
 blocks computed under one steering are never reused by a request with another (or none).
 
-``positions`` is a rule as ``steerlib.steering.plan.position_rule`` reads it: ``all``, ``prompt``, ``response``,
-``first:N`` or ``window:A-B``. Conditions (``when``, gates evaluated in the op at the edit's layer, latched per
-request) travel as the plan lowers them. ``marker:TEXT`` positions are not carried to vLLM yet (they need the
-generated text watched between steps) and are refused, not dropped.
+``mode`` is any registered steering method, with its own parameters in ``params`` (``coef``, ``cap_min`` and
+``cap_max`` are the generic shorthands, as for ``SteerOp``); ``relative`` scales the method's strength.
+``positions`` is a rule as ``steerlib.steering.plan.position_rule`` reads it (any registered rule). Conditions
+(``when``, gates evaluated in the op at the edit's layer, latched per request) travel as the plan lowers them.
+What vLLM cannot apply is declared once, ``SUPPORT``, and refused by the plan's ``check_supported``:
+``marker:TEXT`` positions are not carried yet (they need the generated text watched between steps).
 """
 
 from __future__ import annotations
@@ -41,13 +43,15 @@ from torch import Tensor
 from steerlib.core.loading import load_vectors, resolve_vector
 from steerlib.core.vectors import TraitVectors
 from steerlib.steering.plan import (
-    METHODS,
     Condition,
     Edit,
-    FromMarker,
     PositionRule,
+    SteeringNotSupported,
     SteerOp,
+    Support,
+    check_supported,
     lower_op,
+    method_named,
     position_rule,
 )
 from steerlib.vllm.slots import VectorStore, content_key, is_key
@@ -57,7 +61,7 @@ __all__ = ["SPEC_KEY", "VECTORS_ENV", "ParsedSpec", "RowSource", "UnsupportedOnV
 
 SPEC_KEY = "steerlib"
 VECTORS_ENV = "STEERLIB_VLLM_VECTORS"
-_EDIT_KEYS = {"layer", "vector", "mode", "coef", "positions", "cap_min", "cap_max", "relative", "when"}
+_EDIT_KEYS = {"layer", "vector", "mode", "coef", "positions", "cap_min", "cap_max", "params", "relative", "when"}
 _WHEN_KEYS = {"vector", "above", "below", "latch"}
 _LOWERED_KEYS = {"layer", "row", "coef", "lo", "hi", "positions", "gate_row", "gate_lo", "gate_hi", "latch"}
 _UNIT_TOL = 1e-4
@@ -67,20 +71,28 @@ _UNIT_TOL = 1e-4
 RowSource = Callable[[list[str]], Mapping[str, Tensor]]
 
 
-class UnsupportedOnVllm(ValueError):
-    """Steering the vLLM backend cannot apply yet (a marker position)."""
+class UnsupportedOnVllm(SteeringNotSupported):
+    """Steering the vLLM backend cannot apply yet (see ``SUPPORT``)."""
+
+
+# What the worker's fixed plan applies: gates and latches, no marker positions (nothing watches the text).
+SUPPORT = Support("the vLLM engine", markers=False)
 
 
 def _rule(positions: object, where: str) -> PositionRule:
-    """The position rule of an edit, refusing the rules vLLM cannot apply."""
+    """The position rule of an edit (one line naming the edit when it is not one)."""
     try:
-        rule = position_rule(positions)  # type: ignore[arg-type]
+        return position_rule(positions)  # type: ignore[arg-type]
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{where}: {exc}") from None
-    if isinstance(rule, FromMarker):
-        raise UnsupportedOnVllm(f"{where}: positions {rule.spec()!r} are not supported on the vLLM engine yet "
-                                "(the marker needs the generated text watched between steps)")
-    return rule
+
+
+def _check(edits: Sequence[Edit]) -> None:
+    """Refuse what vLLM cannot apply, with the plan's one message."""
+    try:
+        check_supported(edits, SUPPORT)
+    except SteeringNotSupported as exc:
+        raise UnsupportedOnVllm(str(exc)) from None
 
 
 class ParsedSpec:
@@ -109,13 +121,13 @@ def encode_spec(ops: Sequence[SteerOp], readout: bool = False) -> str:
     """The JSON string for validated ``SteerOp``s (vectors inline, absolute coefficients).
 
     Raises:
-        UnsupportedOnVllm: an op carries a marker position.
+        UnsupportedOnVllm: an op needs what vLLM cannot apply (``SUPPORT``: a marker position).
     """
+    _check([lower_op(op) for op in ops])
     edits = []
-    for i, op in enumerate(ops):
-        item = {"layer": op.layer, "vector": _floats(op.vector), "mode": op.mode, "coef": float(op.coef),
-                "positions": _rule(op.positions, f"steerlib edit {i}").spec(), "cap_min": op.cap_min,
-                "cap_max": op.cap_max}
+    for op in ops:
+        item = {"layer": op.layer, "vector": _floats(op.vector), "mode": op.mode, "params": op.method_params(),
+                "positions": op.rule.spec()}
         if op.when is not None:
             item["when"] = {"vector": _floats(op.when.vector), "above": op.when.above, "below": op.when.below,
                             "latch": op.when.latch}
@@ -131,15 +143,15 @@ def encode_rows(edits: Sequence[Edit], readout: bool = False, store: VectorStore
     whatever the width); without, the rows travel inline as floats.
 
     Raises:
-        UnsupportedOnVllm: an edit carries a marker position.
+        UnsupportedOnVllm: an edit needs what vLLM cannot apply (``SUPPORT``: a marker position).
     """
     def row(t: Tensor) -> str | list[float]:
         # The key is the row's own digest (put computes it), whatever key an edit was built with.
         return _floats(t) if store is None else store.put(t)
 
+    _check(edits)
     items = []
-    for i, e in enumerate(edits):
-        _rule(e.rule, f"steerlib edit {i}")
+    for e in edits:
         item = {"layer": int(e.layer), "row": row(e.row), "coef": float(e.coef), "lo": _bound(e.lo),
                 "hi": _bound(e.hi), "positions": e.rule.spec()}
         if e.gate_row is not None:
@@ -321,27 +333,33 @@ def parse_spec(spec: str, n_layers: int, d_model: int, rows: RowSource | None = 
         if not isinstance(layer, int) or isinstance(layer, bool) or not 1 <= layer <= n_layers:
             raise ValueError(f"{where}: layer must be an int in 1..{n_layers}, got {layer!r}")
         mode = item.get("mode", "add")
-        if mode not in METHODS:
-            raise ValueError(f"{where}: mode must be one of {tuple(METHODS)}")
+        try:
+            method = method_named(mode)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
         positions = _rule(item.get("positions", "all"), where)
+        params = item.get("params") or {}
+        if not isinstance(params, dict):
+            raise ValueError(f"{where}: 'params' must be an object of the method's parameters")
         vec, tv = _vector(where, item["vector"], layer, n_layers, d_model)
         coef = item.get("coef", 1.0)
         if not isinstance(coef, int | float) or not math.isfinite(coef):
             raise ValueError(f"{where}: coef must be a finite number")
         coef = float(coef)
-        if item.get("relative"):
-            norm = tv.layer_norm(layer) if tv is not None else None
-            if mode != "add" or norm is None:
-                raise ValueError(f"{where}: relative needs mode 'add' and a named vector with recorded "
-                                 "residual norms")
-            coef *= float(norm) / float(vec.norm())
         when = _condition(where, item["when"], layer, n_layers, d_model) if item.get("when") is not None else None
         try:
             op = SteerOp(layer=layer, vector=vec, mode=mode, coef=coef, cap_min=item.get("cap_min"),
-                         cap_max=item.get("cap_max"), positions=positions, when=when)
+                         cap_max=item.get("cap_max"), positions=positions, when=when, params=params)
+            if item.get("relative"):
+                norm = tv.layer_norm(layer) if tv is not None else None
+                if method.strength is None or norm is None:
+                    raise ValueError(f"relative needs a method with a strength (mode {mode!r} has none) and a "
+                                     "named vector with recorded residual norms")
+                op = op.with_strength(float(getattr(op.method, method.strength)) * float(norm) / float(vec.norm()))
             edits.append(lower_op(op))
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
+    _check(edits)
     readout = data.get("readout", False)
     if not isinstance(readout, bool):
         raise ValueError("steerlib: 'readout' must be true or false")
