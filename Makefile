@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
-EXTRAS := triton,serve,ray,train,interop,sae,dev
+EXTRAS := triton,serve,ray,train,interop,sae,eval,dev
 PIP_VERSION := 26.3
 CANARY := .venv-canary
 # vLLM pins transformers <5.20 and numpy <2.4, so it lives in an environment of its own beside .venv.
