@@ -214,8 +214,8 @@ def med_engines(med: dict) -> list[str]:
 
 
 def bench_extract(args) -> dict[str, float]:
+    from steerlib.commands.extract import extract_file
     from steerlib.extraction.extract import ExtractionConfig
-    from steerlib.jobs import extract_file
 
     out: dict[str, float] = {}
     cfg = ExtractionConfig(max_pairs=1, max_questions=args.extract_questions, max_new_tokens=32, evaluate=False)

@@ -3,8 +3,9 @@
 The folders read as the data flow, each layer importing only from those before it (checked by import-linter):
 ``core`` (models, residual stream, capture, vectors) -> ``store`` (data files, results, plots) -> ``traits``
 (definitions, judges) -> ``steering`` (edits and per-token read-out) -> ``extraction`` (trait vectors) ->
-``monitoring`` (drift) and ``finetuning`` (flagging, shift, preventative steering) -> ``serve`` -> ``jobs``
-(path -> object wiring) -> ``cli``. The fused kernels are ``steerlib.kernels`` (the top-level ``kernels/``).
+``monitoring`` (drift) and ``finetuning`` (flagging, shift, preventative steering) -> ``serve`` -> ``commands``
+(path -> object wiring, one module per command) -> ``cli``. The fused kernels are ``steerlib.kernels`` (the
+top-level ``kernels/``).
 
 The names below are imported on first use (PEP 562): ``import steerlib`` loads nothing but this table, so
 ``import steerlib.kernels`` (which imports nothing else of steerlib) or ``from steerlib import TraitVectors``
@@ -56,7 +57,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "steerlib.sae.train": ("SaeTrainConfig", "train_sae"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBPACKAGES = ("cli", "core", "evaluation", "extraction", "finetuning", "jobs", "kernels", "monitoring", "sae",
+_SUBPACKAGES = ("cli", "commands", "core", "evaluation", "extraction", "finetuning", "kernels", "monitoring", "sae",
                 "serve", "steering", "store", "traits")
 _RENAMED = {"Monitor": "TraitReadout", "build_monitor": "build_readout"}
 """The first release's names (the read-out was called a monitor). ``steerlib.monitoring``, the old name of

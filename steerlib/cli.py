@@ -67,8 +67,8 @@ def extract(
                            "repeatable)")] = None,
 ) -> None:
     """Generate contrastive responses, judge, filter, and extract per-layer trait vectors (resumable)."""
+    from steerlib.commands.extract import extract_file
     from steerlib.extraction.extract import ExtractionConfig
-    from steerlib.jobs import extract_file
 
     cfg = ExtractionConfig(n_samples=n_samples, temperature=temperature, max_new_tokens=max_new_tokens,
                            pos_threshold=pos_threshold, neg_threshold=neg_threshold,
@@ -109,7 +109,7 @@ def steer(
     """Print the steered answer next to the unsteered one (or a coefficient sweep).
 
     --positions takes all | prompt | response | first:N | window:A-B | marker:TEXT."""
-    from steerlib.jobs import steer_file
+    from steerlib.commands.steer import steer_file
 
     result = steer_file(vector, prompt, model_path=model, layer=layer, coef=coef, mode=mode, positions=positions,
                         relative=relative, cap=(cap_min, cap_max) if mode == "cap" else None,
@@ -138,7 +138,7 @@ def calibrate(
 ) -> None:
     """Record per-layer percentiles of the trait's projection on the model's answers to ordinary questions
     (saved beside the vectors as calibration.json; resumable), for caps given as percentiles."""
-    from steerlib.jobs import calibrate_file
+    from steerlib.commands.calibrate import calibrate_file
 
     cal, path = calibrate_file(vector, model_path=model, layers=_layer_list(layers) if layers else None,
                                max_new_tokens=max_new_tokens, batch_size=batch_size, fresh=fresh)
@@ -171,7 +171,7 @@ def flag(
                            "repeatable)")] = None,
 ) -> None:
     """Score finetuning data by projection on a trait vector; rank, flag the top k, plot a histogram."""
-    from steerlib.jobs import flag_file
+    from steerlib.commands.flag import flag_file
 
     report = flag_file(data, vector, out_dir=out, model_path=model, layer=layer, baseline=baseline,  # type: ignore[arg-type]
                        batch_size=batch_size, max_new_tokens=max_new_tokens, top_k=top_k, resume=not fresh,
@@ -195,7 +195,7 @@ def shift(
     max_new_tokens: int = 48,
 ) -> None:
     """Finetuning shift: activation difference finetuned - base, projected on the trait vector, per layer."""
-    from steerlib.jobs import shift_file
+    from steerlib.commands.shift import shift_file
 
     result = shift_file(finetuned, vector, out_dir=out, base_path=base, trait=trait, questions_path=questions,
                         layers=_ints(layers) if layers is not None else None, max_new_tokens=max_new_tokens)
@@ -220,7 +220,7 @@ def train(
     model: ModelOpt = None,
 ) -> None:
     """LoRA-finetune, optionally steering along (or ablating) a trait vector during training."""
-    from steerlib.jobs import train_file
+    from steerlib.commands.train import train_file
 
     result = train_file(data, out_dir=out, model_path=model, vectors_path=vector, layer=layer, coef=coef,
                         mode=mode, steps=steps, batch_size=batch_size, lr=lr, r=rank, seed=seed)  # type: ignore[arg-type]
@@ -243,7 +243,7 @@ def monitor(
     model: ModelOpt = None,
 ) -> None:
     """Score a deployed assistant's responses over time: projections, rolling mean, alerts, timeline plot."""
-    from steerlib.jobs import monitor_file
+    from steerlib.commands.monitor import monitor_file
 
     report = monitor_file(conversations, vector, out_dir=out, model_path=model, layer=layer, window=window,
                           method=method, threshold=threshold, reference_size=reference_size, resume=not fresh,
@@ -355,7 +355,7 @@ def serve(
 ) -> None:
     """OpenAI- and Ollama-compatible chat server: continuous batching with per-request steering, per-token
     trait projections and drift alerts."""
-    from steerlib.jobs import check_serve
+    from steerlib.commands.serve import check_serve
     from steerlib.serve import AppOptions, ServeOptions
     from steerlib.serve import serve as run_server
     from steerlib.serve.schema import parse_presets
@@ -412,7 +412,7 @@ def shiftcheck(
     model: ModelOpt = None,
 ) -> None:
     """Prompt-induced shift: does the last prompt token's projection predict the judged trait? (per layer)"""
-    from steerlib.jobs import shiftcheck_file
+    from steerlib.commands.shiftcheck import shiftcheck_file
 
     result, folder = shiftcheck_file(vector, out, model_path=model, trait=trait, judge=judge,
                                      n_questions=n_questions, pair=pair, shots=_ints(shots),
@@ -433,7 +433,7 @@ def inventory(
     model: ModelOpt = None,
 ) -> None:
     """Judge-free Likert inventory scored from option probabilities; with --vector, the steering effect matrix."""
-    from steerlib.jobs import inventory_file as run_inventory
+    from steerlib.commands.inventory import inventory_file as run_inventory
 
     result = run_inventory(_named_paths(vector) if vector else None, model_path=model, inventory=inventory_file,
                            coef=coef, relative=relative, layer=layer, out=out)
@@ -453,7 +453,7 @@ def report(
     model: ModelOpt = None,
 ) -> None:
     """Write one self-contained HTML page: sweep, dose-response, prompt shift, inventory, counts, settings."""
-    from steerlib.jobs import report_file
+    from steerlib.commands.report import report_file
 
     path = report_file(run_dir, out, model_path=model, dose_coefs=_floats(dose_coefs) if dose_coefs else None,
                        relative=relative, n_questions=n_questions, max_new_tokens=max_new_tokens)
@@ -487,7 +487,7 @@ def traits_new(
     llm: Annotated[str, typer.Option("--llm", help="chat model name at the endpoint")] = "gpt-4o-mini",
 ) -> None:
     """Write a new trait file from a description, via any OpenAI-compatible chat endpoint."""
-    from steerlib.jobs import new_trait_file
+    from steerlib.commands.traits import new_trait_file
 
     trait, path = new_trait_file(name, description, out=out, model=llm, api_key=api_key,
                                  base_url=base_url or os.environ.get("STEERLIB_JUDGE_BASE_URL"))
@@ -506,7 +506,7 @@ def export(
     model_hint: Annotated[str, typer.Option(help="llama.cpp architecture name for controlvector.model_hint")] = "llama",
 ) -> None:
     """Export trait vectors for another tool (llama.cpp: steerlib layer L is written as direction.(L-1))."""
-    from steerlib.jobs import export_file
+    from steerlib.commands.export import export_file
 
     if format != "gguf":
         raise ValueError(f"unknown format {format!r}; supported: gguf")

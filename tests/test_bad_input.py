@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import steerlib.jobs
+import steerlib.core.models as models
 from steerlib.cli import main
 from steerlib.core.loading import load_vectors
 from steerlib.core.models import (
@@ -219,7 +219,7 @@ BEFORE_WORK = [
 
 @pytest.mark.parametrize(("args", "message"), BEFORE_WORK, ids=[" ".join(a)[:60] for a, _ in BEFORE_WORK])
 def test_cli_refuses_before_work(args, message, files, monkeypatch, capsys):
-    monkeypatch.setattr(steerlib.jobs, "load_model", _no_model)
+    monkeypatch.setattr(models, "load_model", _no_model)
     code, out, err = run_cli([a.format(**files) for a in args], monkeypatch, capsys)
     assert_one_line_error(code, out, err, message.format(**files))
 
@@ -232,8 +232,6 @@ def test_cli_cache_that_is_a_file(files, monkeypatch, capsys):
 
 def test_cli_cache_that_is_read_only(files, tmp_path, monkeypatch, capsys):
     # (the tests may run as root, for whom chmod does not stop writes: the permission answer is simulated)
-    import steerlib.core.models as models
-
     cache = tmp_path / "ro-cache"
     cache.mkdir()
     monkeypatch.setenv("STEERLIB_CACHE", str(cache))
@@ -262,7 +260,7 @@ WITH_MODEL = [
 
 @pytest.mark.parametrize(("args", "message"), WITH_MODEL, ids=[" ".join(a)[:40] for a, _ in WITH_MODEL])
 def test_cli_refuses_with_model(args, message, files, embedded, monkeypatch, capsys):
-    monkeypatch.setattr(steerlib.jobs, "load_model", lambda *a, **k: embedded)  # no reload per case
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: embedded)  # no reload per case
     code, out, err = run_cli([a.format(**files) for a in args], monkeypatch, capsys)
     assert_one_line_error(code, out, err, message)
     if "prompt 0" in message or "data_long" in message:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from steerlib import jobs
+from steerlib.commands.monitor import monitor_file
 from steerlib.core.capture import capture_activations
 from steerlib.core.chat import format_prompt
 from steerlib.monitoring import conversations as drift_mod
@@ -264,12 +264,12 @@ def test_monitor_conversations_end_to_end_and_resume(
 def test_monitor_file_cli_entry(tmp_path, pessimism, drifting_log):
     vec_path = tmp_path / "gloom.pt"
     torch.save(pessimism, vec_path)
-    report = jobs.monitor_file(drifting_log, [f"pessimistic={vec_path}"], out_dir=tmp_path / "out",
+    report = monitor_file(drifting_log, [f"pessimistic={vec_path}"], out_dir=tmp_path / "out",
                                     layer=LAYER, window=4, reference_size=8, progress=False, device="cpu")
     assert report.monitor.traits == ("pessimistic",) and report.n_turns == 12
     assert {a.index for a in report.alerts} == {8, 9, 10, 11}
     with pytest.raises(ValueError, match="pass layer"):
-        jobs.monitor_file(drifting_log, [vec_path], out_dir=tmp_path / "out2", device="cpu")
+        monitor_file(drifting_log, [vec_path], out_dir=tmp_path / "out2", device="cpu")
 
 
 def test_robust_calibration_ignores_an_extreme_reference_value():

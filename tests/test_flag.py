@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from steerlib import jobs
+from steerlib.commands.flag import flag_file
 from steerlib.core.capture import capture_activations, pooled_activations
 from steerlib.core.chat import format_prompt
 from steerlib.finetuning.flag import scoring as flag_mod
@@ -263,7 +263,7 @@ def test_flag_file_end_to_end(tmp_path, pessimism):
     torch.save(pessimism, vec_path)
     data = _write(tmp_path / "train.jsonl", (DATA / "planted.jsonl").read_text().splitlines()[:6] + ["{bad"])
     with pytest.warns(UserWarning, match="train.jsonl line 7"):
-        report = jobs.flag_file(data, vec_path, out_dir=tmp_path / "out", layer=LAYER, top_k=2,
+        report = flag_file(data, vec_path, out_dir=tmp_path / "out", layer=LAYER, top_k=2,
                                     on_error="skip", progress=False, device="cpu", label_key="label")
     assert report.summary["n"] == 6 and report.summary["problems"] == ["train.jsonl line 7: invalid JSON "
                                                                        "(Expecting property name enclosed in "

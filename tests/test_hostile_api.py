@@ -24,9 +24,13 @@ import pytest
 import torch
 from helpers import count_hooks
 
-import steerlib.jobs
+import steerlib.core.models as models
+from steerlib.commands.extract import extract_file
+from steerlib.commands.flag import flag_file
+from steerlib.commands.inventory import inventory_file
+from steerlib.commands.monitor import monitor_file
+from steerlib.commands.shiftcheck import shiftcheck_file
 from steerlib.core.vectors import TraitVectors
-from steerlib.jobs import extract_file, flag_file, inventory_file, monitor_file, shiftcheck_file
 from steerlib.steering.steer import build_ops, build_readout, steer
 from steerlib.steering.thread_guard import ForeignThreadForward
 from steerlib.store.results import FolderBusy, exclusive_output
@@ -104,7 +108,7 @@ def no_model(monkeypatch):
     def tripwire(*_a, **_k):
         raise AssertionError("a model was loaded although the output folder is locked")
 
-    monkeypatch.setattr(steerlib.jobs, "load_model", tripwire)
+    monkeypatch.setattr(models, "load_model", tripwire)
 
 
 @pytest.mark.parametrize("job", ["extract", "flag", "monitor", "shiftcheck", "inventory"])

@@ -181,13 +181,13 @@ def test_bad_metrics_options_fail_at_start():
 ])
 def test_cli_refuses_bad_metrics_flags_before_loading(args, message, optimism_vectors, tmp_path, monkeypatch,
                                                        capsys):
-    import steerlib.jobs
+    import steerlib.core.models as models
     from steerlib.cli import main
 
     def no_model(*_a, **_k):
         raise AssertionError("a model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(steerlib.jobs, "load_model", no_model)
+    monkeypatch.setattr(models, "load_model", no_model)
     path = optimism_vectors.save(tmp_path / "optimistic")
     monkeypatch.setattr(sys, "argv", ["steerlib", "serve", "--vector", f"optimistic={path.parent}", *args])
     with pytest.raises(SystemExit) as exit_info:

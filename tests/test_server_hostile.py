@@ -35,8 +35,8 @@ pytest.importorskip("fastapi")
 litellm = pytest.importorskip("litellm")
 langchain_openai = pytest.importorskip("langchain_openai")
 
+from steerlib.commands.serve import check_serve  # noqa: E402
 from steerlib.core.vectors import TraitVectors  # noqa: E402
-from steerlib.jobs import check_serve  # noqa: E402
 from steerlib.serve import AppOptions, BackgroundServer, create_app  # noqa: E402
 from steerlib.serve.schema import SteeringSpec, parse_preset, parse_presets  # noqa: E402
 

@@ -182,7 +182,8 @@ def test_finetuning_shift_of_identical_models_is_zero(embedded, pessimism):
 
 
 def test_train_file_and_shift_file_cli_entries(tmp_path, pessimism):
-    from steerlib.jobs import shift_file, train_file
+    from steerlib.commands.shift import shift_file
+    from steerlib.commands.train import train_file
 
     vec_path = tmp_path / "pessimism.pt"
     torch.save(pessimism, vec_path)

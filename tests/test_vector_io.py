@@ -216,9 +216,9 @@ def test_saklas_profile_matches_a_hook_on_that_block(tmp_path, make_tiny):
 
 def test_flag_negate_ranks_the_other_pole_first(tmp_path, embedded):
     """With a pessimism vector negated, the most optimistic (label 0) samples come first and scores flip sign."""
+    from steerlib.commands.flag import flag_file
     from steerlib.core.capture import capture_activations
     from steerlib.core.chat import format_prompt
-    from steerlib.jobs import flag_file
 
     model, tok = embedded
     contrast = json.loads((DATA / "contrast.json").read_text())
@@ -244,8 +244,8 @@ def test_flag_negate_ranks_the_other_pole_first(tmp_path, embedded):
 
 def test_cli_flag_passes_negate(tmp_path, monkeypatch):
     """``steerlib flag --negate`` reaches ``flag_file(negate=True)``; without the option it stays False."""
-    from steerlib import jobs as flag_mod
-    from steerlib.jobs import FlagReport
+    from steerlib.commands import flag as flag_mod
+    from steerlib.commands.flag import FlagReport
 
     seen: list[bool] = []
 
