@@ -86,3 +86,36 @@ def test_strong_steering_costs_capability(embedded, optimism_vectors):
     assert broken.perplexity > 2 * plain.perplexity and broken.accuracy < plain.accuracy, broken
     with pytest.raises(ValueError, match="positions='response' cannot be scored"):
         probe(build_ops(model, optimism_vectors, 10, 4.0, positions="response"))
+
+
+def test_dose_response_reports_capability_beside_the_trait(embedded, optimism_vectors, tmp_path):
+    from steerlib.core.chat import format_prompt
+    from steerlib.steering.dose import DoseResponse, dose_response
+    from steerlib.steering.steer import build_readout
+
+    model, tok = embedded
+    seen = []
+
+    def probe(ops):
+        seen.append([op.coef for op in ops])
+        return _Cost({1: 0.7, 2: 0.6, 3: 0.5}[len(seen)], 2.0 + len(seen))
+
+    readout = build_readout(model, {"optimistic": optimism_vectors}, [10])
+    dose = dose_response(model, tok, [format_prompt(tok, "Name a colour.")], optimism_vectors, 10, [-4.0, 0.0, 4.0],
+                         readout=readout, max_new_tokens=2, capability=probe, plot_path=tmp_path / "dose.png")
+    assert seen == [[], [-4.0], [4.0]]  # the unsteered baseline once, then each steered coefficient
+    assert dose.capability_base == pytest.approx(0.7)
+    assert dose.capability == pytest.approx([0.6, 0.7, 0.5]) and dose.perplexity == [4.0, 3.0, 5.0]
+    assert dose.capability_drops() == [-4.0, 4.0]  # 0.6 and 0.5 are below 90% of 0.7
+    table = dose.format()
+    assert "capability  perplexity" in table and "   60.0%        4.00" in table
+    assert table.splitlines()[-1] == "capability below 90% of unsteered (70.0%) at coef -4, 4"
+    assert (tmp_path / "dose.png").stat().st_size > 0
+    kept = DoseResponse(dose.coefs, dose.scores, dose.projections, dose.samples, 10, [0.7, 0.7, 0.65],
+                        [3.0, 3.0, 3.1], 0.7)
+    assert kept.format().splitlines()[-1] == "capability stays within 90% of unsteered (70.0%) at every coefficient"
+
+
+class _Cost:
+    def __init__(self, accuracy: float, perplexity: float):
+        self.accuracy, self.perplexity = accuracy, perplexity

@@ -18,6 +18,7 @@ every position (``positions="all"``, what the dose sweep uses).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Sequence
@@ -124,7 +125,7 @@ def _continuation_logprobs(model: nn.Module, pairs: Sequence[tuple[list[int], li
     _check_ops(ops)
     device = next(model.parameters()).device
     out: list[list[float]] = []
-    with ResidualEditor(model, list(ops)):
+    with ResidualEditor(model, list(ops)) if ops else contextlib.nullcontext():
         for start in range(0, len(pairs), batch_size):
             batch = pairs[start:start + batch_size]
             seqs = [ctx + cont for ctx, cont in batch]
@@ -197,12 +198,15 @@ class CapabilityProbe:
         self.answers = ([g.text for g in generate(model, tokenizer, self.prompts, max_new_tokens=max_new_tokens)]
                         if self.prompts else [])
 
-    def __call__(self, ops: Sequence[SteerOp] = ()) -> Capability:
-        scores = choice_loglikelihoods(self.model, self.tokenizer, self.items, ops)
+    def __call__(self, ops: Sequence[SteerOp] = (), *, model: nn.Module | None = None) -> Capability:
+        """Capability under ``ops``; ``model``: score another model (e.g. after finetuning) against the same
+        items and the same unsteered answers of the model the probe was built with."""
+        model = model if model is not None else self.model
+        scores = choice_loglikelihoods(model, self.tokenizer, self.items, ops)
         right = sum(int(max(range(len(s)), key=s.__getitem__) == item.answer)
                     for s, item in zip(scores, self.items, strict=True))
         ppl = None
         if self.prompts:
-            nll, n = answer_nll(self.model, self.tokenizer, self.prompts, self.answers, ops)
+            nll, n = answer_nll(model, self.tokenizer, self.prompts, self.answers, ops)
             ppl = math.exp(nll / n) if n else None
         return Capability(right / len(self.items), ppl, len(self.items))
