@@ -307,6 +307,9 @@ class ServiceCases:
             ref = served.prompt_logprobs(ids, specs)
             want = [float(ref[q, ids[q + 1]]) for q in range(len(ids) - 1)]
             assert lp["token_logprobs"][1:] == pytest.approx(want, abs=LOGPROB_TOL[served.engine]), specs
+            worst = max(abs(a - b) for a, b in zip(lp["token_logprobs"][1:], want, strict=True))
+            print(f"\n{served.engine}: prompt logprobs vs a steered forward pass ({len(specs)} edits): max |d| "
+                  f"{worst:.2e}")
             for q, top in enumerate(lp["top_logprobs"][1:]):
                 best = torch.topk(ref[q], 3)
                 expected = {served.tokenizer.decode([int(t)]): float(v) for v, t in zip(*best, strict=True)}
