@@ -37,9 +37,9 @@ PRESET = [{"vector": "optimistic", "layer": 14, "coef": -6.0, "positions": "resp
           {"vector": "optimistic", "layer": 8, "mode": "ablate"}]
 GATE = {"vector": "optimistic", "layer": 10, "coef": 8.0, "when": {"vector": "pessimistic", "above": 4.0}}
 RAW_PROMPT = "The best thing about tomorrow is"
-# Prompt log-probabilities against a transformers forward pass with the same steering hooks: the HF engine runs the
-# same fp32 model (batched with padding), vLLM its own fp32 CPU kernels.
-LOGPROB_TOL = {"hf": 1e-4, "vllm": 2e-3}
+# Log-probabilities against a transformers forward pass with the same steering hooks: the HF engine runs the same
+# fp32 model (batched with padding), vLLM its own fp32 CPU kernels (measured within 2.4e-5 of it).
+LOGPROB_TOL = {"hf": 1e-4, "vllm": 1e-4}
 
 
 def server_vectors(optimism: TraitVectors) -> dict[str, TraitVectors]:
