@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
-EXTRAS := triton,serve,ray,train,interop,sae,dev
+EXTRAS := triton,serve,ray,train,interop,sae,eval,dev
 PIP_VERSION := 26.3
 # pip byte-compiles every module it installs (tens of thousands of files for torch, transformers and vLLM); Python
 # compiles a module on its first import anyway, so set-up skips it and the suites compile only what they import.

@@ -46,6 +46,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
                                 "read_out", "steer"),
     "steerlib.extraction.extract": ("ExtractionConfig", "ExtractionResult", "extract_trait"),
     "steerlib.extraction.sweep": ("LayerSweep", "layer_sweep"),
+    "steerlib.evaluation.capability": ("Capability", "CapabilityProbe", "load_capability_set"),
     "steerlib.evaluation.inventory": ("Inventory", "InventoryMatrix", "InventoryResult", "administer",
                                       "inventory_matrix"),
     "steerlib.evaluation.prompt_shift": ("ShiftCheck", "prompt_shift"),

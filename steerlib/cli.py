@@ -106,6 +106,8 @@ def steer(
     when_below: Annotated[float | None, typer.Option(help="steer only tokens whose projection is <= this")] = None,
     when_vector: Annotated[Path | None, typer.Option(help="condition vectors (default: --vector)")] = None,
     latch: Annotated[bool, typer.Option(help="once the condition holds, steer the rest of the answer")] = False,
+    capability_items: Annotated[int, typer.Option(
+        help="with --sweep: capability items of each kind scored per coefficient (0: no capability column)")] = 4,
     model: ModelOpt = None,
 ) -> None:
     """Print the steered answer next to the unsteered one (or a coefficient sweep).
@@ -119,7 +121,7 @@ def steer(
                         sweep=_floats(sweep) if sweep is not None else None, system=system, max_new_tokens=max_new_tokens,
                         plot=plot, cap_percentile=cap_percentile, cap_side=cap_side,
                         layers=_layer_list(layers) if layers is not None else None, when_vector=when_vector,
-                        when_above=when_above, when_below=when_below, latch=latch)
+                        when_above=when_above, when_below=when_below, latch=latch, capability_items=capability_items)
     if result.dose is not None:
         typer.echo(result.dose.format())
         return
@@ -219,15 +221,21 @@ def train(
     lr: float = 1e-3,
     rank: Annotated[int, typer.Option("--rank", help="LoRA rank")] = 8,
     seed: int = 0,
+    capability_items: Annotated[int, typer.Option(
+        help="with --vector: capability items of each kind scored before and after training (0: off)")] = 4,
     model: ModelOpt = None,
 ) -> None:
     """LoRA-finetune, optionally steering along (or ablating) a trait vector during training."""
     from steerlib.commands.train import train_file
 
     result = train_file(data, out_dir=out, model_path=model, vectors_path=vector, layer=layer, coef=coef,
-                        mode=mode, steps=steps, batch_size=batch_size, lr=lr, r=rank, seed=seed)  # type: ignore[arg-type]
+                        mode=mode, steps=steps, batch_size=batch_size, lr=lr, r=rank, seed=seed,  # type: ignore[arg-type]
+                        capability_items=capability_items)
     typer.echo(f"trained {len(result.losses)} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; "
                f"adapter in {out}")
+    before, after = getattr(result, "capability_before", None), getattr(result, "capability_after", None)
+    if before is not None and after is not None:
+        typer.echo(f"before training: {before.format()}\nafter training:  {after.format()}")
 
 
 @app.command()

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from steerlib.core.chat import format_messages
@@ -25,7 +26,7 @@ from steerlib.core.vectors import TraitVectors
 from steerlib.monitoring.drift import DriftMonitor
 from steerlib.serve import AppOptions, SteeringSpec
 from steerlib.steering.generation import generate
-from steerlib.steering.steer import When, build_ops, build_readout
+from steerlib.steering.steer import ResidualEditor, When, build_ops, build_readout
 
 READOUT_LAYER = 12  # the vLLM session engine's read-out layer; the HF server reads out there too
 N_TOKENS = 8
@@ -35,6 +36,10 @@ STEERED = [{"vector": "optimistic", "layer": 10, "coef": 6.0},
 PRESET = [{"vector": "optimistic", "layer": 14, "coef": -6.0, "positions": "response"},
           {"vector": "optimistic", "layer": 8, "mode": "ablate"}]
 GATE = {"vector": "optimistic", "layer": 10, "coef": 8.0, "when": {"vector": "pessimistic", "above": 4.0}}
+RAW_PROMPT = "The best thing about tomorrow is"
+# Log-probabilities against a transformers forward pass with the same steering hooks: the HF engine runs the same
+# fp32 model (batched with padding), vLLM its own fp32 CPU kernels (measured within 2.4e-5 of it).
+LOGPROB_TOL = {"hf": 1e-4, "vllm": 1e-4}
 
 
 def server_vectors(optimism: TraitVectors) -> dict[str, TraitVectors]:
@@ -70,6 +75,18 @@ class Served:
         if steering is not None:
             request["steering"] = steering
         return httpx.post(f"{self.url}/v1/chat/completions", json=request, headers=headers or {}, timeout=300)
+
+    def complete(self, prompt: Any = RAW_PROMPT, steering: list | None = None, **body: Any) -> httpx.Response:
+        request = {"model": "smol", "prompt": prompt, "temperature": 0, "max_tokens": N_TOKENS, **body}
+        if steering is not None:
+            request["steering"] = steering
+        return httpx.post(f"{self.url}/v1/completions", json=request, timeout=300)
+
+    def prompt_logprobs(self, ids: list[int], specs: list[dict]) -> torch.Tensor:
+        """``[len(ids), V]`` log-probabilities of one transformers forward pass over ``ids`` steered by ``specs``."""
+        with torch.no_grad(), ResidualEditor(self.model, self.ops(specs)):
+            logits = self.model(torch.tensor([ids])).logits[0]
+        return torch.log_softmax(logits.float(), dim=-1)
 
     def get(self, path: str, **params: Any) -> httpx.Response:
         return httpx.get(f"{self.url}{path}", params=params, timeout=60)
@@ -231,11 +248,12 @@ class ServiceCases:
         ({"steering": [{"vector": "optimistic", "layer": 10, "mode": "cap", "cap_min": 2.0, "cap_max": 1.0}]},
          "steering.0", "invalid_value"),
         ({"steering": [{"vector": "optimistic", "layer": 10, "latch": True}]}, "steering.0", "invalid_value"),
-        ({"logprobs": True}, "logprobs", None),
+        ({"top_logprobs": 2}, "top_logprobs", "invalid_value"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
         ({"max_tokens": 10_000}, "max_tokens", None),
         ({"n": 0}, "n", "invalid_value"),
     ], ids=["unknown-vector", "layer-out-of-range", "absurd-coef", "cap-bounds-reversed", "latch-without-when",
-            "logprobs", "over-limit", "n-zero"])
+            "top-logprobs-alone", "top-logprobs-too-many", "over-limit", "n-zero"])
     def test_hostile_requests_get_the_same_400(self, served: Served, body, param, code):
         reply = served.chat(**body)
         assert reply.status_code == 400, reply.text
@@ -272,3 +290,123 @@ class ServiceCases:
             time.sleep(0.05)
         assert served.chat("Say hello.", max_tokens=3).status_code == 200
         assert served.get("/v1/stats").json()["finish_callback_errors"] == 0
+
+    # -- /v1/completions and log-probabilities ------------------------------------------------------------------
+    def test_prompt_logprobs_under_steering_equal_a_steered_forward_pass(self, served: Served):
+        """``echo`` + ``logprobs`` with ``max_tokens`` 0 (what lm-eval's local-completions asks for): every prompt
+        token's log-probability and top-k are the steered model's, steering at prompt positions included."""
+        ids = served.tokenizer(RAW_PROMPT, add_special_tokens=False)["input_ids"]
+        for specs in ([], STEERED):
+            reply = served.complete(ids, steering=specs, max_tokens=0, echo=True, logprobs=3)
+            assert reply.status_code == 200, reply.text
+            choice = reply.json()["choices"][0]
+            lp = choice["logprobs"]
+            assert choice["text"] == served.tokenizer.decode(ids) and choice["finish_reason"] == "length"
+            assert lp["tokens"] == [served.tokenizer.decode([t]) for t in ids]
+            assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+            ref = served.prompt_logprobs(ids, specs)
+            want = [float(ref[q, ids[q + 1]]) for q in range(len(ids) - 1)]
+            assert lp["token_logprobs"][1:] == pytest.approx(want, abs=LOGPROB_TOL[served.engine]), specs
+            worst = max(abs(a - b) for a, b in zip(lp["token_logprobs"][1:], want, strict=True))
+            print(f"\n{served.engine}: prompt logprobs vs a steered forward pass ({len(specs)} edits): max |d| "
+                  f"{worst:.2e}")
+            for q, top in enumerate(lp["top_logprobs"][1:]):
+                best = torch.topk(ref[q], 3)
+                expected = {served.tokenizer.decode([int(t)]): float(v) for v, t in zip(*best, strict=True)}
+                assert set(expected) <= set(top) and len(top) <= 4, (q, top, expected)
+                assert [top[t] for t in expected] == pytest.approx(list(expected.values()),
+                                                                   abs=LOGPROB_TOL[served.engine])
+            assert reply.json()["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0,
+                                             "total_tokens": len(ids)}
+        steered, plain = served.prompt_logprobs(ids, STEERED), served.prompt_logprobs(ids, [])
+        assert float((steered - plain).abs().max()) > 0.1  # the steering moves them (else the check is vacuous)
+
+    def test_completions_shapes_text_ids_batches_and_echo(self, served: Served):
+        ids = served.tokenizer(RAW_PROMPT, add_special_tokens=False)["input_ids"]
+        steering = STEERED[:1]  # at every position: one forward pass over prompt + answer is its reference
+        reply = served.complete([ids, ids], n=2, echo=True, logprobs=1, steering=steering)
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["object"] == "text_completion" and body["steering"] == steering
+        assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+        texts = {c["text"] for c in body["choices"]}
+        assert len(texts) == 1, texts  # greedy: every prompt and choice answers alike
+        choice = body["choices"][0]
+        lp = choice["logprobs"]
+        n = len(lp["tokens"])
+        assert len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n
+        assert n == len(ids) + N_TOKENS and choice["finish_reason"] == "length"
+        assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(n)]
+        assert choice["text"].startswith(RAW_PROMPT)
+        generated = lp["token_logprobs"][len(ids):]
+        # Greedy decoding picks the most likely token: its log-probability is the top one's.
+        assert [max(top.values()) for top in lp["top_logprobs"][len(ids):]] == pytest.approx(generated, abs=1e-6)
+        assert body["usage"]["prompt_tokens"] == 4 * len(ids) and body["usage"]["completion_tokens"] == 4 * N_TOKENS
+        # A text prompt answers as its token ids; without echo: only the generated tokens, and no prompt text.
+        plain = served.complete(RAW_PROMPT, logprobs=0, steering=steering).json()["choices"][0]
+        assert RAW_PROMPT + plain["text"] == choice["text"]
+        assert plain["logprobs"]["token_logprobs"] == pytest.approx(generated, abs=LOGPROB_TOL[served.engine])
+        assert all(len(top) == 1 for top in plain["logprobs"]["top_logprobs"])
+        # The generated tokens' log-probabilities are the steered model's too.
+        gen_ids = served.tokenizer(choice["text"], add_special_tokens=False)["input_ids"]
+        if gen_ids[:len(ids)] == ids:  # the text re-tokenises to the same tokens (then the check is exact)
+            ref = served.prompt_logprobs(gen_ids[:len(ids) + N_TOKENS], steering)
+            want = [float(ref[q - 1, gen_ids[q]]) for q in range(len(ids), min(len(gen_ids), len(ids) + N_TOKENS))]
+            assert generated[:len(want)] == pytest.approx(want, abs=LOGPROB_TOL[served.engine])
+
+    def test_completions_stream_presets_and_stops(self, served: Served):
+        whole = served.complete(model="gloomy", logprobs=2)
+        assert whole.status_code == 200, whole.text
+        expected = whole.json()["choices"][0]
+        assert whole.json()["steering"] == PRESET
+        body = {"model": "gloomy", "prompt": RAW_PROMPT, "max_tokens": N_TOKENS, "temperature": 0, "stream": True,
+                "logprobs": 2, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{served.url}/v1/completions", json=body, timeout=300) as resp:
+            chunks = [json.loads(line[6:]) for line in resp.iter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+        text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+        assert text == expected["text"]
+        last = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]][-1]
+        assert last["choices"][0]["logprobs"] == expected["logprobs"]
+        assert chunks[-1]["usage"]["completion_tokens"] == N_TOKENS
+        unsteered = served.complete().json()["choices"][0]["text"]
+        assert unsteered != expected["text"]  # the preset steers completions as it steers chat
+        words = unsteered.split()
+        stopped = served.complete(stop=[words[1]]).json()["choices"][0]
+        assert stopped["text"] == unsteered[:unsteered.index(words[1])] and stopped["finish_reason"] == "stop"
+
+    def test_chat_logprobs_follow_the_content(self, served: Served):
+        reply = served.chat(steering=STEERED, logprobs=True, top_logprobs=2)
+        assert reply.status_code == 200, reply.text
+        choice = reply.json()["choices"][0]
+        content = choice["logprobs"]["content"]
+        assert "".join(e["token"] for e in content).strip() == choice["message"]["content"].strip()
+        for e in content:
+            assert bytes(e["bytes"]).decode("utf-8", "replace") == e["token"].encode().decode()
+            assert len(e["top_logprobs"]) == 2 and e["top_logprobs"][0]["logprob"] == pytest.approx(e["logprob"])
+        assert served.chat(logprobs=False).json()["choices"][0]["logprobs"] is None
+
+    @pytest.mark.parametrize(("body", "param"), [
+        ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_tokens": 10_000}, "max_tokens"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [[1, 2], []]}, "prompt"),
+        ({"prompt": [10_000_000]}, "prompt"),
+        ({"prompt": [-3]}, "prompt"),
+        ({"suffix": "the end"}, "suffix"),
+        ({"best_of": 3}, "best_of"),
+        ({"n": 9}, "n"),
+        ({"echo": "yes"}, "echo"),
+        ({"steering": [{"vector": "grumpy", "layer": 10}]}, "steering.0.vector"),
+        ({"model": "cheerful"}, "model"),
+    ], ids=["logprobs-21", "logprobs-negative", "max-tokens-negative", "over-limit", "empty", "empty-in-batch",
+            "id-out-of-vocab", "id-negative", "suffix", "best-of", "n-9", "echo-not-bool", "unknown-vector",
+            "unknown-model"])
+    def test_bad_completions_get_an_openai_error(self, served: Served, body, param):
+        reply = served.complete(**body)
+        assert reply.status_code in (400, 404), reply.text
+        error = reply.json()["error"]
+        assert error["param"].startswith(param) and error["message"], error
+        assert error["type"] == "invalid_request_error"

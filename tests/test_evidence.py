@@ -166,7 +166,7 @@ def test_report_is_self_contained_and_renders(embedded, optimism_vectors, run_di
     model, tok = embedded
     page = write_report(run_dir, tmp_path / "before.html").read_text()
     assert "No dose-response in this run folder" in page and "No inventory matrix in this run folder" in page
-    run_dose(model, tok, run_dir, [-0.5, 0.0, 0.5], n_questions=2, max_new_tokens=8)
+    run_dose(model, tok, run_dir, [-0.5, 0.0, 0.5], n_questions=2, max_new_tokens=8, capability_items=1)
     small = Inventory.from_dict(SMALL)
     mat = inventory_matrix(model, tok, {"optimistic": optimism_vectors}, inventory=small, layer=LAYER)
     base = administer(model, tok, small)
@@ -180,6 +180,7 @@ def test_report_is_self_contained_and_renders(embedded, optimism_vectors, run_di
                     "Kept and dropped"):
         assert heading in page
     assert "class=\"missing\"" not in page
+    assert "capability accuracy (%)" in page and "of unsteered (" in page  # the dose section's capability axis
     assert f"puts {mat.diagnostics['option_mass']:.2f} of its next-token probability" in page
     assert f"Pearson r = <b>{shift.best_r:.2f}</b>" in page
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)

@@ -192,9 +192,13 @@ def test_train_file_and_shift_file_cli_entries(tmp_path, pessimism):
     data.write_text("\n".join(lines) + "\n")
     adapter = tmp_path / "adapter"
     result = train_file(data, out_dir=adapter, vectors_path=vec_path, layer=LAYER, coef=0.5, steps=2,
-                        batch_size=2, device="cpu")
+                        batch_size=2, device="cpu", capability_items=1)
     assert len(result.losses) == 2 and (adapter / "adapter_config.json").is_file()
     assert json.loads((adapter / "losses.json").read_text()) == result.losses
+    # Preventative training reports capability before and after (issue 29): the adapter moved the model.
+    saved = json.loads((adapter / "capability.json").read_text())
+    assert saved["before"]["n_items"] == 6 and saved["before"]["accuracy"] == result.capability_before.accuracy
+    assert saved["after"]["perplexity"] == result.capability_after.perplexity != saved["before"]["perplexity"]
     questions = tmp_path / "questions.txt"
     questions.write_text("\n".join(QUESTIONS[:2]) + "\n")
     shift = shift_file(adapter, vec_path, out_dir=tmp_path / "shift", questions_path=questions,

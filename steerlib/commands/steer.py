@@ -69,6 +69,7 @@ def steer_file(
     when_below: float | None = None,
     latch: bool = False,
     params: Sequence[str] = (),
+    capability_items: int | None = 4,
 ) -> SteeredAnswers:
     """Steered answers next to unsteered ones, or with ``sweep`` a dose-response over coefficients.
 
@@ -144,8 +145,12 @@ def steer_file(
     trait = source.trait if isinstance(source, TraitVectors) else "trait"
     readout = build_readout(model, {trait: source}, [layer])
     if sweep is not None:
+        from steerlib.evaluation.report import capability_probe
+
+        # Capability beside the trait: ``capability_items`` items of each kind of the shipped set (0: off).
         dose = dose_response(model, tok, formatted, source, layer, list(sweep), relative=relative, readout=readout,
-                             max_new_tokens=max_new_tokens, judge=sweep_judge(trait), plot_path=plot)
+                             max_new_tokens=max_new_tokens, judge=sweep_judge(trait), plot_path=plot,
+                             capability=capability_probe(model, tok, capability_items))
         return SteeredAnswers(layer=layer, coefs=tuple(sweep), dose=dose)
     when = None
     labels = {}

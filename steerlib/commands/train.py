@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from steerlib.commands.common import fit_vectors
 from steerlib.core import models
 from steerlib.core.checks import check_int, check_number, check_out_dir
 from steerlib.core.loading import load_vectors, pick_layer
+from steerlib.evaluation.report import capability_probe
 from steerlib.finetuning.training import TrainMode, TrainResult, lora_finetune
 from steerlib.steering.plan import method_named
 from steerlib.store.samples import read_samples
 
-__all__ = ["train_file"]
+__all__ = ["TrainedWithCapability", "train_file"]
+
+
+@dataclass
+class TrainedWithCapability(TrainResult):
+    """A preventative finetune's result with the model's capability before and after it (unsteered at inference):
+    ``steerlib.evaluation.capability.Capability`` values, None when not measured."""
+
+    capability_before: object | None = None
+    capability_after: object | None = None
 
 
 def train_file(
@@ -32,6 +43,7 @@ def train_file(
     seed: int = 0,
     dtype: str = "float32",
     device: str | None = None,
+    capability_items: int | None = 4,
 ) -> TrainResult:
     """CLI entry: LoRA-finetune on a data file, optionally with preventative steering; save the adapter.
 
@@ -50,6 +62,9 @@ def train_file(
         seed: random seed.
         dtype: model dtype.
         device: model device.
+        capability_items: with vectors (preventative training), items of each kind of the capability set scored
+            before and after training, and held-out answers' perplexity (0: not measured); also written to
+            ``capability.json``.
     """
     check_number(coef, "coef")
     method_named(mode)  # any registered method: add (preventative steering), ablate (CAFT)...
@@ -70,8 +85,14 @@ def train_file(
         vectors = fit_vectors(vectors, vectors_path, model)
         layer = pick_layer(vectors, layer)
         steering = {"vectors": vectors, "layer": layer, "coef": coef, "mode": mode}
+    probe = capability_probe(model, tokenizer, capability_items) if steering is not None else None
+    before = probe() if probe is not None else None  # before LoRA wraps the model's layers
     result = lora_finetune(model, tokenizer, data_path, steps=steps, batch_size=batch_size, lr=lr, r=r,
                            steering=steering, seed=seed)
     result.model.save_pretrained(out_dir)
     (out_dir / "losses.json").write_text(json.dumps(result.losses))
-    return result
+    if probe is None:
+        return result
+    after = probe(model=result.model)
+    (out_dir / "capability.json").write_text(json.dumps({"before": asdict(before), "after": asdict(after)}))
+    return TrainedWithCapability(result.model, result.losses, before, after)

@@ -134,7 +134,8 @@ def load_dose(path: str | Path) -> tuple[DoseResponse, list[str], bool]:
 
 
 def run_dose(model, tokenizer, run_dir: str | Path, coefs: Sequence[float], *, n_questions: int = 4,
-             max_new_tokens: int = 32, relative: bool = True, layer: int | None = None) -> Path:
+             max_new_tokens: int = 32, relative: bool = True, layer: int | None = None,
+             capability_items: int | None = 4) -> Path:
     """Steer at the run's recommended layer with each coefficient on held-out questions; save ``dose.json``.
 
     Args:
@@ -146,6 +147,8 @@ def run_dose(model, tokenizer, run_dir: str | Path, coefs: Sequence[float], *, n
         max_new_tokens: answer length (greedy).
         relative: interpret ``coefs`` relative to the residual norm.
         layer: steering layer (default: the vectors' recommended layer).
+        capability_items: items of each kind of the capability set scored at each coefficient (None: all; 0: no
+            capability measure).
     """
     from steerlib.core.chat import format_prompt
     from steerlib.core.loading import load_vectors
@@ -168,9 +171,20 @@ def run_dose(model, tokenizer, run_dir: str | Path, coefs: Sequence[float], *, n
         judge = None  # the table still shows projections and answers
     prompts = [format_prompt(tokenizer, q) for q in questions]
     monitor = build_readout(model, {tv.trait: tv}, [layer])
+    probe = capability_probe(model, tokenizer, capability_items)
     dose = dose_response(model, tokenizer, prompts, tv, layer, list(coefs), readout=monitor, judge=judge,
-                         questions=questions, relative=relative, max_new_tokens=max_new_tokens)
+                         questions=questions, relative=relative, max_new_tokens=max_new_tokens, capability=probe)
     return save_dose(dose, Path(run_dir) / DOSE_FILE, questions, relative)
+
+
+def capability_probe(model, tokenizer, items_per_kind: int | None = 4):
+    """The capability probe a dose-response runs with: ``items_per_kind`` items of each kind of the shipped set
+    (None: all of them; 0: no probe, None is returned)."""
+    from steerlib.evaluation.capability import CapabilityProbe, load_capability_set
+
+    if items_per_kind == 0:
+        return None
+    return CapabilityProbe(model, tokenizer, load_capability_set(limit=items_per_kind))
 
 
 # -- sections ---------------------------------------------------------------------------------------------
@@ -229,9 +243,17 @@ def _dose_section(run: Path) -> str:
     dose, questions, relative = load_dose(path)
     unit = "x typical residual norm" if relative else "(raw)"
     rows = [(c, s, p) for c, s, p in zip(dose.coefs, dose.scores, dose.projections, strict=True)]
+    columns = ["coef", "mean judge score", "mean projection"]
+    cost = ""
+    if dose.capability:
+        rows = [(*r, None if a is None else round(100 * a, 1), None if x is None else round(x, 2))
+                for r, a, x in zip(rows, dose.capability, dose.perplexity, strict=True)]
+        columns += ["capability accuracy (%)", "held-out perplexity"]
+        cost = f"<p>{_e(dose.format().splitlines()[-1])}. Capability: log-likelihood accuracy on steerlib's " \
+               "multiple-choice set; perplexity: of the unsteered model's own answers to held-out questions.</p>"
     out = [head, f"<p>Steering at layer {_e(dose.layer)}, coefficients {unit}, on {len(questions)} held-out "
            "questions.</p>",
-           _png(lambda p: dose.plot(p)), _table(["coef", "mean judge score", "mean projection"], rows)]
+           _png(lambda p: dose.plot(p)), cost, _table(columns, rows)]
     for q, question in enumerate(questions):
         out.append(f"<h3>{html.escape(question)}</h3>")
         out.append(_table(["coef", "answer"], [(c, texts[q]) for c, texts in zip(dose.coefs, dose.samples,

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steerlib.core.vectors import TraitVectors
 from steerlib.monitoring.drift import DriftMonitor
+from steerlib.serve.completions import completions_router
 from steerlib.serve.contract import EngineFactory
 from steerlib.serve.guard import install_guards
 from steerlib.serve.ollama_routes import ollama_router
@@ -158,6 +159,7 @@ def create_app(model: torch.nn.Module, tokenizer: Any, vectors: Mapping[str, Tra
             return Response(body, media_type=content_type)
 
     app.include_router(openai_router(service))
+    app.include_router(completions_router(service))
     app.include_router(ollama_router(service))
     install_guards(app, api_key=options.api_key, host=options.host, allowed_hosts=options.allowed_hosts,
                    max_body=options.max_body_bytes, cors_origins=options.cors_origins,

@@ -15,9 +15,11 @@ A row's sink receives, from the engine's thread, ``("token", text, [[K values] p
 events and then exactly one of ``("done", Completion)`` (also for a cancelled row, finish reason
 ``"cancelled"``) or ``("error", EngineError)``.
 
-What comes next is designed in: per-token log-probabilities (``/v1/completions`` with ``logprobs``) are a value per
-generated token, so they will travel as a tuple parallel to ``FinishedRequest.token_ids`` (and in the token
-events); pooled activations captured inside the engine (the pipeline's extraction read-out) are per request, so
+Log-probabilities (``/v1/completions`` with ``logprobs`` / ``echo``, chat's ``logprobs``) are asked for in
+``Sampling.logprobs`` / ``Sampling.prompt_logprobs`` and come back in ``Completion.logprobs`` (one ``TokenLogprob``
+per generated token, parallel to ``Completion.token_ids``) and ``Completion.prompt_logprobs`` (one per prompt
+token, the first None: nothing predicts it). They are the model's own distribution (before temperature and top-p,
+as vLLM's default ``raw_logprobs``) under the row's steering, prompt positions included. Pooled activations captured inside the engine (the pipeline's extraction read-out) are per request, so
 they will be a field of ``FinishedRequest`` keyed by (layer, pooling). An engine says which of these it offers in
 ``EngineCapabilities`` so the routes refuse what it lacks with one 400, whichever engine runs.
 """
@@ -35,9 +37,12 @@ from steerlib.steering.plan import Edit, Support
 from steerlib.steering.readout import summarize
 from steerlib.steering.steer import TraitReadout
 
-__all__ = ["Completion", "EngineCapabilities", "EngineError", "EngineFactory", "EngineStopped", "FinishedRequest",
-           "QueueFull", "RowFailed", "RowHandle", "Sampling", "ServingEngine", "Sink", "UnsupportedSteering",
-           "public_finish", "summarize_projections"]
+__all__ = ["MAX_LOGPROBS", "Completion", "EngineCapabilities", "EngineError", "EngineFactory", "EngineStopped",
+           "FinishedRequest", "QueueFull", "RowFailed", "RowHandle", "Sampling", "ServingEngine", "Sink",
+           "TokenLogprob", "UnsupportedSteering", "public_finish", "summarize_projections"]
+
+# Most alternatives per token a request may ask for (OpenAI's chat limit; vLLM's default ``max_logprobs``).
+MAX_LOGPROBS = 20
 
 
 class EngineError(Exception):
@@ -69,6 +74,31 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; k >= 0: each generated token's log-probability and the k most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token (``echo``); None: none
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in 0..{MAX_LOGPROBS}, got {k}")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the (steered) model, and the most likely tokens at its position.
+
+    Attributes:
+        token_id: the token (generated, or the prompt's).
+        logprob: its natural-log probability.
+        top: ``(token id, logprob)`` of the k most likely tokens, most likely first.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,6 +113,9 @@ class Completion:
     steps: list[list[int]]  # [step id, batch size] per generated token
     queue_ms: float
     ttft_ms: float | None
+    token_ids: tuple[int, ...] = ()  # the generated tokens (an ending EOS included)
+    logprobs: tuple[TokenLogprob, ...] | None = None  # parallel to token_ids when ``Sampling.logprobs`` was set
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # per prompt token (the first None)
 
 
 # How a row ended (``Reply.finish``) -> what clients are told. One table for every engine: a stop sequence and an
@@ -168,8 +201,8 @@ class EngineCapabilities:
     Attributes:
         name: ``"hf"`` or ``"vllm"`` (reported by ``stats()["engine"]``).
         batch_steps: ``Completion.steps`` names real shared forward steps (False: placeholders ``[0, 0]``).
-        logprobs: per-token log-probabilities of generated tokens (not offered yet by either engine).
-        prompt_logprobs: log-probabilities of the prompt's tokens (``echo``; not offered yet).
+        logprobs: per-token log-probabilities of generated tokens (``Sampling.logprobs``).
+        prompt_logprobs: log-probabilities of the prompt's tokens (``Sampling.prompt_logprobs``, ``echo``).
         pooled_capture: pooled activations returned with a finished row (not offered yet).
         steering: which edits the engine applies (markers, gates, latches); the service refuses the rest with
             ``steerlib.steering.plan.check_supported``'s one message.

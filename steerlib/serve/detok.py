@@ -98,6 +98,10 @@ class Reply:
         self.unsent: list[list[float]] = []
         self.finish: str | None = None
         self.closing = False
+        if self.max_tokens == 0:
+            # Nothing to generate, but the prompt still needs its one pass: its last token's read-out, and its
+            # log-probabilities (``echo``). That pass is this reply's closing pass.
+            self.finish, self.closing = "length", True
 
     def position(self, i: int) -> int:
         """The absolute position whose forward pass produced generated token ``i`` (and whose read-out pairs
@@ -137,14 +141,16 @@ class Reply:
             return delta, out
         return None
 
-    def close(self, values: list[float]) -> tuple[str, list[list[float]]]:
-        """Take the closing pass's read-out (the last token's own); returns the event to stream."""
+    def close(self, values: list[float] | None) -> tuple[str, list[list[float]]] | None:
+        """Take the closing pass's read-out (the last token's own; None without a read-out); returns the event to
+        stream (None: nothing to stream)."""
         if not self.closing:
             raise RuntimeError("no closing pass is pending for this reply")
         self.closing = False
-        self.values.append(values)
-        out, self.unsent = [*self.unsent, values], []
-        return "", out
+        if values is not None:
+            self.values.append(values)
+        out, self.unsent = [*self.unsent, *([values] if values is not None else [])], []
+        return ("", out) if out else None
 
     def cut_short(self) -> None:
         """The engine ended the row first (e.g. its own length limit): the reply ends as it is, at ``length``

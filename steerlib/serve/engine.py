@@ -58,12 +58,14 @@ from steerlib.serve.contract import (
     QueueFull,
     RowFailed,
     Sampling,
+    TokenLogprob,
     UnsupportedSteering,
     public_finish,
     summarize_projections,
 )
 from steerlib.serve.detok import Reply
 from steerlib.serve.kv_slots import SlotCache
+from steerlib.serve.logprobs import from_logits, prompt_entries
 from steerlib.steering.devices import DevicePlans, layer_devices
 from steerlib.steering.plan import Edit, SteeringNotSupported, Support, check_supported
 from steerlib.steering.steer import TraitReadout
@@ -98,6 +100,8 @@ class _Row:
     generator: torch.Generator | None = None
     started: float | None = None
     first_token: float | None = None
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token (Sampling.logprobs)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per prompt token fed so far
 
     @property
     def generated(self) -> list[int]:
@@ -165,7 +169,7 @@ class Engine:
                                        "step_seconds": 0.0, "finish_callback_errors": 0}
         self.on_finish: Callable[[FinishedRequest], None] | None = None
         # No marker watch between steps yet: a marker rule would never fire, so it is refused.
-        self.capabilities = EngineCapabilities(name="hf", batch_steps=True,
+        self.capabilities = EngineCapabilities(name="hf", batch_steps=True, logprobs=True, prompt_logprobs=True,
                                                steering=Support("the HF engine", markers=False))
 
     # -- lifecycle ----------------------------------------------------------------------------------------
@@ -382,8 +386,14 @@ class Engine:
         self._fill_plan(pos, step_mask)
         self._step_proj = None
         step_id = next(self._step_ids)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                         **{self.cache_kw: self._kv.cache})
+        # Prompt log-probabilities need every fed position's logits; otherwise only the last one's are computed.
+        want_prompt = [r.sampling.prompt_logprobs is not None and r.n_seen < len(r.prompt_ids) for r in rows]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         logits_to_keep=t if any(want_prompt) else 1, **{self.cache_kw: self._kv.cache})
+        if any(want_prompt):
+            for i, r in enumerate(rows):
+                if want_prompt[i]:
+                    self._prompt_logprobs(r, out.logits[i, t - lengths[i]:], lengths[i])
         logits = out.logits[:, -1, :].float()
         proj = self._step_proj.view(b, t, -1)[:, -1, :].tolist() if self._step_proj is not None else None
         self._kv.commit(kv, padded=t > 1)
@@ -405,8 +415,8 @@ class Engine:
         keep = []
         for i, r in enumerate(rows):
             r.n_seen += lengths[i]
-            if r.reply.closing:
-                self._send(r, r.reply.close(proj[i]), step_id, b)
+            if r.reply.closing and len(r.pending) == lengths[i]:
+                self._send(r, r.reply.close(proj[i] if proj is not None else None), step_id, b)
                 self._complete(r)
                 continue
             if not ready[i]:  # mid-prompt: nothing to sample yet
@@ -419,6 +429,9 @@ class Engine:
                 continue
             try:  # a row whose sampling or decoding fails fails alone
                 token = self._sample(r, logits[i])
+                if r.sampling.logprobs is not None:
+                    lp = torch.log_softmax(logits[i], dim=-1)
+                    r.token_logprobs.append(from_logits(lp, token, r.sampling.logprobs))
                 r.pending = [token]
                 r.steps.append([step_id, b])
                 if r.first_token is None:
@@ -437,6 +450,16 @@ class Engine:
         if len(keep) < b:
             self._rows = [rows[i] for i in keep]
             self._kv.keep_rows(keep)
+
+    @staticmethod
+    def _prompt_logprobs(r: _Row, logits: Tensor, n: int) -> None:
+        """Log-probabilities of the prompt tokens predicted by this step's ``n`` fed positions (``logits``
+        ``[n, V]``): position ``q`` predicts prompt token ``q + 1``; the prompt's first token has none."""
+        start = r.n_seen  # absolute position of the first fed token (n_seen is advanced after this)
+        if start == 0:
+            r.prompt_logprobs.append(None)
+        targets = r.prompt_ids[start + 1:start + n + 1]
+        r.prompt_logprobs.extend(prompt_entries(logits[:len(targets)], targets, r.sampling.prompt_logprobs or 0))
 
     def _sample(self, r: _Row, logits: Tensor) -> int:
         """The row's next token. Safe for any temperature > 0: logits are shifted so their maximum is 0 before
@@ -468,7 +491,11 @@ class Engine:
         c = Completion(text=reply.text, completion_tokens=len(reply.tokens), prompt_tokens=len(r.prompt_ids),
                        finish_reason=finish, trait_projections=reply.summaries(names, self.readout_layer),
                        steps=r.steps, queue_ms=round(((r.started or r.enqueued) - r.enqueued) * 1000, 2),
-                       ttft_ms=round((r.first_token - r.enqueued) * 1000, 2) if r.first_token else None)
+                       ttft_ms=round((r.first_token - r.enqueued) * 1000, 2) if r.first_token else None,
+                       token_ids=tuple(reply.tokens),
+                       logprobs=tuple(r.token_logprobs) if r.sampling.logprobs is not None else None,
+                       prompt_logprobs=(tuple(r.prompt_logprobs) if r.sampling.prompt_logprobs is not None
+                                        else None))
         with self._stats_lock:
             self._stats["cancelled" if finish == "cancelled" else "completed"] += 1
         if finish != "cancelled" and self.on_finish is not None:

@@ -3,7 +3,7 @@
 Everything a client sends is checked here, before any work is queued: numbers must be finite and within sane
 bounds (a NaN or 1e30 coefficient is a 400, not a 500 or a wrecked monitor), text must be valid Unicode (a lone
 surrogate cannot be tokenised), and fields that would change the meaning of the answer but are not implemented
-(``tools``, ``logprobs``) are refused rather than ignored. Types are strict, as in OpenAI's and Ollama's own
+(``tools``, ``suffix``) are refused rather than ignored. Types are strict, as in OpenAI's and Ollama's own
 schemas: ``"max_tokens": true`` or ``"stream": "yes"`` is a 400 naming the field, not 1 token or a stream
 (every model here sets ``strict=True``; an integer is still a valid float).
 """
@@ -14,8 +14,17 @@ from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from steerlib.serve.contract import MAX_LOGPROBS
 from steerlib.steering.plan import build_method, method_named, position_rule
 from steerlib.steering.temperature import MIN_TEMPERATURE, effective_temperature
 
@@ -25,6 +34,7 @@ __all__ = [
     "ApiError",
     "ChatCompletionRequest",
     "ChatMessage",
+    "CompletionRequest",
     "OllamaChatRequest",
     "OllamaGenerateRequest",
     "OllamaOptions",
@@ -205,6 +215,7 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     tools: list[Any] | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: Any = None
     steering: list[SteeringSpec] | None = Field(None, max_length=64)
     conversation_id: str | None = None  # steerlib extension (or the X-Conversation-Id header): multi-turn drift
@@ -227,6 +238,90 @@ class ChatCompletionRequest(BaseModel):
         kind = value.get("type") if isinstance(value, dict) else value
         raise ValueError(f"{kind!r} is not supported (structured output is not implemented; only "
                          "{\"type\": \"text\"} is accepted)")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    def stop_sequences(self) -> tuple[str, ...]:
+        return _stop_list(self.stop)
+
+
+MAX_PROMPTS = 64  # prompts in one /v1/completions request (each runs n rows)
+
+
+class CompletionRequest(BaseModel):
+    """The subset of OpenAI's (legacy) completions request the server honours, plus ``steering``.
+
+    ``prompt`` is text, token ids, or a list of either (one answer per prompt, ``n`` choices each, choice index
+    ``prompt index * n + i``). ``max_tokens`` may be 0 (with ``echo``: only the prompt's log-probabilities, what
+    lm-evaluation-harness asks for). Unknown fields are ignored.
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    suffix: str | None = None
+    best_of: int | None = None
+    steering: list[SteeringSpec] | None = Field(None, max_length=64)
+
+    _greedy = field_validator("temperature")(_greedy_below_floor)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: Any) -> Any:
+        _stop_list(value)
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, value: Any) -> Any:
+        items = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else value
+        if not items:
+            raise ValueError("the prompt is empty")
+        if len(items) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts, got {len(items)}")
+        for item in items:
+            if not item:
+                raise ValueError("the prompt is empty")
+            if isinstance(item, str):
+                _valid_unicode(item)
+            elif any(t < 0 for t in item):
+                raise ValueError("token ids must be >= 0")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: Any) -> Any:
+        if value:  # inserting text after the completion changes what is generated; not implemented
+            raise ValueError("suffix is not supported")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, value: Any) -> Any:
+        if value is not None and value != 1:
+            raise ValueError("best_of is not supported (use n)")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request: text or token ids."""
+        p = self.prompt
+        return [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
 
     def stop_sequences(self) -> tuple[str, ...]:
         return _stop_list(self.stop)

@@ -283,11 +283,27 @@ class Service:
             raise ApiError(400, "the prompt is empty", param="messages")
         return ids
 
-    def check_length(self, n_prompt: int, max_tokens: int) -> None:
+    def check_length(self, n_prompt: int, max_tokens: int, param: str = "messages") -> None:
         if self.max_context and n_prompt + max_tokens > self.max_context:
             raise ApiError(400, f"prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
-                                f"context of {self.max_context} tokens", param="messages",
+                                f"context of {self.max_context} tokens", param=param,
                            code="context_length_exceeded")
+
+    def check_token_ids(self, ids: Sequence[int], param: str) -> None:
+        """A prompt given as token ids must name tokens of the model's vocabulary (400 otherwise)."""
+        vocab = int(self.model.config.vocab_size)
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is out of the vocabulary (0..{vocab - 1})", param=param)
+
+    def decode_ids(self, ids: Sequence[int]) -> str:
+        """Token ids as text (the prompt ``echo`` returns), serialised like ``encode_raw``."""
+        with self._encode_lock:
+            return self._encoder.decode(list(ids))
+
+    def decode_token(self, token_id: int) -> str:
+        """One token's own text (the ``tokens`` of a log-probabilities object)."""
+        return self.decode_ids([token_id])
 
     def max_tokens(self, requested: int | None) -> int:
         n = requested or self.options.default_max_tokens

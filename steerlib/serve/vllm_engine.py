@@ -39,10 +39,12 @@ from steerlib.serve.contract import (
     QueueFull,
     RowFailed,
     Sampling,
+    TokenLogprob,
     UnsupportedSteering,
     public_finish,
 )
 from steerlib.serve.detok import Reply
+from steerlib.serve.logprobs import from_vllm
 from steerlib.steering.plan import Edit
 from steerlib.steering.steer import TraitReadout
 from steerlib.vllm.layout import VllmOptions, bound_cores, start_config
@@ -74,6 +76,8 @@ class _RowState:
     seen: list[int] = field(default_factory=list)  # every token vLLM returned (the closing one included)
     stored: dict[int, list[float]] = field(default_factory=dict)  # fetched read-outs by position, not yet used
     first_token: float | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per kept generated token (Sampling.logprobs)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass
@@ -121,7 +125,8 @@ class VllmEngine:
         self.dtype = args.get("dtype", "auto")
         self._store = store_of(args.get("additional_config"))  # rows go there once; requests carry their keys
         self.on_finish: Callable[[FinishedRequest], None] | None = None
-        self.capabilities = EngineCapabilities(name="vllm", batch_steps=False, steering=SUPPORT)
+        self.capabilities = EngineCapabilities(name="vllm", batch_steps=False, logprobs=True, prompt_logprobs=True,
+                                               steering=SUPPORT)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._llm: Any = None
@@ -262,11 +267,13 @@ class VllmEngine:
         from vllm import SamplingParams
 
         sp = row.sampling
-        # One token more with a read-out: its forward pass reads the last kept token's own position.
+        # One token more with a read-out: its forward pass reads the last kept token's own position. vLLM
+        # generates at least one token: with max_tokens 0 that one is the prompt's closing pass (``Reply``).
         extra = 1 if self.readout is not None else 0
-        return SamplingParams(max_tokens=sp.max_tokens + extra, temperature=sp.temperature, top_p=sp.top_p,
+        return SamplingParams(max_tokens=max(1, sp.max_tokens + extra), temperature=sp.temperature, top_p=sp.top_p,
                               seed=sp.seed, ignore_eos=self.ignore_eos, skip_special_tokens=True,
-                              detokenize=False, extra_args={SPEC_KEY: row.spec} if row.spec else None)
+                              detokenize=False, extra_args={SPEC_KEY: row.spec} if row.spec else None,
+                              logprobs=sp.logprobs, prompt_logprobs=sp.prompt_logprobs)
 
     async def _run(self, row: _Row) -> None:
         try:
@@ -290,6 +297,7 @@ class VllmEngine:
                     return
                 new = list(out.outputs[0].token_ids)[len(state.seen):]
                 state.seen.extend(new)
+                self._logprobs(row, state, out, new)
                 if await self._take(row, state, new):
                     break
             if not state.reply.done:  # vLLM ended the request first (e.g. its own length limit)
@@ -310,6 +318,19 @@ class VllmEngine:
                 self._rows.pop(row.request_id, None)
                 self._stats["failed"] += 1
             row.sink(("error", RowFailed(f"generation failed: {type(exc).__name__}: {exc}")))
+
+    @staticmethod
+    def _logprobs(row: _Row, state: _RowState, out: Any, new: list[int]) -> None:
+        """Keep the log-probabilities vLLM computed (cumulative outputs: ``outputs[0].logprobs[i]`` is token
+        ``i``'s); tokens past what the reply keeps (the closing token) are trimmed in ``_complete``."""
+        sp = row.sampling
+        if sp.prompt_logprobs is not None and state.prompt_logprobs is None and out.prompt_logprobs is not None:
+            state.prompt_logprobs = tuple(None if pos is None else from_vllm(pos, tid, sp.prompt_logprobs)
+                                          for pos, tid in zip(out.prompt_logprobs, row.prompt_ids, strict=True))
+        if sp.logprobs is not None and new:
+            got = out.outputs[0].logprobs
+            first = len(state.seen) - len(new)
+            state.logprobs.extend(from_vllm(got[first + j], tid, sp.logprobs) for j, tid in enumerate(new))
 
     async def _take(self, row: _Row, state: _RowState, new: list[int]) -> bool:
         """Account for newly generated tokens; True when the row is complete (its read-out included)."""
@@ -387,7 +408,11 @@ class VllmEngine:
                        finish_reason=public_finish(reply.finish), trait_projections=reply.summaries(names,
                                                                                                 self.readout_layer),
                        steps=[[0, 0]] * len(reply.tokens), queue_ms=0.0,
-                       ttft_ms=round((first - row.enqueued) * 1000, 2) if first else None)
+                       ttft_ms=round((first - row.enqueued) * 1000, 2) if first else None,
+                       token_ids=tuple(reply.tokens),
+                       logprobs=(tuple(state.logprobs[:len(reply.tokens)]) if row.sampling.logprobs is not None
+                                 else None),
+                       prompt_logprobs=state.prompt_logprobs if row.sampling.prompt_logprobs is not None else None)
         with self._lock:
             self._rows.pop(row.request_id, None)
             self._stats["completed"] += 1
