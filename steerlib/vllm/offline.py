@@ -1,24 +1,35 @@
-"""Batch generation with vLLM for the pipeline (``steerlib extract --engine vllm``, ``flag --baseline generate``).
+"""The pipeline's vLLM engine (``steerlib extract --engine vllm``, ``flag --baseline generate``): answers and
+pooled activations from one in-process engine.
 
-Only the text comes from vLLM; activations are still captured on the Hugging Face model, where they are exact.
-Greedy decoding with vLLM gives the HF path's tokens on the embedded model (the tests compare them); sampled
-responses differ from HF's as any two samplers' do.
+A stage hands the engine its whole job at once (``stream``): vLLM's scheduler admits requests as its KV memory
+allows, and each answer is yielded the moment it finishes, so the caller's store writes it then (a killed job
+loses only the answers in flight). Activations are read inside vLLM (``capture``, ``steerlib.vllm.capture``): each
+(prompt, response) is one prefill-only request whose pooled residuals the worker reduces and returns, on the same
+tokens the HF capture (``steerlib.core.capture``) pools, so no second copy of the model runs. Greedy decoding
+gives the HF path's tokens on the embedded model (the tests compare them); sampled responses differ from HF's as
+any two samplers' do.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from steerlib.core.capture import POOLINGS, Activations, tokenize_pairs
+from steerlib.vllm.capture import CAPTURE_KEY
 from steerlib.vllm.layout import VllmOptions, bound_cores, start_config
 
 __all__ = ["VllmGenerator"]
 
 
 class VllmGenerator:
-    """A callable ``(prompts, max_new_tokens, temperature, seed) -> texts`` on an in-process ``vllm.LLM``.
+    """The pipeline's engine on an in-process ``vllm.LLM``: a callable ``(prompts, max_new_tokens, temperature,
+    seed) -> texts``, a streaming ``stream`` and the pooled-activation ``capture`` (``PipelineEngine``).
 
     Args:
         model_folder: a Hugging Face model folder (``steerlib.core.models.resolve_model_path``).
@@ -48,16 +59,107 @@ class VllmGenerator:
 
     def __call__(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
                  seed: int | None = None) -> list[str]:
+        seeds = None if seed is None else [seed + i for i in range(len(prompts))]
+        texts: list[str] = [""] * len(prompts)
+        for i, text in self.stream(prompts, max_new_tokens, temperature, seeds):
+            texts[i] = text
+        return texts
+
+    def stream(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
+               seeds: Sequence[int] | None = None) -> Iterator[tuple[int, str]]:
+        """Submit every prompt at once; yield ``(index, text)`` as each answer finishes (completion order).
+
+        ``seeds[i]`` is prompt ``i``'s sampling seed (per prompt, so a resumed job draws the same answers).
+        Closing the iterator early aborts the requests still in flight."""
         from vllm import SamplingParams
 
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
         llm = self._engine()
         tok = llm.get_tokenizer()
-        ids = [list(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
-                                 seed=None if seed is None else seed + i, skip_special_tokens=True)
-                  for i in range(len(prompts))]
-        outs = llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
-        return [o.outputs[0].text.strip() for o in outs]
+        requests = []
+        for i, p in enumerate(prompts):
+            ids = list(tok(p, add_special_tokens=False)["input_ids"])
+            params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
+                                    seed=None if seeds is None else int(seeds[i]), skip_special_tokens=True)
+            requests.append(({"prompt_token_ids": ids}, params))
+        for i, out in self._run(requests):
+            yield i, out.outputs[0].text.strip()
+
+    def capture(self, tokenizer, prompts: Sequence[str], responses: Sequence[str | None],
+                layers: Sequence[int] | None = None, *, require_response: bool = False) -> Activations:
+        """Pooled residuals of (prompt, response) pairs read inside vLLM, as ``steerlib.core.capture`` pools them.
+
+        Args:
+            tokenizer: the tokenizer the HF path uses (the same token boundary: ``tokenize_pairs``).
+            prompts: formatted prompts.
+            responses: the answers (None: prompt only).
+            layers: residual-stream layers to keep (None: all, ``0..n_layers``).
+            require_response: raise if a response tokenises to nothing.
+        """
+        from vllm import SamplingParams
+
+        if len(prompts) == 0:
+            raise ValueError("empty prompt list: nothing to capture")
+        if len(responses) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+        encoded = tokenize_pairs(tokenizer, prompts, responses)
+        if require_response:
+            for i, (ids, p_len) in enumerate(encoded):
+                if len(ids) == p_len:
+                    raise ValueError(f"response {i} tokenises to nothing: there is no response token to average")
+        requests = [({"prompt_token_ids": ids},
+                     SamplingParams(max_tokens=1, temperature=0.0, extra_args={CAPTURE_KEY: p_len}))
+                    for ids, p_len in encoded]
+        got: dict[int, dict[str, Any]] = {}
+        for i, result in self._run(requests, pop_captures=True):
+            got[i] = result
+        first = got[0]
+        n_positions = len(first["prompt_mean"])
+        keep = list(range(n_positions)) if layers is None else [int(x) for x in layers]
+        bad = [x for x in keep if not 0 <= x < n_positions]
+        if bad:
+            raise ValueError(f"layers {bad} are outside 0..{n_positions - 1}")
+        pooled = {kind: torch.stack([torch.as_tensor(got[i][kind], dtype=torch.float32)[keep]
+                                     for i in range(len(encoded))]) for kind in POOLINGS}
+        norms = torch.stack([torch.as_tensor(got[i]["token_norms"], dtype=torch.float32)[keep]
+                             for i in range(len(encoded))])
+        for i, (ids, p_len) in enumerate(encoded):
+            if (got[i]["prompt_tokens"], got[i]["response_tokens"]) != (p_len, len(ids) - p_len):
+                raise RuntimeError(f"steerlib: vLLM computed {got[i]['prompt_tokens']}+{got[i]['response_tokens']} "
+                                   f"tokens of sample {i}, not {p_len}+{len(ids) - p_len} (prefix-cache hit?)")
+        return Activations(layers=keep, pooled=pooled, prompt_lengths=[p for _, p in encoded],
+                           response_lengths=[len(ids) - p for ids, p in encoded], token_norms=norms,
+                           meta={"backend": "vllm"})
+
+    def _run(self, requests: list[tuple[dict, Any]], pop_captures: bool = False) -> Iterator[tuple[int, Any]]:
+        """Add every request to the engine, step it, yield ``(index, output)`` per finished request (with
+        ``pop_captures``: its pooled residuals instead, fetched from the worker once per step)."""
+        engine = self._engine().llm_engine
+        tag = uuid.uuid4().hex[:12]
+        index = {f"{tag}-{i}": i for i in range(len(requests))}
+        pending = set(index)
+        try:
+            for rid, (prompt, params) in zip(index, requests, strict=True):
+                engine.add_request(rid, prompt, params)
+            while pending:
+                finished = [o for o in engine.step() if o.finished]
+                if not finished:
+                    continue
+                ids = [o.request_id for o in finished]
+                pending.difference_update(ids)
+                if pop_captures:
+                    popped = engine.collective_rpc("steerlib_pop_captures", args=(ids,))[0]
+                    for rid in ids:
+                        if rid not in popped:
+                            raise RuntimeError(f"steerlib: the worker returned no capture for request {rid}")
+                        yield index[rid], popped[rid]
+                else:
+                    for o in finished:
+                        yield index[o.request_id], o
+        finally:
+            if pending:  # the consumer stopped early (or failed): free the engine for the next stage
+                engine.abort_request(sorted(pending))
 
     def close(self) -> None:
         if self._llm is not None:
