@@ -29,6 +29,7 @@ from steerlib.core.chat import format_prompt
 from steerlib.core.checks import check_choice, check_int, check_number
 from steerlib.core.vectors import TraitVectors
 from steerlib.core.version import __version__
+from steerlib.extraction.engine import pipeline_engine
 from steerlib.extraction.sweep import LayerSweep, fit_probes, layer_sweep, mean_difference, pca_direction
 from steerlib.steering.generation import GenerateTexts, generate
 from steerlib.store.results import ResultsStore, read_records
@@ -105,6 +106,19 @@ def _generate_missing(model, tokenizer, jobs: list[dict], log: ResultsStore, cfg
     done = log.by_key("id")
     todo = [j for j in jobs if j["id"] not in done]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="generate", unit="resp", disable=not progress)
+    engine = pipeline_engine(generate_texts)
+    if engine is not None and todo:
+        # One submission for the whole stage; answers are appended as the engine finishes them. A job's seed is
+        # fixed by its place in the whole job list, so a resumed run draws what the uninterrupted one would.
+        place = {j["id"]: k for k, j in enumerate(jobs)}
+        prompts = [format_prompt(tokenizer, j["question"], j["system"]) for j in todo]
+        seeds = [cfg.seed + place[j["id"]] for j in todo] if cfg.temperature > 0 else None
+        for finished in engine.stream(prompts, cfg.max_new_tokens, cfg.temperature, seeds):
+            records = [{**todo[i], "response": t} for i, t in finished]
+            log.append(records)
+            done.update({r["id"]: r for r in records})
+            bar.update(len(records))
+        todo = []
     # One chunk per batch: each is appended the moment it is generated.
     for start in range(0, len(todo), cfg.batch_size):
         chunk = todo[start : start + cfg.batch_size]
@@ -154,8 +168,11 @@ def _keep(record: dict, score: dict, cfg: ExtractionConfig) -> bool:
 
 
 def _capture(model, tokenizer, records: list[dict], layers: list[int], cfg: ExtractionConfig,
-             progress: bool) -> Activations:
+             progress: bool, generate_texts: GenerateTexts | None = None) -> Activations:
     prompts = [format_prompt(tokenizer, r["question"], r["system"]) for r in records]
+    engine = pipeline_engine(generate_texts)
+    if engine is not None:  # read inside the engine: no second forward on the HF model
+        return engine.capture(tokenizer, prompts, [r["response"] for r in records], layers)
     return capture_activations(model, tokenizer, prompts, [r["response"] for r in records], layers,
                                backend=cfg.backend, batch_size=cfg.batch_size, progress=progress)
 
@@ -199,8 +216,9 @@ def extract_trait(
         progress: progress bars.
         log: where to print one-line summaries.
         generate_texts: another generator of the contrastive responses, called as
-            ``(formatted prompts, max_new_tokens, temperature, seed) -> texts`` (e.g.
-            ``steerlib.vllm.offline.VllmGenerator``); activations are still captured on ``model``.
+            ``(formatted prompts, max_new_tokens, temperature, seed) -> texts``; when it is a
+            ``steerlib.extraction.engine.PipelineEngine`` (``steerlib.vllm.offline.VllmGenerator``) the whole
+            generation stage is one submission, stored answer by answer, and activations are read inside it.
 
     Returns:
         ``ExtractionResult`` with mean-difference vectors (saved to ``out_dir``), probe and PCA vectors, the
@@ -244,7 +262,7 @@ def extract_trait(
             f"negative kept {counts['neg']['kept']}); loosen --pos-threshold/--neg-threshold "
             f"(now {cfg.pos_threshold}/{cfg.neg_threshold}) or use a stronger model or judge"
         )
-    acts = _capture(model, tokenizer, kept, layers, cfg, progress)
+    acts = _capture(model, tokenizer, kept, layers, cfg, progress, generate_texts)
     labels = torch.tensor([r["polarity"] == "pos" for r in kept])
     vectors = {kind: mean_difference(acts.pooled[kind], labels) for kind in acts.pooled}
 
@@ -253,7 +271,7 @@ def extract_trait(
     eval_records = [r for r in responses.values() if r["split"] == "eval"]
     eval_acts = eval_labels = None
     if eval_records:
-        eval_acts = _capture(model, tokenizer, eval_records, layers, cfg, progress)
+        eval_acts = _capture(model, tokenizer, eval_records, layers, cfg, progress, generate_texts)
         eval_labels = torch.tensor([r["polarity"] == "pos" for r in eval_records])
 
     kind = "response_mean"

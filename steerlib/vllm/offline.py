@@ -61,13 +61,14 @@ class VllmGenerator:
                  seed: int | None = None) -> list[str]:
         seeds = None if seed is None else [seed + i for i in range(len(prompts))]
         texts: list[str] = [""] * len(prompts)
-        for i, text in self.stream(prompts, max_new_tokens, temperature, seeds):
-            texts[i] = text
+        for finished in self.stream(prompts, max_new_tokens, temperature, seeds):
+            for i, text in finished:
+                texts[i] = text
         return texts
 
     def stream(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
-               seeds: Sequence[int] | None = None) -> Iterator[tuple[int, str]]:
-        """Submit every prompt at once; yield ``(index, text)`` as each answer finishes (completion order).
+               seeds: Sequence[int] | None = None) -> Iterator[list[tuple[int, str]]]:
+        """Submit every prompt at once; yield, after each engine step that finished some, their ``(index, text)``.
 
         ``seeds[i]`` is prompt ``i``'s sampling seed (per prompt, so a resumed job draws the same answers).
         Closing the iterator early aborts the requests still in flight."""
@@ -83,8 +84,8 @@ class VllmGenerator:
             params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
                                     seed=None if seeds is None else int(seeds[i]), skip_special_tokens=True)
             requests.append(({"prompt_token_ids": ids}, params))
-        for i, out in self._run(requests):
-            yield i, out.outputs[0].text.strip()
+        for finished in self._run(requests):
+            yield [(i, out.outputs[0].text.strip()) for i, out in finished]
 
     def capture(self, tokenizer, prompts: Sequence[str], responses: Sequence[str | None],
                 layers: Sequence[int] | None = None, *, require_response: bool = False) -> Activations:
@@ -111,18 +112,18 @@ class VllmGenerator:
         requests = [({"prompt_token_ids": ids},
                      SamplingParams(max_tokens=1, temperature=0.0, extra_args={CAPTURE_KEY: p_len}))
                     for ids, p_len in encoded]
+        keep = None if layers is None else sorted({int(x) for x in layers})
+        n_layers = int(self._engine().llm_engine.model_config.hf_text_config.num_hidden_layers)
+        if keep is not None and any(not 0 <= x <= n_layers for x in keep):
+            raise ValueError(f"layers must be within 0..{n_layers}, got {list(layers)}")
         got: dict[int, dict[str, Any]] = {}
-        for i, result in self._run(requests, pop_captures=True):
-            got[i] = result
-        first = got[0]
-        n_positions = len(first["prompt_mean"])
-        keep = list(range(n_positions)) if layers is None else [int(x) for x in layers]
-        bad = [x for x in keep if not 0 <= x < n_positions]
-        if bad:
-            raise ValueError(f"layers {bad} are outside 0..{n_positions - 1}")
-        pooled = {kind: torch.stack([torch.as_tensor(got[i][kind], dtype=torch.float32)[keep]
+        for finished in self._run(requests, pop_captures=keep or True):
+            got.update(finished)
+        n_positions = len(got[0]["token_norms"])
+        keep = list(range(n_positions)) if keep is None else keep
+        pooled = {kind: torch.stack([torch.as_tensor(got[i][kind], dtype=torch.float32)
                                      for i in range(len(encoded))]) for kind in POOLINGS}
-        norms = torch.stack([torch.as_tensor(got[i]["token_norms"], dtype=torch.float32)[keep]
+        norms = torch.stack([torch.as_tensor(got[i]["token_norms"], dtype=torch.float32)
                              for i in range(len(encoded))])
         for i, (ids, p_len) in enumerate(encoded):
             if (got[i]["prompt_tokens"], got[i]["response_tokens"]) != (p_len, len(ids) - p_len):
@@ -132,9 +133,11 @@ class VllmGenerator:
                            response_lengths=[len(ids) - p for ids, p in encoded], token_norms=norms,
                            meta={"backend": "vllm"})
 
-    def _run(self, requests: list[tuple[dict, Any]], pop_captures: bool = False) -> Iterator[tuple[int, Any]]:
-        """Add every request to the engine, step it, yield ``(index, output)`` per finished request (with
-        ``pop_captures``: its pooled residuals instead, fetched from the worker once per step)."""
+    def _run(self, requests: list[tuple[dict, Any]],
+             pop_captures: bool | list[int] = False) -> Iterator[list[tuple[int, Any]]]:
+        """Add every request to the engine, step it, yield per step the ``(index, output)`` of the requests it
+        finished (with ``pop_captures``: their pooled residuals instead, at those layers when it is a list, fetched
+        from the worker once per step)."""
         engine = self._engine().llm_engine
         tag = uuid.uuid4().hex[:12]
         index = {f"{tag}-{i}": i for i in range(len(requests))}
@@ -148,15 +151,15 @@ class VllmGenerator:
                     continue
                 ids = [o.request_id for o in finished]
                 pending.difference_update(ids)
-                if pop_captures:
-                    popped = engine.collective_rpc("steerlib_pop_captures", args=(ids,))[0]
-                    for rid in ids:
-                        if rid not in popped:
-                            raise RuntimeError(f"steerlib: the worker returned no capture for request {rid}")
-                        yield index[rid], popped[rid]
+                if pop_captures is not False:
+                    layers = pop_captures if isinstance(pop_captures, list) else None
+                    popped = engine.collective_rpc("steerlib_pop_captures", args=(ids, layers))[0]
+                    missing = [rid for rid in ids if rid not in popped]
+                    if missing:
+                        raise RuntimeError(f"steerlib: the worker returned no capture for request(s) {missing}")
+                    yield [(index[rid], popped[rid]) for rid in ids]
                 else:
-                    for o in finished:
-                        yield index[o.request_id], o
+                    yield [(index[o.request_id], o) for o in finished]
         finally:
             if pending:  # the consumer stopped early (or failed): free the engine for the next stage
                 engine.abort_request(sorted(pending))
