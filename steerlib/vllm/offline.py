@@ -47,6 +47,19 @@ class VllmGenerator:
         self.kwargs = self.options.engine_args(self.model_folder)
         self._llm: Any = None
 
+    @classmethod
+    def from_llm(cls, llm: Any, model_folder: str | Path = "") -> VllmGenerator:
+        """Wrap a ``vllm.LLM`` already started with steerlib's plugin (e.g. one engine shared by several jobs);
+        ``close()`` then shuts it down."""
+        gen = cls(model_folder or llm.llm_engine.model_config.model)
+        gen._llm = llm
+        return gen
+
+    @property
+    def llm(self) -> Any:
+        """The started ``vllm.LLM`` (started on first use)."""
+        return self._engine()
+
     def _engine(self) -> Any:
         if self._llm is None:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -146,7 +159,8 @@ class VllmGenerator:
             for rid, (prompt, params) in zip(index, requests, strict=True):
                 engine.add_request(rid, prompt, params)
             while pending:
-                finished = [o for o in engine.step() if o.finished]
+                # Other callers' requests may share the engine's steps: only this call's are handled here.
+                finished = [o for o in engine.step() if o.finished and o.request_id in index]
                 if not finished:
                     continue
                 ids = [o.request_id for o in finished]
