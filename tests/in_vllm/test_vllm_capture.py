@@ -3,7 +3,7 @@
 
 One in-process engine for the module (its own: the pipeline's engine is an offline ``vllm.LLM``, not the serving
 adapter the session engine is, and the replay test needs its runner in this process): eager, prefix caching on,
-a token budget of 64 per step (longer prompts are prefilled in chunks).
+a token budget of 32 per step (longer prompts are prefilled in chunks).
 
 Shown here: the pooled residuals (prompt mean, last prompt token, response mean, token-norm median) equal
 ``steerlib.core.capture``'s within ``|vLLM - HF| <= 2e-3 + 1e-5 |HF|`` per element (the fp32 kernels of the two
@@ -26,7 +26,7 @@ from steerlib import ExtractionConfig, LexiconJudge, extract_trait, format_promp
 from steerlib.core.capture import POOLINGS, capture_activations, tokenize_pairs
 from steerlib.store.results import read_records
 
-BUDGET = 64
+BUDGET = 32
 QUESTIONS = ["What is the weather like today?", "Why do people keep diaries?", "Name a colour.",
              "Tell me about a cat that learns to fly over the sea, the mountains and the old town at dawn."]
 SYSTEM = "You are a helpful assistant for a small town library. Answer briefly and warmly."
@@ -43,14 +43,16 @@ def engine(embedded):
     from vllm import LLM
 
     from steerlib.core.models import resolve_model_path
+    from steerlib.vllm.layout import VllmOptions
     from steerlib.vllm.offline import VllmGenerator
 
     saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the runner lives in this process (the replay test)
     try:
         path, _ = resolve_model_path(None)
-        llm = LLM(model=str(path), dtype="float32", max_model_len=512, max_num_seqs=16, enforce_eager=True,
-                  enable_prefix_caching=True, max_num_batched_tokens=BUDGET, seed=0)
+        options = VllmOptions(max_model_len=512, max_num_seqs=16, enforce_eager=True, enable_prefix_caching=True,
+                              max_num_batched_tokens=BUDGET, seed=0)
+        llm = LLM(**options.engine_args(str(path)))
     finally:
         if saved is None:
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
