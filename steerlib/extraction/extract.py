@@ -248,9 +248,13 @@ def extract_trait(
         "temperature": cfg.temperature, "seed": cfg.seed, "batch_size": cfg.batch_size})
     scores_log = ResultsStore(out / "scores.jsonl", {
         "judge": describe_judge(judge), "coherence_judge": describe_judge(coherence_judge)})
+    stages: dict[str, float] = {}  # wall seconds per stage of this call (a resumed stage counts what it redid)
+    tick = time.perf_counter()
     responses = _generate_missing(model, tokenizer, train_jobs + eval_jobs, responses_log, cfg, progress,
                                   generate_texts)
+    stages["generate"], tick = time.perf_counter() - tick, time.perf_counter()
     scores = _score_missing(responses, scores_log, judge, coherence_judge, progress)
+    stages["judge"], tick = time.perf_counter() - tick, time.perf_counter()
 
     train = {rid: r for rid, r in responses.items() if r["split"] == "extract"}
     kept, counts = _select(train, scores, cfg)
@@ -274,6 +278,7 @@ def extract_trait(
         eval_acts = _capture(model, tokenizer, eval_records, layers, cfg, progress, generate_texts)
         eval_labels = torch.tensor([r["polarity"] == "pos" for r in eval_records])
 
+    stages["capture"], tick = time.perf_counter() - tick, time.perf_counter()
     kind = "response_mean"
     probes = fit_probes(acts.pooled[kind], labels, eval_acts.pooled[kind] if eval_acts else None, eval_labels,
                         reference=vectors[kind])
@@ -282,6 +287,7 @@ def extract_trait(
                         probes.heldout_accuracy if eval_acts else probes.train_accuracy, heldout=eval_acts is not None)
 
     residual_norms = acts.token_norms.mean(0).tolist()
+    stages["fit"] = time.perf_counter() - tick
     metadata = {
         "recommended_layer": sweep.recommended_layer,
         "layer_rule": "max held-out Cohen's d of response-mean projections within 25%-75% of depth",
@@ -296,6 +302,7 @@ def extract_trait(
         "probe_train_accuracy": probes.train_accuracy,
         "library_version": __version__,
         "seconds": round(time.time() - started, 1),
+        "stage_seconds": {k: round(v, 2) for k, v in stages.items()},
     }
     tv = TraitVectors(vectors=vectors, model_name=name, trait=trait.name, method="mean_diff", metadata=metadata)
     files = {"vectors": tv.save(out)}

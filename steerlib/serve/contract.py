@@ -172,7 +172,8 @@ class EngineCapabilities:
         batch_steps: ``Completion.steps`` names real shared forward steps (False: placeholders ``[0, 0]``).
         logprobs: per-token log-probabilities of generated tokens (not offered yet by either engine).
         prompt_logprobs: log-probabilities of the prompt's tokens (``echo``; not offered yet).
-        pooled_capture: pooled activations returned with a finished row (not offered yet).
+        pooled_capture: the engine's ``capture(samples, layers)`` reads pooled activations of logged token
+            sequences inside it (vLLM: ``VllmEngine.capture``), as ``steerlib.core.capture`` pools them.
     """
 
     name: str

@@ -24,7 +24,30 @@ from steerlib.core.capture import POOLINGS, Activations, tokenize_pairs
 from steerlib.vllm.capture import CAPTURE_KEY
 from steerlib.vllm.layout import VllmOptions, bound_cores, start_config
 
-__all__ = ["VllmGenerator"]
+__all__ = ["COMPILE_FROM_TOKENS", "VllmGenerator", "start_mode"]
+
+# Generated tokens from which a compiled engine finishes a job sooner than an eager one (start + run), measured on
+# the project's 2-core CPU machine with the embedded model (README, "The pipeline on vLLM"): compiling adds
+# ~55 s to the start with a warm compile cache (~3.5 min cold) and saves ~0.65 ms per generated token in a full
+# batch (107 vs 100 tokens/s). Below it the engine starts eager.
+COMPILE_FROM_TOKENS = 100_000
+START_MODES = ("auto", "eager", "compiled")
+
+
+def start_mode(compile: str, job_tokens: int | None, eager_option: bool = False) -> str:
+    """``"eager"`` or ``"compiled"``: how an engine for a job of ``job_tokens`` generated tokens starts.
+
+    ``compile="auto"`` compiles from ``COMPILE_FROM_TOKENS`` on (a job of unknown size, or capture only, starts
+    eager); ``eager_option`` (``VllmOptions.enforce_eager``) forces eager."""
+    if compile not in START_MODES:
+        raise ValueError(f"compile must be one of {START_MODES}, got {compile!r}")
+    if eager_option:
+        if compile == "compiled":
+            raise ValueError("compile='compiled' contradicts enforce_eager=True")
+        return "eager"
+    if compile != "auto":
+        return compile
+    return "compiled" if job_tokens is not None and job_tokens >= COMPILE_FROM_TOKENS else "eager"
 
 
 class VllmGenerator:
@@ -33,18 +56,23 @@ class VllmGenerator:
 
     Args:
         model_folder: a Hugging Face model folder (``steerlib.core.models.resolve_model_path``).
-        options: vLLM's engine arguments (``VllmOptions``; default: one worker, compiled, the context limit
+        options: vLLM's engine arguments (``VllmOptions``; default: one worker, the context limit
             ``max_model_len=2048``).
+        compile: ``"auto"`` (by the job's size: ``start_mode``), ``"eager"`` or ``"compiled"``.
 
-    The engine starts on first use, after its layout is checked (``check_layout``) and, for several CPU workers,
-    their cores bound (a script using it needs an ``if __name__ == "__main__":`` guard: vLLM spawns its engine
-    process).
+    The engine starts on first use (or ``start``), sized by the first submission (its prompts x new tokens), after
+    its layout is checked (``check_layout``) and, for several CPU workers, their cores bound (a script using it
+    needs an ``if __name__ == "__main__":`` guard: vLLM spawns its engine process). One engine serves every stage
+    of a job.
     """
 
-    def __init__(self, model_folder: str | Path, options: VllmOptions | None = None):
+    def __init__(self, model_folder: str | Path, options: VllmOptions | None = None, compile: str = "auto"):
         self.model_folder = str(model_folder)
         self.options = options if options is not None else VllmOptions(max_model_len=2048)
+        self.compile = compile
+        start_mode(compile, None, self.options.enforce_eager)  # a bad choice fails here, before any start
         self.kwargs = self.options.engine_args(self.model_folder)
+        self.mode: str | None = None  # "eager" / "compiled" once started
         self._llm: Any = None
 
     @classmethod
@@ -60,14 +88,21 @@ class VllmGenerator:
         """The started ``vllm.LLM`` (started on first use)."""
         return self._engine()
 
-    def _engine(self) -> Any:
-        if self._llm is None:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-            from vllm import LLM
+    def start(self, job_tokens: int | None = None) -> None:
+        """Start the engine now (no-op when started), eager or compiled by ``job_tokens`` (``start_mode``)."""
+        if self._llm is not None:
+            return
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        from vllm import LLM
 
-            config = start_config(self.kwargs, asynchronous=False)  # refuses a layout steering is not right under
-            with bound_cores(config.parallel_config.world_size):
-                self._llm = LLM(**self.kwargs)
+        self.mode = start_mode(self.compile, job_tokens, self.options.enforce_eager)
+        kwargs = {**self.kwargs, "enforce_eager": self.mode == "eager"}
+        config = start_config(kwargs, asynchronous=False)  # refuses a layout steering is not right under
+        with bound_cores(config.parallel_config.world_size):
+            self._llm = LLM(**kwargs)
+
+    def _engine(self) -> Any:
+        self.start()
         return self._llm
 
     def __call__(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
@@ -89,8 +124,8 @@ class VllmGenerator:
 
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
-        llm = self._engine()
-        tok = llm.get_tokenizer()
+        self.start(len(prompts) * max_new_tokens)
+        tok = self._llm.get_tokenizer()
         requests = []
         for i, p in enumerate(prompts):
             ids = list(tok(p, add_special_tokens=False)["input_ids"])
