@@ -19,6 +19,10 @@ __all__ = ["PipelineEngine", "pipeline_engine"]
 class PipelineEngine(Protocol):
     """An engine a pipeline stage can hand a whole job to."""
 
+    def start(self, job_tokens: int | None = None) -> None:
+        """Start now (a no-op once started), sized for a job of ``job_tokens`` generated tokens (None: unknown)."""
+        ...
+
     def __call__(self, prompts: list[str], max_new_tokens: int, temperature: float,
                  seed: int | None) -> list[str]:
         """``GenerateTexts``: the answers of ``prompts``, in order."""

@@ -111,6 +111,7 @@ def _generate_missing(model, tokenizer, jobs: list[dict], log: ResultsStore, cfg
         # One submission for the whole stage; answers are appended as the engine finishes them. A job's seed is
         # fixed by its place in the whole job list, so a resumed run draws what the uninterrupted one would.
         place = {j["id"]: k for k, j in enumerate(jobs)}
+        engine.start(len(todo) * cfg.max_new_tokens)
         prompts = [format_prompt(tokenizer, j["question"], j["system"]) for j in todo]
         seeds = [cfg.seed + place[j["id"]] for j in todo] if cfg.temperature > 0 else None
         for finished in engine.stream(prompts, cfg.max_new_tokens, cfg.temperature, seeds):

@@ -198,6 +198,9 @@ class _KilledAfter:
     def __call__(self, *args):
         return self.engine(*args)
 
+    def start(self, job_tokens=None):
+        self.engine.start(job_tokens)
+
     def capture(self, *args, **kwargs):
         return self.engine.capture(*args, **kwargs)
 
