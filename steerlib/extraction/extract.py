@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from steerlib.extraction.sweep import LayerSweep, fit_probes, layer_sweep, mean_
 from steerlib.steering.generation import GenerateTexts, generate
 from steerlib.store.results import ResultsStore, read_records
 from steerlib.traits.judges import describe_judge
+from steerlib.traits.judges.llm import LLMJudge
 from steerlib.traits.library import Trait, load_trait
 
 
@@ -102,7 +104,8 @@ def _jobs(trait: Trait, questions: tuple[str, ...], split: str, cfg: ExtractionC
 
 
 def _generate_missing(model, tokenizer, jobs: list[dict], log: ResultsStore, cfg: ExtractionConfig,
-                      progress: bool, generate_texts: GenerateTexts | None = None) -> dict[str, dict]:
+                      progress: bool, generate_texts: GenerateTexts | None = None,
+                      on_records: Callable[[list[dict]], None] | None = None) -> dict[str, dict]:
     done = log.by_key("id")
     todo = [j for j in jobs if j["id"] not in done]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="generate", unit="resp", disable=not progress)
@@ -119,6 +122,8 @@ def _generate_missing(model, tokenizer, jobs: list[dict], log: ResultsStore, cfg
             log.append(records)
             done.update({r["id"]: r for r in records})
             bar.update(len(records))
+            if on_records is not None and records:
+                on_records(records)
         todo = []
     # One chunk per batch: each is appended the moment it is generated.
     for start in range(0, len(todo), cfg.batch_size):
@@ -146,15 +151,43 @@ def _score_missing(responses: dict[str, dict], log: ResultsStore, judge, coheren
                disable=not progress)
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start : start + chunk_size]
-        pairs = [(r["question"], r["response"]) for r in chunk]
-        scores = judge.score_many(pairs)
-        coherence = coherence_judge.score_many(pairs) if coherence_judge is not None else [None] * len(chunk)
-        records = [{"id": r["id"], "score": s, "coherence": c} for r, s, c in zip(chunk, scores, coherence, strict=True)]
-        log.append(records)
+        records = _score_chunk(chunk, log, judge, coherence_judge)
         done.update({r["id"]: r for r in records})
         bar.update(len(chunk))
     bar.close()
     return {rid: done[rid] for rid in responses}
+
+
+def _score_chunk(chunk: list[dict], log: ResultsStore, judge, coherence_judge) -> list[dict]:
+    """Judge responses and append their scores (the store is thread-safe)."""
+    pairs = [(r["question"], r["response"]) for r in chunk]
+    scores = judge.score_many(pairs)
+    coherence = coherence_judge.score_many(pairs) if coherence_judge is not None else [None] * len(chunk)
+    records = [{"id": r["id"], "score": s, "coherence": c} for r, s, c in zip(chunk, scores, coherence, strict=True)]
+    log.append(records)
+    return records
+
+
+class _JudgeAlongside:
+    """Judges answers on one background thread while the engine generates the next ones (an HTTP judge waits on
+    the network, not on the cores the engine uses). ``finish()`` waits and raises the first failure."""
+
+    def __init__(self, log: ResultsStore, judge, coherence_judge):
+        self.log, self.judge, self.coherence_judge = log, judge, coherence_judge
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steerlib-judge")
+        self.futures: list[Future] = []
+
+    def submit(self, records: list[dict]) -> None:
+        self.futures.append(self.pool.submit(_score_chunk, records, self.log, self.judge, self.coherence_judge))
+
+    def finish(self) -> None:
+        self.pool.shutdown(wait=True)
+        for f in self.futures:
+            f.result()
+
+
+def _remote(judge) -> bool:
+    return judge is None or isinstance(judge, LLMJudge)
 
 
 def _keep(record: dict, score: dict, cfg: ExtractionConfig) -> bool:
@@ -251,8 +284,15 @@ def extract_trait(
         "judge": describe_judge(judge), "coherence_judge": describe_judge(coherence_judge)})
     stages: dict[str, float] = {}  # wall seconds per stage of this call (a resumed stage counts what it redid)
     tick = time.perf_counter()
-    responses = _generate_missing(model, tokenizer, train_jobs + eval_jobs, responses_log, cfg, progress,
-                                  generate_texts)
+    # With an engine and an HTTP judge, answers are judged while the engine generates the rest.
+    alongside = (_JudgeAlongside(scores_log, judge, coherence_judge) if pipeline_engine(generate_texts) is not None
+                 and isinstance(judge, LLMJudge) and _remote(coherence_judge) else None)
+    try:
+        responses = _generate_missing(model, tokenizer, train_jobs + eval_jobs, responses_log, cfg, progress,
+                                      generate_texts, on_records=alongside.submit if alongside else None)
+    finally:
+        if alongside is not None:
+            alongside.finish()
     stages["generate"], tick = time.perf_counter() - tick, time.perf_counter()
     scores = _score_missing(responses, scores_log, judge, coherence_judge, progress)
     stages["judge"], tick = time.perf_counter() - tick, time.perf_counter()

@@ -247,3 +247,52 @@ def test_flag_scores_through_the_engine_equal_the_hf_path(embedded, engine, opti
         got = torch.tensor([r[key] for r in vl.records], dtype=torch.float64)
         want = torch.tensor([r[key] for r in hf.records], dtype=torch.float64)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4, msg=key)
+
+
+class _HoldsLastAnswer:
+    """The engine, holding back its last answers until the judge has been asked about the first ones (an engine
+    still generating while an HTTP judge works); records whether that happened."""
+
+    def __init__(self, engine, stub):
+        self.engine, self.stub, self.judged_during_generation = engine, stub, False
+
+    def __call__(self, *args):
+        return self.engine(*args)
+
+    def start(self, job_tokens=None):
+        self.engine.start(job_tokens)
+
+    def capture(self, *args, **kwargs):
+        return self.engine.capture(*args, **kwargs)
+
+    def stream(self, *args, **kwargs):
+        import time
+
+        answers = [a for finished in self.engine.stream(*args, **kwargs) for a in finished]
+        yield answers[:4]
+        deadline = time.monotonic() + 60
+        while self.stub.count == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.judged_during_generation = self.stub.count > 0
+        yield answers[4:]
+
+
+def test_an_http_judge_scores_while_the_engine_generates(embedded, engine, tmp_path):
+    from openai_stub import OpenAIStub, logprob_response
+
+    from steerlib.traits.judges.llm import LLMJudge
+
+    model, tok = embedded
+    stub = OpenAIStub(lambda req: logprob_response({"60": 1.0})).start()
+    try:
+        judge = LLMJudge(stub.base_url, "stub-model", "Q: {question}\nA: {answer}\nRate 0-100.", concurrency=2)
+        held = _HoldsLastAnswer(engine, stub)
+        result = extract_trait(model, tok, "optimistic", tmp_path, judge=judge, config=ExtractionConfig(**CFG),
+                               progress=False, log=lambda s: None, generate_texts=held)
+    finally:
+        stub.stop()
+    assert held.judged_during_generation
+    scores = read_records(tmp_path / "scores.jsonl")
+    assert sorted(r["id"] for r in scores) == sorted(r["id"] for r in read_records(tmp_path / "responses.jsonl"))
+    assert {r["score"] for r in scores} == {60.0} and stub.count == 12  # each answer judged once
+    assert result.counts["pos"]["kept"] == 3
