@@ -327,8 +327,9 @@ def score_dataset(
     # An engine takes windows of ENGINE_WINDOW samples (its scheduler batches them), the HF model batch_size.
     engine = pipeline_engine(generate_texts)
     batches = length_sorted_batches(lengths, ENGINE_WINDOW if engine is not None else batch_size)
-    if engine is not None:  # the engine's start is chosen by the job's size (compiling pays off on long jobs)
-        engine.start(max_new_tokens * (len(by_index) - len(done)) if baseline == "generate" else None)
+    left = len(set(by_index) - set(done))
+    if engine is not None and left:  # the engine's start is chosen by the job's size (compiling pays off on long jobs)
+        engine.start(max_new_tokens * left if baseline == "generate" else None)
     computed = 0
     bar = tqdm(total=len(by_index), initial=len(done), desc=f"flag (layer {layer})", unit="sample",
                disable=not progress)
