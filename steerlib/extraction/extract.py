@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,10 +30,12 @@ from steerlib.core.chat import format_prompt
 from steerlib.core.checks import check_choice, check_int, check_number
 from steerlib.core.vectors import TraitVectors
 from steerlib.core.version import __version__
+from steerlib.extraction.engine import pipeline_engine
 from steerlib.extraction.sweep import LayerSweep, fit_probes, layer_sweep, mean_difference, pca_direction
 from steerlib.steering.generation import GenerateTexts, generate
 from steerlib.store.results import ResultsStore, read_records
 from steerlib.traits.judges import describe_judge
+from steerlib.traits.judges.llm import LLMJudge
 from steerlib.traits.library import Trait, load_trait
 
 
@@ -101,10 +104,27 @@ def _jobs(trait: Trait, questions: tuple[str, ...], split: str, cfg: ExtractionC
 
 
 def _generate_missing(model, tokenizer, jobs: list[dict], log: ResultsStore, cfg: ExtractionConfig,
-                      progress: bool, generate_texts: GenerateTexts | None = None) -> dict[str, dict]:
+                      progress: bool, generate_texts: GenerateTexts | None = None,
+                      on_records: Callable[[list[dict]], None] | None = None) -> dict[str, dict]:
     done = log.by_key("id")
     todo = [j for j in jobs if j["id"] not in done]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="generate", unit="resp", disable=not progress)
+    engine = pipeline_engine(generate_texts)
+    if engine is not None and todo:
+        # One submission for the whole stage; answers are appended as the engine finishes them. A job's seed is
+        # fixed by its place in the whole job list, so a resumed run draws what the uninterrupted one would.
+        place = {j["id"]: k for k, j in enumerate(jobs)}
+        engine.start(len(todo) * cfg.max_new_tokens)
+        prompts = [format_prompt(tokenizer, j["question"], j["system"]) for j in todo]
+        seeds = [cfg.seed + place[j["id"]] for j in todo] if cfg.temperature > 0 else None
+        for finished in engine.stream(prompts, cfg.max_new_tokens, cfg.temperature, seeds):
+            records = [{**todo[i], "response": t} for i, t in finished]
+            log.append(records)
+            done.update({r["id"]: r for r in records})
+            bar.update(len(records))
+            if on_records is not None and records:
+                on_records(records)
+        todo = []
     # One chunk per batch: each is appended the moment it is generated.
     for start in range(0, len(todo), cfg.batch_size):
         chunk = todo[start : start + cfg.batch_size]
@@ -131,15 +151,43 @@ def _score_missing(responses: dict[str, dict], log: ResultsStore, judge, coheren
                disable=not progress)
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start : start + chunk_size]
-        pairs = [(r["question"], r["response"]) for r in chunk]
-        scores = judge.score_many(pairs)
-        coherence = coherence_judge.score_many(pairs) if coherence_judge is not None else [None] * len(chunk)
-        records = [{"id": r["id"], "score": s, "coherence": c} for r, s, c in zip(chunk, scores, coherence, strict=True)]
-        log.append(records)
+        records = _score_chunk(chunk, log, judge, coherence_judge)
         done.update({r["id"]: r for r in records})
         bar.update(len(chunk))
     bar.close()
     return {rid: done[rid] for rid in responses}
+
+
+def _score_chunk(chunk: list[dict], log: ResultsStore, judge, coherence_judge) -> list[dict]:
+    """Judge responses and append their scores (the store is thread-safe)."""
+    pairs = [(r["question"], r["response"]) for r in chunk]
+    scores = judge.score_many(pairs)
+    coherence = coherence_judge.score_many(pairs) if coherence_judge is not None else [None] * len(chunk)
+    records = [{"id": r["id"], "score": s, "coherence": c} for r, s, c in zip(chunk, scores, coherence, strict=True)]
+    log.append(records)
+    return records
+
+
+class _JudgeAlongside:
+    """Judges answers on one background thread while the engine generates the next ones (an HTTP judge waits on
+    the network, not on the cores the engine uses). ``finish()`` waits and raises the first failure."""
+
+    def __init__(self, log: ResultsStore, judge, coherence_judge):
+        self.log, self.judge, self.coherence_judge = log, judge, coherence_judge
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steerlib-judge")
+        self.futures: list[Future] = []
+
+    def submit(self, records: list[dict]) -> None:
+        self.futures.append(self.pool.submit(_score_chunk, records, self.log, self.judge, self.coherence_judge))
+
+    def finish(self) -> None:
+        self.pool.shutdown(wait=True)
+        for f in self.futures:
+            f.result()
+
+
+def _remote(judge) -> bool:
+    return judge is None or isinstance(judge, LLMJudge)
 
 
 def _keep(record: dict, score: dict, cfg: ExtractionConfig) -> bool:
@@ -154,8 +202,11 @@ def _keep(record: dict, score: dict, cfg: ExtractionConfig) -> bool:
 
 
 def _capture(model, tokenizer, records: list[dict], layers: list[int], cfg: ExtractionConfig,
-             progress: bool) -> Activations:
+             progress: bool, generate_texts: GenerateTexts | None = None) -> Activations:
     prompts = [format_prompt(tokenizer, r["question"], r["system"]) for r in records]
+    engine = pipeline_engine(generate_texts)
+    if engine is not None:  # read inside the engine: no second forward on the HF model
+        return engine.capture(tokenizer, prompts, [r["response"] for r in records], layers)
     return capture_activations(model, tokenizer, prompts, [r["response"] for r in records], layers,
                                backend=cfg.backend, batch_size=cfg.batch_size, progress=progress)
 
@@ -199,8 +250,9 @@ def extract_trait(
         progress: progress bars.
         log: where to print one-line summaries.
         generate_texts: another generator of the contrastive responses, called as
-            ``(formatted prompts, max_new_tokens, temperature, seed) -> texts`` (e.g.
-            ``steerlib.vllm.offline.VllmGenerator``); activations are still captured on ``model``.
+            ``(formatted prompts, max_new_tokens, temperature, seed) -> texts``; when it is a
+            ``steerlib.extraction.engine.PipelineEngine`` (``steerlib.vllm.offline.VllmGenerator``) the whole
+            generation stage is one submission, stored answer by answer, and activations are read inside it.
 
     Returns:
         ``ExtractionResult`` with mean-difference vectors (saved to ``out_dir``), probe and PCA vectors, the
@@ -230,9 +282,20 @@ def extract_trait(
         "temperature": cfg.temperature, "seed": cfg.seed, "batch_size": cfg.batch_size})
     scores_log = ResultsStore(out / "scores.jsonl", {
         "judge": describe_judge(judge), "coherence_judge": describe_judge(coherence_judge)})
-    responses = _generate_missing(model, tokenizer, train_jobs + eval_jobs, responses_log, cfg, progress,
-                                  generate_texts)
+    stages: dict[str, float] = {}  # wall seconds per stage of this call (a resumed stage counts what it redid)
+    tick = time.perf_counter()
+    # With an engine and an HTTP judge, answers are judged while the engine generates the rest.
+    alongside = (_JudgeAlongside(scores_log, judge, coherence_judge) if pipeline_engine(generate_texts) is not None
+                 and isinstance(judge, LLMJudge) and _remote(coherence_judge) else None)
+    try:
+        responses = _generate_missing(model, tokenizer, train_jobs + eval_jobs, responses_log, cfg, progress,
+                                      generate_texts, on_records=alongside.submit if alongside else None)
+    finally:
+        if alongside is not None:
+            alongside.finish()
+    stages["generate"], tick = time.perf_counter() - tick, time.perf_counter()
     scores = _score_missing(responses, scores_log, judge, coherence_judge, progress)
+    stages["judge"], tick = time.perf_counter() - tick, time.perf_counter()
 
     train = {rid: r for rid, r in responses.items() if r["split"] == "extract"}
     kept, counts = _select(train, scores, cfg)
@@ -244,7 +307,7 @@ def extract_trait(
             f"negative kept {counts['neg']['kept']}); loosen --pos-threshold/--neg-threshold "
             f"(now {cfg.pos_threshold}/{cfg.neg_threshold}) or use a stronger model or judge"
         )
-    acts = _capture(model, tokenizer, kept, layers, cfg, progress)
+    acts = _capture(model, tokenizer, kept, layers, cfg, progress, generate_texts)
     labels = torch.tensor([r["polarity"] == "pos" for r in kept])
     vectors = {kind: mean_difference(acts.pooled[kind], labels) for kind in acts.pooled}
 
@@ -253,9 +316,10 @@ def extract_trait(
     eval_records = [r for r in responses.values() if r["split"] == "eval"]
     eval_acts = eval_labels = None
     if eval_records:
-        eval_acts = _capture(model, tokenizer, eval_records, layers, cfg, progress)
+        eval_acts = _capture(model, tokenizer, eval_records, layers, cfg, progress, generate_texts)
         eval_labels = torch.tensor([r["polarity"] == "pos" for r in eval_records])
 
+    stages["capture"], tick = time.perf_counter() - tick, time.perf_counter()
     kind = "response_mean"
     probes = fit_probes(acts.pooled[kind], labels, eval_acts.pooled[kind] if eval_acts else None, eval_labels,
                         reference=vectors[kind])
@@ -264,6 +328,7 @@ def extract_trait(
                         probes.heldout_accuracy if eval_acts else probes.train_accuracy, heldout=eval_acts is not None)
 
     residual_norms = acts.token_norms.mean(0).tolist()
+    stages["fit"] = time.perf_counter() - tick
     metadata = {
         "recommended_layer": sweep.recommended_layer,
         "layer_rule": "max held-out Cohen's d of response-mean projections within 25%-75% of depth",
@@ -278,6 +343,7 @@ def extract_trait(
         "probe_train_accuracy": probes.train_accuracy,
         "library_version": __version__,
         "seconds": round(time.time() - started, 1),
+        "stage_seconds": {k: round(v, 2) for k, v in stages.items()},
     }
     tv = TraitVectors(vectors=vectors, model_name=name, trait=trait.name, method="mean_diff", metadata=metadata)
     files = {"vectors": tv.save(out)}

@@ -203,7 +203,8 @@ class EngineCapabilities:
         batch_steps: ``Completion.steps`` names real shared forward steps (False: placeholders ``[0, 0]``).
         logprobs: per-token log-probabilities of generated tokens (``Sampling.logprobs``).
         prompt_logprobs: log-probabilities of the prompt's tokens (``Sampling.prompt_logprobs``, ``echo``).
-        pooled_capture: pooled activations returned with a finished row (not offered yet).
+        pooled_capture: the engine's ``capture(samples, layers)`` reads pooled activations of logged token
+            sequences inside it (vLLM: ``VllmEngine.capture``), as ``steerlib.core.capture`` pools them.
         steering: which edits the engine applies (markers, gates, latches); the service refuses the rest with
             ``steerlib.steering.plan.check_supported``'s one message.
     """

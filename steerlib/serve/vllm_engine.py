@@ -47,6 +47,7 @@ from steerlib.serve.detok import Reply
 from steerlib.serve.logprobs import from_vllm
 from steerlib.steering.plan import Edit
 from steerlib.steering.steer import TraitReadout
+from steerlib.vllm.capture import CAPTURE_KEY, check_boundary
 from steerlib.vllm.layout import VllmOptions, bound_cores, start_config
 from steerlib.vllm.slots import SlotsExhausted, store_of
 from steerlib.vllm.spec import SPEC_KEY, SUPPORT, UnsupportedOnVllm, cache_salt, encode_rows
@@ -125,8 +126,10 @@ class VllmEngine:
         self.dtype = args.get("dtype", "auto")
         self._store = store_of(args.get("additional_config"))  # rows go there once; requests carry their keys
         self.on_finish: Callable[[FinishedRequest], None] | None = None
+        # Pooled capture reads one worker's sums: offered where one worker holds every layer.
         self.capabilities = EngineCapabilities(name="vllm", batch_steps=False, logprobs=True, prompt_logprobs=True,
-                                               steering=SUPPORT)
+                                               steering=SUPPORT, pooled_capture=(
+                                                   int(args.get("pipeline_parallel_size", 1) or 1) == 1))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._llm: Any = None
@@ -262,6 +265,41 @@ class VllmEngine:
         row.cancelled.set()
         if row.task is not None:
             row.task.cancel()
+
+    def capture(self, samples: Sequence[tuple[list[int], int]], layers: Sequence[int] | None = None,
+                timeout: float = 600.0) -> list[dict[str, Any]]:
+        """Pooled residuals of token sequences read inside the running engine (``steerlib.vllm.capture``): per
+        ``(token ids, prompt length)``, ``prompt_mean`` / ``prompt_last`` / ``response_mean`` / ``token_norms``
+        (``[len(layers), D]`` lists; None: every layer) and the token counts, as ``steerlib.core.capture`` pools
+        them. Each is a prefill-only request beside the rows being served (what monitor and flag need of a
+        logged conversation, without a second model)."""
+        if not self.capabilities.pooled_capture:
+            raise ValueError("pooled capture needs every layer on one worker (pipeline_parallel_size=1)")
+        if not self.alive or self._loop is None:
+            raise RuntimeError("the vLLM engine is not running")
+        for i, (ids, p_len) in enumerate(samples):
+            check_boundary(p_len)
+            if p_len > len(ids):
+                raise ValueError(f"sample {i}: prompt length {p_len} is more than its {len(ids)} tokens")
+        coro = self._capture(list(samples), None if layers is None else [int(x) for x in layers])
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _capture(self, samples: list[tuple[list[int], int]], layers: list[int] | None) -> list[dict[str, Any]]:
+        from vllm import SamplingParams
+
+        async def one(rid: str, ids: list[int], p_len: int) -> None:
+            params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                                    extra_args={CAPTURE_KEY: p_len})
+            async for _ in self._llm.generate({"prompt_token_ids": list(ids)}, params, rid):
+                pass
+
+        rids = [f"capture-{next(self._ids)}" for _ in samples]
+        await asyncio.gather(*(one(rid, ids, p) for rid, (ids, p) in zip(rids, samples, strict=True)))
+        got = (await self._llm.collective_rpc("steerlib_pop_captures", args=(rids, layers)))[0]
+        missing = [rid for rid in rids if rid not in got]
+        if missing:
+            raise RuntimeError(f"steerlib: the worker returned no capture for {missing}")
+        return [got[rid] for rid in rids]
 
     def _params(self, row: _Row) -> Any:
         from vllm import SamplingParams

@@ -30,6 +30,7 @@ import functools
 import logging
 import math
 import time
+import uuid
 import weakref
 from typing import Any
 
@@ -58,6 +59,7 @@ def _salted(existing: str | None, salt: str) -> str:
 
 def _process_inputs(original):
     def process_inputs(self, request_id: str, prompt: Any, params: Any, *args: Any, **kwargs: Any):
+        from steerlib.vllm.capture import CAPTURE_KEY, check_boundary
         from steerlib.vllm.slots import SlotsExhausted
         from steerlib.vllm.spec import SPEC_KEY, cache_salt, register_spec, spec_keys
 
@@ -75,7 +77,15 @@ def _process_inputs(original):
             except ValueError as exc:
                 raise _validation_error(str(exc)) from None
             params.extra_args[SPEC_KEY] = spec
+        capture = extra.get(CAPTURE_KEY)
+        if capture is not None:
+            try:
+                check_boundary(capture)
+            except ValueError as exc:
+                raise _validation_error(str(exc)) from None
         request = original(self, request_id, prompt, params, *args, **kwargs)
+        if capture is not None:  # every prompt token must be computed, never read from another request's cache
+            request.cache_salt = _salted(request.cache_salt, f"steerlib-capture-{uuid.uuid4().hex}")
         keys = spec_keys(spec) if spec is not None else []
         if keys:
             admission.release_missing(_Live())

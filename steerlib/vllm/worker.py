@@ -35,6 +35,11 @@ wants: the last token each request computed in the step, when that position is `
 positions whose outputs produce generated tokens), keyed by request id and position. The API process fetches
 them with ``collective_rpc("steerlib_pop_readouts")`` through ``SteerlibWorkerExtension`` (vLLM's
 ``worker_extension_cls``).
+
+Capture (``steerlib.vllm.capture``): the same op also adds each layer's stream into fixed per-request sums (and a
+pre-hook on the first block adds the embeddings, layer 0), for requests that ask with ``steerlib_capture``; the
+pooled residuals are fetched with ``collective_rpc("steerlib_pop_captures")``. In a step with a capturing
+request every owned layer (and 0) must run exactly once, checked by the same stamp.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from steerlib.steering.plan import PlanCapacity, SteeringPlan
+from steerlib.vllm.capture import CaptureBuffers
 from steerlib.vllm.slots import DEFAULT_CAPACITY, SlotTable, capacity_of, store_of
 from steerlib.vllm.spec import SPEC_KEY, ParsedSpec, parse_spec
 
@@ -60,7 +66,9 @@ log = logging.getLogger("steerlib.vllm")
 
 # What vLLM's compile cache must be keyed by (``additional_config={"steerlib": IDENTITY}``): its key ignores
 # hooks, so a graph compiled without them (or with an older version of them) would otherwise be reused.
-IDENTITY = "steerlib-hooks-" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+# The capture module's code runs inside the same op, so it is part of the key too.
+IDENTITY = "steerlib-hooks-" + hashlib.sha256(
+    Path(__file__).read_bytes() + (Path(__file__).parent / "capture.py").read_bytes()).hexdigest()[:16]
 _MAX_STORED_REQUESTS = 4096
 SLOTS_PER_LAYER = 2  # edits one request may make at one layer
 READOUT_DIRS = 16  # read-out directions K every layer's op computes (the op's maximum)
@@ -82,11 +90,14 @@ class WorkerState:
         table_rows: steering-table rows per layer (row 0, "no edit", included); default enough for every row's
             slots to hold distinct vectors.
         gate_rows: condition directions per layer.
+        capture_slots: requests that can capture pooled residuals at once (0: no capture buffers).
+        max_len: the engine's context limit (sizes the capture's per-token norms).
     """
 
     def __init__(self, layers: nn.ModuleList, d_model: int, max_tokens: int, device: torch.device,
                  max_rows: int = 256, owned: set[int] | None = None, edits_per_layer: int = SLOTS_PER_LAYER,
-                 table_rows: int | None = None, gate_rows: int | None = None, slots: SlotTable | None = None):
+                 table_rows: int | None = None, gate_rows: int | None = None, slots: SlotTable | None = None,
+                 capture_slots: int = 0, max_len: int = 2048):
         self.layers = layers
         self.n_layers = len(layers)
         self.d_model = d_model
@@ -118,6 +129,9 @@ class WorkerState:
         self.keep_keys: list[tuple[str, int]] = []
         self.store: OrderedDict[str, dict[int, list[float]]] = OrderedDict()
         self.steps = 0
+        # Pooled-residual capture (steerlib.vllm.capture): fixed per-slot sums, or None (chosen once, at load).
+        self.capture = (CaptureBuffers(self.n_layers, d_model, capture_slots, max_tokens, max_len, device)
+                        if capture_slots > 0 else None)
 
     def parsed(self, request_id: str, spec: str) -> ParsedSpec:
         """A running request's parsed spec; its vector keys are pinned in the slot table until it leaves."""
@@ -218,7 +232,9 @@ class WorkerState:
         self.expected = set(self.plan.active_layers)
         if self.keep_rows:
             self.expected.add(self.readout_layer)
-        self.expected &= self.owned
+        if self.capture is not None and self.capture.begin(runner, req_ids, qsl, row_of_token, pos):
+            self.expected |= self.owned | ({0} if 1 in self.owned else set())
+        self.expected &= self.owned | {0}
         self.stamp.zero_()
         self.in_step = True
 
@@ -249,6 +265,14 @@ class WorkerState:
         The same device ops whatever the plan holds: no branch on its contents, no host read, no allocation."""
         self.stamp[layer].add_(1)
         self.plan.apply(layer, hidden)
+        if self.capture is not None:  # decided at load, the same on every call
+            self.capture.accumulate(layer, hidden)
+
+    def capture_embeddings(self, hidden: Tensor) -> None:
+        """The capture op's body at layer 0 (the embeddings entering the first block): stamp, add in place."""
+        self.stamp[0].add_(1)
+        if self.capture is not None:
+            self.capture.accumulate(0, hidden)
 
     def pop(self, request_ids: list[str]) -> dict[str, dict[int, list[float]]]:
         """Take the stored read-outs of these requests. vLLM appends ``-`` and 8 characters to the id a client
@@ -283,6 +307,26 @@ def steer_layer_(hidden: Tensor, residual: Tensor, layer: int) -> None:
 @steer_layer_.register_fake
 def _steer_layer_fake(hidden: Tensor, residual: Tensor, layer: int) -> None:
     return None
+
+
+# ``hidden`` is declared mutated (it is only read) so that no compiler drops an op whose effect is elsewhere.
+@torch.library.custom_op("steerlib_vllm::capture_embeddings_", mutates_args=("hidden",))
+def capture_embeddings_(hidden: Tensor) -> None:
+    """Add the embeddings entering the first block (layer 0) into the capturing requests' sums."""
+    st = _STATE
+    if st is not None:
+        st.capture_embeddings(hidden.view(-1, hidden.shape[-1]))
+
+
+@capture_embeddings_.register_fake
+def _capture_embeddings_fake(hidden: Tensor) -> None:
+    return None
+
+
+def _embeddings_hook(_module: nn.Module, args: tuple) -> None:
+    # vLLM's decoder calls each layer as ``layer(positions, hidden_states, residual)``; the first gets the
+    # embeddings as ``hidden_states``.
+    capture_embeddings_(args[1])
 
 
 def _make_hook(layer: int):
@@ -334,11 +378,16 @@ def install(runner: Any) -> WorkerState:
     owned = {i + 1 for i, layer in enumerate(layers) if type(layer).__name__ != "PPMissingLayer"}
     extra = config.additional_config if isinstance(config.additional_config, dict) else {}
     slots = SlotTable(capacity_of(extra), load=store_of(extra).get)
+    capture_slots = extra.get("steerlib_capture_slots", max_rows)
+    if isinstance(capture_slots, bool) or not isinstance(capture_slots, int) or capture_slots < 0:
+        raise ValueError(f"steerlib_capture_slots must be an int >= 0, got {capture_slots!r}")
     st = WorkerState(layers, d_model, max_tokens, torch.device(runner.device), max_rows=max_rows, owned=owned,
-                     slots=slots)
+                     slots=slots, capture_slots=capture_slots, max_len=int(config.model_config.max_model_len))
     for i, layer in enumerate(layers):
         if i + 1 in owned:
             layer.register_forward_hook(_make_hook(i + 1))
+    if 1 in owned and st.capture is not None:
+        layers[0].register_forward_pre_hook(_embeddings_hook)
     _STATE = st
     runner._steerlib_installed = True
     log.info("steerlib: hooked %d decoder layers of %s (fixed plan: %d tokens, %d requests)", len(owned),
@@ -356,6 +405,19 @@ class SteerlibWorkerExtension:
 
     def steerlib_pop_readouts(self, request_ids: list[str]) -> dict[str, dict[int, list[float]]]:
         return _require_state().pop(request_ids)
+
+    def steerlib_pop_captures(self, request_ids: list[str],
+                              layers: list[int] | None = None) -> dict[str, dict[str, Any]]:
+        """Pooled residuals of finished capturing requests (``steerlib.vllm.capture``) at ``layers`` (None: all),
+        as nested lists."""
+        st = _require_state()
+        if st.capture is None:
+            raise RuntimeError("steerlib: this engine was started with steerlib_capture_slots=0 (no capture)")
+        if layers is not None and any(not 0 <= x <= st.n_layers for x in layers):
+            raise ValueError(f"capture layers must be within 0..{st.n_layers}, got {layers}")
+        keep = slice(None) if layers is None else list(layers)
+        return {rid: {k: v[keep].tolist() if isinstance(v, torch.Tensor) else v for k, v in got.items()}
+                for rid, got in st.capture.pop(request_ids).items()}
 
     def steerlib_status(self) -> dict[str, Any]:
         st = _require_state()

@@ -8,6 +8,10 @@ stand-in that subtracts the projection of the last prompt token instead (no gene
 
 Scoring runs in length-sorted batches and only as deep as the needed layer. Results are appended to a JSONL
 file batch by batch (one line per sample, with its index), so a killed run resumes where it stopped.
+
+Given a pipeline engine (``steerlib.extraction.engine.PipelineEngine``, e.g. vLLM's), a window of
+``ENGINE_WINDOW`` samples is one submission per stage (capture the pairs, generate the baselines, capture them),
+read inside the engine: the HF model runs no forward.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from steerlib.core.loading import resolve_vector
 from steerlib.core.models import unwrap_model
 from steerlib.core.serialize import to_jsonable
 from steerlib.core.vectors import VectorSource
+from steerlib.extraction.engine import PipelineEngine, pipeline_engine
 from steerlib.steering.generation import GenerateTexts
 from steerlib.store.results import ResultsStore, fingerprint_pairs, fingerprint_tensor
 from steerlib.store.samples import ReadResult, Sample, as_samples, read_samples
@@ -47,6 +52,18 @@ __all__ = [
 
 Baseline = Literal["none", "generate", "prompt_last"]
 BASELINES = ("none", "generate", "prompt_last")
+# Samples per engine submission: large enough that the engine's scheduler stays full, small enough that a
+# window's pooled activations (three [D] rows per sample) and a kill's lost work stay small.
+ENGINE_WINDOW = 512
+
+
+def _pooled(model, tokenizer, engine: PipelineEngine | None, prompts: Sequence[str], responses: Sequence[str],
+            layer: int, truncate: bool) -> tuple[Tensor, Tensor, list[int]]:
+    """``pooled_activations`` on the HF model, or read inside the engine when there is one."""
+    if engine is None:
+        return pooled_activations(model, tokenizer, prompts, responses, layer, truncate=truncate)
+    acts = engine.capture(tokenizer, prompts, responses, [layer], require_response=True)
+    return acts.at("response_mean", layer), acts.at("prompt_last", layer), list(acts.response_lengths)
 
 
 def score_pairs(
@@ -76,7 +93,8 @@ def score_pairs(
         max_new_tokens: length of the generated baseline response.
         truncate: stop forward passes after ``layer``.
         generate_texts: another generator of the baseline responses (e.g. vLLM's, ``steerlib.vllm.offline``);
-            called as ``(prompts, max_new_tokens, 0.0, None) -> texts``.
+            called as ``(prompts, max_new_tokens, 0.0, None) -> texts``; a ``PipelineEngine`` also captures the
+            activations (the HF model runs no forward).
 
     Returns:
         One dict per pair with ``projection``, ``prompt_last_projection``, ``response_tokens``, ``score`` and,
@@ -85,7 +103,8 @@ def score_pairs(
     if baseline not in BASELINES:
         raise ValueError(f"unknown baseline {baseline!r}; choose from {BASELINES}")
     direction = direction.float().cpu()
-    resp, last, counts = pooled_activations(model, tokenizer, prompts, responses, layer, truncate=truncate)
+    engine = pipeline_engine(generate_texts)
+    resp, last, counts = _pooled(model, tokenizer, engine, prompts, responses, layer, truncate)
     proj = (resp @ direction).tolist()
     last_proj = (last @ direction).tolist()
     out = [
@@ -106,8 +125,8 @@ def score_pairs(
         usable = [i for i, t in enumerate(texts) if tokenizer(t, add_special_tokens=False)["input_ids"]]
         base = [math.nan] * len(out)
         if usable:
-            b_resp, _, _ = pooled_activations(model, tokenizer, [prompts[i] for i in usable],
-                                              [texts[i] for i in usable], layer, truncate=truncate)
+            b_resp, _, _ = _pooled(model, tokenizer, engine, [prompts[i] for i in usable],
+                                   [texts[i] for i in usable], layer, truncate)
             for i, value in zip(usable, (b_resp @ direction).tolist(), strict=True):
                 base[i] = value
         for rec, text, value in zip(out, texts, base, strict=True):
@@ -289,7 +308,8 @@ def score_dataset(
         kind: pooling kind of TraitVectors (default: response_mean).
         truncate: stop each forward pass after ``layer`` (False runs every block, for benchmarking).
         on_batch: called as ``on_batch(batch_number, records)`` after each batch is written.
-        generate_texts: generator of the "generate" baseline's responses (default: HF greedy generation).
+        generate_texts: generator of the "generate" baseline's responses (default: HF greedy generation); a
+            ``PipelineEngine`` also captures the activations, a window of ``ENGINE_WINDOW`` samples at a time.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -304,7 +324,12 @@ def score_dataset(
     store = ResultsStore(out_path, plan.config, resume=resume)
     done = finished_records(store, set(by_index))
     lengths = plan.lengths
-    batches = length_sorted_batches(lengths, batch_size)
+    # An engine takes windows of ENGINE_WINDOW samples (its scheduler batches them), the HF model batch_size.
+    engine = pipeline_engine(generate_texts)
+    batches = length_sorted_batches(lengths, ENGINE_WINDOW if engine is not None else batch_size)
+    left = len(set(by_index) - set(done))
+    if engine is not None and left:  # the engine's start is chosen by the job's size (compiling pays off on long jobs)
+        engine.start(max_new_tokens * left if baseline == "generate" else None)
     computed = 0
     bar = tqdm(total=len(by_index), initial=len(done), desc=f"flag (layer {layer})", unit="sample",
                disable=not progress)
