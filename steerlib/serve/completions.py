@@ -15,7 +15,6 @@ applies, as when the prompt is prefilled for generation.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,7 +25,7 @@ from fastapi.responses import StreamingResponse
 
 from steerlib.serve.contract import Completion, Sampling, TokenLogprob
 from steerlib.serve.logprobs import completion_logprobs
-from steerlib.serve.runs import RequestRun, batch_meta, token_projections
+from steerlib.serve.runs import RequestRun, batch_meta, openai_finish, sse, token_projections
 from steerlib.serve.schema import ApiError, CompletionRequest
 from steerlib.serve.service import Service
 
@@ -103,7 +102,7 @@ def completions_router(service: Service) -> APIRouter:
                 for run in runs:
                     run.cancel()  # no-op for finished rows; frees the slots of an abandoned request
             choices = [{"index": p * req.n + i, "text": text_of(c, p), "logprobs": logprobs_of(c, p),
-                        "finish_reason": _finish(c.finish_reason), "trait_projections": c.trait_projections,
+                        "finish_reason": openai_finish(c.finish_reason), "trait_projections": c.trait_projections,
                         "batch": batch_meta(c)}
                        for p, cs in enumerate(done) for i, c in enumerate(cs)]
             prompt_tokens = sum(len(ids) for ids, _ in prompts) * req.n
@@ -119,7 +118,7 @@ def completions_router(service: Service) -> APIRouter:
 
         def chunk(index: int, text: str, finish: str | None = None, logprobs: dict | None = None,
                   **extra: Any) -> str:
-            return _sse({"id": completion_id, "object": "text_completion", "created": created, "model": model,
+            return sse({"id": completion_id, "object": "text_completion", "created": created, "model": model,
                          "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
                          **extra})
 
@@ -138,14 +137,14 @@ def completions_router(service: Service) -> APIRouter:
                         elif item[0] == "done":
                             c = item[1]
                             generated += c.completion_tokens
-                            yield chunk(index, "", _finish(c.finish_reason), logprobs_of(c, p),
+                            yield chunk(index, "", openai_finish(c.finish_reason), logprobs_of(c, p),
                                         trait_projections=c.trait_projections, steering=steering)
                         else:  # the response has started: report the failure in-band, as OpenAI does
-                            yield _sse(item[1].body())
+                            yield sse(item[1].body())
                             return
                 if include_usage:
                     prompt_tokens = sum(len(ids) for ids, _ in prompts) * req.n
-                    yield _sse({"id": completion_id, "object": "text_completion", "created": created,
+                    yield sse({"id": completion_id, "object": "text_completion", "created": created,
                                 "model": model, "choices": [],
                                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
                                           "total_tokens": prompt_tokens + generated}})
@@ -159,10 +158,3 @@ def completions_router(service: Service) -> APIRouter:
 
     return router
 
-
-def _finish(reason: str) -> str:
-    return reason if reason in ("stop", "length") else "stop"
-
-
-def _sse(payload: Any) -> str:
-    return f"data: {json.dumps(payload)}\n\n"

@@ -12,7 +12,6 @@ the choice's last chunk.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -25,7 +24,7 @@ from steerlib.serve.completions import check_logprobs
 from steerlib.serve.conversations import CONVERSATION_HEADER, check_conversation_id
 from steerlib.serve.engine import Completion, Sampling
 from steerlib.serve.logprobs import chat_logprobs
-from steerlib.serve.runs import RequestRun, batch_meta, token_projections
+from steerlib.serve.runs import RequestRun, batch_meta, openai_finish, sse, token_projections
 from steerlib.serve.schema import ApiError, ChatCompletionRequest
 from steerlib.serve.service import Service
 
@@ -79,7 +78,7 @@ def openai_router(service: Service) -> APIRouter:
             return {
                 "id": completion_id, "object": "chat.completion", "created": created, "model": service.options.model_name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                             "finish_reason": _openai_finish(c.finish_reason), "logprobs": logprobs_of(c),
+                             "finish_reason": openai_finish(c.finish_reason), "logprobs": logprobs_of(c),
                              "trait_projections": c.trait_projections, "batch": batch_meta(c)}
                             for i, c in enumerate(done)],
                 "usage": _usage(run.prompt_tokens, done),
@@ -101,23 +100,23 @@ def openai_router(service: Service) -> APIRouter:
             finished: list[Completion] = []
             try:
                 for i in range(req.n):
-                    yield _sse(chunk(i, {"role": "assistant", "content": ""}))
+                    yield sse(chunk(i, {"role": "assistant", "content": ""}))
                 async for index, item in run.events_until_done():
                     if item[0] == "token":
                         _, text, values, step = item
-                        yield _sse(chunk(index, {"content": text}, token_projections=token_projections(names, values),
+                        yield sse(chunk(index, {"content": text}, token_projections=token_projections(names, values),
                                          step=step))
                     elif item[0] == "done":
                         c = item[1]
                         finished.append(c)
-                        yield _sse(chunk(index, {}, _openai_finish(c.finish_reason), logprobs_of(c),
+                        yield sse(chunk(index, {}, openai_finish(c.finish_reason), logprobs_of(c),
                                          trait_projections=c.trait_projections, steering=steering,
                                          batch=batch_meta(c)))
                     else:  # the response has started: report the failure in-band, as OpenAI does
-                        yield _sse(item[1].body())
+                        yield sse(item[1].body())
                         return
                 if include_usage:
-                    yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                    yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
                                 "model": service.options.model_name, "choices": [],
                                 "usage": _usage(run.prompt_tokens, finished)})
                 yield "data: [DONE]\n\n"
@@ -130,14 +129,7 @@ def openai_router(service: Service) -> APIRouter:
     return router
 
 
-def _openai_finish(reason: str) -> str:
-    return reason if reason in ("stop", "length") else "stop"
-
 
 def _usage(prompt_tokens: int, completions: Sequence[Completion]) -> dict[str, int]:
     gen = sum(c.completion_tokens for c in completions)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": gen, "total_tokens": prompt_tokens + gen}
-
-
-def _sse(payload: Any) -> str:
-    return f"data: {json.dumps(payload)}\n\n"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from steerlib.serve.schema import ApiError
 from steerlib.serve.service import Service
 from steerlib.steering.plan import Edit
 
-__all__ = ["RequestRun", "batch_meta", "token_projections"]
+__all__ = ["RequestRun", "batch_meta", "openai_finish", "sse", "token_projections"]
 
 
 class RequestRun:
@@ -132,3 +133,13 @@ def engine_api_error(exc: EngineError) -> ApiError:
     if isinstance(exc, UnsupportedSteering):
         return ApiError(400, str(exc), param="steering", code="unsupported_steering")
     return ApiError(500, str(exc), type_="server_error")
+
+
+def openai_finish(reason: str) -> str:
+    """OpenAI's finish reasons are "stop" and "length"; every other ending of a row is reported as "stop"."""
+    return reason if reason in ("stop", "length") else "stop"
+
+
+def sse(payload: Any) -> str:
+    """One server-sent event carrying ``payload`` as JSON."""
+    return f"data: {json.dumps(payload)}\n\n"

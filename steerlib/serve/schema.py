@@ -181,6 +181,12 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _checked_stop(value: str | list[str] | None) -> str | list[str] | None:
+    """``stop`` unchanged once ``_stop_list`` accepts it (a field validator shared by chat and completions)."""
+    _stop_list(value)
+    return value
+
+
 def _stop_list(value: str | list[str] | None) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -222,11 +228,7 @@ class ChatCompletionRequest(BaseModel):
 
     _greedy = field_validator("temperature")(_greedy_below_floor)
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value: Any) -> Any:
-        _stop_list(value)
-        return value
+    _stop = field_validator("stop")(_checked_stop)
 
     @field_validator("response_format")
     @classmethod
@@ -281,11 +283,7 @@ class CompletionRequest(BaseModel):
 
     _greedy = field_validator("temperature")(_greedy_below_floor)
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value: Any) -> Any:
-        _stop_list(value)
-        return value
+    _stop = field_validator("stop")(_checked_stop)
 
     @field_validator("prompt")
     @classmethod
@@ -351,11 +349,7 @@ class OllamaOptions(BaseModel):
 
     _greedy = field_validator("temperature")(_greedy_below_floor)
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value: Any) -> Any:
-        _stop_list(value)
-        return value
+    _stop = field_validator("stop")(_checked_stop)
 
 
 class OllamaChatRequest(BaseModel):
