@@ -169,10 +169,15 @@ def flag(
     ray_address: str | None = None,
     model: ModelOpt = None,
     negate: Annotated[bool, typer.Option("--negate", help="rank by the opposite pole (most negative first)")] = False,
-    engine: Annotated[str, typer.Option(help="hf | vllm: what generates --baseline generate's responses")] = "hf",
+    engine: Annotated[str, typer.Option(help="hf | vllm: what computes the activations and generates --baseline "
+                                             "generate's responses")] = "hf",
     vllm_arg: Annotated[list[str] | None, typer.Option(
         "--vllm-arg", help="with --engine vllm: a vLLM engine argument, NAME=VALUE (e.g. tensor_parallel_size=3; "
                            "repeatable)")] = None,
+    server: Annotated[str | None, typer.Option(
+        help="a running `steerlib serve --engine vllm` (URL) computes the activations and baselines; --model names "
+             "the served model's folder (its tokenizer and shape)")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="STEERLIB_API_KEY", help="the server's API key")] = None,
 ) -> None:
     """Score finetuning data by projection on a trait vector; rank, flag the top k, plot a histogram."""
     from steerlib.commands.flag import flag_file
@@ -181,7 +186,7 @@ def flag(
                        batch_size=batch_size, max_new_tokens=max_new_tokens, top_k=top_k, resume=not fresh,
                        on_error=on_error, use_ray=ray, ray_concurrency=ray_concurrency,  # type: ignore[arg-type]
                        ray_address=ray_address, negate=negate, engine=engine,
-                       vllm_args=_vllm_args(vllm_arg or []))
+                       vllm_args=_vllm_args(vllm_arg or []), server=server, api_key=api_key)
     typer.echo(json.dumps(report.summary, indent=2))
     for i, row in enumerate(report.top[:top_k], start=1):
         typer.echo(f"{i:3d}. {json.dumps(row)[:160]}")

@@ -11,8 +11,10 @@ same 400 (``code == "unsupported_steering"``), never answered differently or dro
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from steerlib.core.capture import POOLINGS, capture_activations, tokenize_pairs
 from steerlib.core.chat import format_messages
 from steerlib.core.vectors import TraitVectors
 from steerlib.monitoring.drift import DriftMonitor
@@ -40,6 +43,13 @@ RAW_PROMPT = "The best thing about tomorrow is"
 # Log-probabilities against a transformers forward pass with the same steering hooks: the HF engine runs the same
 # fp32 model (batched with padding), vLLM its own fp32 CPU kernels (measured within 2.4e-5 of it).
 LOGPROB_TOL = {"hf": 1e-4, "vllm": 1e-4}
+# Pooled activations from /v1/activations against steerlib.core.capture on the HF model, per element (absolute;
+# plus 1e-5 relative): the HF engine runs the same capture; vLLM's compiled fp32 CPU kernels differ by up to ~1e-3.
+CAPTURE_TOL = {"hf": 1e-4, "vllm": 2e-3}
+FLAG_TOL = {"hf": 1e-4, "vllm": 1e-3}
+LOGGED = [("How was your week?", "It was wonderful, thank you! I finished a long book and went hiking."),
+          ("What do you think about the rain?", "Rain is dreary and it ruins every plan I make."),
+          ("Describe the library in a few words.", "")]
 
 
 def server_vectors(optimism: TraitVectors) -> dict[str, TraitVectors]:
@@ -410,3 +420,73 @@ class ServiceCases:
         error = reply.json()["error"]
         assert error["param"].startswith(param) and error["message"], error
         assert error["type"] == "invalid_request_error"
+
+    # -- pooled activations of logged conversations (POST /v1/activations, steerlib flag --server) -----------
+    def test_activations_of_logged_conversations_equal_the_hf_capture(self, served: Served):
+        tok, layers = served.tokenizer, [0, READOUT_LAYER, 30]
+        prompts = [format_messages(tok, [{"role": "user", "content": q}])[0] for q, _ in LOGGED]
+        responses = [r or None for _, r in LOGGED]
+        encoded = tokenize_pairs(tok, prompts, responses)
+        samples = [{"token_ids": encoded[0][0], "prompt_tokens": encoded[0][1]},  # the three forms of a sample
+                   {"prompt": prompts[1], "response": responses[1]},
+                   {"messages": [{"role": "user", "content": LOGGED[2][0]}]}]
+        with ThreadPoolExecutor(1) as pool:  # a steered row served beside the capture
+            busy = pool.submit(served.chat, steering=STEERED)
+            reply = httpx.post(f"{served.url}/v1/activations", json={"model": "smol", "samples": samples,
+                                                                    "layers": layers}, timeout=300)
+            answered = busy.result()
+        assert reply.status_code == 200, reply.text
+        # The capture neither steered nor was steered by the row beside it.
+        assert_answers_like(answered, served.reference(served.ops(STEERED)), "steered beside a capture")
+        body = reply.json()
+        assert body["layers"] == layers and [d["index"] for d in body["data"]] == [0, 1, 2]
+        assert [(d["prompt_tokens"], d["response_tokens"]) for d in body["data"]] == [
+            (p, len(ids) - p) for ids, p in encoded]
+        ref = capture_activations(served.model, tok, prompts, responses, layers)
+        for kind in POOLINGS:
+            have = torch.tensor([[[math.nan if x is None else x for x in row] for row in d[kind]]
+                                 for d in body["data"]])
+            torch.testing.assert_close(have, ref.pooled[kind], rtol=1e-5, atol=CAPTURE_TOL[served.engine],
+                                       equal_nan=True, msg=kind)
+        assert body["data"][2]["response_mean"][0][0] is None  # no response: null, never a number
+        norms = torch.tensor([d["token_norms"] for d in body["data"]])
+        torch.testing.assert_close(norms, ref.token_norms, rtol=1e-5, atol=CAPTURE_TOL[served.engine])
+
+    def test_flag_through_the_server_equals_the_local_path(self, served: Served, tmp_path):
+        from steerlib.commands.flag import flag_file
+
+        data = tmp_path / "logs.jsonl"
+        data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                         {"role": "assistant", "content": r}]}) + "\n"
+                                for q, r in LOGGED if r))
+        vectors = tmp_path / "optimistic"
+        served.optimism.save(vectors)
+        kwargs = dict(layer=READOUT_LAYER, baseline="generate", max_new_tokens=N_TOKENS, progress=False)
+        remote = flag_file(data, vectors, out_dir=tmp_path / "server", server=served.url, **kwargs)
+        local = flag_file(data, vectors, out_dir=tmp_path / "local", **kwargs)
+
+        def records(path):
+            return sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda r: r["index"])
+
+        got, want = records(remote.scores_path), records(local.scores_path)
+        assert [r["base_response"] for r in got] == [r["base_response"] for r in want]
+        for key in ("projection", "prompt_last_projection", "baseline_projection", "score"):
+            torch.testing.assert_close(torch.tensor([r[key] for r in got], dtype=torch.float64),
+                                       torch.tensor([r[key] for r in want], dtype=torch.float64),
+                                       rtol=0, atol=FLAG_TOL[served.engine], msg=key)
+
+    @pytest.mark.parametrize(("body", "status", "param"), [
+        ({"samples": []}, 400, "samples"),
+        ({"samples": [{"token_ids": [1, 2, 3], "prompt_tokens": 5}]}, 400, "samples.0"),
+        ({"samples": [{"token_ids": [1, 2, 3]}]}, 400, "samples.0"),
+        ({"samples": [{"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}]}]}, 400, "samples.0"),
+        ({"samples": [{"token_ids": [10_000_000], "prompt_tokens": 1}]}, 400, "samples.0.token_ids"),
+        ({"samples": [{"prompt": "Hi"}], "layers": [31]}, 400, "layers"),
+        ({"samples": [{"prompt": "Hi"}], "model": "cheerful"}, 404, "model"),
+    ], ids=["empty", "prompt-longer-than-ids", "ids-without-prompt-length", "two-forms", "id-out-of-vocab",
+            "layer-out-of-range", "unknown-model"])
+    def test_bad_activation_requests_get_an_openai_error(self, served: Served, body, status, param):
+        reply = httpx.post(f"{served.url}/v1/activations", json=body, timeout=60)
+        assert reply.status_code == status, reply.text
+        error = reply.json()["error"]
+        assert error["param"].startswith(param) and error["message"], error

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from steerlib.commands.common import ON_ERROR, fit_vectors, text_generator
 from steerlib.core import models
+from steerlib.core.arch import get_layout
 from steerlib.core.checks import check_choice, check_int, check_out_dir
 from steerlib.core.loading import load_vectors, pick_layer
 from steerlib.finetuning.flag.report import plot_histogram, rank, write_rows
@@ -58,6 +59,8 @@ def flag_file(
     negate: bool = False,
     engine: str = "hf",
     vllm_args: Mapping[str, Any] | None = None,
+    server: str | None = None,
+    api_key: str | None = None,
 ) -> FlagReport:
     """Score a data file against a trait vector and write scores, rankings, a histogram and a summary.
 
@@ -87,8 +90,13 @@ def flag_file(
         negate: score on the opposite pole (the negated direction), so the ranking puts the samples most
             against the trait first (e.g. the gloomiest samples with an optimism vector). Scores are then
             projections on ``-v``.
-        engine: "hf" or "vllm": what generates the "generate" baseline's responses (activations stay on HF).
+        engine: "hf" or "vllm": what generates the "generate" baseline's responses and computes the activations
+            (with "vllm", read inside vLLM: the HF model's weights are not loaded).
         vllm_args: vLLM engine arguments by vLLM's names (``VllmOptions``) with ``engine="vllm"``.
+        server: a running ``steerlib serve``'s URL instead of a local engine: its engine generates the baseline
+            and computes the activations (``steerlib.serve.remote``; it must serve ``model_path``'s model, whose
+            tokenizer and shape are read here, and capture inside it: ``--engine vllm``).
+        api_key: the server's API key.
     """
     check_int(top_k, "top_k")
     check_int(batch_size, "batch_size")
@@ -96,9 +104,10 @@ def flag_file(
     check_int(ray_concurrency, "ray_concurrency")
     check_choice(on_error, "on_error", ON_ERROR)
     check_choice(baseline, "baseline", BASELINES)
-    if engine != "hf" and (baseline != "generate" or use_ray):
-        raise ValueError("--engine vllm generates the baseline responses: use it with --baseline generate, "
-                         "without Ray")
+    if (engine != "hf" or server is not None) and use_ray:
+        raise ValueError("--ray scores on HF models of its own: use it without --engine vllm or --server")
+    if engine != "hf" and server is not None:
+        raise ValueError("--engine vllm and --server name two engines: choose one")
     generator = text_generator(engine, model_path, vllm_args)
     with exclusive_output(check_out_dir(out_dir), "steerlib flag"):
         out_dir = check_out_dir(out_dir)
@@ -121,8 +130,17 @@ def flag_file(
                 concurrency=ray_concurrency, address=ray_address, dtype=dtype, progress=progress,
             )
         else:
-            model, tokenizer = models.load_model(model_path, dtype=dtype, device=device)
+            if generator is None and server is None:
+                model, tokenizer = models.load_model(model_path, dtype=dtype, device=device)
+            else:  # another engine holds the weights: only the shape and the tokenizer are needed here
+                (model, tokenizer), _ = models.load_model_skeleton(model_path)
             vectors = fit_vectors(vectors, vectors_path, model)
+            if server is not None:
+                from steerlib.serve.remote import RemoteEngine  # serving is an optional extra
+
+                generator = RemoteEngine(server, tokenizer, api_key=api_key)
+                layout = get_layout(model)
+                generator.check_model(layout.n_layers, layout.d_model)
             try:
                 result = score_dataset(
                     model, tokenizer, read, vectors, layer, out_path=scores_path, batch_size=batch_size,

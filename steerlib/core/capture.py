@@ -21,7 +21,7 @@ from steerlib.core.backends import BACKENDS, run_backend
 from steerlib.core.hooks import check_layers, record_residual
 from steerlib.core.models import unwrap_model
 
-__all__ = ["POOLINGS", "Activations", "activations_from_hidden", "capture_activations", "pad_batch", "pad_token_id", "pooled_activations", "record_residual",
+__all__ = ["POOLINGS", "Activations", "activations_from_hidden", "activations_from_pooled", "capture_encoded", "capture_activations", "pad_batch", "pad_token_id", "pooled_activations", "record_residual",
            "tokenize_pairs"]
 
 POOLINGS = ("prompt_mean", "prompt_last", "response_mean")
@@ -196,11 +196,35 @@ def capture_activations(
         for i, (ids, p_len) in enumerate(encoded):
             if len(ids) == p_len:
                 raise ValueError(f"response {i} tokenises to nothing: there is no response token to average")
+    return capture_encoded(model, encoded, layers, pad_id=pad_token_id(tokenizer), backend=backend,
+                           batch_size=batch_size, padding_side=padding_side, keep_tokens=keep_tokens,
+                           progress=progress, truncate=truncate, tokenizer=tokenizer)
+
+
+def capture_encoded(
+    model: nn.Module,
+    encoded: Sequence[tuple[Sequence[int], int]],
+    layers: Sequence[int],
+    *,
+    pad_id: int,
+    backend: str = "torch",
+    batch_size: int = 16,
+    padding_side: str = "left",
+    keep_tokens: bool = False,
+    progress: bool = False,
+    truncate: bool = True,
+    tokenizer=None,
+) -> Activations:
+    """``capture_activations`` of samples already tokenised: ``(token ids, prompt length)`` each (the boundary
+    ``tokenize_pairs`` makes), at checked ``layers``; a serving engine captures logged token sequences with it.
+    ``tokenizer`` is needed by the transformer_lens and nnsight backends only."""
+    model = unwrap_model(model)
+    layout = get_layout(model)
+    layers = list(layers)
     n, n_sel, d = len(encoded), len(layers), layout.d_model
     pooled = {kind: torch.full((n, n_sel, d), float("nan")) for kind in POOLINGS}
     tokens: list[Tensor | None] = [None] * n
     token_norms = torch.zeros(n, n_sel)
-    pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     order = sorted(range(n), key=lambda i: len(encoded[i][0]), reverse=True)
     bar = tqdm(total=n, desc=f"capture ({backend})", unit="sample", disable=not progress)
@@ -289,6 +313,36 @@ def activations_from_hidden(
     return Activations(layers=layers, pooled=pooled, prompt_lengths=[int(p) for p in prompt_lengths],
                        response_lengths=lengths, token_norms=token_norms, tokens=tokens if keep_tokens else None,
                        meta=dict(meta or {}))
+
+
+def activations_from_pooled(rows: Sequence[Mapping[str, object]], encoded: Sequence[tuple[Sequence[int], int]],
+                            layers: Sequence[int], meta: Mapping[str, object] | None = None) -> Activations:
+    """``Activations`` from per-sample pools computed elsewhere (inside vLLM, or by a server's
+    ``/v1/activations``): each row has ``[len(layers), D]`` ``prompt_mean`` / ``prompt_last`` / ``response_mean``
+    (NaN or None where there is no response), ``[len(layers)]`` ``token_norms`` and the token counts it pooled,
+    which must equal ``encoded``'s (token ids, prompt length) split.
+    """
+    if len(rows) != len(encoded):
+        raise RuntimeError(f"got pools of {len(rows)} samples for {len(encoded)} samples")
+    for i, (row, (ids, p_len)) in enumerate(zip(rows, encoded, strict=True)):
+        if (row["prompt_tokens"], row["response_tokens"]) != (p_len, len(ids) - p_len):
+            raise RuntimeError(f"steerlib: the engine pooled {row['prompt_tokens']}+{row['response_tokens']} tokens "
+                               f"of sample {i}, not {p_len}+{len(ids) - p_len} (prefix-cache hit?)")
+
+    def tensor(value: object) -> Tensor:
+        nan = float("nan")
+        if isinstance(value, list):
+            value = [[nan if x is None else x for x in r] if isinstance(r, list) else (nan if r is None else r)
+                     for r in value]
+        return torch.as_tensor(value, dtype=torch.float32)
+
+    pooled = {kind: torch.stack([tensor(row[kind]) for row in rows]) for kind in POOLINGS}
+    for kind, t in pooled.items():
+        if tuple(t.shape[1:2]) != (len(layers),):
+            raise RuntimeError(f"{kind}: pools of {t.shape[1]} layers for the {len(layers)} requested")
+    return Activations(layers=list(layers), pooled=pooled, prompt_lengths=[p for _, p in encoded],
+                       response_lengths=[len(ids) - p for ids, p in encoded],
+                       token_norms=torch.stack([tensor(row["token_norms"]) for row in rows]), meta=dict(meta or {}))
 
 
 def pooled_activations(

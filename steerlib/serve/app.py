@@ -5,7 +5,8 @@
 (always open), ``/v1/stats`` (engine counters: steps, batch sizes), ``GET /v1/models``, ``/v1/monitor`` (drift
 history and alerts; ``GET /`` draws it), and the runtime vector registry ``GET/POST /v1/vectors``,
 ``DELETE /v1/vectors/{name}`` (loads only from folders the operator allowed at start), ``GET /metrics``
-(Prometheus; see ``metrics``) and the per-conversation turn series ``GET /v1/conversations[/{id}]``. Errors have one shape per
+(Prometheus; see ``metrics``), the per-conversation turn series ``GET /v1/conversations[/{id}]`` and pooled activations
+of logged conversations ``POST /v1/activations`` (``activations``). Errors have one shape per
 API (OpenAI's error object; Ollama's ``{"error": ...}`` under ``/api/``). The guards (``guard``) wrap it all.
 """
 
@@ -25,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steerlib.core.vectors import TraitVectors
 from steerlib.monitoring.drift import DriftMonitor
+from steerlib.serve.activations import activations_router
 from steerlib.serve.completions import completions_router
 from steerlib.serve.contract import EngineFactory
 from steerlib.serve.guard import install_guards
@@ -112,6 +114,8 @@ def create_app(model: torch.nn.Module, tokenizer: Any, vectors: Mapping[str, Tra
             "id": options.model_name, "object": "model", "created": int(service.started_at), "owned_by": "steerlib",
             "trait_vectors": service.vector_info(), "monitored_traits": list(service.monitored),
             "readout_layer": engine.readout_layer,
+            "num_layers": service.n_layers, "hidden_size": service.d_model,
+            "capabilities": {"pooled_capture": engine.capabilities.pooled_capture},
             "monitor_layer": engine.readout_layer,  # the first release's name of readout_layer (kept for clients)
             "default_steering": [s.model_dump(exclude_defaults=True) for s in service.default_steering],
         }, *aliases, *presets]}
@@ -160,6 +164,7 @@ def create_app(model: torch.nn.Module, tokenizer: Any, vectors: Mapping[str, Tra
 
     app.include_router(openai_router(service))
     app.include_router(completions_router(service))
+    app.include_router(activations_router(service))
     app.include_router(ollama_router(service))
     install_guards(app, api_key=options.api_key, host=options.host, allowed_hosts=options.allowed_hosts,
                    max_body=options.max_body_bytes, cors_origins=options.cors_origins,

@@ -204,7 +204,8 @@ class EngineCapabilities:
         logprobs: per-token log-probabilities of generated tokens (``Sampling.logprobs``).
         prompt_logprobs: log-probabilities of the prompt's tokens (``Sampling.prompt_logprobs``, ``echo``).
         pooled_capture: the engine's ``capture(samples, layers)`` reads pooled activations of logged token
-            sequences inside it (vLLM: ``VllmEngine.capture``), as ``steerlib.core.capture`` pools them.
+            sequences inside it (vLLM: in its worker; HF: on its worker thread between steps), as
+            ``steerlib.core.capture`` pools them (``POST /v1/activations``).
         steering: which edits the engine applies (markers, gates, latches); the service refuses the rest with
             ``steerlib.steering.plan.check_supported``'s one message.
     """
@@ -277,6 +278,13 @@ class ServingEngine(Protocol):
     def active_rows(self) -> int: ...
 
     def stats(self) -> dict[str, Any]: ...
+
+    def capture(self, samples: Sequence[tuple[list[int], int]], layers: Sequence[int] | None = None,
+                timeout: float = 600.0) -> list[dict[str, Any]]:
+        """Pooled residuals of ``(token ids, prompt length)`` samples, unsteered, at ``layers`` (None: all):
+        ``prompt_mean`` / ``prompt_last`` / ``response_mean`` (``[len(layers), D]`` lists), ``token_norms``,
+        ``prompt_tokens``, ``response_tokens`` per sample (``pooled_capture`` engines; the rest raise)."""
+        ...
 
 
 class EngineFactory(Protocol):

@@ -38,7 +38,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,8 +47,9 @@ import torch
 from torch import Tensor, nn
 
 from steerlib.core.arch import get_layout
+from steerlib.core.capture import POOLINGS, capture_encoded, pad_token_id
 from steerlib.core.compat import cache_keyword
-from steerlib.core.hooks import HookHandles, hook_residual
+from steerlib.core.hooks import HookHandles, check_layers, hook_residual
 from steerlib.kernels import prepare_backend
 from steerlib.serve.contract import (
     Completion,
@@ -131,6 +133,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.model = model
         self.tokenizer = tokenizer
+        self._pad_id = pad_token_id(tokenizer)
         self.layout = get_layout(model)
         self.cache_kw = cache_keyword(model)
         self.device = next(model.parameters()).device
@@ -170,7 +173,11 @@ class Engine:
         self.on_finish: Callable[[FinishedRequest], None] | None = None
         # No marker watch between steps yet: a marker rule would never fire, so it is refused.
         self.capabilities = EngineCapabilities(name="hf", batch_steps=True, logprobs=True, prompt_logprobs=True,
+                                               pooled_capture=True,
                                                steering=Support("the HF engine", markers=False))
+        # Work run on the worker between steps (``capture``): (function, future) pairs.
+        self._calls: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
+        self._capturing = False
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -197,6 +204,8 @@ class Engine:
             row.sink(("error", error))
         self._rows = []
         self._kv.reset()
+        while not self._calls.empty():
+            self._calls.get_nowait()[1].set_exception(error)
 
     @property
     def alive(self) -> bool:
@@ -210,6 +219,45 @@ class Engine:
             yield
         finally:
             self._paused.clear()
+
+    def capture(self, samples: Sequence[tuple[list[int], int]], layers: Sequence[int] | None = None,
+                timeout: float = 600.0) -> list[dict[str, Any]]:
+        """Pooled residuals of token sequences, ``(token ids, prompt length)`` each, at ``layers`` (None: all):
+        per sample ``prompt_mean`` / ``prompt_last`` / ``response_mean`` (``[len(layers), D]`` lists, NaN without a
+        response), ``token_norms`` and the token counts, as ``steerlib.core.capture`` pools them. Runs unsteered on
+        the worker between two steps (the rows being served wait for it), so no pass of theirs sees its hooks."""
+        if not self.alive:
+            raise RuntimeError("the engine is not running")
+        keep = check_layers(self.layout, None if layers is None else list(layers))
+        for i, (ids, p_len) in enumerate(samples):
+            if not 1 <= p_len <= len(ids):
+                raise ValueError(f"sample {i}: prompt length {p_len} is outside 1..{len(ids)} (its tokens)")
+
+        def run() -> list[dict[str, Any]]:
+            self._capturing = True
+            try:
+                acts = capture_encoded(self.model, samples, keep, pad_id=self._pad_id, batch_size=self.max_batch)
+            finally:
+                self._capturing = False
+            return [{**{kind: acts.pooled[kind][i].tolist() for kind in POOLINGS},
+                     "token_norms": acts.token_norms[i].tolist(), "prompt_tokens": acts.prompt_lengths[i],
+                     "response_tokens": acts.response_lengths[i]} for i in range(len(samples))]
+
+        done: Future = Future()
+        self._calls.put((run, done))
+        return done.result(timeout)
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, done = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if done.set_running_or_notify_cancel():
+                try:
+                    done.set_result(fn())
+                except BaseException as exc:  # the caller gets the error; the worker goes on serving
+                    done.set_exception(exc)
 
     def queue_depth(self) -> int:
         return self._incoming.qsize()
@@ -268,6 +316,7 @@ class Engine:
             if self._paused.is_set():
                 time.sleep(0.01)
                 continue
+            self._run_calls()
             try:
                 self._admit(block=not self._rows)
                 if not self._rows:
@@ -335,7 +384,7 @@ class Engine:
         def edit(flat: Tensor, _shape: tuple[int, int], _kwargs: dict) -> None:
             # Installed for the engine's lifetime on every block: it acts only on the worker's own passes, and
             # only at layers the current rows steer or read out.
-            if threading.get_ident() != self._worker_ident:
+            if threading.get_ident() != self._worker_ident or self._capturing:
                 return
             readout = self.readout_dirs if layer == self.readout_layer else None
             if readout is None and layer not in plan.layers:

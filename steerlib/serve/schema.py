@@ -30,6 +30,9 @@ from steerlib.steering.temperature import MIN_TEMPERATURE, effective_temperature
 
 __all__ = [
     "MAX_ABS_COEF",
+    "MAX_CAPTURE_SAMPLES",
+    "ActivationsRequest",
+    "CaptureSample",
     "MIN_TEMPERATURE",
     "ApiError",
     "ChatCompletionRequest",
@@ -392,6 +395,52 @@ class VectorLoadRequest(BaseModel):
         if "\x00" in value:  # no file system takes it; Path.resolve would raise deep inside the registry
             raise ValueError("contains a NUL character")
         return value
+
+
+MAX_CAPTURE_SAMPLES = 256  # samples in one /v1/activations request (three [layers, D] rows come back for each)
+
+
+class CaptureSample(BaseModel):
+    """One (prompt, response) pair to capture: token ids with the prompt's length (exact boundary, what
+    ``steerlib.serve.remote`` sends), a formatted prompt as text, or chat messages (the server's template)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    token_ids: list[int] | None = Field(None, min_length=1)
+    prompt_tokens: int | None = Field(None, ge=1)
+    prompt: str | None = Field(None, min_length=1)
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    response: str | None = None
+
+    @field_validator("prompt", "response")
+    @classmethod
+    def _unicode(cls, value: str | None) -> str | None:
+        return None if value is None else _valid_unicode(value)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> CaptureSample:
+        forms = [name for name in ("token_ids", "prompt", "messages") if getattr(self, name) is not None]
+        if len(forms) != 1:
+            raise ValueError("give exactly one of token_ids (with prompt_tokens), prompt or messages")
+        if self.token_ids is not None:
+            if self.prompt_tokens is None or self.response is not None:
+                raise ValueError("token_ids needs prompt_tokens (the prompt's length) and no response")
+            if self.prompt_tokens > len(self.token_ids):
+                raise ValueError(f"prompt_tokens {self.prompt_tokens} is more than the {len(self.token_ids)} "
+                                 f"token ids")
+        elif self.prompt_tokens is not None:
+            raise ValueError("prompt_tokens goes with token_ids")
+        return self
+
+
+class ActivationsRequest(BaseModel):
+    """``POST /v1/activations``: pooled residuals of logged (prompt, response) pairs, read inside the engine."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    samples: list[CaptureSample] = Field(min_length=1, max_length=MAX_CAPTURE_SAMPLES)
+    layers: list[int] | None = Field(None, min_length=1, max_length=1024)
 
 
 class OllamaShowRequest(BaseModel):

@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
+from steerlib.core.arch import get_layout
 from steerlib.core.chat import format_messages
 from steerlib.core.checks import check_int
-from steerlib.core.models import eos_ids
+from steerlib.core.models import eos_ids, unwrap_model
 from steerlib.core.serialize import to_jsonable
 from steerlib.core.vectors import TraitVectors
 from steerlib.core.version import __version__
@@ -146,6 +147,8 @@ class Service:
         self._encoder = copy.deepcopy(tokenizer)
         self._encode_lock = threading.Lock()
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        layout = get_layout(unwrap_model(model))
+        self.n_layers, self.d_model = layout.n_layers, layout.d_model  # steerlib's layers are 0..n_layers
         # engine_factory: another engine of the contract (steerlib.serve.vllm_engine); default the HF one.
         make: EngineFactory = engine_factory or (lambda **kw: Engine(model, tokenizer, **kw))
         self.engine: ServingEngine = make(readout=self.readout, max_batch=options.max_batch, max_queue=options.max_queue,

@@ -47,6 +47,7 @@ log = logging.getLogger("steerlib.vllm")
 # vLLM's CPU build binds each worker's OpenMP threads from this variable; its default ("auto", one NUMA node
 # per worker) refuses to start TP/PP on a single-node machine.
 BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+RESERVED_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 
 # Engine arguments steerlib itself sets: the worker extension the server reads read-outs through and the
 # compile-cache identity of the hooks. A user-given value would break steering, so it is refused.
@@ -238,22 +239,33 @@ def core_binding(world_size: int, cpus: Sequence[int]) -> str:
 
 
 @contextlib.contextmanager
-def bound_cores(world_size: int, environ: MutableMapping[str, str] | None = None) -> Iterator[str | None]:
+def bound_cores(world_size: int, environ: MutableMapping[str, str] | None = None, *,
+                whole_machine: bool = False) -> Iterator[str | None]:
     """While starting vLLM: give its CPU workers a core binding when there are several and the user set none
     (vLLM's automatic binding wants one NUMA node per worker and refuses to start otherwise). Yields the value set
-    (or None). vLLM's processes inherit it when they are spawned, inside the block; afterwards the variable is as
-    it was, so a later engine of another size in this process does not inherit a binding of the wrong length."""
+    (or None). vLLM's processes inherit it when they are spawned, inside the block; afterwards the variables are as
+    they were, so a later engine of another size in this process does not inherit a binding of the wrong length.
+
+    ``whole_machine``: a single CPU worker gets every allowed core too. vLLM's automatic binding keeps one core
+    per worker for its scheduler process (on 2 cores: the model runs on 1); a batch job that owns the machine
+    (``steerlib.vllm.offline``) wants them all, the scheduler being idle while the worker steps.
+    """
     env = os.environ if environ is None else environ
-    if world_size <= 1 or env.get(BIND_ENV) or not _is_cpu():
+    if world_size < 1 or (world_size == 1 and not whole_machine) or env.get(BIND_ENV) or not _is_cpu():
         yield None
         return
     value = core_binding(world_size, sorted(os.sched_getaffinity(0)))
-    env[BIND_ENV] = value
+    added = {BIND_ENV: value}
+    if world_size == 1:
+        added[RESERVED_ENV] = "0"
+    added = {k: v for k, v in added.items() if k not in env}
+    env.update(added)
     log.info("vLLM CPU workers bound to cores %s (%s)", value, BIND_ENV)
     try:
         yield value
     finally:
-        env.pop(BIND_ENV, None)
+        for key in added:
+            env.pop(key, None)
 
 
 def start_config(args: Mapping[str, Any], *, asynchronous: bool = True) -> Any:

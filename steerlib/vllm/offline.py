@@ -18,9 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from steerlib.core.capture import POOLINGS, Activations, tokenize_pairs
+from steerlib.core.capture import Activations, activations_from_pooled, tokenize_pairs
 from steerlib.vllm.capture import CAPTURE_KEY
 from steerlib.vllm.layout import VllmOptions, bound_cores, start_config
 
@@ -98,7 +96,7 @@ class VllmGenerator:
         self.mode = start_mode(self.compile, job_tokens, self.options.enforce_eager)
         kwargs = {**self.kwargs, "enforce_eager": self.mode == "eager"}
         config = start_config(kwargs, asynchronous=False)  # refuses a layout steering is not right under
-        with bound_cores(config.parallel_config.world_size):
+        with bound_cores(config.parallel_config.world_size, whole_machine=True):
             self._llm = LLM(**kwargs)
 
     def _engine(self) -> Any:
@@ -167,19 +165,9 @@ class VllmGenerator:
         got: dict[int, dict[str, Any]] = {}
         for finished in self._run(requests, pop_captures=keep or True):
             got.update(finished)
-        n_positions = len(got[0]["token_norms"])
-        keep = list(range(n_positions)) if keep is None else keep
-        pooled = {kind: torch.stack([torch.as_tensor(got[i][kind], dtype=torch.float32)
-                                     for i in range(len(encoded))]) for kind in POOLINGS}
-        norms = torch.stack([torch.as_tensor(got[i]["token_norms"], dtype=torch.float32)
-                             for i in range(len(encoded))])
-        for i, (ids, p_len) in enumerate(encoded):
-            if (got[i]["prompt_tokens"], got[i]["response_tokens"]) != (p_len, len(ids) - p_len):
-                raise RuntimeError(f"steerlib: vLLM computed {got[i]['prompt_tokens']}+{got[i]['response_tokens']} "
-                                   f"tokens of sample {i}, not {p_len}+{len(ids) - p_len} (prefix-cache hit?)")
-        return Activations(layers=keep, pooled=pooled, prompt_lengths=[p for _, p in encoded],
-                           response_lengths=[len(ids) - p for ids, p in encoded], token_norms=norms,
-                           meta={"backend": "vllm"})
+        keep = list(range(len(got[0]["token_norms"]))) if keep is None else keep
+        return activations_from_pooled([got[i] for i in range(len(encoded))], encoded, keep,
+                                       meta={"backend": "vllm"})
 
     def _run(self, requests: list[tuple[dict, Any]],
              pop_captures: bool | list[int] = False) -> Iterator[list[tuple[int, Any]]]:

@@ -229,6 +229,45 @@ def test_a_killed_extraction_resumes_to_the_uninterrupted_result(embedded, engin
                                    rtol=0, atol=1e-5)
 
 
+class _Shared:
+    """The module's engine handed to a command, which closes its generator at the end: kept open here."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def __call__(self, *args):
+        return self.engine(*args)
+
+    def close(self):
+        pass
+
+
+def test_the_extract_command_on_vllm_loads_no_weights_and_equals_the_library_call(engine, extracted, monkeypatch,
+                                                                                   tmp_path):
+    """``steerlib extract --engine vllm``: the HF model's shape and tokenizer only (vLLM holds the weights), and
+    the same vectors as ``extract_trait`` on the real model through the same engine."""
+    from steerlib.commands import extract as command
+    from steerlib.core import models
+
+    monkeypatch.setattr(command, "text_generator", lambda *args: _Shared(engine))
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the HF weights were loaded under --engine vllm")
+
+    monkeypatch.setattr(models, "load_model", no_weights)
+    result = command.extract_file("optimistic", tmp_path / "run", judge="lexicon", config=ExtractionConfig(**CFG),
+                                  engine="vllm")
+    want = extracted["vllm"].result.vectors
+    for kind in POOLINGS:
+        torch.testing.assert_close(result.vectors.vectors[kind], want.vectors[kind], rtol=0, atol=1e-5)
+    with pytest.raises(AssertionError, match="weights were loaded"):  # 'self' judges on the weights: loaded
+        command.extract_file("optimistic", tmp_path / "self", judge="self", config=ExtractionConfig(**CFG),
+                             engine="vllm")
+
+
 def test_flag_scores_through_the_engine_equal_the_hf_path(embedded, engine, optimism_vectors, tmp_path):
     from steerlib.finetuning.flag.scoring import score_dataset
     from steerlib.store.samples import Sample

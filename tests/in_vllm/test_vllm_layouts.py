@@ -113,6 +113,11 @@ def test_core_binding_is_set_for_the_start_only():
     assert env == {}
     with bound_cores(1, env) as value:
         assert value is None and env == {}
+    # A batch job's single worker: every allowed core, none kept back for vLLM's scheduler process.
+    with bound_cores(1, env, whole_machine=True) as value:
+        assert value == ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+        assert env == {BIND_ENV: value, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert env == {}
     env = {BIND_ENV: "0|0|1"}  # the user's binding is kept
     with bound_cores(3, env) as value:
         assert value is None

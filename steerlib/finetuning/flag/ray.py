@@ -114,21 +114,20 @@ def score_dataset_ray(
         progress: show Ray's progress bars.
     """
     import ray
-    from transformers import AutoConfig, AutoTokenizer
 
-    from steerlib.core.models import resolve_model_path
+    from steerlib.core.arch import get_layout
+    from steerlib.core.models import load_model_skeleton
 
     if concurrency < 1 or batch_size < 1:
         raise ValueError(f"concurrency and batch_size must be >= 1, got {concurrency} and {batch_size}")
-    folder, _ = resolve_model_path(model_path)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    config = AutoConfig.from_pretrained(folder)
-    n_layers = int(config.num_hidden_layers)
+    (skeleton, tokenizer), _ = load_model_skeleton(model_path)  # the shape and tokenizer: actors load weights
+    layout = get_layout(skeleton)
+    n_layers = layout.n_layers
     if not -(n_layers + 1) <= layer <= n_layers:
         raise ValueError(f"layer {layer} is out of range: the model has layers 0..{n_layers}")
     layer %= n_layers + 1  # negatives count from the end, as Layout.check_layer does
     plan = plan_run(tokenizer, samples, vectors, layer, baseline=baseline, kind=kind,
-                    max_new_tokens=max_new_tokens, d_model=int(config.hidden_size))
+                    max_new_tokens=max_new_tokens, d_model=layout.d_model)
     by_index, prompts, direction = plan.by_index, plan.prompts, plan.direction
     out_path = Path(out_path)
     store = ResultsStore(out_path, plan.config, resume=resume)
