@@ -21,7 +21,7 @@ from steerlib.core.backends import BACKENDS, run_backend
 from steerlib.core.hooks import check_layers, record_residual
 from steerlib.core.models import unwrap_model
 
-__all__ = ["POOLINGS", "Activations", "activations_from_hidden", "activations_from_pooled", "capture_encoded", "capture_activations", "pad_batch", "pad_token_id", "pooled_activations", "record_residual",
+__all__ = ["POOLINGS", "Activations", "activations_from_hidden", "activations_from_pooled", "capture_encoded", "encode_samples", "capture_activations", "pad_batch", "pad_token_id", "pooled_activations", "record_residual",
            "tokenize_pairs"]
 
 POOLINGS = ("prompt_mean", "prompt_last", "response_mean")
@@ -87,6 +87,18 @@ def tokenize_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str | 
             raise ValueError(f"prompt {p!r} tokenises to nothing")
         out.append((list(p_ids) + list(r_ids), len(p_ids)))
     return out
+
+
+def encode_samples(tokenizer, prompts: Sequence[str], responses: Sequence[str | None] | None,
+                   require_response: bool = False) -> list[tuple[list[int], int]]:
+    """Checked (prompt, response) pairs tokenised by ``tokenize_pairs``, for an engine that captures elsewhere
+    (vLLM, a server); ``require_response``: a response that tokenises to nothing is an error."""
+    encoded = tokenize_pairs(tokenizer, prompts, _check_samples(prompts, responses))
+    if require_response:
+        for i, (ids, p_len) in enumerate(encoded):
+            if len(ids) == p_len:
+                raise ValueError(f"response {i} tokenises to nothing: there is no response token to average")
+    return encoded
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -189,13 +201,9 @@ def capture_activations(
     model = unwrap_model(model)  # a PEFT wrapper nests the HF model one level deeper; LoRA layers stay active
     layout = get_layout(model)
     layers = check_layers(layout, layers)
-    encoded = tokenize_pairs(tokenizer, prompts, responses)
+    encoded = encode_samples(tokenizer, prompts, responses, require_response)
     check_context(model, [len(ids) for ids, _ in encoded], [f"sample {i} (prompt + response)"
                                                             for i in range(len(encoded))])
-    if require_response:
-        for i, (ids, p_len) in enumerate(encoded):
-            if len(ids) == p_len:
-                raise ValueError(f"response {i} tokenises to nothing: there is no response token to average")
     return capture_encoded(model, encoded, layers, pad_id=pad_token_id(tokenizer), backend=backend,
                            batch_size=batch_size, padding_side=padding_side, keep_tokens=keep_tokens,
                            progress=progress, truncate=truncate, tokenizer=tokenizer)

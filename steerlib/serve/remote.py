@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
-from steerlib.core.capture import Activations, activations_from_pooled, tokenize_pairs
+from steerlib.core.capture import Activations, activations_from_pooled, encode_samples
 from steerlib.serve.schema import MAX_CAPTURE_SAMPLES
 
 __all__ = ["RemoteEngine", "ServerError"]
@@ -118,15 +118,7 @@ class RemoteEngine:
     def capture(self, tokenizer, prompts: Sequence[str], responses: Sequence[str | None],
                 layers: Sequence[int] | None = None, *, require_response: bool = False) -> Activations:
         """Pooled activations of (prompt, response) pairs computed by the server's engine."""
-        if len(prompts) == 0:
-            raise ValueError("empty prompt list: nothing to capture")
-        if len(responses) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
-        encoded = tokenize_pairs(tokenizer, prompts, responses)
-        if require_response:
-            for i, (ids, p_len) in enumerate(encoded):
-                if len(ids) == p_len:
-                    raise ValueError(f"response {i} tokenises to nothing: there is no response token to average")
+        encoded = encode_samples(tokenizer, prompts, responses, require_response)
         self.start()
         windows = [range(s, min(s + MAX_CAPTURE_SAMPLES, len(encoded)))
                    for s in range(0, len(encoded), MAX_CAPTURE_SAMPLES)]

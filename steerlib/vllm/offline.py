@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from steerlib.core.capture import Activations, activations_from_pooled, tokenize_pairs
+from steerlib.core.capture import Activations, activations_from_pooled, encode_samples
 from steerlib.vllm.capture import CAPTURE_KEY
 from steerlib.vllm.layout import VllmOptions, bound_cores, start_config
 
@@ -146,15 +146,7 @@ class VllmGenerator:
         """
         from vllm import SamplingParams
 
-        if len(prompts) == 0:
-            raise ValueError("empty prompt list: nothing to capture")
-        if len(responses) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
-        encoded = tokenize_pairs(tokenizer, prompts, responses)
-        if require_response:
-            for i, (ids, p_len) in enumerate(encoded):
-                if len(ids) == p_len:
-                    raise ValueError(f"response {i} tokenises to nothing: there is no response token to average")
+        encoded = encode_samples(tokenizer, prompts, responses, require_response)
         requests = [({"prompt_token_ids": ids},
                      SamplingParams(max_tokens=1, temperature=0.0, extra_args={CAPTURE_KEY: p_len}))
                     for ids, p_len in encoded]
