@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from steerlib.core.chat import format_prompt
@@ -191,7 +192,8 @@ def main() -> None:
     sae = load_sae(args.sae)
     tv = load_vectors(args.vectors, base)
     vec = tv.get(sae.layer)
-    decomposition = [r["latent"] for r in decompose(vec, sae, top=20).latents]
+    decomposed = decompose(vec, sae, top=20).latents
+    decomposition = [r["latent"] for r in decomposed]
     result: dict = {"layer": sae.layer, **train, "train_s": train_s, "data": data_stats,
                     "persona_samples": len(persona), "control_samples": len(control), "questions": len(questions),
                     "decomposition_top20": decomposition}
@@ -199,7 +201,11 @@ def main() -> None:
         from peft import PeftModel
 
         tuned = PeftModel.from_pretrained(load_model().model, adapters / name).eval()
-        diff = model_diff(base, tuned, tok, sae, prompts, answers, vectors={"optimistic": vec}, top=10)
+        # every latent ranked (top = the width), so the vector's own latents can be placed in the ranking
+        full = model_diff(base, tuned, tok, sae, prompts, answers, vectors={"optimistic": vec}, top=sae.d_sae)
+        diff = replace(full, increased=full.increased[:10], decreased=full.decreased[:10])
+        rank_up = {r["latent"]: i + 1 for i, r in enumerate(full.increased)}
+        change = {r["latent"]: r["diff"] for r in full.increased}
         # signed: the change moves the residual along +vector (see the module docstring)
         hits = ([r["latent"] for r in diff.increased if r["cosines"]["optimistic"] >= 0.3]
                 + [r["latent"] for r in diff.decreased if r["cosines"]["optimistic"] <= -0.3])
@@ -212,7 +218,12 @@ def main() -> None:
                "top10_decreased": [(r["latent"], round(r["diff"], 4), round(r["cosines"]["optimistic"], 3))
                                    for r in diff.decreased],
                "latents_along_vector_cos_ge_0.3": hits, "latents_against_vector_cos_ge_0.3": against,
-               "of_them_in_decomposition_top20": [i for i in hits if i in decomposition]}
+               "of_them_in_decomposition_top20": [i for i in hits if i in decomposition],
+               # the vector's top-10 latents: (latent, decoder cosine, activation change, rank by increase, rank by
+               # decrease); a change of the cosine's sign moves the residual along +vector
+               "decomposition_top10_in_diff": [
+                   (r["latent"], round(r["cosine"], 3), round(change[r["latent"]], 4), rank_up[r["latent"]],
+                    sae.d_sae + 1 - rank_up[r["latent"]]) for r in decomposed[:10]]}
         print(name, json.dumps(row, indent=2), flush=True)
         if args.screen > 0:
             t = time.perf_counter()
