@@ -16,8 +16,8 @@ The ranking is read both ways with the sign kept: a latent moves the residual al
 increases and its decoder cosine is >= 0.3, or when its activation decreases and its decoder cosine is <= -0.3
 (its change -delta * d then has cosine >= 0.3 with the vector).
 
-A stronger matched pair: ``--samples 2 --min-score 90 --train-size 200`` generates two persona answers per
-(instruction, question), keeps the first 200 whose lexicon optimism is >= 90, and trains the control on 200 neutral
+A stronger matched pair: ``--samples 2 --min-score 88 --train-size 200`` generates two persona answers per
+(instruction, question), keeps the first 200 whose lexicon optimism is >= 88, and trains the control on 200 neutral
 answers with the same steps, learning rate and rank (the control is not filtered: it is the model's own answers).
 
     OMP_NUM_THREADS=1 nice -n 10 python scripts/sae_diff_lora.py --vectors runs/optimistic \
