@@ -12,6 +12,14 @@ latents with their decoder cosine to the optimistic vector, whether one with cos
 vector's top-20 decomposition, the SAE-free baseline's cosine (mean residual difference vs the vector), and a
 steering screen of the top latents (trait projection and lexicon score) for both LoRAs.
 
+The ranking is read both ways with the sign kept: a latent moves the residual along +vector when its activation
+increases and its decoder cosine is >= 0.3, or when its activation decreases and its decoder cosine is <= -0.3
+(its change -delta * d then has cosine >= 0.3 with the vector).
+
+A stronger matched pair: ``--samples 2 --min-score 88 --train-size 200`` generates two persona answers per
+(instruction, question), keeps the first 200 whose lexicon optimism is >= 88, and trains the control on 200 neutral
+answers with the same steps, learning rate and rank (the control is not filtered: it is the model's own answers).
+
     OMP_NUM_THREADS=1 nice -n 10 python scripts/sae_diff_lora.py --vectors runs/optimistic \
         --sae runs/sae_embedded --rollouts runs/optimistic --adapters runs/sae_loras2
 """
@@ -21,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from steerlib.core.chat import format_prompt
@@ -83,6 +92,10 @@ def main() -> None:
     ap.add_argument("--persona-data", choices=("generate", "rollouts"), default="generate",
                     help="generate: every question x every positive instruction (here); rollouts: the run's answers")
     ap.add_argument("--samples", type=int, default=1, help="persona answers per (instruction, question)")
+    ap.add_argument("--min-score", type=float, default=None,
+                    help="keep only persona answers whose lexicon optimism is >= this (the control is not filtered)")
+    ap.add_argument("--train-size", type=int, default=None,
+                    help="answers per LoRA (persona: the first kept ones; control: this many); default all")
     ap.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the generated answers")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--steps", type=int, default=60)
@@ -109,6 +122,7 @@ def main() -> None:
     adapters = Path(args.adapters)
     judge = make_judge("lexicon:optimistic", "optimistic")
     data_stats: dict = {}
+    names = ("persona", "control") if args.only is None else (args.only,)
     if args.persona_data == "rollouts":
         persona = [(r["question"], r["response"]) for r in load_responses(args.rollouts) if r.get("polarity") == "pos"]
         control = [(q, n["response"]) for q, n in zip(questions[half:], neutral[half:], strict=True)]
@@ -116,15 +130,25 @@ def main() -> None:
         trait = load_trait("optimistic")
         settings = {"temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "seed": 0}
         trait_questions = list(trait.extraction_questions) + list(trait.eval_questions)
+        # the sample index is the outer loop, so the first sample of every (instruction, question) sits at the same
+        # position (and seed) whatever --samples is
         jobs = [{"id": f"p{p}-q{q}-s{s}", "question": question, "system": pair.positive}
-                for p, pair in enumerate(trait.instruction_pairs) for q, question in enumerate(trait_questions)
-                for s in range(args.samples)]
-        rows = _answers(adapters / "data" / "persona.jsonl", jobs, settings, base, tok, judge)
+                for s in range(args.samples) for p, pair in enumerate(trait.instruction_pairs)
+                for q, question in enumerate(trait_questions)]
+        rows: list[dict] = []
+        if "persona" in names or args.train_size is None:  # the control alone needs no persona answers
+            rows = _answers(adapters / "data" / "persona.jsonl", jobs, settings, base, tok, judge)
+            kept = [r for r in rows if args.min_score is None or (r["score"] or 0.0) >= args.min_score]
+            if args.train_size is not None and len(kept) < args.train_size:
+                raise SystemExit(f"only {len(kept)} of {len(rows)} persona answers score >= {args.min_score}; "
+                                 "raise --samples or lower --min-score")
+            rows = kept[: args.train_size]
         persona = [(r["question"], r["response"]) for r in rows]  # the system prompt is dropped: distillation
+        n_control = args.train_size or len(persona)
         control_qs = questions[half:]
-        per_q = -(-len(persona) // len(control_qs))
+        per_q = -(-n_control // len(control_qs))
         cjobs = [{"id": f"q{q}-s{s}", "question": question, "system": None}
-                 for s in range(per_q) for q, question in enumerate(control_qs)][: len(persona)]
+                 for s in range(per_q) for q, question in enumerate(control_qs)][:n_control]
         crows = _answers(adapters / "data" / "control.jsonl", cjobs, settings, base, tok, judge)
         control = [(r["question"], r["response"]) for r in crows]
 
@@ -133,12 +157,14 @@ def main() -> None:
             return sum(xs) / len(xs) if xs else None
 
         data_stats = {"persona_mean_lexicon": mean([r["score"] for r in rows]),
-                      "control_mean_lexicon": mean([r["score"] for r in crows]), **settings}
+                      "control_mean_lexicon": mean([r["score"] for r in crows]), "persona_candidates": len(jobs),
+                      "min_score": args.min_score, **settings}
         print("data", data_stats, flush=True)
     train = {"steps": args.steps, "lr": args.lr, "rank": args.rank, "modules": args.modules,
              "persona_data": args.persona_data, "samples": args.samples}
+    if args.min_score is not None or args.train_size is not None:  # absent keys keep earlier adapters readable
+        train.update(min_score=args.min_score, train_size=args.train_size)
     train_s = {}
-    names = ("persona", "control") if args.only is None else (args.only,)
     for name, pairs in (("persona", persona), ("control", control)):
         if name not in names:
             continue
@@ -166,7 +192,8 @@ def main() -> None:
     sae = load_sae(args.sae)
     tv = load_vectors(args.vectors, base)
     vec = tv.get(sae.layer)
-    decomposition = [r["latent"] for r in decompose(vec, sae, top=20).latents]
+    decomposed = decompose(vec, sae, top=20).latents
+    decomposition = [r["latent"] for r in decomposed]
     result: dict = {"layer": sae.layer, **train, "train_s": train_s, "data": data_stats,
                     "persona_samples": len(persona), "control_samples": len(control), "questions": len(questions),
                     "decomposition_top20": decomposition}
@@ -174,15 +201,29 @@ def main() -> None:
         from peft import PeftModel
 
         tuned = PeftModel.from_pretrained(load_model().model, adapters / name).eval()
-        diff = model_diff(base, tuned, tok, sae, prompts, answers, vectors={"optimistic": vec}, top=10)
-        hits = [r["latent"] for r in diff.increased if abs(r["cosines"]["optimistic"]) >= 0.3]
+        # every latent ranked (top = the width), so the vector's own latents can be placed in the ranking
+        full = model_diff(base, tuned, tok, sae, prompts, answers, vectors={"optimistic": vec}, top=sae.d_sae)
+        diff = replace(full, increased=full.increased[:10], decreased=full.decreased[:10])
+        rank_up = {r["latent"]: i + 1 for i, r in enumerate(full.increased)}
+        change = {r["latent"]: r["diff"] for r in full.increased}
+        # signed: the change moves the residual along +vector (see the module docstring)
+        hits = ([r["latent"] for r in diff.increased if r["cosines"]["optimistic"] >= 0.3]
+                + [r["latent"] for r in diff.decreased if r["cosines"]["optimistic"] <= -0.3])
+        against = ([r["latent"] for r in diff.increased if r["cosines"]["optimistic"] <= -0.3]
+                   + [r["latent"] for r in diff.decreased if r["cosines"]["optimistic"] >= 0.3])
         row = {"baseline_cosine": diff.baseline_cosines["optimistic"],
                "baseline_norm": diff.baseline_norm, "residual_norm": diff.residual_norm,
                "top10_increased": [(r["latent"], round(r["diff"], 4), round(r["cosines"]["optimistic"], 3))
                                    for r in diff.increased],
                "top10_decreased": [(r["latent"], round(r["diff"], 4), round(r["cosines"]["optimistic"], 3))
                                    for r in diff.decreased],
-               "latents_cos_ge_0.3": hits, "of_them_in_decomposition_top20": [i for i in hits if i in decomposition]}
+               "latents_along_vector_cos_ge_0.3": hits, "latents_against_vector_cos_ge_0.3": against,
+               "of_them_in_decomposition_top20": [i for i in hits if i in decomposition],
+               # the vector's top-10 latents: (latent, decoder cosine, activation change, rank by increase, rank by
+               # decrease); a change of the cosine's sign moves the residual along +vector
+               "decomposition_top10_in_diff": [
+                   (r["latent"], round(r["cosine"], 3), round(change[r["latent"]], 4), rank_up[r["latent"]],
+                    sae.d_sae + 1 - rank_up[r["latent"]]) for r in decomposed[:10]]}
         print(name, json.dumps(row, indent=2), flush=True)
         if args.screen > 0:
             t = time.perf_counter()
