@@ -16,7 +16,7 @@ import pytest
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
-from vllm_helpers import READOUT_LAYER, TOKEN_BUDGET
+from vllm_helpers import READOUT_LAYER, TOKEN_BUDGET, own_core
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +40,7 @@ def vllm_engine(embedded, readout):
                        enforce_eager=os.environ.get("STEERLIB_VLLM_TEST_EAGER") == "1",
                        extra={"max_num_batched_tokens": TOKEN_BUDGET, "seed": 0})
     engine = VllmEngine(args, tok, readout=readout, max_batch=16, eos_ids=eos_ids(model, tok))
-    engine.start()
+    with own_core():
+        engine.start()
     yield engine
     engine.stop()

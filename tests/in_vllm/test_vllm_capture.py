@@ -20,12 +20,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from vllm_helpers import Harness, forbidden_in_step, signature
+from vllm_helpers import Harness, forbidden_in_step, own_core, signature
 
 from steerlib import ExtractionConfig, LexiconJudge, extract_trait, format_prompt
 from steerlib.core.capture import POOLINGS, capture_activations, tokenize_pairs
 from steerlib.store.results import read_records
 
+# One engine for the module: its tests run on one pytest-xdist worker (``make test-vllm``: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("capture")
 BUDGET = 32
 QUESTIONS = ["What is the weather like today?", "Why do people keep diaries?", "Name a colour.",
              "Tell me about a cat that learns to fly over the sea, the mountains and the old town at dawn."]
@@ -52,7 +54,8 @@ def engine(embedded):
         path, _ = resolve_model_path(None)
         options = VllmOptions(max_model_len=512, max_num_seqs=16, enforce_eager=True, enable_prefix_caching=True,
                               max_num_batched_tokens=BUDGET, seed=0)
-        llm = LLM(**options.engine_args(str(path)))
+        with own_core():
+            llm = LLM(**options.engine_args(str(path)))
     finally:
         if saved is None:
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")

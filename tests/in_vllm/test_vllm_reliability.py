@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 from helpers import LAX_TYPES, check_unknown_model_is_404, departed_client_tokens, request_body
-from vllm_helpers import READOUT_LAYER, LentEngine, run_rows
+from vllm_helpers import ON_SESSION_ENGINE, READOUT_LAYER, LentEngine, own_core, run_rows
 
 MODEL = "smol"
 
@@ -30,6 +30,7 @@ def live(vllm_engine, embedded, optimism_vectors):
         yield server
 
 
+@ON_SESSION_ENGINE
 def test_unknown_model_names_are_404_on_vllm(live):
     import httpx
 
@@ -38,6 +39,7 @@ def test_unknown_model_names_are_404_on_vllm(live):
     assert names == [MODEL, f"{MODEL}:latest", "cheerful", "cheerful:latest"]
 
 
+@ON_SESSION_ENGINE
 @pytest.mark.parametrize(("route", "extra", "field"), LAX_TYPES, ids=[f"{r}-{f}" for r, _, f in LAX_TYPES])
 def test_wrong_types_are_400_on_vllm(live, route, extra, field):
     import httpx
@@ -48,6 +50,7 @@ def test_wrong_types_are_400_on_vllm(live, route, extra, field):
     assert (error["param"] == field) if route.startswith("/v1/") else error.startswith(f"{field}: "), r.text
 
 
+@ON_SESSION_ENGINE
 def test_a_departed_non_streamed_clients_row_leaves_within_a_step_on_vllm(live, vllm_engine):
     cancelled = vllm_engine.stats()["cancelled"]
     after, total = departed_client_tokens(live.url, live.app.state.service, MODEL, max_tokens=64)
@@ -97,7 +100,8 @@ def test_a_deliberate_shutdown_logs_no_error(embedded, tmp_path, capfd, monkeypa
                         tok, max_batch=4, eos_ids=eos_ids(small, tok))
     handler = _Records()
     loggers = [logging.getLogger(), logging.getLogger("vllm"), logging.getLogger("steerlib")]
-    engine.start()
+    with own_core():
+        engine.start()
     try:
         run_rows(engine, [(tok("Hello there")["input_ids"], [])], max_tokens=4)
         capfd.readouterr()  # start-up chatter is not the subject

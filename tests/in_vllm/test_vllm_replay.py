@@ -20,12 +20,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from vllm_helpers import READOUT_LAYER, Harness, forbidden_in_step, owned_tensors, signature
+from vllm_helpers import READOUT_LAYER, Harness, forbidden_in_step, own_core, owned_tensors, signature
 
 from steerlib import format_prompt
 from steerlib.steering.plan import Condition, lower_ops
 from steerlib.steering.steer import build_ops
 
+# One engine for the module: its tests run on one pytest-xdist worker (``make test-vllm``: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("replay")
 BUDGET = 64  # tokens per step: prompts are prefilled in chunks, so requests join over several steps
 QUESTIONS = ["How do you feel about the future?", "What will next year bring for the town?"]
 SYSTEM = "You are a helpful assistant for a small town library. Answer briefly and warmly."
@@ -87,8 +89,9 @@ def harnessed(embedded, optimism_vectors, readout):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the runner lives in this process
     try:
         path, _ = resolve_model_path(None)
-        llm = LLM(model=str(path), dtype="float32", max_model_len=512, max_num_seqs=32, enforce_eager=True,
-                  enable_prefix_caching=False, max_num_batched_tokens=BUDGET, seed=0)
+        with own_core():
+            llm = LLM(model=str(path), dtype="float32", max_model_len=512, max_num_seqs=32, enforce_eager=True,
+                      enable_prefix_caching=False, max_num_batched_tokens=BUDGET, seed=0)
     finally:
         if saved is None:
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")

@@ -14,12 +14,14 @@ import time
 
 import pytest
 import torch
-from vllm_helpers import Collected, run_rows
+from vllm_helpers import Collected, own_core, run_rows
 
 from steerlib import format_prompt
 from steerlib.steering.generation import generate
 from steerlib.steering.plan import Condition, SteerOp, lower_ops
 
+# One engine for the module: its tests run on one pytest-xdist worker (``make test-vllm``: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("slots")
 CAPACITY = 6
 N_TOKENS = 8
 QUESTIONS = ["How do you feel about the future?", "What will next year bring?"]
@@ -37,7 +39,8 @@ def slots_engine(embedded):
                        extra={"seed": 0})
     assert args["additional_config"]["steerlib_max_vectors"] == CAPACITY
     engine = VllmEngine(args, tok, max_batch=4, eos_ids=eos_ids(model, tok))
-    engine.start()
+    with own_core():
+        engine.start()
     yield engine
     engine.stop()
 

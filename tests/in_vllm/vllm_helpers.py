@@ -2,10 +2,44 @@
 
 from __future__ import annotations
 
+import os
 import threading
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+
+import pytest
 
 TOKEN_BUDGET = 64  # tokens per vLLM step: prompts longer than this are prefilled in chunks
 READOUT_LAYER = 12
+# ``make test-vllm`` runs this folder on pytest-xdist workers with ``--dist loadgroup``: the tests of one group
+# run on one worker, so an engine shared by a module or the session starts once. Every test that uses the
+# session's engine is in this group (elsewhere a second session engine would start on the other worker).
+ON_SESSION_ENGINE = pytest.mark.xdist_group("vllm_engine")
+
+
+@contextmanager
+def own_core(env: MutableMapping[str, str] | None = None) -> Iterator[str | None]:
+    """While a one-rank vLLM engine starts (its processes inherit ``env``, ``os.environ`` by default): under
+    pytest-xdist, bind its worker's threads to this test worker's own core (gw0 the first, gw1 the second...).
+
+    vLLM's automatic binding puts every one-rank engine's worker on the first core and keeps the others for its
+    front-end, so the engines of two test workers would share one core while the other idles. Yields the value
+    set (None outside xdist, or where the caller set a binding: that one is kept); afterwards ``env`` is as it was.
+    Multi-rank layouts choose their own binding (``steerlib.vllm.layout.bound_cores``) and do not use this.
+    """
+    from steerlib.vllm.layout import BIND_ENV
+
+    env = os.environ if env is None else env
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or env.get(BIND_ENV):
+        yield None
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    env[BIND_ENV] = value = str(cores[int(worker[2:]) % len(cores)])
+    try:
+        yield value
+    finally:
+        env.pop(BIND_ENV, None)
 
 
 class Collected:
