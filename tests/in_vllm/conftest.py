@@ -5,6 +5,8 @@ vLLM's torch.compile on (the hooks are traced into the compiled graph; the compi
 ~/.cache/vllm, so only the first run on a machine pays for compiling), prefix caching on and a token budget
 of 64 per step: every prompt longer than that is prefilled in chunks, so each test below is also a
 chunked-prefill and prefix-cache test. The same engine serves the HTTP test of ``steerlib serve --engine vllm``.
+Under pytest-xdist (``make test-vllm``) every test that uses it carries ``vllm_helpers.ON_SESSION_ENGINE``, so it
+starts on one worker only.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ import pytest
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
-from vllm_helpers import READOUT_LAYER, TOKEN_BUDGET, own_core
+from vllm_helpers import READOUT_LAYER, SESSION_GROUP, TOKEN_BUDGET, own_core
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """A test on the session's engine outside its xdist group would start a second engine on another worker."""
+    stray = [item.nodeid for item in items if "vllm_engine" in getattr(item, "fixturenames", ())
+             and not any(m.args == (SESSION_GROUP,) for m in item.iter_markers("xdist_group"))]
+    if stray:
+        raise pytest.UsageError(f"mark these tests with vllm_helpers.ON_SESSION_ENGINE: {', '.join(stray)}")
 
 
 @pytest.fixture(scope="session")

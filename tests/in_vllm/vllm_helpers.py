@@ -14,7 +14,8 @@ READOUT_LAYER = 12
 # ``make test-vllm`` runs this folder on pytest-xdist workers with ``--dist loadgroup``: the tests of one group
 # run on one worker, so an engine shared by a module or the session starts once. Every test that uses the
 # session's engine is in this group (elsewhere a second session engine would start on the other worker).
-ON_SESSION_ENGINE = pytest.mark.xdist_group("vllm_engine")
+SESSION_GROUP = "vllm_engine"
+ON_SESSION_ENGINE = pytest.mark.xdist_group(SESSION_GROUP)
 
 
 @contextmanager
