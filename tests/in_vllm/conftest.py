@@ -5,7 +5,7 @@ vLLM's torch.compile on (the hooks are traced into the compiled graph; the compi
 ~/.cache/vllm, so only the first run on a machine pays for compiling), prefix caching on and a token budget
 of 64 per step: every prompt longer than that is prefilled in chunks, so each test below is also a
 chunked-prefill and prefix-cache test. The same engine serves the HTTP test of ``steerlib serve --engine vllm``.
-Under pytest-xdist (``make test-vllm``) every test that uses it carries ``vllm_helpers.ON_SESSION_ENGINE``, so it
+Under pytest-xdist (``make test-vllm``) the tests that use it are one work unit (``vllm_helpers.work_unit``), so it
 starts on one worker only.
 """
 
@@ -18,15 +18,30 @@ import pytest
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
-from vllm_helpers import READOUT_LAYER, SESSION_GROUP, TOKEN_BUDGET, own_core
+from vllm_helpers import READOUT_LAYER, SESSION_GROUP, TOKEN_BUDGET, own_core, work_unit
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` over ``vllm_helpers.work_unit``'s units. xdist 3.8 groups ``xdist_group`` marks by
+    appending the group to ``item._nodeid``, which pytest 9 no longer reads (a node's id is ``item._id``): its
+    loadgroup sends every test alone, and two workers would each start the session's engine."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class EngineUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return EngineUnits(config, log)
 
 
 def pytest_collection_modifyitems(items) -> None:
-    """A test on the session's engine outside its xdist group would start a second engine on another worker."""
-    stray = [item.nodeid for item in items if "vllm_engine" in getattr(item, "fixturenames", ())
-             and not any(m.args == (SESSION_GROUP,) for m in item.iter_markers("xdist_group"))]
+    """A test on the session's engine outside its work unit would start a second engine on another worker."""
+    stray = [item.nodeid for item in items
+             if "vllm_engine" in getattr(item, "fixturenames", ()) and work_unit(item.nodeid) != SESSION_GROUP]
     if stray:
-        raise pytest.UsageError(f"mark these tests with vllm_helpers.ON_SESSION_ENGINE: {', '.join(stray)}")
+        raise pytest.UsageError(f"list these tests in vllm_helpers.ON_SESSION_ENGINE: {', '.join(stray)}")
 
 
 @pytest.fixture(scope="session")

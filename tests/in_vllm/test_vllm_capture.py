@@ -26,8 +26,6 @@ from steerlib import ExtractionConfig, LexiconJudge, extract_trait, format_promp
 from steerlib.core.capture import POOLINGS, capture_activations, tokenize_pairs
 from steerlib.store.results import read_records
 
-# One engine for the module: its tests run on one pytest-xdist worker (``make test-vllm``: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("capture")
 BUDGET = 32
 QUESTIONS = ["What is the weather like today?", "Why do people keep diaries?", "Name a colour.",
              "Tell me about a cat that learns to fly over the sea, the mountains and the old town at dawn."]

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vllm_helpers import ON_SESSION_ENGINE, Collected
+from vllm_helpers import Collected
 
 from steerlib import format_prompt
 from steerlib.core.capture import POOLINGS, capture_activations, tokenize_pairs
 from steerlib.serve.engine import Sampling
 from steerlib.steering.plan import lower_ops
 from steerlib.steering.steer import build_ops
-
-pytestmark = ON_SESSION_ENGINE
 
 LOGGED = [("How was your week?", "It was wonderful, thank you! I finished a long book and went hiking."),
           ("What do you think about the rain?", "Rain is dreary and it ruins every plan I make."),

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 from test_vllm_steering import streamed_readout
-from vllm_helpers import ON_SESSION_ENGINE, READOUT_LAYER, LentEngine, own_core
+from vllm_helpers import READOUT_LAYER, LentEngine, own_core
 
 from steerlib.core.chat import format_messages
 from steerlib.steering.generation import generate
@@ -34,7 +34,6 @@ def _hf_answer(embedded, tv, readout=None):
     return generate(model, tok, [prompt], steering=ops, readout=readout, max_new_tokens=MAX_TOKENS)[0]
 
 
-@ON_SESSION_ENGINE
 def test_steerlib_serve_on_vllm(vllm_engine, embedded, optimism_vectors, readout):
     openai = pytest.importorskip("openai")
     from steerlib.serve import AppOptions, BackgroundServer, create_app

@@ -23,9 +23,6 @@ from steerlib.steering.plan import lower_ops
 from steerlib.steering.steer import build_ops
 from steerlib.vllm.layout import BIND_ENV, UnsupportedLayout, bound_cores
 
-# One engine for the module: its tests run on one pytest-xdist worker (``make test-vllm``: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("layouts")
-
 READOUT_AT = 20  # on the second stage under pipeline parallel 2 (stages hold layers 1-15 and 16-30)
 N_TOKENS = 8
 QUESTIONS = ["How do you feel about the future of your town?", "What will the next ten years bring?"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 from helpers import LAX_TYPES, check_unknown_model_is_404, departed_client_tokens, request_body
-from vllm_helpers import ON_SESSION_ENGINE, READOUT_LAYER, LentEngine, own_core, run_rows
+from vllm_helpers import READOUT_LAYER, LentEngine, own_core, run_rows
 
 MODEL = "smol"
 
@@ -30,7 +30,6 @@ def live(vllm_engine, embedded, optimism_vectors):
         yield server
 
 
-@ON_SESSION_ENGINE
 def test_unknown_model_names_are_404_on_vllm(live):
     import httpx
 
@@ -39,7 +38,6 @@ def test_unknown_model_names_are_404_on_vllm(live):
     assert names == [MODEL, f"{MODEL}:latest", "cheerful", "cheerful:latest"]
 
 
-@ON_SESSION_ENGINE
 @pytest.mark.parametrize(("route", "extra", "field"), LAX_TYPES, ids=[f"{r}-{f}" for r, _, f in LAX_TYPES])
 def test_wrong_types_are_400_on_vllm(live, route, extra, field):
     import httpx
@@ -50,7 +48,6 @@ def test_wrong_types_are_400_on_vllm(live, route, extra, field):
     assert (error["param"] == field) if route.startswith("/v1/") else error.startswith(f"{field}: "), r.text
 
 
-@ON_SESSION_ENGINE
 def test_a_departed_non_streamed_clients_row_leaves_within_a_step_on_vllm(live, vllm_engine):
     cancelled = vllm_engine.stats()["cancelled"]
     after, total = departed_client_tokens(live.url, live.app.state.service, MODEL, max_tokens=64)

@@ -26,8 +26,6 @@ from steerlib import format_prompt
 from steerlib.steering.plan import Condition, lower_ops
 from steerlib.steering.steer import build_ops
 
-# One engine for the module: its tests run on one pytest-xdist worker (``make test-vllm``: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("replay")
 BUDGET = 64  # tokens per step: prompts are prefilled in chunks, so requests join over several steps
 QUESTIONS = ["How do you feel about the future?", "What will next year bring for the town?"]
 SYSTEM = "You are a helpful assistant for a small town library. Answer briefly and warmly."

@@ -17,12 +17,10 @@ from service_cases import (  # noqa: E402
     server_options,
     server_vectors,
 )
-from vllm_helpers import ON_SESSION_ENGINE, LentEngine  # noqa: E402
 from vllm_helpers import READOUT_LAYER as ENGINE_READOUT_LAYER  # noqa: E402
+from vllm_helpers import LentEngine  # noqa: E402
 
 from steerlib.serve import BackgroundServer, create_app  # noqa: E402
-
-pytestmark = ON_SESSION_ENGINE
 
 
 @pytest.fixture(scope="module", params=["vllm"])

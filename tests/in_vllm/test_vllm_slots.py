@@ -20,8 +20,6 @@ from steerlib import format_prompt
 from steerlib.steering.generation import generate
 from steerlib.steering.plan import Condition, SteerOp, lower_ops
 
-# One engine for the module: its tests run on one pytest-xdist worker (``make test-vllm``: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("slots")
 CAPACITY = 6
 N_TOKENS = 8
 QUESTIONS = ["How do you feel about the future?", "What will next year bring?"]

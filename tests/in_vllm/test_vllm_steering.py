@@ -10,14 +10,12 @@ import json
 
 import pytest
 import torch
-from vllm_helpers import ON_SESSION_ENGINE, READOUT_LAYER, TOKEN_BUDGET, Collected, run_rows
+from vllm_helpers import READOUT_LAYER, TOKEN_BUDGET, Collected, run_rows
 
 from steerlib import format_prompt
 from steerlib.steering.generation import generate
 from steerlib.steering.plan import Edit, lower_ops, position_rule
 from steerlib.steering.steer import build_ops
-
-pytestmark = ON_SESSION_ENGINE
 
 LAYERS = [8, 14, 20]
 N_TOKENS = 10

@@ -7,15 +7,27 @@ import threading
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 
-import pytest
-
 TOKEN_BUDGET = 64  # tokens per vLLM step: prompts longer than this are prefilled in chunks
 READOUT_LAYER = 12
-# ``make test-vllm`` runs this folder on pytest-xdist workers with ``--dist loadgroup``: the tests of one group
-# run on one worker, so an engine shared by a module or the session starts once. Every test that uses the
-# session's engine is in this group (elsewhere a second session engine would start on the other worker).
+# ``make test-vllm`` runs this folder on pytest-xdist workers (``--dist loadgroup``, scheduled by ``work_unit``):
+# a work unit runs whole on one worker, so an engine it shares starts once. The tests on the session's engine
+# (conftest's ``vllm_engine``; the collection checks the list) are one unit; every other file is one unit.
 SESSION_GROUP = "vllm_engine"
-ON_SESSION_ENGINE = pytest.mark.xdist_group(SESSION_GROUP)
+ON_SESSION_ENGINE = ("test_vllm_capture_serve.py", "test_vllm_service.py", "test_vllm_steering.py",
+                     "test_vllm_http.py::test_steerlib_serve_on_vllm",
+                     "test_vllm_reliability.py::test_unknown_model_names_are_404_on_vllm",
+                     "test_vllm_reliability.py::test_wrong_types_are_400_on_vllm",
+                     "test_vllm_reliability.py::test_a_departed_non_streamed_clients_row_leaves_within_a_step_on_vllm")
+
+
+def work_unit(nodeid: str) -> str:
+    """The pytest-xdist work unit of a test: ``SESSION_GROUP`` for the tests listed in ``ON_SESSION_ENGINE`` (a
+    file, or a test of a file, any parameters), else its file."""
+    path, _, rest = nodeid.partition("::")
+    local = path.rsplit("/", 1)[-1] + ("::" + rest.split("[", 1)[0] if rest else "")
+    if any(local == name or local.startswith(name + "::") for name in ON_SESSION_ENGINE):
+        return SESSION_GROUP
+    return path
 
 
 @contextmanager
