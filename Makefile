@@ -132,8 +132,17 @@ test-main: setup
 	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports
 	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile --durations=30 tests
 
+# tests/in_vllm on VLLM_TEST_WORKERS pytest-xdist workers with --dist loadgroup: the tests of one engine (the
+# session's, or a module's) stay on one worker (their xdist_group mark), the others go wherever a worker is free.
+# A one-rank vLLM engine computes on one core (vLLM keeps the other for its front-end), so one worker alone leaves
+# a core mostly idle; each worker's one-rank engines are bound to a core of its own (vllm_helpers.own_core).
+# Two engines at once need memory (tensor parallel 3's three workers take 1 GiB of KV cache each beside the
+# session's engine; a run here failed to start them with 0.75 GiB left): with under 12 GiB available it runs in
+# one process (-n 0).
+VLLM_TEST_WORKERS ?= $(shell awk '/^MemAvailable:/ {print ($$2 >= 12 * 1024 * 1024) ? 2 : 0}' /proc/meminfo)
 test-vllm: vllm-env
-	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -q -x --durations=15 tests/in_vllm
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -q -x -n $(VLLM_TEST_WORKERS) --dist loadgroup --durations=15 \
+		tests/in_vllm
 
 lint: setup
 	$(VENV)/bin/ruff check steerlib kernels scripts tests

@@ -5,6 +5,8 @@ vLLM's torch.compile on (the hooks are traced into the compiled graph; the compi
 ~/.cache/vllm, so only the first run on a machine pays for compiling), prefix caching on and a token budget
 of 64 per step: every prompt longer than that is prefilled in chunks, so each test below is also a
 chunked-prefill and prefix-cache test. The same engine serves the HTTP test of ``steerlib serve --engine vllm``.
+Under pytest-xdist (``make test-vllm``) the tests that use it are one work unit (``vllm_helpers.work_unit``), so it
+starts on one worker only.
 """
 
 from __future__ import annotations
@@ -16,7 +18,30 @@ import pytest
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
-from vllm_helpers import READOUT_LAYER, TOKEN_BUDGET
+from vllm_helpers import READOUT_LAYER, SESSION_GROUP, TOKEN_BUDGET, own_core, work_unit
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` over ``vllm_helpers.work_unit``'s units. xdist 3.8 groups ``xdist_group`` marks by
+    appending the group to ``item._nodeid``, which pytest 9 no longer reads (a node's id is ``item._id``): its
+    loadgroup sends every test alone, and two workers would each start the session's engine."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class EngineUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return EngineUnits(config, log)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """A test on the session's engine outside its work unit would start a second engine on another worker."""
+    stray = [item.nodeid for item in items
+             if "vllm_engine" in getattr(item, "fixturenames", ()) and work_unit(item.nodeid) != SESSION_GROUP]
+    if stray:
+        raise pytest.UsageError(f"list these tests in vllm_helpers.ON_SESSION_ENGINE: {', '.join(stray)}")
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +65,7 @@ def vllm_engine(embedded, readout):
                        enforce_eager=os.environ.get("STEERLIB_VLLM_TEST_EAGER") == "1",
                        extra={"max_num_batched_tokens": TOKEN_BUDGET, "seed": 0})
     engine = VllmEngine(args, tok, readout=readout, max_batch=16, eos_ids=eos_ids(model, tok))
-    engine.start()
+    with own_core():
+        engine.start()
     yield engine
     engine.stop()

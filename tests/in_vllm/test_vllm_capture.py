@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from vllm_helpers import Harness, forbidden_in_step, signature
+from vllm_helpers import Harness, forbidden_in_step, own_core, signature
 
 from steerlib import ExtractionConfig, LexiconJudge, extract_trait, format_prompt
 from steerlib.core.capture import POOLINGS, capture_activations, tokenize_pairs
@@ -52,7 +52,8 @@ def engine(embedded):
         path, _ = resolve_model_path(None)
         options = VllmOptions(max_model_len=512, max_num_seqs=16, enforce_eager=True, enable_prefix_caching=True,
                               max_num_batched_tokens=BUDGET, seed=0)
-        llm = LLM(**options.engine_args(str(path)))
+        with own_core():
+            llm = LLM(**options.engine_args(str(path)))
     finally:
         if saved is None:
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")

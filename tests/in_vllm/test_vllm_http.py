@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 from test_vllm_steering import streamed_readout
-from vllm_helpers import READOUT_LAYER, LentEngine
+from vllm_helpers import READOUT_LAYER, LentEngine, own_core
 
 from steerlib.core.chat import format_messages
 from steerlib.steering.generation import generate
@@ -85,7 +85,8 @@ def test_vllm_openai_server_with_the_plugin(embedded, optimism_vectors, tmp_path
            "--max-model-len", "512", "--enforce-eager", "--port", str(port), "--served-model-name", "smol",
            "--enable-prefix-caching"]
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with own_core(env):
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         deadline = time.monotonic() + 600

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 
 import pytest
 import torch
-from vllm_helpers import TOKEN_BUDGET, run_rows
+from vllm_helpers import TOKEN_BUDGET, own_core, run_rows
 
 from steerlib import format_prompt
 from steerlib.steering.plan import lower_ops
@@ -75,7 +76,8 @@ def _run_layout(name, embedded, optimism_vectors, batch):
     readout = build_readout(model, {"optimistic": optimism_vectors}, READOUT_AT)
     engine = VllmEngine(_args(**LAYOUTS[name]), tok, readout=readout, max_batch=16, eos_ids=eos_ids(model, tok))
     t0 = time.monotonic()
-    engine.start()
+    with own_core() if name == "tp1" else nullcontext():  # several ranks: bound_cores binds them at start
+        engine.start()
     try:
         done = run_rows(engine, [(x, edits) for _, x, edits in batch], N_TOKENS)
     finally:
@@ -122,6 +124,23 @@ def test_core_binding_is_set_for_the_start_only():
     with bound_cores(3, env) as value:
         assert value is None
     assert env == {BIND_ENV: "0|0|1"}
+
+
+def test_each_test_worker_binds_its_one_rank_engines_to_a_core_of_its_own(monkeypatch):
+    cores = sorted(os.sched_getaffinity(0))
+    env: dict[str, str] = {}
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    with own_core(env) as value:  # one test process: vLLM's own binding
+        assert value is None and env == {}
+    for k in range(3):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", f"gw{k}")
+        with own_core(env) as value:
+            assert env == {BIND_ENV: str(cores[k % len(cores)])} and value == env[BIND_ENV]
+        assert env == {}
+    env = {BIND_ENV: "0"}  # the caller's binding is kept
+    with own_core(env) as value:
+        assert value is None
+    assert env == {BIND_ENV: "0"}
 
 
 # -- refusals -------------------------------------------------------------------------------------------------

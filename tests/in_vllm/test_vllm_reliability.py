@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 from helpers import LAX_TYPES, check_unknown_model_is_404, departed_client_tokens, request_body
-from vllm_helpers import READOUT_LAYER, LentEngine, run_rows
+from vllm_helpers import READOUT_LAYER, LentEngine, own_core, run_rows
 
 MODEL = "smol"
 
@@ -97,7 +97,8 @@ def test_a_deliberate_shutdown_logs_no_error(embedded, tmp_path, capfd, monkeypa
                         tok, max_batch=4, eos_ids=eos_ids(small, tok))
     handler = _Records()
     loggers = [logging.getLogger(), logging.getLogger("vllm"), logging.getLogger("steerlib")]
-    engine.start()
+    with own_core():
+        engine.start()
     try:
         run_rows(engine, [(tok("Hello there")["input_ids"], [])], max_tokens=4)
         capfd.readouterr()  # start-up chatter is not the subject

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from vllm_helpers import READOUT_LAYER, Harness, forbidden_in_step, owned_tensors, signature
+from vllm_helpers import READOUT_LAYER, Harness, forbidden_in_step, own_core, owned_tensors, signature
 
 from steerlib import format_prompt
 from steerlib.steering.plan import Condition, lower_ops
@@ -87,8 +87,9 @@ def harnessed(embedded, optimism_vectors, readout):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the runner lives in this process
     try:
         path, _ = resolve_model_path(None)
-        llm = LLM(model=str(path), dtype="float32", max_model_len=512, max_num_seqs=32, enforce_eager=True,
-                  enable_prefix_caching=False, max_num_batched_tokens=BUDGET, seed=0)
+        with own_core():
+            llm = LLM(model=str(path), dtype="float32", max_model_len=512, max_num_seqs=32, enforce_eager=True,
+                      enable_prefix_caching=False, max_num_batched_tokens=BUDGET, seed=0)
     finally:
         if saved is None:
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")

@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from vllm_helpers import Collected, run_rows
+from vllm_helpers import Collected, own_core, run_rows
 
 from steerlib import format_prompt
 from steerlib.steering.generation import generate
@@ -37,7 +37,8 @@ def slots_engine(embedded):
                        extra={"seed": 0})
     assert args["additional_config"]["steerlib_max_vectors"] == CAPACITY
     engine = VllmEngine(args, tok, max_batch=4, eos_ids=eos_ids(model, tok))
-    engine.start()
+    with own_core():
+        engine.start()
     yield engine
     engine.stop()
 

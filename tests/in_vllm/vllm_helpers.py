@@ -2,10 +2,57 @@
 
 from __future__ import annotations
 
+import os
 import threading
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
 
 TOKEN_BUDGET = 64  # tokens per vLLM step: prompts longer than this are prefilled in chunks
 READOUT_LAYER = 12
+# ``make test-vllm`` runs this folder on pytest-xdist workers (``--dist loadgroup``, scheduled by ``work_unit``):
+# a work unit runs whole on one worker, so an engine it shares starts once. The tests on the session's engine
+# (conftest's ``vllm_engine``; the collection checks the list) are one unit; every other file is one unit.
+SESSION_GROUP = "vllm_engine"
+ON_SESSION_ENGINE = ("test_vllm_capture_serve.py", "test_vllm_service.py", "test_vllm_steering.py",
+                     "test_vllm_http.py::test_steerlib_serve_on_vllm",
+                     "test_vllm_reliability.py::test_unknown_model_names_are_404_on_vllm",
+                     "test_vllm_reliability.py::test_wrong_types_are_400_on_vllm",
+                     "test_vllm_reliability.py::test_a_departed_non_streamed_clients_row_leaves_within_a_step_on_vllm")
+
+
+def work_unit(nodeid: str) -> str:
+    """The pytest-xdist work unit of a test: ``SESSION_GROUP`` for the tests listed in ``ON_SESSION_ENGINE`` (a
+    file, or a test of a file, any parameters), else its file."""
+    path, _, rest = nodeid.partition("::")
+    local = path.rsplit("/", 1)[-1] + ("::" + rest.split("[", 1)[0] if rest else "")
+    if any(local == name or local.startswith(name + "::") for name in ON_SESSION_ENGINE):
+        return SESSION_GROUP
+    return path
+
+
+@contextmanager
+def own_core(env: MutableMapping[str, str] | None = None) -> Iterator[str | None]:
+    """While a one-rank vLLM engine starts (its processes inherit ``env``, ``os.environ`` by default): under
+    pytest-xdist, bind its worker's threads to this test worker's own core (gw0 the first, gw1 the second...).
+
+    vLLM's automatic binding puts every one-rank engine's worker on the first core and keeps the others for its
+    front-end, so the engines of two test workers would share one core while the other idles. Yields the value
+    set (None outside xdist, or where the caller set a binding: that one is kept); afterwards ``env`` is as it was.
+    Multi-rank layouts choose their own binding (``steerlib.vllm.layout.bound_cores``) and do not use this.
+    """
+    from steerlib.vllm.layout import BIND_ENV
+
+    env = os.environ if env is None else env
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or env.get(BIND_ENV):
+        yield None
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    env[BIND_ENV] = value = str(cores[int(worker[2:]) % len(cores)])
+    try:
+        yield value
+    finally:
+        env.pop(BIND_ENV, None)
 
 
 class Collected:
