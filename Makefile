@@ -115,7 +115,9 @@ demo: setup
 # The main suite runs as soon as .venv is ready, while .venv-vllm still installs (downloads and unpacking: little
 # CPU). Layering first (seconds), then the main suite on TEST_WORKERS pytest-xdist workers, each test file whole on
 # one worker (--dist loadfile: module fixtures built once), one torch thread per worker so the workers do not
-# oversubscribe the cores (TEST_WORKERS=0 runs it in this process). tests/in_vllm runs in .venv-vllm (one vLLM
+# oversubscribe the cores (TEST_WORKERS=0 runs it in this process). The heaviest files are collected first
+# (tests/conftest.py) and --no-loadscope-reorder keeps that order, so no long file is left for the end while the other
+# worker idles (xdist would otherwise start the files with most tests first). tests/in_vllm runs in .venv-vllm (one vLLM
 # engine per session, which uses every core; the main suite skips it): after the main suite where the main suite's
 # workers fill the cores (fewer than 4), beside it where there are cores to spare.
 TEST_WORKERS ?= 2
@@ -130,7 +132,8 @@ endif
 
 test-main: setup
 	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports
-	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile --durations=30 tests
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+		--durations=30 tests
 
 # tests/in_vllm on VLLM_TEST_WORKERS pytest-xdist workers with --dist loadgroup: the tests of one engine (the
 # session's, or a module's) stay on one worker (their xdist_group mark), the others go wherever a worker is free.

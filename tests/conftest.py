@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from helpers import (
+    HEAVIEST_FILES,
     OPTIMISTIC_REPLIES,
     PESSIMISTIC_REPLIES,
     QUICK_QUESTIONS,
@@ -30,6 +31,13 @@ collect_ignore = [] if importlib.util.find_spec("vllm") is not None else ["in_vl
 # OpenMP threads spinning against other processes slow them down several-fold. OMP_NUM_THREADS overrides.
 if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The heaviest files first (``helpers.HEAVIEST_FILES``), every other file after them in its usual order; each
+    file's tests stay together and in their order (the sort is stable)."""
+    rank = {name: i for i, name in enumerate(HEAVIEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(autouse=True)

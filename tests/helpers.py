@@ -394,3 +394,16 @@ def departed_client_tokens(url: str, service, model: str, max_tokens: int = 64, 
     finally:
         service.engine = tally.engine
     return tally.tokens(after=left), tally.tokens()
+
+
+# The test files that take longest under `make test` (2 xdist workers, --dist loadfile), heaviest first. conftest.py
+# collects them first and `make test` passes --no-loadscope-reorder, so the workers start on them and finish on
+# the many short files: xdist's default order (most tests first) left a one- or two-test file of a minute or more
+# for the end, with the other worker idle. Ordered by each file's measured CPU seconds in a full run on 2026-12-06
+# (test_ray.py by wall time: its work runs in Ray's processes); re-measure when a file grows.
+HEAVIEST_FILES = (
+    "test_sae_commands.py", "test_shift_training.py", "test_notebooks.py", "test_gating.py", "test_ray.py",
+    "test_server.py", "test_compiled.py", "test_lm_eval.py", "test_evidence.py", "test_reliability.py", "test_sae.py",
+    "test_all_archs.py", "test_service_engines.py", "test_hostile_report.py", "test_server_hostile.py",
+    "test_flag.py", "test_extract.py", "test_devices.py", "test_vector_io.py",
+)

@@ -85,13 +85,21 @@ def server(embedded, optimism_vectors) -> Iterator[tuple[str, object]]:
         yield srv.url, app.state.service
 
 
-def _evaluate(tasks: Path, task: str, model: str, model_args: str, **kw) -> dict:
+@pytest.fixture(scope="module")
+def task_manager(tasks: Path):
+    """One index of the two local tasks, shared by every run. lm-eval's own tasks are left out of it: indexing
+    their thousands of YAML files costs over a minute per ``TaskManager`` on a busy 2-core machine, and no test
+    here runs one of them."""
     from lm_eval.tasks import TaskManager
 
+    return TaskManager(include_path=str(tasks), include_defaults=False)
+
+
+def _evaluate(task_manager, task: str, model: str, model_args: str, **kw) -> dict:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[task],
-                                   task_manager=TaskManager(include_path=str(tasks)), log_samples=True,
+                                   task_manager=task_manager, log_samples=True,
                                    num_fewshot=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
                                    fewshot_random_seed=0, **kw)
 
@@ -101,14 +109,14 @@ def _loglikelihoods(result: dict, task: str) -> list[list[float]]:
     return [[float(r[0][0]) for r in s["resps"]] for s in samples]
 
 
-def test_local_completions_equals_the_hf_backend_and_steers_with_a_preset(tasks, server, embedded,
+def test_local_completions_equals_the_hf_backend_and_steers_with_a_preset(task_manager, server, embedded,
                                                                          optimism_vectors):
     url, _ = server
     folder, _ = resolve_model_path(None)
     api = f"base_url={url}/v1/completions,tokenizer={folder},tokenizer_backend=huggingface,num_concurrent=1," \
           "max_retries=1,tokenized_requests=True"
-    served = _evaluate(tasks, "steerlib_mc", "local-completions", f"model=smol,{api}")
-    reference = _evaluate(tasks, "steerlib_mc", "hf", f"pretrained={folder},dtype=float32,device=cpu",
+    served = _evaluate(task_manager, "steerlib_mc", "local-completions", f"model=smol,{api}")
+    reference = _evaluate(task_manager, "steerlib_mc", "hf", f"pretrained={folder},dtype=float32,device=cpu",
                           batch_size=4)
     acc = served["results"]["steerlib_mc"]["acc,none"]
     assert acc == reference["results"]["steerlib_mc"]["acc,none"]
@@ -120,7 +128,7 @@ def test_local_completions_equals_the_hf_backend_and_steers_with_a_preset(tasks,
 
     # The preset (picked by the request's model name) steers the prompt's log-probabilities: lm-eval's numbers
     # are the capability module's under the same steering.
-    steered = _evaluate(tasks, "steerlib_mc", "local-completions", f"model=cheerful,{api}")
+    steered = _evaluate(task_manager, "steerlib_mc", "local-completions", f"model=cheerful,{api}")
     model, tok = embedded
     ops = build_ops(model, optimism_vectors, PRESET["layer"], PRESET["coef"])
     expected = choice_loglikelihoods(model, tok, load_capability_set(limit=2), ops)
@@ -130,11 +138,11 @@ def test_local_completions_equals_the_hf_backend_and_steers_with_a_preset(tasks,
     assert max(abs(a - b) for g, w in zip(got_steered, got, strict=True) for a, b in zip(g, w, strict=True)) > 0.1
 
 
-def test_local_chat_completions_runs_a_generation_task_unsteered_and_with_a_preset(tasks, server):
+def test_local_chat_completions_runs_a_generation_task_unsteered_and_with_a_preset(task_manager, server):
     url, _ = server
     answers = {}
     for model in ("smol", "cheerful"):
-        result = _evaluate(tasks, "steerlib_copy", "local-chat-completions",
+        result = _evaluate(task_manager, "steerlib_copy", "local-chat-completions",
                            f"model={model},base_url={url}/v1/chat/completions,num_concurrent=1,max_retries=1",
                            apply_chat_template=True)
         score = result["results"]["steerlib_copy"]["exact_match,none"]

@@ -30,3 +30,15 @@ def test_no_test_module_imports_another(path: Path) -> None:
     bad = [f"{path.name}:{line} imports {name}" for line, name in _imported_modules(path)
            if name.split(".")[0] == "tests" or name.split(".")[0] in local]
     assert bad == []
+
+
+def test_the_heaviest_files_exist_and_are_collected_first(request: pytest.FixtureRequest) -> None:
+    """A renamed heavy file would silently drop back to xdist's default place (possibly last, one worker idle).
+    In this session's collection the heavy files that were collected come first, in HEAVIEST_FILES's order."""
+    from helpers import HEAVIEST_FILES
+
+    assert len(set(HEAVIEST_FILES)) == len(HEAVIEST_FILES)
+    assert [name for name in HEAVIEST_FILES if not (TESTS / name).is_file()] == []
+    files = list(dict.fromkeys(item.path.name for item in request.session.items))
+    heavy = [name for name in HEAVIEST_FILES if name in files]
+    assert files[:len(heavy)] == heavy
