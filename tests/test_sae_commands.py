@@ -44,12 +44,24 @@ def test_sae_train_writes_a_saelens_folder_and_prints_its_quality(trained):
     assert sae.layer == 4 and sae.d_sae == 2 * 576 and sae.k == 8
 
 
-def test_sae_train_resumes_and_refuses_other_settings(trained):
-    out, _, toy = trained
+def test_sae_train_resumes_and_refuses_other_settings(trained, monkeypatch):
+    import steerlib.sae.run as run
+
+    out, output, toy = trained
     before = (out / "sae_weights.safetensors").read_bytes()
+    quality = json.loads((out / "quality.json").read_text())
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("a finished run's quality was computed again")
+
+    monkeypatch.setattr(run, "lm_loss", no_scoring)  # the quality of these very weights is read back
     again = CliRunner().invoke(app, ["sae", "train", "--out", str(out), *toy])
     assert again.exit_code == 0, again.output
     assert (out / "sae_weights.safetensors").read_bytes() == before  # nothing left to harvest or train
+    stored = json.loads((out / "quality.json").read_text())
+    assert {k: stored[k] for k in ("explained_variance", "l0", "loss_clean", "loss_spliced")} == {
+        k: quality[k] for k in ("explained_variance", "l0", "loss_clean", "loss_spliced")}
+    monkeypatch.undo()
     other = CliRunner().invoke(app, ["sae", "train", "--out", str(out), *toy[:-2], "--k", "4"])
     assert other.exit_code != 0
     assert "a training run with other config is here" in str(other.exception)

@@ -7,10 +7,11 @@ activation cache), ``checkpoints/`` (sparsify's), ``train.json`` and ``quality.j
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -92,18 +93,35 @@ def train_run(out: str | Path, layer: int, *, model_path: str | None = None, rol
     sae = train_sae(cache, out, cfg, model_name=name, n_layers=layout.n_layers)
     times["train_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    _, held = split_rows(cache.n_tokens, cfg)
-    quality = reconstruction_quality(sae, cache, held)
-    step = max(1, len(samples) // loss_samples)
-    scored = samples[::step][:loss_samples]
-    clean = lm_loss(model, tokenizer, scored)
-    with spliced(model, sae):
-        patched = lm_loss(model, tokenizer, scored)
-    quality = Quality(quality.explained_variance, quality.l0, quality.dead_fraction, quality.n_tokens, clean, patched)
+    # The quality stage of a finished run is read back, not recomputed: same weights (their digest), same scoring.
+    measured = {"weights_sha256": hashlib.sha256((out / "sae_weights.safetensors").read_bytes()).hexdigest(),
+                "loss_samples": loss_samples, "cached_tokens": cache.n_tokens}
+    quality = _stored_quality(out / "quality.json", measured)
+    if quality is None:
+        _, held = split_rows(cache.n_tokens, cfg)
+        quality = reconstruction_quality(sae, cache, held)
+        step = max(1, len(samples) // loss_samples)
+        scored = samples[::step][:loss_samples]
+        clean = lm_loss(model, tokenizer, scored)
+        with spliced(model, sae):
+            patched = lm_loss(model, tokenizer, scored)
+        quality = Quality(quality.explained_variance, quality.l0, quality.dead_fraction, quality.n_tokens, clean,
+                          patched)
     times["quality_s"] = time.perf_counter() - t
     (out / "quality.json").write_text(json.dumps({**asdict(quality), "loss_increase": quality.loss_increase,
-                                                  "cached_tokens": cache.n_tokens, "seconds": times}, indent=2))
+                                                  **measured, "seconds": times}, indent=2))
     return sae, quality, times
+
+
+def _stored_quality(path: Path, measured: Mapping[str, object]) -> Quality | None:
+    """The quality a finished run wrote for these very weights and settings, else None."""
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if any(stored.get(key) != value for key, value in measured.items()):
+        return None
+    return Quality(**{f.name: stored[f.name] for f in fields(Quality)})
 
 
 def _polar_tokens(model, tokenizer, runs: Sequence[str | Path], layer: int, split: str | None,

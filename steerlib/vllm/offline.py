@@ -20,7 +20,7 @@ from typing import Any
 
 from steerlib.core.capture import Activations, activations_from_pooled, encode_samples
 from steerlib.vllm.capture import CAPTURE_KEY
-from steerlib.vllm.layout import VllmOptions, bound_cores, start_config
+from steerlib.vllm.layout import VllmOptions, bound_cores, one_process, start_config
 
 __all__ = ["COMPILE_FROM_TOKENS", "VllmGenerator", "start_mode"]
 
@@ -96,7 +96,8 @@ class VllmGenerator:
         self.mode = start_mode(self.compile, job_tokens, self.options.enforce_eager)
         kwargs = {**self.kwargs, "enforce_eager": self.mode == "eager"}
         config = start_config(kwargs, asynchronous=False)  # refuses a layout steering is not right under
-        with bound_cores(config.parallel_config.world_size, whole_machine=True):
+        world = config.parallel_config.world_size
+        with bound_cores(world, whole_machine=True), one_process(world, kwargs):
             self._llm = LLM(**kwargs)
 
     def _engine(self) -> Any:

@@ -21,7 +21,7 @@ from vllm_helpers import TOKEN_BUDGET, own_core, run_rows
 from steerlib import format_prompt
 from steerlib.steering.plan import lower_ops
 from steerlib.steering.steer import build_ops
-from steerlib.vllm.layout import BIND_ENV, UnsupportedLayout, bound_cores
+from steerlib.vllm.layout import BIND_ENV, UnsupportedLayout, bound_cores, one_process
 
 READOUT_AT = 20  # on the second stage under pipeline parallel 2 (stages hold layers 1-15 and 16-30)
 N_TOKENS = 8
@@ -120,6 +120,16 @@ def test_core_binding_is_set_for_the_start_only():
         assert value == ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
         assert env == {BIND_ENV: value, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     assert env == {}
+    # ... and runs in this process (no engine-core or worker process), unless the user chose otherwise.
+    args: dict = {}
+    with one_process(1, args, env) as done:
+        assert done and args == {"distributed_executor_backend": "uni"}
+        assert env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    assert env == {}
+    for world, chosen, user_env in ((3, {}, {}), (1, {"distributed_executor_backend": "mp"}, {}),
+                                    (1, {}, {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})):
+        with one_process(world, dict(chosen), dict(user_env)) as done:
+            assert not done
     env = {BIND_ENV: "0|0|1"}  # the user's binding is kept
     with bound_cores(3, env) as value:
         assert value is None
