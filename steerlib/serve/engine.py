@@ -133,7 +133,6 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.model = model
         self.tokenizer = tokenizer
-        self._pad_id = pad_token_id(tokenizer)
         self.layout = get_layout(model)
         self.cache_kw = cache_keyword(model)
         self.device = next(model.parameters()).device
@@ -236,7 +235,8 @@ class Engine:
         def run() -> list[dict[str, Any]]:
             self._capturing = True
             try:
-                acts = capture_encoded(self.model, samples, keep, pad_id=self._pad_id, batch_size=self.max_batch)
+                acts = capture_encoded(self.model, samples, keep, pad_id=pad_token_id(self.tokenizer),
+                                       batch_size=self.max_batch)
             finally:
                 self._capturing = False
             return [{**{kind: acts.pooled[kind][i].tolist() for kind in POOLINGS},
