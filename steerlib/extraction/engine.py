@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 
 from steerlib.core.capture import Activations
 
-__all__ = ["PipelineEngine", "pipeline_engine"]
+__all__ = ["PipelineEngine", "answers_in_order", "pipeline_engine"]
 
 
 @runtime_checkable
@@ -37,6 +37,18 @@ class PipelineEngine(Protocol):
                 layers: Sequence[int] | None = None, *, require_response: bool = False) -> Activations:
         """Pooled activations of (prompt, response) pairs, as ``steerlib.core.capture.capture_activations``."""
         ...
+
+
+def answers_in_order(engine: PipelineEngine, prompts: Sequence[str], max_new_tokens: int, temperature: float,
+                     seed: int | None) -> list[str]:
+    """``GenerateTexts`` through ``engine.stream``: every answer, in prompt order (prompt ``i`` sampled with seed
+    ``seed + i``, so a resumed job draws the same answers; None: unseeded)."""
+    seeds = None if seed is None else [seed + i for i in range(len(prompts))]
+    texts = [""] * len(prompts)
+    for finished in engine.stream(prompts, max_new_tokens, temperature, seeds):
+        for i, text in finished:
+            texts[i] = text
+    return texts
 
 
 def pipeline_engine(generate_texts: object) -> PipelineEngine | None:

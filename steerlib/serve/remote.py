@@ -19,6 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from steerlib.core.capture import Activations, activations_from_pooled, encode_samples
+from steerlib.extraction.engine import answers_in_order
 from steerlib.serve.schema import MAX_CAPTURE_SAMPLES
 
 __all__ = ["RemoteEngine", "ServerError"]
@@ -86,12 +87,7 @@ class RemoteEngine:
 
     def __call__(self, prompts: list[str], max_new_tokens: int, temperature: float,
                  seed: int | None) -> list[str]:
-        seeds = None if seed is None else [seed + i for i in range(len(prompts))]
-        texts = [""] * len(prompts)
-        for finished in self.stream(prompts, max_new_tokens, temperature, seeds):
-            for i, text in finished:
-                texts[i] = text
-        return texts
+        return answers_in_order(self, prompts, max_new_tokens, temperature, seed)
 
     def stream(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
                seeds: Sequence[int] | None = None) -> Iterator[list[tuple[int, str]]]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from steerlib.core.capture import Activations, activations_from_pooled, encode_samples
+from steerlib.extraction.engine import answers_in_order
 from steerlib.vllm.capture import CAPTURE_KEY
 from steerlib.vllm.layout import VllmOptions, bound_cores, one_process, start_config
 
@@ -106,12 +107,7 @@ class VllmGenerator:
 
     def __call__(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
                  seed: int | None = None) -> list[str]:
-        seeds = None if seed is None else [seed + i for i in range(len(prompts))]
-        texts: list[str] = [""] * len(prompts)
-        for finished in self.stream(prompts, max_new_tokens, temperature, seeds):
-            for i, text in finished:
-                texts[i] = text
-        return texts
+        return answers_in_order(self, prompts, max_new_tokens, temperature, seed)
 
     def stream(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
                seeds: Sequence[int] | None = None) -> Iterator[list[tuple[int, str]]]:
