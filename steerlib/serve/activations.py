@@ -63,7 +63,7 @@ def activations_router(service: Service) -> APIRouter:
         if layers is not None and not all(0 <= x <= n_layers for x in layers):
             raise ApiError(400, f"layers must be within 0..{n_layers} (0 = embeddings, {n_layers} = the last "
                                 f"block's output), got {req.layers}", param="layers")
-        encoded = [await asyncio.to_thread(_encode, service, s, i) for i, s in enumerate(req.samples)]
+        encoded = await asyncio.to_thread(lambda: [_encode(service, s, i) for i, s in enumerate(req.samples)])
         for i, (ids, _) in enumerate(encoded):
             service.check_length(len(ids), 0, param=f"samples.{i}")
         try:

@@ -95,10 +95,11 @@ class RemoteEngine:
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
         self.start()
+        # Tokenised here, not in the request threads: a fast tokenizer must not be used from several threads.
+        ids = [list(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
 
         def body(i: int) -> dict[str, Any]:
-            ids = list(self.tokenizer(prompts[i], add_special_tokens=False)["input_ids"])
-            req = {"prompt": ids, "max_tokens": max_new_tokens, "temperature": temperature, "steering": []}
+            req = {"prompt": ids[i], "max_tokens": max_new_tokens, "temperature": temperature, "steering": []}
             if seeds is not None:
                 req["seed"] = int(seeds[i])
             if self.model is not None:
