@@ -124,7 +124,7 @@ def main() -> None:
     vectors = None
     try:
         for rep in range(ARGS.repeats):
-            order = ("hf", "vllm") if rep % 2 == 0 else ("vllm", "hf")
+            order = [p for p in (("hf", "vllm") if rep % 2 == 0 else ("vllm", "hf")) if p in ARGS.paths]
             for n in ARGS.generations:
                 for path in order:
                     out = work / f"extract-{n}-{path}-{rep}"
@@ -141,12 +141,13 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n{'job':<16}{'HF s':>10}{'vLLM s':>10}{'HF/vLLM':>9}   vLLM stages (median s)")
     for job in dict.fromkeys(r["job"] for r in rows):
-        hf = statistics.median(r["seconds"] for r in rows if r["job"] == job and r["path"] == "hf")
+        hf_rows = [r for r in rows if r["job"] == job and r["path"] == "hf"]
         vl = [r for r in rows if r["job"] == job and r["path"] == "vllm"]
-        vs = statistics.median(r["seconds"] for r in vl)
-        stages = {k: round(statistics.median(r["stages"][k] for r in vl), 1) for k in vl[0]["stages"]}
-        hf_stages = [r["stages"] for r in rows if r["job"] == job and r["path"] == "hf"]
-        print(f"{job:<16}{hf:>10.1f}{vs:>10.1f}{hf / vs:>9.2f}   {stages} ({vl[0]['mode']}); HF {hf_stages[0]}")
+        hf = statistics.median(r["seconds"] for r in hf_rows) if hf_rows else float("nan")
+        vs = statistics.median(r["seconds"] for r in vl) if vl else float("nan")
+        stages = {k: round(statistics.median(r["stages"][k] for r in vl), 1) for k in vl[0]["stages"]} if vl else {}
+        print(f"{job:<16}{hf:>10.1f}{vs:>10.1f}{hf / vs:>9.2f}   {stages} ({vl[0]['mode'] if vl else '-'}); "
+              f"HF {hf_rows[0]['stages'] if hf_rows else '-'}")
     if ARGS.out:
         Path(ARGS.out).write_text(json.dumps(rows, indent=1))
 
@@ -158,6 +159,8 @@ if __name__ == "__main__":
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--compile", choices=("auto", "eager", "compiled"), default="auto")
+    parser.add_argument("--paths", nargs="+", choices=("hf", "vllm"), default=["hf", "vllm"],
+                        help="which paths to run (a smoke run of one)")
     parser.add_argument("--out", default=None)
     ARGS = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")

@@ -29,8 +29,10 @@ class PipelineEngine(Protocol):
         ...
 
     def stream(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
-               seeds: Sequence[int] | None = None) -> Iterator[list[tuple[int, str]]]:
-        """Submit every prompt at once; yield the ``(index, text)`` of the answers finished since the last yield."""
+               seeds: Sequence[int] | None = None, *, pool: bool = False) -> Iterator[list[tuple[int, str]]]:
+        """Submit every prompt at once; yield the ``(index, text)`` of the answers finished since the last yield.
+        ``pool``: the caller will ``capture`` these answers next; an engine that can pools them while generating
+        (``steerlib.vllm.offline``), another ignores it."""
         ...
 
     def capture(self, tokenizer, prompts: Sequence[str], responses: Sequence[str | None],
@@ -40,12 +42,12 @@ class PipelineEngine(Protocol):
 
 
 def answers_in_order(engine: PipelineEngine, prompts: Sequence[str], max_new_tokens: int, temperature: float,
-                     seed: int | None) -> list[str]:
+                     seed: int | None, *, pool: bool = False) -> list[str]:
     """``GenerateTexts`` through ``engine.stream``: every answer, in prompt order (prompt ``i`` sampled with seed
-    ``seed + i``, so a resumed job draws the same answers; None: unseeded)."""
+    ``seed + i``, so a resumed job draws the same answers; None: unseeded); ``pool`` as ``stream``'s."""
     seeds = None if seed is None else [seed + i for i in range(len(prompts))]
     texts = [""] * len(prompts)
-    for finished in engine.stream(prompts, max_new_tokens, temperature, seeds):
+    for finished in engine.stream(prompts, max_new_tokens, temperature, seeds, pool=pool):
         for i, text in finished:
             texts[i] = text
     return texts

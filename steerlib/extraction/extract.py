@@ -117,7 +117,8 @@ def _generate_missing(model, tokenizer, jobs: list[dict], log: ResultsStore, cfg
         engine.start(len(todo) * cfg.max_new_tokens)
         prompts = [format_prompt(tokenizer, j["question"], j["system"]) for j in todo]
         seeds = [cfg.seed + place[j["id"]] for j in todo] if cfg.temperature > 0 else None
-        for finished in engine.stream(prompts, cfg.max_new_tokens, cfg.temperature, seeds):
+        # ``pool``: the engine pools each answer's residuals as it generates it, so the capture stage reads them.
+        for finished in engine.stream(prompts, cfg.max_new_tokens, cfg.temperature, seeds, pool=True):
             records = [{**todo[i], "response": t} for i, t in finished]
             log.append(records)
             done.update({r["id"]: r for r in records})

@@ -90,8 +90,9 @@ class RemoteEngine:
         return answers_in_order(self, prompts, max_new_tokens, temperature, seed)
 
     def stream(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
-               seeds: Sequence[int] | None = None) -> Iterator[list[tuple[int, str]]]:
-        """Every prompt submitted (``concurrency`` in flight); yield ``(index, text)`` as answers finish."""
+               seeds: Sequence[int] | None = None, *, pool: bool = False) -> Iterator[list[tuple[int, str]]]:
+        """Every prompt submitted (``concurrency`` in flight); yield ``(index, text)`` as answers finish.
+        (``pool`` is ignored: a later ``capture`` asks the server again.)"""
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
         self.start()

@@ -406,17 +406,19 @@ class SteerlibWorkerExtension:
     def steerlib_pop_readouts(self, request_ids: list[str]) -> dict[str, dict[int, list[float]]]:
         return _require_state().pop(request_ids)
 
-    def steerlib_pop_captures(self, request_ids: list[str],
-                              layers: list[int] | None = None) -> dict[str, dict[str, Any]]:
+    def steerlib_pop_captures(self, request_ids: list[str], layers: list[int] | None = None,
+                              tensors: bool = False) -> dict[str, dict[str, Any]]:
         """Pooled residuals of finished capturing requests (``steerlib.vllm.capture``) at ``layers`` (None: all),
-        as nested lists."""
+        as nested lists, or as CPU tensors with ``tensors`` (an in-process caller: a 2,000-answer job's pools as
+        lists would be ~100M Python floats)."""
         st = _require_state()
         if st.capture is None:
             raise RuntimeError("steerlib: this engine was started with steerlib_capture_slots=0 (no capture)")
         if layers is not None and any(not 0 <= x <= st.n_layers for x in layers):
             raise ValueError(f"capture layers must be within 0..{st.n_layers}, got {layers}")
         keep = slice(None) if layers is None else list(layers)
-        return {rid: {k: v[keep].tolist() if isinstance(v, torch.Tensor) else v for k, v in got.items()}
+        return {rid: {k: (v[keep] if tensors else v[keep].tolist()) if isinstance(v, torch.Tensor) else v
+                      for k, v in got.items()}
                 for rid, got in st.capture.pop(request_ids).items()}
 
     def steerlib_status(self) -> dict[str, Any]:

@@ -337,3 +337,48 @@ def test_an_http_judge_scores_while_the_engine_generates(embedded, engine, tmp_p
     distinct = {(r["question"], r["response"]) for r in read_records(tmp_path / "responses.jsonl")}
     assert {r["score"] for r in scores} == {60.0} and stub.count == len(distinct)  # each answer judged once
     assert result.counts["pos"]["kept"] == 3
+
+
+def test_answers_pooled_while_generated_equal_the_hf_capture_and_need_no_prefill(embedded, engine, samples):
+    """``stream(pool=True)``: the same answers as without, and a ``capture`` of them
+    reads the pools the decode steps made: no prefill request, and the HF capture's values. Cut answers (the
+    ``max_new_tokens`` limit) and finished ones (an end-of-turn token) both."""
+    from steerlib.extraction.engine import answers_in_order
+
+    model, tok = embedded
+    prompts = [*samples[0][:2], format_prompt(tok, "What is 2+2? Answer with a number only.", SYSTEM)]
+    engine.clear_pools()
+    try:
+        plain = answers_in_order(engine, prompts, 12, 0.0, None)
+        pooled = answers_in_order(engine, prompts, 12, 0.0, None, pool=True)
+        assert pooled == plain
+        # This engine prefills in chunks of 32 tokens (the pipeline's own engine does not, on CPU): vLLM's CPU
+        # runner would fail inside the step on a seeded request; refused before anything is submitted.
+        with pytest.raises(ValueError, match="seeded sampling on vLLM's CPU build needs whole-prompt prefill"):
+            answers_in_order(engine, prompts, 12, 1.0, 7, pool=True)
+        lengths = [len(tok(a, add_special_tokens=False)["input_ids"]) for a in pooled]
+        assert max(lengths) == 12 and min(lengths) < 12, lengths  # some cut by the limit, some finished
+        hits = engine.pool_hits
+        requests = []
+        original = engine._run
+
+        def counting(reqs, **kwargs):
+            requests.extend(reqs)
+            return original(reqs, **kwargs)
+
+        engine._run = counting
+        try:
+            acts = engine.capture(tok, prompts, pooled)
+            other = engine.capture(tok, prompts[:1], [pooled[0] + " Indeed."])  # not generated: prefilled
+        finally:
+            del engine._run
+        assert engine.pool_hits - hits == len(prompts)
+        assert len(requests) == 1
+        ref = capture_activations(model, tok, [*prompts, prompts[0]], [*pooled, pooled[0] + " Indeed."])
+        assert acts.response_lengths == ref.response_lengths[:-1]
+        for kind in POOLINGS:
+            _close(acts.pooled[kind], ref.pooled[kind][:-1])
+            _close(other.pooled[kind], ref.pooled[kind][-1:])
+        _close(acts.token_norms, ref.token_norms[:-1])
+    finally:
+        engine.clear_pools()

@@ -32,7 +32,7 @@ from steerlib.core.loading import resolve_vector
 from steerlib.core.models import unwrap_model
 from steerlib.core.serialize import to_jsonable
 from steerlib.core.vectors import VectorSource
-from steerlib.extraction.engine import PipelineEngine, pipeline_engine
+from steerlib.extraction.engine import PipelineEngine, answers_in_order, pipeline_engine
 from steerlib.steering.generation import GenerateTexts
 from steerlib.store.results import ResultsStore, fingerprint_pairs, fingerprint_tensor
 from steerlib.store.samples import ReadResult, Sample, as_samples, read_samples
@@ -117,7 +117,9 @@ def score_pairs(
     elif baseline == "generate":
         from steerlib.steering.generation import generate
 
-        if generate_texts is not None:
+        if engine is not None:  # pooled while generated: the capture below reads them
+            texts = answers_in_order(engine, list(prompts), max_new_tokens, 0.0, None, pool=True)
+        elif generate_texts is not None:
             texts = list(generate_texts(list(prompts), max_new_tokens, 0.0, None))
         else:
             texts = [g.text for g in generate(unwrap_model(model), tokenizer, list(prompts),
