@@ -60,8 +60,8 @@ def extract(
     max_questions: Annotated[int | None, typer.Option(help="use only the first N questions of each split")] = None,
     batch_size: int = 16,
     backend: Annotated[str, typer.Option(help="torch | transformer_lens | nnsight")] = "torch",
-    engine: Annotated[str, typer.Option(help="hf | vllm: what generates the contrastive responses (activations "
-                                             "are captured on the HF model either way)")] = "hf",
+    engine: Annotated[str, typer.Option(help="hf | vllm: what generates the contrastive responses (vllm: one "
+                                             "submission, activations pooled inside vLLM)")] = "hf",
     vllm_arg: Annotated[list[str] | None, typer.Option(
         "--vllm-arg", help="with --engine vllm: a vLLM engine argument, NAME=VALUE (e.g. tensor_parallel_size=3; "
                            "repeatable)")] = None,
@@ -139,13 +139,18 @@ def calibrate(
     batch_size: int = 8,
     fresh: Annotated[bool, typer.Option(help="ignore earlier partial results")] = False,
     model: ModelOpt = None,
+    engine: Annotated[str, typer.Option(help="hf | vllm: what generates the reference answers (vllm: all in one "
+                                             "submission; the projections are captured on the HF model)")] = "hf",
+    vllm_arg: Annotated[list[str] | None, typer.Option(
+        help="a vLLM engine argument NAME=VALUE (with --engine vllm; repeatable)")] = None,
 ) -> None:
     """Record per-layer percentiles of the trait's projection on the model's answers to ordinary questions
     (saved beside the vectors as calibration.json; resumable), for caps given as percentiles."""
     from steerlib.commands.calibrate import calibrate_file
 
     cal, path = calibrate_file(vector, model_path=model, layers=_layer_list(layers) if layers else None,
-                               max_new_tokens=max_new_tokens, batch_size=batch_size, fresh=fresh)
+                               max_new_tokens=max_new_tokens, batch_size=batch_size, fresh=fresh, engine=engine,
+                               vllm_args=_vllm_args(vllm_arg or []))
     typer.echo(f"{cal.n_answers} answers, {cal.n_tokens} tokens per layer -> {path}")
     typer.echo("layer     p5    p25    p50    p75    p95")
     for layer in cal.layers:

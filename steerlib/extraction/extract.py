@@ -28,9 +28,9 @@ from steerlib.core.backends import BACKENDS
 from steerlib.core.capture import Activations, capture_activations
 from steerlib.core.chat import format_prompt
 from steerlib.core.checks import check_choice, check_int, check_number
+from steerlib.core.pipeline import pipeline_engine
 from steerlib.core.vectors import TraitVectors
 from steerlib.core.version import __version__
-from steerlib.extraction.engine import pipeline_engine
 from steerlib.extraction.sweep import LayerSweep, fit_probes, layer_sweep, mean_difference, pca_direction
 from steerlib.steering.generation import GenerateTexts, generate
 from steerlib.store.results import ResultsStore, read_records
@@ -252,7 +252,7 @@ def extract_trait(
         log: where to print one-line summaries.
         generate_texts: another generator of the contrastive responses, called as
             ``(formatted prompts, max_new_tokens, temperature, seed) -> texts``; when it is a
-            ``steerlib.extraction.engine.PipelineEngine`` (``steerlib.vllm.offline.VllmGenerator``) the whole
+            ``steerlib.core.pipeline.PipelineEngine`` (``steerlib.vllm.offline.VllmGenerator``) the whole
             generation stage is one submission, stored answer by answer, and activations are read inside it.
 
     Returns:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from steerlib.core.chat import format_prompt
 from steerlib.core.checks import read_text
+from steerlib.core.pipeline import answers_in_order, pipeline_engine
 from steerlib.extraction.extract import load_responses
 from steerlib.steering.calibration import reference_questions
-from steerlib.steering.generation import generate
+from steerlib.steering.generation import GenerateTexts, generate
 
 __all__ = ["Sample", "answer_samples", "corpus_digest", "rollout_samples", "text_samples"]
 
@@ -49,13 +50,22 @@ def rollout_samples(out_dir: str | Path, tokenizer, *, split: str | None = "extr
 
 
 def answer_samples(model, tokenizer, questions: Sequence[str] | None = None, *, max_new_tokens: int = 64,
-                   batch_size: int = 16, progress: bool = False) -> list[Sample]:
-    """The model's own greedy answers to ``questions`` (default: the shipped neutral reference questions)."""
+                   batch_size: int = 16, progress: bool = False,
+                   generate_texts: GenerateTexts | None = None) -> list[Sample]:
+    """The model's own greedy answers to ``questions`` (default: the shipped neutral reference questions); with a
+    ``steerlib.core.pipeline.PipelineEngine`` (vLLM's) as ``generate_texts``, all of them in one submission."""
     questions = list(reference_questions() if questions is None else questions)
     prompts = [format_prompt(tokenizer, q) for q in questions]
-    gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                    progress=progress)
-    return [Sample(p, g.text, f"neutral:{i}") for i, (p, g) in enumerate(zip(prompts, gens, strict=True))]
+    engine = pipeline_engine(generate_texts)
+    if engine is not None:
+        engine.start(len(prompts) * max_new_tokens)
+        texts = answers_in_order(engine, prompts, max_new_tokens, 0.0, None)
+    elif generate_texts is not None:
+        texts = list(generate_texts(prompts, max_new_tokens, 0.0, None))
+    else:
+        texts = [g.text for g in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                          batch_size=batch_size, progress=progress)]
+    return [Sample(p, t, f"neutral:{i}") for i, (p, t) in enumerate(zip(prompts, texts, strict=True))]
 
 
 def text_samples(paths: Iterable[str | Path], *, max_chars: int = 1200) -> list[Sample]:

@@ -1,6 +1,6 @@
 """A running ``steerlib serve`` as a pipeline engine: a deployed server's model generates and captures for a job.
 
-``RemoteEngine`` is a ``steerlib.extraction.engine.PipelineEngine`` over HTTP: answers come from
+``RemoteEngine`` is a ``steerlib.core.pipeline.PipelineEngine`` over HTTP: answers come from
 ``/v1/completions`` (prompts sent as token ids, unsteered: ``"steering": []`` overrides the server's default and
 presets), pooled activations from ``/v1/activations`` (read inside the server's engine). ``steerlib flag --server``
 uses it, so a deployed server's logged conversations are scored by the model that produced them, with no second
@@ -19,7 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from steerlib.core.capture import Activations, activations_from_pooled, encode_samples
-from steerlib.extraction.engine import answers_in_order
+from steerlib.core.pipeline import answers_in_order
 from steerlib.serve.schema import MAX_CAPTURE_SAMPLES
 
 __all__ = ["RemoteEngine", "ServerError"]

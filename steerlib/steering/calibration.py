@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -34,8 +34,9 @@ from steerlib.core.chat import format_prompt
 from steerlib.core.checks import check_int
 from steerlib.core.loading import load_vectors, resolve_vector
 from steerlib.core.models import unwrap_model
+from steerlib.core.pipeline import pipeline_engine
 from steerlib.core.vectors import TraitVectors, VectorSource
-from steerlib.steering.generation import generate
+from steerlib.steering.generation import GenerateTexts, generate
 from steerlib.steering.steer import Positions, SteerOp
 from steerlib.store.results import ResultsStore, fingerprint_tensor
 
@@ -224,6 +225,7 @@ def calibrate(
     resume: bool = True,
     model_name: str | None = None,
     trait: str | None = None,
+    generate_texts: GenerateTexts | None = None,
 ) -> Calibration:
     """Measure the normal range of a trait's projection, per layer, on the model's own ordinary answers.
 
@@ -243,6 +245,10 @@ def calibrate(
         resume: reuse answers already recorded in the ``.jsonl``; False starts afresh.
         model_name: recorded beside the model identity (display only).
         trait: name recorded in the calibration (default: the vectors' trait).
+        generate_texts: another generator of the answers (``(prompts, max_new_tokens, temperature, seed) ->
+            texts``); a ``steerlib.core.pipeline.PipelineEngine`` (vLLM's) gets every missing answer in one
+            submission, and each ``batch_size`` of them is captured and stored as they arrive. The per-token
+            projections are captured on ``model``.
 
     Returns:
         The ``Calibration`` (also saved to ``out_path``).
@@ -269,11 +275,9 @@ def calibrate(
     store = ResultsStore(out_path.with_name(out_path.stem + ".jsonl"), settings, resume=resume)
     done = {int(k) for k in store.by_key("id")}
     todo = [i for i in range(len(questions)) if i not in done]
-    for start in range(0, len(todo), batch_size):
-        idx = todo[start:start + batch_size]
+    for idx, texts in _answered(model, tokenizer, questions, todo, max_new_tokens, batch_size, generate_texts):
         prompts = [format_prompt(tokenizer, questions[i]) for i in idx]
-        gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=len(idx))
-        answers = [g.text if g.text.strip() else None for g in gens]  # an empty answer has no tokens to measure
+        answers = [t if t.strip() else None for t in texts]  # an empty answer has no tokens to measure
         acts = capture_activations(model, tokenizer, prompts, answers, layers, batch_size=len(idx), keep_tokens=True)
         records = []
         for row, i in enumerate(idx):
@@ -295,6 +299,32 @@ def calibrate(
                       n_tokens=int(values[0].numel()), n_answers=len(questions))
     cal.save(out_path)
     return cal
+
+
+def _answered(model, tokenizer, questions: Sequence[str], todo: list[int], max_new_tokens: int, batch_size: int,
+              generate_texts: GenerateTexts | None) -> Iterator[tuple[list[int], list[str]]]:
+    """``(question ids, greedy answers)`` in groups of ``batch_size``: from an engine's one submission as they
+    finish, else generated a batch at a time."""
+    engine = pipeline_engine(generate_texts)
+    if engine is not None and todo:
+        engine.start(len(todo) * max_new_tokens)
+        ready: list[tuple[int, str]] = []
+        for finished in engine.stream([format_prompt(tokenizer, questions[i]) for i in todo], max_new_tokens):
+            ready.extend((todo[k], text) for k, text in finished)
+            while len(ready) >= batch_size:
+                group, ready = ready[:batch_size], ready[batch_size:]
+                yield [i for i, _ in group], [t for _, t in group]
+        if ready:
+            yield [i for i, _ in ready], [t for _, t in ready]
+        return
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start:start + batch_size]
+        prompts = [format_prompt(tokenizer, questions[i]) for i in idx]
+        if generate_texts is not None:
+            yield idx, list(generate_texts(prompts, max_new_tokens, 0.0, None))
+        else:
+            yield idx, [g.text for g in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                                 batch_size=len(idx))]
 
 
 def calibrated_cap(

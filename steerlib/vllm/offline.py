@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from steerlib.core.capture import Activations, activations_from_pooled, encode_samples
-from steerlib.extraction.engine import answers_in_order
+from steerlib.core.pipeline import answers_in_order
 from steerlib.vllm.capture import CAPTURE_KEY
 from steerlib.vllm.layout import VllmOptions, bound_cores, one_process, start_config
 

@@ -343,7 +343,7 @@ def test_answers_pooled_while_generated_equal_the_hf_capture_and_need_no_prefill
     """``stream(pool=True)``: the same answers as without, and a ``capture`` of them
     reads the pools the decode steps made: no prefill request, and the HF capture's values. Cut answers (the
     ``max_new_tokens`` limit) and finished ones (an end-of-turn token) both."""
-    from steerlib.extraction.engine import answers_in_order
+    from steerlib.core.pipeline import answers_in_order
 
     model, tok = embedded
     prompts = [*samples[0][:2], format_prompt(tok, "What is 2+2? Answer with a number only.", SYSTEM)]
@@ -382,3 +382,28 @@ def test_answers_pooled_while_generated_equal_the_hf_capture_and_need_no_prefill
         _close(acts.token_norms, ref.token_norms[:-1])
     finally:
         engine.clear_pools()
+
+
+def test_calibration_and_corpus_answers_through_the_engine_equal_the_hf_path(embedded, engine, optimism_vectors,
+                                                                            tmp_path):
+    """Calibration's reference answers and the SAE corpus's neutral answers from one engine submission: the HF
+    path's greedy answers, so the same calibration (projections are captured on the HF model either way)."""
+    from steerlib.sae.corpus import answer_samples
+    from steerlib.steering.calibration import calibrate
+
+    model, tok = embedded
+    questions = [*QUESTIONS[:3], "What is 2+2? Answer with a number only."]
+    kwargs = dict(layers=[8, 16], questions=questions, max_new_tokens=10, batch_size=3)
+    hf = calibrate(model, tok, optimism_vectors, tmp_path / "hf" / "calibration.json", **kwargs)
+    vl = calibrate(model, tok, optimism_vectors, tmp_path / "vllm" / "calibration.json", generate_texts=engine,
+                   **kwargs)
+    answers = {name: {r["id"]: r["response"] for r in read_records(tmp_path / name / "calibration.jsonl")}
+               for name in ("hf", "vllm")}
+    assert answers["vllm"] == answers["hf"]  # stored as they finished: the engine's order is not the questions'
+    assert len(answers["hf"]) == 4
+    assert (vl.n_answers, vl.n_tokens) == (hf.n_answers, hf.n_tokens)
+    for layer in (8, 16):
+        torch.testing.assert_close(torch.tensor(vl.percentiles[layer]), torch.tensor(hf.percentiles[layer]),
+                                   rtol=0, atol=1e-4)
+    want = answer_samples(model, tok, questions, max_new_tokens=10)
+    assert answer_samples(model, tok, questions, max_new_tokens=10, generate_texts=engine) == want

@@ -9,7 +9,7 @@ stand-in that subtracts the projection of the last prompt token instead (no gene
 Scoring runs in length-sorted batches and only as deep as the needed layer. Results are appended to a JSONL
 file batch by batch (one line per sample, with its index), so a killed run resumes where it stopped.
 
-Given a pipeline engine (``steerlib.extraction.engine.PipelineEngine``, e.g. vLLM's), a window of
+Given a pipeline engine (``steerlib.core.pipeline.PipelineEngine``, e.g. vLLM's), a window of
 ``ENGINE_WINDOW`` samples is one submission per stage (capture the pairs, generate the baselines, capture them),
 read inside the engine: the HF model runs no forward.
 """
@@ -30,9 +30,9 @@ from steerlib.core.arch import get_layout
 from steerlib.core.capture import check_context, pooled_activations, tokenize_pairs
 from steerlib.core.loading import resolve_vector
 from steerlib.core.models import unwrap_model
+from steerlib.core.pipeline import PipelineEngine, answers_in_order, pipeline_engine
 from steerlib.core.serialize import to_jsonable
 from steerlib.core.vectors import VectorSource
-from steerlib.extraction.engine import PipelineEngine, answers_in_order, pipeline_engine
 from steerlib.steering.generation import GenerateTexts
 from steerlib.store.results import ResultsStore, fingerprint_pairs, fingerprint_tensor
 from steerlib.store.samples import ReadResult, Sample, as_samples, read_samples
