@@ -1,12 +1,12 @@
 """One vLLM engine per test session (tests/in_vllm runs in .venv-vllm; `make test` runs it there).
 
 The engine is steerlib's serving adapter (``VllmEngine`` over vLLM's AsyncLLM) on the embedded model, with
-vLLM's torch.compile on (the hooks are traced into the compiled graph; the compiled graph is cached under
-~/.cache/vllm, so only the first run on a machine pays for compiling: see ``VLLM_USE_AOT_COMPILE`` below), prefix
-caching on and a token budget of 64 per step: every prompt longer than that is prefilled in chunks, so each test
-below is also a chunked-prefill and prefix-cache test. The same engine serves the HTTP test of ``steerlib serve --engine vllm``.
-Under pytest-xdist (``make test-vllm``) the tests that use it are one work unit (``vllm_helpers.work_unit``), so it
-starts on one worker only.
+vLLM's torch.compile on (the hooks are traced into the compiled graph; torch's inductor cache keeps the compiled
+graphs, so only the first run on a machine pays for compiling: see ``VLLM_USE_AOT_COMPILE`` below), prefix caching
+on and a token budget of 64 per step: every prompt longer than that is prefilled in chunks, so each test below is
+also a chunked-prefill and prefix-cache test. The same engine serves the HTTP test of ``steerlib serve --engine
+vllm``. Under pytest-xdist (``make test-vllm``) the tests that use it are one work unit (``vllm_helpers.work_unit``),
+so it starts on one worker only.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-# vLLM 0.32's CPU build saves an AOT-compiled model it cannot load back ("'function' object has no attribute
-# 'finalize_loading'", logged as a warning), so by default every compiled start compiles again: 136 s for the
-# session's engine on a quiet 2-core machine. Its older cache (Dynamo traces, inductor's compiled graphs loaded
-# from ~/.cache/vllm) works: 52 s once warm (eager: 35 s). The same graphs run, only how they are cached differs.
-# Inherited by every engine the tests start (the session's, pipeline parallel's, `vllm serve`'s).
+# vLLM 0.32's CPU build saves an AOT-compiled model (~/.cache/vllm/torch_compile_cache/torch_aot_compile) that it
+# cannot load back ("Compiling model again due to a load failure ... 'function' object has no attribute
+# 'finalize_loading'": its CPU backend is plain inductor, not vLLM's serializable one), so every compiled start
+# compiled again: the session's engine took 136 s to start on a quiet 2-core machine. Without AOT compilation
+# vLLM compiles through torch.compile, whose inductor and AOTAutograd caches (/tmp/torchinductor_$USER) do
+# load: 119 s the first time, 52 s from then on (eager: 35 s). The same graphs run; only their caching differs.
+# Inherited by every engine the tests start (the session's, pipeline parallel 2's, `vllm serve`'s).
 os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
 from vllm_helpers import READOUT_LAYER, SESSION_GROUP, TOKEN_BUDGET, own_core, unit_rank, work_unit

@@ -23,8 +23,8 @@ ON_SESSION_ENGINE = ("test_vllm_capture_serve.py", "test_vllm_service.py", "test
 # Work units by measured worker seconds, heaviest first (a full run on 2 workers, 2026-12-06): the session's
 # unit (its engine's start and ~70 tests), the three layouts' engines, the pipeline's engine and extractions,
 # the slots' engine, `vllm serve`, the small engine's shutdown, the in-process replay engine, the refused start.
-# xdist would otherwise start the units with most tests first, which left a minute-long one-test unit (`vllm
-# serve`) for the end while the other worker idled. Units not listed follow in their usual order.
+# xdist's own order (most tests first) put one-test units of a minute (`vllm serve`) after five-test units of
+# seconds, and the other worker idled at the end. Units not listed follow in their usual order.
 HEAVIEST_UNITS = (SESSION_GROUP, "test_vllm_layouts.py", "test_vllm_capture.py", "test_vllm_slots.py",
                   "test_vllm_http.py", "test_vllm_reliability.py", "test_vllm_replay.py", "test_vllm_start.py")
 
