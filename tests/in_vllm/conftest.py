@@ -1,12 +1,12 @@
 """One vLLM engine per test session (tests/in_vllm runs in .venv-vllm; `make test` runs it there).
 
 The engine is steerlib's serving adapter (``VllmEngine`` over vLLM's AsyncLLM) on the embedded model, with
-vLLM's torch.compile on (the hooks are traced into the compiled graph; the compiled graph is cached under
-~/.cache/vllm, so only the first run on a machine pays for compiling), prefix caching on and a token budget
-of 64 per step: every prompt longer than that is prefilled in chunks, so each test below is also a
-chunked-prefill and prefix-cache test. The same engine serves the HTTP test of ``steerlib serve --engine vllm``.
-Under pytest-xdist (``make test-vllm``) the tests that use it are one work unit (``vllm_helpers.work_unit``), so it
-starts on one worker only.
+vLLM's torch.compile on (the hooks are traced into the compiled graph; torch's inductor cache keeps the compiled
+graphs, so only the first run on a machine pays for compiling: see ``VLLM_USE_AOT_COMPILE`` below), prefix caching
+on and a token budget of 64 per step: every prompt longer than that is prefilled in chunks, so each test below is
+also a chunked-prefill and prefix-cache test. The same engine serves the HTTP test of ``steerlib serve --engine
+vllm``. Under pytest-xdist (``make test-vllm``) the tests that use it are one work unit (``vllm_helpers.work_unit``),
+so it starts on one worker only.
 """
 
 from __future__ import annotations
@@ -17,17 +17,28 @@ import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+# vLLM 0.32's CPU build saves an AOT-compiled model (~/.cache/vllm/torch_compile_cache/torch_aot_compile) that it
+# cannot load back ("Compiling model again due to a load failure ... 'function' object has no attribute
+# 'finalize_loading'": its CPU backend is plain inductor, not vLLM's serializable one), so every compiled start
+# compiled again: the session's engine took 136 s to start on a quiet 2-core machine. Without AOT compilation
+# vLLM compiles through torch.compile, whose inductor and AOTAutograd caches (/tmp/torchinductor_$USER) do
+# load: 119 s the first time, 52 s from then on (eager: 35 s). The same graphs run; only their caching differs.
+# Inherited by every engine the tests start (the session's, pipeline parallel 2's, `vllm serve`'s).
+os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
-from vllm_helpers import READOUT_LAYER, SESSION_GROUP, TOKEN_BUDGET, own_core, work_unit
+from vllm_helpers import READOUT_LAYER, SESSION_GROUP, TOKEN_BUDGET, own_core, unit_rank, work_unit
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """``--dist loadgroup`` over ``vllm_helpers.work_unit``'s units. xdist 3.8 groups ``xdist_group`` marks by
-    appending the group to ``item._nodeid``, which pytest 9 no longer reads (a node's id is ``item._id``): its
-    loadgroup sends every test alone, and two workers would each start the session's engine."""
+    """``--dist loadgroup`` over ``vllm_helpers.work_unit``'s units, heaviest first (the collection's order, see
+    ``pytest_collection_modifyitems``). xdist 3.8 groups ``xdist_group`` marks by appending the group to
+    ``item._nodeid``, which pytest 9 no longer reads (a node's id is ``item._id``): its loadgroup sends every test
+    alone, and two workers would each start the session's engine."""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False  # keep the collection's order: by weight, not by number of tests
 
     class EngineUnits(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
@@ -37,11 +48,14 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_modifyitems(items) -> None:
-    """A test on the session's engine outside its work unit would start a second engine on another worker."""
+    """A test on the session's engine outside its work unit would start a second engine on another worker.
+    The heaviest work units first (``vllm_helpers.HEAVIEST_UNITS``); the sort is stable, so each file's tests
+    keep their order."""
     stray = [item.nodeid for item in items
              if "vllm_engine" in getattr(item, "fixturenames", ()) and work_unit(item.nodeid) != SESSION_GROUP]
     if stray:
         raise pytest.UsageError(f"list these tests in vllm_helpers.ON_SESSION_ENGINE: {', '.join(stray)}")
+    items.sort(key=lambda item: unit_rank(item.nodeid))
 
 
 @pytest.fixture(scope="session")

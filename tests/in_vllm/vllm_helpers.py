@@ -20,6 +20,22 @@ ON_SESSION_ENGINE = ("test_vllm_capture_serve.py", "test_vllm_service.py", "test
                      "test_vllm_reliability.py::test_a_departed_non_streamed_clients_row_leaves_within_a_step_on_vllm")
 
 
+# Work units by measured worker seconds, heaviest first (a full run on 2 workers, 2026-12-06): the session's
+# unit (its engine's start and ~70 tests), the three layouts' engines, the pipeline's engine and extractions,
+# the slots' engine, `vllm serve`, the small engine's shutdown, the in-process replay engine, the refused start.
+# xdist's own order (most tests first) put one-test units of a minute (`vllm serve`) after five-test units of
+# seconds, and the other worker idled at the end. Units not listed follow in their usual order.
+HEAVIEST_UNITS = (SESSION_GROUP, "test_vllm_layouts.py", "test_vllm_capture.py", "test_vllm_slots.py",
+                  "test_vllm_http.py", "test_vllm_reliability.py", "test_vllm_replay.py", "test_vllm_start.py")
+
+
+def unit_rank(nodeid: str) -> int:
+    """Where a test's work unit comes in ``HEAVIEST_UNITS`` (after all of them when not listed)."""
+    unit = work_unit(nodeid)
+    name = unit if unit == SESSION_GROUP else unit.rsplit("/", 1)[-1]
+    return HEAVIEST_UNITS.index(name) if name in HEAVIEST_UNITS else len(HEAVIEST_UNITS)
+
+
 def work_unit(nodeid: str) -> str:
     """The pytest-xdist work unit of a test: ``SESSION_GROUP`` for the tests listed in ``ON_SESSION_ENGINE`` (a
     file, or a test of a file, any parameters), else its file."""
