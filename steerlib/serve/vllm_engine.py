@@ -48,7 +48,7 @@ from steerlib.serve.logprobs import from_vllm
 from steerlib.steering.plan import Edit
 from steerlib.steering.steer import TraitReadout
 from steerlib.vllm.capture import CAPTURE_KEY, check_boundary
-from steerlib.vllm.layout import VllmOptions, bound_cores, start_config
+from steerlib.vllm.layout import VllmOptions, bound_cores, loadable_compile_cache, start_config
 from steerlib.vllm.slots import SlotsExhausted, store_of
 from steerlib.vllm.spec import SPEC_KEY, SUPPORT, UnsupportedOnVllm, cache_salt, encode_rows
 
@@ -177,7 +177,7 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         config = start_config(self.args)  # refuses a layout steering is not right under, before any worker
-        with bound_cores(config.parallel_config.world_size):  # vLLM's processes are spawned in here
+        with bound_cores(config.parallel_config.world_size), loadable_compile_cache():  # spawned in here
             self._llm = AsyncLLM.from_vllm_config(config)
         if self.readout is not None:
             dirs = self.readout.directions[self.readout_layer].float().tolist()

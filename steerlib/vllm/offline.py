@@ -25,7 +25,14 @@ from typing import Any
 from steerlib.core.capture import Activations, activations_from_pooled, encode_samples
 from steerlib.core.pipeline import answers_in_order
 from steerlib.vllm.capture import CAPTURE_KEY
-from steerlib.vllm.layout import VllmOptions, bound_cores, one_process, start_config
+from steerlib.vllm.layout import (
+    VllmOptions,
+    bound_cores,
+    is_cpu,
+    loadable_compile_cache,
+    one_process,
+    start_config,
+)
 
 __all__ = ["COMPILE_FROM_TOKENS", "VllmGenerator", "start_mode"]
 
@@ -108,13 +115,13 @@ class VllmGenerator:
         self.mode = start_mode(self.compile, job_tokens, self.options.enforce_eager)
         kwargs = {**self.kwargs, "enforce_eager": self.mode == "eager"}
         config = start_config(kwargs, asynchronous=False)  # refuses a layout steering is not right under
-        if _is_cpu() and "enable_chunked_prefill" not in kwargs and "max_num_batched_tokens" not in kwargs:
+        if is_cpu() and "enable_chunked_prefill" not in kwargs and "max_num_batched_tokens" not in kwargs:
             # See ``_check_seedable``: whole prompts per step, so seeded sampling works on the CPU build.
             kwargs["enable_chunked_prefill"] = False
             kwargs["max_num_batched_tokens"] = max(int(config.model_config.max_model_len),
                                                    int(config.scheduler_config.max_num_batched_tokens))
         world = config.parallel_config.world_size
-        with bound_cores(world, whole_machine=True), one_process(world, kwargs):
+        with bound_cores(world, whole_machine=True), one_process(world, kwargs), loadable_compile_cache():
             self._llm = LLM(**kwargs)
 
     def _engine(self) -> Any:
@@ -262,18 +269,12 @@ def _answer(tokenizer, completion: Any, max_new_tokens: int) -> tuple[str, list[
     return tokenizer.decode(ids, skip_special_tokens=True).strip(), ids
 
 
-def _is_cpu() -> bool:
-    from vllm.platforms import current_platform
-
-    return bool(current_platform.is_cpu())
-
-
 def _check_seedable(config: Any) -> None:
     """Refuse seeded sampling where vLLM 0.32 cannot do it: on the CPU build a prompt prefilled in chunks has the
     sample of each partial step discarded by rewinding its request's generator (``gen.set_offset``), which a CPU
     ``torch.Generator`` does not support ("CPU Generator does not use offset", raised inside the engine step).
     ``VllmGenerator`` therefore starts CPU engines with chunked prefill off unless the caller chose a budget."""
-    if _is_cpu() and config.scheduler_config.enable_chunked_prefill:
+    if is_cpu() and config.scheduler_config.enable_chunked_prefill:
         raise ValueError("seeded sampling on vLLM's CPU build needs whole-prompt prefill: start the engine with "
                          "enable_chunked_prefill=False and max_num_batched_tokens >= max_model_len (the CPU "
                          "generator cannot be rewound after a chunked prefill step), or sample greedily")

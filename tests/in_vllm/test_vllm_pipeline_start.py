@@ -22,3 +22,18 @@ def test_bad_choices_fail_before_any_start():
         VllmGenerator("unused-folder", compile="fast")
     with pytest.raises(ValueError, match="compile='compiled' contradicts enforce_eager=True"):
         VllmGenerator("unused-folder", VllmOptions(enforce_eager=True), compile="compiled")
+
+
+def test_compiled_starts_on_the_cpu_build_use_a_cache_that_loads():
+    """vLLM 0.32's AOT compile cache does not load back on the CPU build: steerlib's starts turn it off for the
+    start (torch's inductor cache loads), unless the user chose."""
+    from steerlib.vllm.layout import AOT_COMPILE_ENV, is_cpu, loadable_compile_cache
+
+    assert is_cpu()  # this environment is vLLM's CPU build
+    env: dict[str, str] = {}
+    with loadable_compile_cache(env) as changed:
+        assert changed and env == {AOT_COMPILE_ENV: "0"}
+    assert env == {}  # as it was, after the start
+    env = {AOT_COMPILE_ENV: "1"}
+    with loadable_compile_cache(env) as changed:
+        assert not changed and env == {AOT_COMPILE_ENV: "1"}  # the user's choice wins
