@@ -37,9 +37,10 @@ from steerlib.vllm.layout import (
 __all__ = ["COMPILE_FROM_TOKENS", "VllmGenerator", "start_mode"]
 
 # Generated tokens from which a compiled engine finishes a job sooner than an eager one (start + run), measured on
-# the project's 2-core CPU machine with the embedded model (README, "The pipeline on vLLM"): compiling adds
-# ~55 s to the start with a warm compile cache (~3.5 min cold) and saves ~0.65 ms per generated token in a full
-# batch (107 vs 100 tokens/s). Below it the engine starts eager.
+# the project's 2-core CPU machine with the embedded model (README, "The pipeline on vLLM"): in one process on both
+# cores with torch's inductor cache warm, compiling adds ~24 s to the start and saves 0-0.28 ms per generated token
+# (400 answers x 32 tokens: generate 70.8-74.4 s compiled, 74.3 s eager), so it pays from ~86,000-170,000 tokens.
+# Below it the engine starts eager.
 COMPILE_FROM_TOKENS = 100_000
 # Pools of generated answers kept for a later ``capture`` (``stream(pool=True)``): 2 GiB holds ~9,800 answers of
 # the embedded model at every layer (3 x 31 x 576 fp32 each), ~1,400 of a 32-layer 4096-wide one.
