@@ -27,6 +27,7 @@ def test_bad_choices_fail_before_any_start():
 def test_compiled_starts_on_the_cpu_build_use_a_cache_that_loads():
     """vLLM 0.32's AOT compile cache does not load back on the CPU build: steerlib's starts turn it off for the
     start (torch's inductor cache loads), unless the user chose."""
+    pytest.importorskip("vllm")
     from steerlib.vllm.layout import AOT_COMPILE_ENV, is_cpu, loadable_compile_cache
 
     assert is_cpu()  # this environment is vLLM's CPU build
