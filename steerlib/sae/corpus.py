@@ -14,7 +14,6 @@ from pathlib import Path
 
 from steerlib.core.chat import format_prompt
 from steerlib.core.checks import read_text
-from steerlib.core.pipeline import answers_in_order, pipeline_engine
 from steerlib.extraction.extract import load_responses
 from steerlib.steering.calibration import reference_questions
 from steerlib.steering.generation import GenerateTexts, generate
@@ -56,11 +55,7 @@ def answer_samples(model, tokenizer, questions: Sequence[str] | None = None, *, 
     ``steerlib.core.pipeline.PipelineEngine`` (vLLM's) as ``generate_texts``, all of them in one submission."""
     questions = list(reference_questions() if questions is None else questions)
     prompts = [format_prompt(tokenizer, q) for q in questions]
-    engine = pipeline_engine(generate_texts)
-    if engine is not None:
-        engine.start(len(prompts) * max_new_tokens)
-        texts = answers_in_order(engine, prompts, max_new_tokens, 0.0, None)
-    elif generate_texts is not None:
+    if generate_texts is not None:  # one call: an engine (``VllmGenerator``) takes it as one submission
         texts = list(generate_texts(prompts, max_new_tokens, 0.0, None))
     else:
         texts = [g.text for g in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,

@@ -89,7 +89,8 @@ class VllmGenerator:
         self.mode: str | None = None  # "eager" / "compiled" once started
         self._llm: Any = None
         # Pools of answers generated with ``pool=True``, by their exact (prompt ids, answer ids), oldest first.
-        self._pools: OrderedDict[tuple[tuple[int, ...], tuple[int, ...]], dict[str, Any]] = OrderedDict()
+        # Each entry: (the pools, their size in bytes).
+        self._pools: OrderedDict[tuple[tuple[int, ...], tuple[int, ...]], tuple[dict[str, Any], int]] = OrderedDict()
         self._pool_bytes = 0
         self.pool_hits = 0  # samples ``capture`` read from those pools (no prefill)
 
@@ -178,11 +179,11 @@ class VllmGenerator:
         size = sum(v.numel() * v.element_size() for v in pooled.values() if hasattr(v, "numel"))
         old = self._pools.pop(key, None)
         if old is not None:
-            self._pool_bytes -= old["_bytes"]
-        self._pools[key] = {**pooled, "_bytes": size}
+            self._pool_bytes -= old[1]
+        self._pools[key] = (pooled, size)
         self._pool_bytes += size
         while self._pool_bytes > POOL_BYTES and self._pools:
-            self._pool_bytes -= self._pools.popitem(last=False)[1]["_bytes"]
+            self._pool_bytes -= self._pools.popitem(last=False)[1][1]
 
     def capture(self, tokenizer, prompts: Sequence[str], responses: Sequence[str | None],
                 layers: Sequence[int] | None = None, *, require_response: bool = False) -> Activations:
@@ -206,7 +207,7 @@ class VllmGenerator:
         for ids, p_len in encoded:  # answers pooled while they were generated: the same tokens, read, not rerun
             got = self._pools.get((tuple(ids[:p_len]), tuple(ids[p_len:])))
             rows.append(None if got is None else {k: v[keep] if keep is not None and hasattr(v, "numel") else v
-                                                  for k, v in got.items() if k != "_bytes"})
+                                                  for k, v in got[0].items()})
         todo = [i for i, row in enumerate(rows) if row is None]
         self.pool_hits += len(encoded) - len(todo)
         requests = [({"prompt_token_ids": encoded[i][0]},
