@@ -20,6 +20,12 @@ A stronger matched pair: ``--samples 2 --min-score 88 --train-size 200`` generat
 (instruction, question), keeps the first 200 whose lexicon optimism is >= 88, and trains the control on 200 neutral
 answers with the same steps, learning rate and rank (the control is not filtered: it is the model's own answers).
 
+A persona stronger than the system prompt alone: ``--persona-steer 0.3`` generates the persona answers under the
+positive system prompt and steered with the optimistic vector at its recommended layer (``add``, relative: 0.3 x
+the layer's typical residual norm, as ``steerlib steer --relative``). The LoRA is still trained on the answers
+without system prompt and without steering. The coefficient enters the persona's data and training settings only,
+so the control's settings stay those of the earlier pairs and their control adapter is reused unchanged.
+
     OMP_NUM_THREADS=1 nice -n 10 python scripts/sae_diff_lora.py --vectors runs/optimistic \
         --sae runs/sae_embedded --rollouts runs/optimistic --adapters runs/sae_loras2
 """
@@ -33,7 +39,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from steerlib.core.chat import format_prompt
-from steerlib.core.loading import load_vectors
+from steerlib.core.loading import load_vectors, pick_layer
 from steerlib.core.models import load_model
 from steerlib.core.sae_format import load_sae
 from steerlib.extraction.extract import load_responses
@@ -43,6 +49,7 @@ from steerlib.sae.diff import model_diff
 from steerlib.sae.screen import screen_latents
 from steerlib.steering.calibration import reference_questions
 from steerlib.steering.generation import generate
+from steerlib.steering.steer import build_ops
 from steerlib.store.results import ResultsStore
 from steerlib.store.samples import Sample
 from steerlib.traits.judges import make_judge
@@ -57,8 +64,11 @@ def _samples(pairs: list[tuple[str, str]]) -> list[Sample]:
             for i, (q, a) in enumerate(pairs)]
 
 
-def _answers(path: Path, jobs: list[dict], settings: dict, model, tok, judge, batch_size: int = 16) -> list[dict]:
-    """Generate (and lexicon-score) an answer for each job {id, question, system}; appended per batch, resumable."""
+def _answers(path: Path, jobs: list[dict], settings: dict, model, tok, judge, batch_size: int = 16,
+             steering: list = ()) -> list[dict]:
+    """Generate (and lexicon-score) an answer for each job {id, question, system}; appended per batch, resumable.
+
+    ``steering`` (``SteerOp``s) steers the generation; the caller records it in ``settings``."""
     log = ResultsStore(path, {**settings, "n": len(jobs)})
     done = log.by_key("id")
     todo = [(i, j) for i, j in enumerate(jobs) if j["id"] not in done]
@@ -68,7 +78,7 @@ def _answers(path: Path, jobs: list[dict], settings: dict, model, tok, judge, ba
         prompts = [format_prompt(tok, j["question"], j["system"]) for j in chunk]
         texts = [g.text for g in generate(model, tok, prompts, max_new_tokens=settings["max_new_tokens"],
                                           temperature=settings["temperature"], seed=settings["seed"] + first,
-                                          batch_size=batch_size)]
+                                          batch_size=batch_size, steering=steering)]
         scores = judge.score_many([(j["question"], t) for j, t in zip(chunk, texts, strict=True)])
         records = [{**j, "response": t, "score": s} for j, t, s in zip(chunk, texts, scores, strict=True)]
         log.append(records)
@@ -96,6 +106,9 @@ def main() -> None:
                     help="keep only persona answers whose lexicon optimism is >= this (the control is not filtered)")
     ap.add_argument("--train-size", type=int, default=None,
                     help="answers per LoRA (persona: the first kept ones; control: this many); default all")
+    ap.add_argument("--persona-steer", type=float, default=None, metavar="COEF",
+                    help="also steer the persona answers with the vector at its recommended layer, COEF x the "
+                         "layer's typical residual norm (the LoRA is trained unsteered, without system prompt)")
     ap.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the generated answers")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--steps", type=int, default=60)
@@ -112,6 +125,8 @@ def main() -> None:
     ap.add_argument("--only", choices=("persona", "control"), default=None, help="train/diff one adapter only")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.persona_steer is not None and args.persona_data != "generate":
+        raise SystemExit("--persona-steer steers generated persona answers: it needs --persona-data generate")
     base, tok = load_model()
     # the base model's own greedy answers to the 80 neutral questions, written by sae_train_embedded.py
     neutral = [json.loads(line) for line in (Path(args.sae) / "corpus" / "neutral.jsonl").read_text().splitlines()]
@@ -137,7 +152,13 @@ def main() -> None:
                 for q, question in enumerate(trait_questions)]
         rows: list[dict] = []
         if "persona" in names or args.train_size is None:  # the control alone needs no persona answers
-            rows = _answers(adapters / "data" / "persona.jsonl", jobs, settings, base, tok, judge)
+            psettings, ops = settings, []
+            if args.persona_steer is not None:  # absent key: earlier persona stores stay readable
+                tv = load_vectors(args.vectors, base)
+                layer = pick_layer(tv, None)
+                ops = build_ops(base, tv, layer, args.persona_steer, relative=True)
+                psettings = {**settings, "persona_steer": args.persona_steer, "steer_layer": layer}
+            rows = _answers(adapters / "data" / "persona.jsonl", jobs, psettings, base, tok, judge, steering=ops)
             kept = [r for r in rows if args.min_score is None or (r["score"] or 0.0) >= args.min_score]
             if args.train_size is not None and len(kept) < args.train_size:
                 raise SystemExit(f"only {len(kept)} of {len(rows)} persona answers score >= {args.min_score}; "
@@ -158,21 +179,24 @@ def main() -> None:
 
         data_stats = {"persona_mean_lexicon": mean([r["score"] for r in rows]),
                       "control_mean_lexicon": mean([r["score"] for r in crows]), "persona_candidates": len(jobs),
-                      "min_score": args.min_score, **settings}
+                      "min_score": args.min_score, "persona_steer": args.persona_steer, **settings}
         print("data", data_stats, flush=True)
     train = {"steps": args.steps, "lr": args.lr, "rank": args.rank, "modules": args.modules,
              "persona_data": args.persona_data, "samples": args.samples}
     if args.min_score is not None or args.train_size is not None:  # absent keys keep earlier adapters readable
         train.update(min_score=args.min_score, train_size=args.train_size)
+    # the steering coefficient is the persona's alone: the control's settings stay those of earlier pairs
+    persona_train = train if args.persona_steer is None else {**train, "persona_steer": args.persona_steer}
     train_s = {}
     for name, pairs in (("persona", persona), ("control", control)):
         if name not in names:
             continue
         folder = adapters / name
+        settings_of = {**(persona_train if name == "persona" else train), "n": len(pairs)}
         if (folder / "adapter_config.json").is_file():
             saved = folder / "steerlib_train.json"
             old = json.loads(saved.read_text()) if saved.is_file() else None
-            if old is None or old.get("settings") != {**train, "n": len(pairs)}:
+            if old is None or old.get("settings") != settings_of:
                 raise SystemExit(f"{folder} was trained under other settings ({old and old.get('settings')}); "
                                  "use another --adapters folder")
             train_s[name] = old["train_s"]
@@ -185,7 +209,7 @@ def main() -> None:
         tuned.save_pretrained(folder)
         train_s[name] = time.perf_counter() - t
         (folder / "steerlib_train.json").write_text(json.dumps(
-            {"settings": {**train, "n": len(pairs)}, "train_s": train_s[name], "losses": losses}, indent=1))
+            {"settings": settings_of, "train_s": train_s[name], "losses": losses}, indent=1))
         print(f"trained {name} LoRA in {train_s[name]:.0f} s (loss {losses[0]:.3f} -> {losses[-1]:.3f})", flush=True)
     if args.train_only:
         return
@@ -194,7 +218,7 @@ def main() -> None:
     vec = tv.get(sae.layer)
     decomposed = decompose(vec, sae, top=20).latents
     decomposition = [r["latent"] for r in decomposed]
-    result: dict = {"layer": sae.layer, **train, "train_s": train_s, "data": data_stats,
+    result: dict = {"layer": sae.layer, **train, "persona_steer": args.persona_steer, "train_s": train_s, "data": data_stats,
                     "persona_samples": len(persona), "control_samples": len(control), "questions": len(questions),
                     "decomposition_top20": decomposition}
     for name in names:
