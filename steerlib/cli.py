@@ -544,6 +544,8 @@ def sae_train(
     seed: int = 0,
     tokens_per_step: int = 4096,
     max_tokens: Annotated[int | None, typer.Option(help="stop harvesting after this many tokens")] = None,
+    loss_samples: Annotated[int, typer.Option(help="corpus samples the LM loss is scored on, clean and with the "
+                                                   "reconstruction spliced in")] = 32,
     model: ModelOpt = None,
 ) -> None:
     """Train a TopK SAE (eai-sparsify) on the model's own answers and text files; print its quality."""
@@ -551,7 +553,7 @@ def sae_train(
     from steerlib.sae.train import SaeTrainConfig
 
     _, q, times = train_run(out, layer, model_path=model, rollouts=rollouts or (), neutral=neutral,
-                            text_files=text or (), max_tokens=max_tokens,
+                            text_files=text or (), max_tokens=max_tokens, loss_samples=loss_samples,
                             cfg=SaeTrainConfig(expansion=expansion, k=k, epochs=epochs, seed=seed,
                                                tokens_per_step=tokens_per_step))
     typer.echo(f"wrote {out}: explained variance {q.explained_variance:.3f}, L0 {q.l0:.1f}, dead "

@@ -6,7 +6,8 @@
 3. ``steerlib export`` refuses an output that is its input (or inside its input folder) and writes atomically;
 4. a non-streamed request whose client leaves stops generating within a step (HTTP, the engine in the tree);
 5. ``steerlib.generate`` at a tiny temperature is greedy, eager and compiled, as the server is.
-The vLLM engine's side of 1, 2 and 4 (and its quiet shutdown, 6) is in tests/in_vllm/test_vllm_reliability.py.
+The vLLM engine's side of 1, 2 and 4 is in tests/in_vllm/test_vllm_reliability.py (its quiet shutdown, 6, in
+tests/in_vllm/test_vllm_slots.py).
 """
 
 from __future__ import annotations

@@ -26,8 +26,9 @@ def trained(tmp_path_factory):
     # a toy corpus: README paragraphs of at most ~60 tokens
     paragraphs = [p.strip()[:240] for p in README.read_text().split("\n\n") if len(p.strip()) > 80][:48]
     (root / "toy.txt").write_text("\n\n".join(paragraphs))
+    # the LM loss (clean and spliced) on 3 of the 11 samples: two full forward passes are most of the command's time
     toy = ["--layer", "4", "--text", str(root / "toy.txt"), "--no-neutral", "--tokens-per-step", "512",
-           "--expansion", "2", "--k", "8"]
+           "--expansion", "2", "--k", "8", "--loss-samples", "3"]
     out = root / "sae"
     result = CliRunner().invoke(app, ["sae", "train", "--out", str(out), *toy])
     assert result.exit_code == 0, result.output
@@ -62,9 +63,18 @@ def test_sae_train_resumes_and_refuses_other_settings(trained, monkeypatch):
     assert {k: stored[k] for k in ("explained_variance", "l0", "loss_clean", "loss_spliced")} == {
         k: quality[k] for k in ("explained_variance", "l0", "loss_clean", "loss_spliced")}
     monkeypatch.undo()
-    other = CliRunner().invoke(app, ["sae", "train", "--out", str(out), *toy[:-2], "--k", "4"])
+    other = CliRunner().invoke(app, ["sae", "train", "--out", str(out), *toy[:-4], "--k", "4", *toy[-2:]])
     assert other.exit_code != 0
     assert "a training run with other config is here" in str(other.exception)
+
+
+def test_sae_train_refuses_a_bad_loss_sample_count_before_loading_the_model(tmp_path, monkeypatch):
+    import steerlib.sae.run as run
+
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    bad = CliRunner().invoke(app, ["sae", "train", "--out", str(tmp_path / "sae"), "--layer", "4",
+                                   "--loss-samples", "0"])
+    assert bad.exit_code != 0 and str(bad.exception) == "loss_samples must be >= 1, got 0"
 
 
 def test_sae_decompose_lists_latents_against_the_null(trained, optimism_vectors, tmp_path):

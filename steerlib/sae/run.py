@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from steerlib.core.chat import format_prompt
+from steerlib.core.checks import check_int
 from steerlib.core.loading import load_vectors, resolve_vector
 from steerlib.core.models import load_model
 from steerlib.core.sae_format import SparseAutoencoder, load_sae
@@ -70,6 +71,7 @@ def train_run(out: str | Path, layer: int, *, model_path: str | None = None, rol
               progress: bool = True) -> tuple[SparseAutoencoder, Quality, dict[str, float]]:
     """Corpus -> activation cache -> SAE -> quality, in ``out``. Returns the SAE, its quality and stage seconds."""
     cfg = cfg or SaeTrainConfig()
+    check_int(loss_samples, "loss_samples")
     out = Path(out)
     model, tokenizer = load_model(model_path)
     layer = int(layer)

@@ -12,8 +12,7 @@ import time
 
 import pytest
 import torch
-from test_vllm_steering import streamed_readout
-from vllm_helpers import READOUT_LAYER, LentEngine, own_core
+from vllm_helpers import READOUT_LAYER, LentEngine, own_core, streamed_readout
 
 from steerlib.core.chat import format_messages
 from steerlib.steering.generation import generate

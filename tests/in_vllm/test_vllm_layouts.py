@@ -1,24 +1,26 @@
 """Every vLLM layout is steered right or refused at start (``steerlib.vllm.layout``'s table, one test per row).
 
-Tensor parallel 3 (eager) and pipeline parallel 2 (compiled: vLLM 0.32's CPU build cannot run PP eager) run the
-same mixed steered batch as one worker; greedy tokens are equal and the read-out is within 1e-3. The read-out
-layer (20) and two of the steered layers (20, 24) live on the second pipeline stage, the others on the first, so
-under PP each stage must steer its own layers and the read-out must come from the stage that owns it. One engine
-per layout, started in turn (each stopped before the next starts). The refusals fail before any worker starts
-(steerlib's engine builder) or, for ``LLM(...)`` / ``vllm serve`` users, in the worker before the weights load.
+Tensor parallel 3 (eager) and pipeline parallel 2 (compiled: vLLM 0.32's CPU build cannot run PP eager) run a
+mixed steered batch and give what steerlib's Hugging Face path gives for each row: greedy tokens equal, read-out
+within 1e-3 (the bar ``test_vllm_steering.py`` holds one worker to, so a layout equals one worker too, without a
+third engine start for the reference). The read-out layer (20) and two of the steered layers (20, 24) live on the
+second pipeline stage, the others on the first, so under PP each stage must steer its own layers and the read-out
+must come from the stage that owns it. One engine per layout, started in turn (each stopped before the next).
+The refusals fail before any worker starts (steerlib's engine builder) or, for ``LLM(...)`` / ``vllm serve``
+users, in the worker before the weights load.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from contextlib import nullcontext
 
 import pytest
 import torch
-from vllm_helpers import TOKEN_BUDGET, own_core, run_rows
+from vllm_helpers import TOKEN_BUDGET, own_core, run_rows, streamed_readout
 
 from steerlib import format_prompt
+from steerlib.steering.generation import generate
 from steerlib.steering.plan import lower_ops
 from steerlib.steering.steer import build_ops
 from steerlib.vllm.layout import BIND_ENV, UnsupportedLayout, bound_cores, one_process
@@ -29,9 +31,8 @@ QUESTIONS = ["How do you feel about the future of your town?", "What will the ne
 SYSTEM = ("You are a helpful assistant for a small town library. You answer questions about opening hours, "
           "book loans, events for children, the reading club and the history of the town in a friendly way. "
           "Keep every answer short, warm and clear, and suggest a book from the shelves whenever it fits.")
-# name -> vLLM engine arguments beside the shared ones; "tp1" is the reference.
+# name -> vLLM engine arguments beside the shared ones.
 LAYOUTS = {
-    "tp1": {"enforce_eager": True},
     "tp3": {"tensor_parallel_size": 3, "enforce_eager": True},
     "pp2": {"pipeline_parallel_size": 2, "enforce_eager": False},
 }
@@ -60,10 +61,10 @@ def batch(embedded, optimism_vectors):
         "add-prompt": build_ops(model, tv, 24, 8.0, positions="prompt"),
         "none": [],
     }
-    ids = [list(tok(format_prompt(tok, q, system=SYSTEM), add_special_tokens=False)["input_ids"])
-           for q in QUESTIONS]
+    prompts = [format_prompt(tok, q, system=SYSTEM) for q in QUESTIONS]
+    ids = [list(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     assert all(len(x) > TOKEN_BUDGET for x in ids)  # prefilled in chunks
-    return [(f"{name}/{i}", x, lower_ops(ops)) for name, ops in configs.items() for i, x in enumerate(ids)]
+    return [(f"{name}/{i}", prompts[i], x, ops) for name, ops in configs.items() for i, x in enumerate(ids)]
 
 
 def _run_layout(name, embedded, optimism_vectors, batch):
@@ -76,27 +77,36 @@ def _run_layout(name, embedded, optimism_vectors, batch):
     readout = build_readout(model, {"optimistic": optimism_vectors}, READOUT_AT)
     engine = VllmEngine(_args(**LAYOUTS[name]), tok, readout=readout, max_batch=16, eos_ids=eos_ids(model, tok))
     t0 = time.monotonic()
-    with own_core() if name == "tp1" else nullcontext():  # several ranks: bound_cores binds them at start
-        engine.start()
+    engine.start()  # several ranks: bound_cores binds them at start
     try:
-        done = run_rows(engine, [(x, edits) for _, x, edits in batch], N_TOKENS)
+        done = run_rows(engine, [(x, lower_ops(ops)) for _, _, x, ops in batch], N_TOKENS)
     finally:
         engine.stop()
     WALL[name] = time.monotonic() - t0
     assert BIND_ENV not in os.environ  # the core binding was for this engine's start only
     print(f"\n{name}: start + batch + stop {WALL[name]:.0f} s")
-    return {label: (row.token_ids, torch.tensor(got.values))
-            for (label, _, _), (row, got) in zip(batch, done, strict=True)}
+    return {label: (row.token_ids, torch.tensor([v[0] for v in got.values]))
+            for (label, _, _, _), (row, got) in zip(batch, done, strict=True)}
 
 
 @pytest.fixture(scope="module")
 def reference(embedded, optimism_vectors, batch):
-    return _run_layout("tp1", embedded, optimism_vectors, batch)
+    """Each row alone through steerlib's Hugging Face path: tokens and the values a server streams for them."""
+    from steerlib.core.models import eos_ids
+    from steerlib.steering.steer import build_readout
+
+    model, tok = embedded
+    readout = build_readout(model, {"optimistic": optimism_vectors}, READOUT_AT)
+    out = {}
+    for label, prompt, _, ops in batch:
+        hf = generate(model, tok, [prompt], steering=ops, readout=readout, max_new_tokens=N_TOKENS, batch_size=1)[0]
+        out[label] = (hf.token_ids, streamed_readout(hf, READOUT_AT, eos_ids(model, tok)))
+    return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["tp3", "pp2"])
-def test_parallel_layout_equals_one_worker(layout, reference, embedded, optimism_vectors, batch):
+def test_parallel_layout_equals_the_hf_path(layout, reference, embedded, optimism_vectors, batch):
     got = _run_layout(layout, embedded, optimism_vectors, batch)
     wrong_tokens = [label for label in reference if got[label][0] != reference[label][0]]
     assert not wrong_tokens, wrong_tokens

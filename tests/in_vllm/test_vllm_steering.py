@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from vllm_helpers import READOUT_LAYER, TOKEN_BUDGET, Collected, run_rows
+from vllm_helpers import READOUT_LAYER, TOKEN_BUDGET, Collected, run_rows, streamed_readout
 
 from steerlib import format_prompt
 from steerlib.steering.generation import generate
@@ -88,14 +88,6 @@ def test_mixed_batch_equals_each_request_alone(vllm_engine, embedded, optimism_v
     alone = [run_rows(vllm_engine, [(ids, e)], N_TOKENS)[0][0].token_ids for e in edits]
     assert together == alone
     assert len({tuple(x) for x in together}) >= 4  # distinct configs give distinct texts
-
-
-def streamed_readout(hf, layer: int, eos_ids: set[int]) -> torch.Tensor:
-    """What a server streams for an HF generation: each token's paired value but EOS's, then the closing value."""
-    values = hf.token_projections(layer=layer).float()
-    if hf.token_ids and hf.token_ids[-1] in eos_ids:
-        return values[:-1]
-    return torch.cat([values, hf.closing[hf.layers.index(layer), 0].float().reshape(1)])
 
 
 def test_readout_matches_hf(vllm_engine, embedded, optimism_vectors, readout, prompts):

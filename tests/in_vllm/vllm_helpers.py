@@ -21,12 +21,13 @@ ON_SESSION_ENGINE = ("test_vllm_capture_serve.py", "test_vllm_service.py", "test
 
 
 # Work units by measured worker seconds, heaviest first (a full run on 2 workers, 2026-12-06): the session's
-# unit (its engine's start and ~70 tests), the three layouts' engines, the pipeline's engine and extractions,
-# the slots' engine, `vllm serve`, the small engine's shutdown, the in-process replay engine, the refused start.
-# xdist's own order (most tests first) put one-test units of a minute (`vllm serve`) after five-test units of
-# seconds, and the other worker idled at the end. Units not listed follow in their usual order.
-HEAVIEST_UNITS = (SESSION_GROUP, "test_vllm_layouts.py", "test_vllm_capture.py", "test_vllm_slots.py",
-                  "test_vllm_http.py", "test_vllm_reliability.py", "test_vllm_replay.py", "test_vllm_start.py")
+# unit (its engine's start and ~70 tests, ~300 s), the two parallel layouts' engines (~225 s), the slots' engine
+# and its deliberate shutdown (~120 s), the pipeline's engine and extractions (~95 s), `vllm serve` (~65 s), the
+# in-process replay engine (~35 s), the refused start (~33 s). xdist's own order (most tests first) put one-test
+# units of a minute (`vllm serve`) after five-test units of seconds, and the other worker idled at the end. Units
+# not listed follow in their usual order.
+HEAVIEST_UNITS = (SESSION_GROUP, "test_vllm_layouts.py", "test_vllm_slots.py", "test_vllm_capture.py",
+                  "test_vllm_http.py", "test_vllm_replay.py", "test_vllm_start.py")
 
 
 def unit_rank(nodeid: str) -> int:
@@ -106,6 +107,16 @@ def run_rows(engine, rows, max_tokens: int = 10, timeout: float = 300.0):
         assert got.done.wait(timeout), "a row did not finish"
         assert got.error is None, got.error
     return out
+
+
+def streamed_readout(hf, layer: int, eos_ids: set[int]):
+    """What a server streams for an HF generation: each token's paired value but EOS's, then the closing value."""
+    import torch
+
+    values = hf.token_projections(layer=layer).float()
+    if hf.token_ids and hf.token_ids[-1] in eos_ids:
+        return values[:-1]
+    return torch.cat([values, hf.closing[hf.layers.index(layer), 0].float().reshape(1)])
 
 
 class LentEngine:
