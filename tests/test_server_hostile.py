@@ -32,8 +32,6 @@ import torch
 from safetensors.torch import save_file
 
 pytest.importorskip("fastapi")
-litellm = pytest.importorskip("litellm")
-langchain_openai = pytest.importorskip("langchain_openai")
 
 from steerlib.core.vectors import TraitVectors  # noqa: E402
 from steerlib.serve import AppOptions, BackgroundServer, ServeOptions, create_app  # noqa: E402
@@ -264,13 +262,25 @@ def test_queued_request_whose_client_leaves_ends_and_shutdown_is_bounded(embedde
 
 # -- class 11: real client packages ---------------------------------------------------------------------------
 
+# The client packages are imported by the tests that use them (fixtures), not at collection: litellm and
+# langchain take ~6 s to import, which every pytest-xdist worker would pay.
+@pytest.fixture(scope="module")
+def litellm():
+    return pytest.importorskip("litellm")
+
+
+@pytest.fixture(scope="module")
+def langchain_openai():
+    return pytest.importorskip("langchain_openai")
+
+
 LITELLM_CASES = [("ollama", {}), ("ollama", {"stream": True}), ("ollama_chat", {}), ("ollama_chat", {"stream": True}),
                  ("ollama_chat", {"seed": 1, "stop": ["zzz"], "top_p": 0.5})]
 
 
 @pytest.mark.parametrize(("provider", "extra"), LITELLM_CASES,
                          ids=[f"{p}-{'-'.join(e) or 'plain'}" for p, e in LITELLM_CASES])
-def test_litellm_ollama_providers(live, greedy, provider, extra):
+def test_litellm_ollama_providers(litellm, live, greedy, provider, extra):
     response = litellm.completion(model=f"{provider}/{MODEL}", messages=[{"role": "user", "content": PROMPT}],
                                   api_base=live.url, temperature=0, max_tokens=MAX_TOKENS, **extra)
     if extra.get("stream"):
@@ -286,14 +296,14 @@ def test_litellm_ollama_providers(live, greedy, provider, extra):
         assert text == direct.json()["response"] and text
 
 
-def test_litellm_ollama_selects_a_preset(live, greedy):
+def test_litellm_ollama_selects_a_preset(litellm, live, greedy):
     for model in ("ollama_chat/cheerful", "ollama_chat/cheerful:latest"):
         response = litellm.completion(model=model, messages=[{"role": "user", "content": PROMPT}],
                                       api_base=live.url, temperature=0, max_tokens=MAX_TOKENS)
         assert response.choices[0].message.content == greedy["up"], model
 
 
-def test_litellm_openai_provider_and_langchain_steer(live, greedy):
+def test_litellm_openai_provider_and_langchain_steer(litellm, langchain_openai, live, greedy):
     response = litellm.completion(model=f"openai/{MODEL}", messages=[{"role": "user", "content": PROMPT}],
                                   api_base=f"{live.url}/v1", api_key="unused", temperature=0,
                                   max_tokens=MAX_TOKENS, extra_body={"steering": UP})
