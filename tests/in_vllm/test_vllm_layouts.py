@@ -97,10 +97,11 @@ def reference(embedded, optimism_vectors, batch):
 
     model, tok = embedded
     readout = build_readout(model, {"optimistic": optimism_vectors}, READOUT_AT)
+    eos = eos_ids(model, tok)
     out = {}
     for label, prompt, _, ops in batch:
         hf = generate(model, tok, [prompt], steering=ops, readout=readout, max_new_tokens=N_TOKENS, batch_size=1)[0]
-        out[label] = (hf.token_ids, streamed_readout(hf, READOUT_AT, eos_ids(model, tok)))
+        out[label] = (hf.token_ids, streamed_readout(hf, READOUT_AT, eos))
     return out
 
 
